@@ -1,0 +1,66 @@
+# recstack — the two commands are `make demo` and `make test`; everything else is a step of theirs.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+TRITON_VENV := .venv-triton
+BIN := $(VENV)/bin
+RUN := .run
+PRESET ?= demo
+
+.PHONY: setup demo test lint fmt typecheck stop bench-features bench-triton clean-data help
+
+help:
+	@echo "make demo   - set up everything, then data -> training -> export -> servers -> recommendations"
+	@echo "make test   - set up everything, then run the test suite (starts and stops real servers)"
+	@echo "make lint   - ruff check + format check"
+
+# --- set-up: stamp files make re-runs take seconds ---------------------------------------
+setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(RUN)/redis.stamp
+
+$(VENV)/.stamp: pyproject.toml requirements/app.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements/app.lock -e '.[dev]'
+	touch $@
+
+$(TRITON_VENV)/.stamp: requirements/triton.txt requirements/triton.lock
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --disable-pip-version-check -c requirements/triton.lock -r requirements/triton.txt
+	touch $@
+
+# Debian's redis-server, for the Redis online store. It is started by the project (tests,
+# `recstack serve redis`) on a loopback port with its own config, never as a system service.
+$(RUN)/redis.stamp:
+	mkdir -p $(RUN)
+	command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	touch $@
+
+# --- the two commands --------------------------------------------------------------------
+demo: setup
+	$(BIN)/recstack demo --preset $(PRESET)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+# --- development helpers -----------------------------------------------------------------
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+fmt: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+typecheck: setup
+	$(BIN)/mypy recstack exporters orchestrator loadtest
+
+stop:
+	-$(BIN)/recstack stop
+
+bench-features: setup
+	$(BIN)/recstack bench features
+
+bench-triton: setup
+	$(BIN)/recstack bench triton
+
+clean-data:
+	rm -rf data releases $(RUN) model_repository/*/[0-9]*

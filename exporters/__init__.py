@@ -1,0 +1,1 @@
+"""Offline side: data, feature tables, training, export, index build, releases."""

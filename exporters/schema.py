@@ -1,0 +1,50 @@
+"""Canonical raw tables: the one definition every offline step reads.
+
+``recstack data generate`` and ``recstack data import`` both write these three parquet
+files under ``<data_dir>/raw/``; nothing downstream reads any other raw format.
+
+- interactions: one row per event. ``event`` is one of EVENTS (imported ratings are
+  mapped to events, see exporters/data_import.py).
+- items: catalog metadata. ``category`` and ``brand`` are small non-negative integer codes.
+- users: profile attributes. ``age_bucket`` and ``country`` are small integer codes.
+
+Timestamps are UTC, microsecond precision. Ids are non-negative int64.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+EVENTS: tuple[str, ...] = ("view", "click", "purchase")
+
+TS = pa.timestamp("us", tz="UTC")
+
+INTERACTIONS = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("timestamp", TS),
+        ("event", pa.string()),
+    ]
+)
+
+ITEMS = pa.schema(
+    [
+        ("item_id", pa.int64()),
+        ("category", pa.int64()),
+        ("brand", pa.int64()),
+        ("price", pa.float64()),
+        ("created_at", TS),
+    ]
+)
+
+USERS = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("age_bucket", pa.int64()),
+        ("country", pa.int64()),
+        ("signup_at", TS),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {"interactions": INTERACTIONS, "items": ITEMS, "users": USERS}

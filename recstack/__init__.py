@@ -1,0 +1,1 @@
+"""recstack: command line and settings shared by the offline and online sides."""

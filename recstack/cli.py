@@ -1,0 +1,139 @@
+"""The ``recstack`` command: one entry point, each subcommand implemented by the module
+that owns the work. Modules are imported lazily so ``recstack --help`` stays fast and a
+command does not pay for torch or Feast imports it does not use."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from recstack.errors import UserError
+
+log = logging.getLogger("recstack")
+
+
+def _target(spec: str) -> Callable[[argparse.Namespace], int | None]:
+    """Resolve ``"package.module:function"`` at run time."""
+    module, _, func = spec.partition(":")
+    return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+
+
+def _cmd(sub: Any, name: str, spec: str, help_: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+    p.set_defaults(_run=spec)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and their options."""
+    parser = argparse.ArgumentParser(prog="recstack", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    # --- data ---------------------------------------------------------------------------
+    data = groups.add_parser("data", help="generate or import raw data").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = _cmd(data, "generate", "exporters.data_generate:cli", "synthetic marketplace data")
+    p.add_argument("--preset", choices=["small", "demo", "large"], default="demo")
+    p.add_argument("--seed", type=int, default=None, help="default: settings.seed")
+    p = _cmd(data, "import", "exporters.data_import:cli", "import real data (CSV or parquet)")
+    p.add_argument("--interactions", required=True, help="user_id,item_id,timestamp,event|rating")
+    p.add_argument("--items", help="item_id[,category,brand,price,created_at]")
+    p.add_argument("--users", help="user_id[,age_bucket,country,signup_at]")
+
+    # --- features -----------------------------------------------------------------------
+    feats = groups.add_parser("features", help="feature tables and Feast").add_subparsers(
+        dest="cmd", required=True
+    )
+    _cmd(feats, "build", "exporters.feature_tables:cli", "write the feature parquet tables")
+    _cmd(feats, "apply", "exporters.feast_ops:cli_apply", "feast apply on feature_repo/")
+    p = _cmd(feats, "materialize", "exporters.feast_ops:cli_materialize", "load the online store")
+    p.add_argument("--incremental", action="store_true")
+
+    # --- offline pipeline -------------------------------------------------------------------
+    p = _cmd(groups, "train", "exporters.pipeline:cli", "the whole offline path, resumable")
+    p.add_argument("--from-step", help="re-run from this step (default: resume)")
+    p.add_argument("--only", help="run just this step")
+    p.add_argument("--list-steps", action="store_true")
+    p = _cmd(groups, "evaluate", "exporters.evaluate:cli", "offline report on the test split")
+    p.add_argument("--out", help="directory for report.md / report.json")
+
+    # --- model repository and releases --------------------------------------------------
+    repo = groups.add_parser("repo", help="Triton model repository").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = _cmd(repo, "configs", "exporters.triton_configs:cli", "write config.pbtxt files")
+    p.add_argument("--runtime", choices=["embedded", "production"], default="embedded")
+    p.add_argument("--out", help="repository folder (default: settings.model_repository)")
+    rel = groups.add_parser("release", help="model releases").add_subparsers(
+        dest="cmd", required=True
+    )
+    _cmd(rel, "list", "exporters.release:cli_list", "list releases")
+    _cmd(rel, "show", "exporters.release:cli_show", "show a manifest").add_argument("release_id")
+
+    # --- servers --------------------------------------------------------------------------
+    serve = groups.add_parser("serve", help="run a server").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = _cmd(serve, "triton", "orchestrator.triton_server:cli", "the embedded tritonserver")
+    p.add_argument("--detach", action="store_true", help="start, wait for ready, return")
+    p.add_argument("--release", help="release to load (default: the newest)")
+    p = _cmd(serve, "redis", "orchestrator.redis_server:cli", "redis-server on loopback")
+    p.add_argument("--detach", action="store_true")
+    p = _cmd(serve, "orchestrator", "orchestrator.server:cli", "the gRPC/HTTP recommender")
+    p.add_argument("--detach", action="store_true")
+    _cmd(groups, "stop", "orchestrator.processes:cli_stop", "stop servers started --detach")
+
+    # --- benchmarks (not tests) -----------------------------------------------------------
+    bench = groups.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = _cmd(bench, "features", "orchestrator.feature_bench:cli", "Feast SDK vs fast path")
+    p.add_argument("--repeats", type=int, default=200)
+    p = _cmd(bench, "triton", "orchestrator.triton_bench:cli", "Triton gRPC vs in-process")
+    p.add_argument("--repeats", type=int, default=300)
+
+    # --- load tests -----------------------------------------------------------------------
+    lt = groups.add_parser("loadtest", help="open-loop load tests").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = _cmd(lt, "run", "loadtest.cli:run", "run a scenario")
+    p.add_argument("scenario", help="name in loadtest/scenarios/ or a path")
+    p.add_argument("--out", help="output folder")
+    p = _cmd(lt, "sweep", "loadtest.cli:sweep", "raise the rate until p99 breaks the SLO")
+    p.add_argument("scenario")
+    p.add_argument("--out")
+    p = _cmd(lt, "compare", "loadtest.cli:compare", "ratios between two results")
+    p.add_argument("a")
+    p.add_argument("b")
+
+    # --- the demo ---------------------------------------------------------------------------
+    p = _cmd(groups, "demo", "recstack.demo:cli", "data -> train -> serve -> recommendations")
+    p.add_argument("--preset", choices=["small", "demo", "large"], default="demo")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, configure logging, dispatch. Errors the user can fix exit 2 with a message."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        rc = _target(args._run)(args)
+    except UserError as e:
+        print(f"recstack: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

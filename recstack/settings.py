@@ -1,0 +1,73 @@
+"""One settings object for every command: environment variables (``RECSTACK_*``), an
+optional ``recstack.env`` file at the project root, then defaults that run on a laptop."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Paths, ports and switches. Every path is absolute after validation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSTACK_", env_file=PROJECT_ROOT / "recstack.env", extra="forbid"
+    )
+
+    root: Path = PROJECT_ROOT
+    data_dir: Path = Field(default=PROJECT_ROOT / "data", description="raw data, features, work")
+    model_repository: Path = PROJECT_ROOT / "model_repository"
+    releases_dir: Path = PROJECT_ROOT / "releases"
+    feature_repo: Path = PROJECT_ROOT / "feature_repo"
+    run_dir: Path = Field(default=PROJECT_ROOT / ".run", description="pids, logs, sockets")
+    triton_venv: Path = PROJECT_ROOT / ".venv-triton"
+
+    seed: int = 42
+    # "auto" uses CUDA when torch/onnxruntime/faiss report a device, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Feast online store: sqlite (default) or redis (Debian redis-server on loopback).
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6390
+
+    triton_host: str = "127.0.0.1"
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+
+    orchestrator_host: str = "127.0.0.1"
+    orchestrator_grpc_port: int = 50051
+    orchestrator_http_port: int = 8080
+    orchestrator_metrics_port: int = 9100
+
+    @property
+    def raw_dir(self) -> Path:
+        """Canonical raw tables (see exporters/schema.py)."""
+        return self.data_dir / "raw"
+
+    @property
+    def features_dir(self) -> Path:
+        """Event-timestamped feature tables: the Feast offline sources."""
+        return self.data_dir / "features"
+
+    @property
+    def work_dir(self) -> Path:
+        """Intermediate training outputs (checkpoints, candidates); resumable steps."""
+        return self.data_dir / "work"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once)."""
+    return Settings()

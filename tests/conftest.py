@@ -1,0 +1,47 @@
+"""Shared fixtures. Servers (Triton, Redis, the orchestrator) are started by fixtures of
+the tests that need them and stopped afterwards; nothing here is mocked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recstack.settings import PROJECT_ROOT, Settings
+
+
+def make_settings(base: Path, **overrides: object) -> Settings:
+    """Settings whose writable paths all live under ``base`` (the repo's committed
+    model_repository configs are copied there so version folders stay in the tmp dir)."""
+    import shutil
+
+    repo = base / "model_repository"
+    if not repo.exists():
+        shutil.copytree(
+            PROJECT_ROOT / "model_repository",
+            repo,
+            ignore=shutil.ignore_patterns("[0-9]*", "__pycache__"),
+        )
+    return Settings(
+        data_dir=base / "data",
+        model_repository=repo,
+        releases_dir=base / "releases",
+        run_dir=base / "run",
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Fresh settings rooted in a per-test temporary folder."""
+    return make_settings(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def small_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings with the `small` preset generated once per test session (read-only use)."""
+    from exporters.data_generate import generate
+
+    s = make_settings(tmp_path_factory.mktemp("small"))
+    generate(s, preset="small", seed=7)
+    return s
