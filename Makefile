@@ -15,7 +15,7 @@ help:
 	@echo "make lint   - ruff check + format check"
 
 # --- set-up: stamp files make re-runs take seconds ---------------------------------------
-setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(RUN)/redis.stamp
+setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(RUN)/redis.stamp orchestrator/recommender_pb2.py
 
 $(VENV)/.stamp: pyproject.toml requirements/app.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ $(TRITON_VENV)/.stamp: requirements/triton.txt requirements/triton.lock
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install -q --disable-pip-version-check -c requirements/triton.lock -r requirements/triton.txt
 	touch $@
+
+# gRPC code generated from the one .proto (git-ignored, rebuilt when the .proto changes).
+orchestrator/recommender_pb2.py: orchestrator/recommender.proto $(VENV)/.stamp
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. orchestrator/recommender.proto
 
 # Debian's redis-server, for the Redis online store. It is started by the project (tests,
 # `recstack serve redis`) on a loopback port with its own config, never as a system service.

@@ -1,0 +1,1 @@
+"""Open-loop load generator, SLO sweeps, reports and plots."""

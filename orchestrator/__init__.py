@@ -1,0 +1,1 @@
+"""Online side: servers, clients of Triton/Feast/FAISS, the Recommender service."""
