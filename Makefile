@@ -35,7 +35,7 @@ orchestrator/recommender_pb2.py: orchestrator/recommender.proto $(VENV)/.stamp
 # `recstack serve redis`) on a loopback port with its own config, never as a system service.
 $(RUN)/redis.stamp:
 	mkdir -p $(RUN)
-	command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	command -v redis-server >/dev/null || { apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq redis-server >/dev/null; }
 	touch $@
 
 # --- the two commands --------------------------------------------------------------------

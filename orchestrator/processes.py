@@ -6,6 +6,7 @@ no child (e.g. a Triton Python-backend stub) is left behind."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -67,10 +68,8 @@ def _terminate_group(pid: int, timeout: float, popen: subprocess.Popen[bytes] | 
             break
         time.sleep(0.05)
     # Children (Python-backend stubs) may outlive the leader; the group kill reaches them.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     if popen is not None:
         popen.wait(timeout=5)
 
@@ -118,12 +117,14 @@ def start_process(
     while time.monotonic() < deadline:
         if popen.poll() is not None:
             proc.pid_path.unlink(missing_ok=True)
-            raise RuntimeError(f"{name} exited with {popen.returncode}; log {logfile}:\n{tail(logfile)}")
+            raise RuntimeError(
+                f"{name} exited with {popen.returncode}; log {logfile}:\n{tail(logfile)}"
+            )
         try:
             if ready():
                 log.info("%s ready (pid %d, log %s)", name, popen.pid, logfile)
                 return proc
-        except Exception:  # noqa: BLE001 - not ready yet (connection refused etc.)
+        except Exception:  # not ready yet (connection refused etc.)
             pass
         time.sleep(0.1)
     proc.stop()

@@ -90,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cmd(groups, "stop", "orchestrator.processes:cli_stop", "stop servers started --detach")
 
     # --- benchmarks (not tests) -----------------------------------------------------------
-    bench = groups.add_parser("bench", help="benchmarks").add_subparsers(
-        dest="cmd", required=True
-    )
+    bench = groups.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     p = _cmd(bench, "features", "orchestrator.feature_bench:cli", "Feast SDK vs fast path")
     p.add_argument("--repeats", type=int, default=200)
     p = _cmd(bench, "triton", "orchestrator.triton_bench:cli", "Triton gRPC vs in-process")
