@@ -1,0 +1,269 @@
+"""``recstack serve orchestrator``: the Recommender over gRPC (with standard health checking
+and reflection), an HTTP/JSON front for clients that do not speak gRPC, and Prometheus
+metrics. All three share one asyncio loop and one :class:`RecommendService`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from orchestrator import metrics
+from orchestrator import recommender_pb2 as pb
+from orchestrator import recommender_pb2_grpc as pb_grpc
+from orchestrator.request import (
+    InvalidRequest,
+    event_from_grpc,
+    event_from_http,
+    from_grpc,
+    from_http,
+)
+from orchestrator.service import RecommendResult, RecommendService, ServiceUnavailable
+from recstack.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+
+def to_proto(result: RecommendResult) -> pb.RecommendResponse:
+    """The typed result as the .proto's response message."""
+    return pb.RecommendResponse(
+        items=[
+            pb.Item(item_id=i.item_id, score=i.score, rank=i.rank, reason=i.reason, source=i.source)
+            for i in result.items
+        ],
+        release=result.release,
+        timings=[pb.StageTiming(stage=s, ms=ms) for s, ms in result.timings.items()],
+        degraded=result.degraded,
+        cold_start=result.cold_start,
+    )
+
+
+def to_json(result: RecommendResult) -> dict[str, Any]:
+    """The same response for the HTTP front (field names from the .proto)."""
+    return {
+        "items": [
+            {
+                "item_id": i.item_id,
+                "score": round(i.score, 6),
+                "rank": i.rank,
+                "reason": i.reason,
+                "source": i.source,
+            }
+            for i in result.items
+        ],
+        "release": result.release,
+        "timings": [{"stage": s, "ms": round(ms, 3)} for s, ms in result.timings.items()],
+        "degraded": result.degraded,
+        "cold_start": result.cold_start,
+    }
+
+
+@contextlib.asynccontextmanager
+async def _observed(method: str) -> AsyncIterator[list[str]]:
+    """Count the call by status code and time it; the handler sets code[0]."""
+    code = ["OK"]
+    t0 = time.perf_counter()
+    try:
+        yield code
+    except BaseException:
+        if code[0] == "OK":
+            code[0] = "INTERNAL"
+        raise
+    finally:
+        metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - t0)
+        metrics.REQUESTS.labels(method, code[0]).inc()
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """gRPC handlers: validate, call the service, map failures to status codes."""
+
+    def __init__(self, service: RecommendService) -> None:
+        self.service = service
+
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, code: list[str], status: grpc.StatusCode, msg: str
+    ) -> None:
+        code[0] = status.name
+        await context.abort(status, msg)
+
+    async def Recommend(  # noqa: N802 - name fixed by the .proto
+        self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecommendResponse:
+        async with _observed("Recommend") as code:
+            try:
+                query = from_grpc(request)
+            except InvalidRequest as e:
+                await self._abort(context, code, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            try:
+                result = await self.service.recommend(query, context.time_remaining())
+            except ServiceUnavailable as e:
+                await self._abort(context, code, grpc.StatusCode.UNAVAILABLE, str(e))
+            except Exception:
+                log.exception("Recommend failed for user %s", request.user_id)
+                await self._abort(context, code, grpc.StatusCode.INTERNAL, "internal error")
+            return to_proto(result)
+
+    async def RecordEvent(  # noqa: N802 - name fixed by the .proto
+        self, request: pb.RecordEventRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordEventResponse:
+        async with _observed("RecordEvent") as code:
+            try:
+                event = event_from_grpc(request)
+            except InvalidRequest as e:
+                await self._abort(context, code, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            try:
+                await self.service.record_event(event, context.time_remaining())
+            except ServiceUnavailable as e:
+                await self._abort(context, code, grpc.StatusCode.UNAVAILABLE, str(e))
+            except Exception:
+                log.exception("RecordEvent failed for user %s", request.user_id)
+                await self._abort(context, code, grpc.StatusCode.INTERNAL, "internal error")
+            return pb.RecordEventResponse(accepted=True)
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def http_app(service: RecommendService) -> web.Application:
+    """The HTTP/JSON front: same validation, same service, JSON errors (never a traceback)."""
+
+    async def handle(
+        method: str, parse: Callable[[], Any], call: Callable[[Any], Awaitable[web.Response]]
+    ) -> web.Response:
+        async with _observed(method) as code:
+            try:
+                query = parse()
+            except InvalidRequest as e:
+                code[0] = "INVALID_ARGUMENT"
+                return _error(400, code[0], str(e))
+            try:
+                return await call(query)
+            except ServiceUnavailable as e:
+                code[0] = "UNAVAILABLE"
+                return _error(503, code[0], str(e))
+            except Exception:
+                log.exception("%s failed", method)
+                code[0] = "INTERNAL"
+                return _error(500, code[0], "internal error")
+
+    async def recommendations(request: web.Request) -> web.Response:
+        async def call(q: Any) -> web.Response:
+            return web.json_response(to_json(await service.recommend(q, None)))
+
+        return await handle("http.Recommend", lambda: from_http(dict(request.query)), call)
+
+    async def events(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "INVALID_ARGUMENT", "body must be JSON")
+
+        async def call(e: Any) -> web.Response:
+            await service.record_event(e, None)
+            return web.json_response({"accepted": True})
+
+        return await handle("http.RecordEvent", lambda: event_from_http(body), call)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "SERVING", "release": service.release_name})
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except web.HTTPException as e:  # 404/405 as JSON too
+            return _error(e.status, e.reason.upper().replace(" ", "_"), e.text or e.reason)
+
+    app = web.Application(middlewares=[json_errors])
+    app.router.add_get("/v1/recommendations", recommendations)
+    app.router.add_post("/v1/events", events)
+    app.router.add_get("/healthz", health)
+    return app
+
+
+async def create_server(service: RecommendService, address: str) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with the Recommender, health checking and reflection; returns the bound
+    port (tests bind ``127.0.0.1:0``)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC to {address}")
+    await server.start()
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    server._recstack_health = health  # type: ignore[attr-defined]  # for graceful shutdown
+    return server, port
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain: health NOT_SERVING, in-flight calls finish."""
+    service = await RecommendService.create(settings)
+    host = settings.orchestrator_host
+    server, port = await create_server(service, f"{host}:{settings.orchestrator_grpc_port}")
+    runner = web.AppRunner(http_app(service), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, settings.orchestrator_http_port)
+    await site.start()
+    start_http_server(settings.orchestrator_metrics_port, addr=host)
+    # Start-up garbage (Feast, FAISS, the release) is long-lived: freeze it so the collector
+    # does not walk it on every request (DESIGN.md: most p99 spikes came from GC).
+    gc.collect()
+    gc.freeze()
+    log.info(
+        "orchestrator ready: grpc %s:%d, http %s:%d, metrics %s:%d, release %s",
+        host, port, host, settings.orchestrator_http_port, host,
+        settings.orchestrator_metrics_port, service.release_name,
+    )
+    print(f"orchestrator ready on grpc {host}:{port} http {host}:{settings.orchestrator_http_port}",
+          flush=True)
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining")
+    await server._recstack_health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+    await server.stop(grace=5)
+    await runner.cleanup()
+    await service.close()
+
+
+def cli(args: argparse.Namespace) -> int:
+    """``recstack serve orchestrator [--detach]``."""
+    settings = get_settings()
+    if args.detach:
+        from orchestrator.orchestrator_process import start_orchestrator
+
+        proc = start_orchestrator(settings)
+        print(f"orchestrator running (pid {proc.pid}); log {proc.log_path}")
+        return 0
+    asyncio.run(serve(settings))
+    return 0

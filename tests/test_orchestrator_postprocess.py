@@ -1,0 +1,93 @@
+"""Post-processing: dedupe, freshness boost, category cap and reasons."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orchestrator.postprocess import (
+    Candidates,
+    PostprocessConfig,
+    category_capped_top_k,
+    dedupe,
+    reasons,
+    select,
+)
+
+NOW = 1_700_000_000.0
+DAY = 86_400.0
+
+
+def _cands(
+    ids: list[int],
+    scores: list[float],
+    cats: list[int],
+    age_days: list[float],
+    sources: list[str] | None = None,
+) -> Candidates:
+    return Candidates(
+        np.asarray(ids, dtype=np.int64),
+        np.asarray(scores, dtype=np.float32),
+        np.asarray(cats, dtype=np.int64),
+        NOW - np.asarray(age_days) * DAY,
+        np.asarray(sources or ["retrieval"] * len(ids), dtype=object),
+    )
+
+
+def test_dedupe_keeps_best_score() -> None:
+    c = dedupe(
+        _cands(
+            [1, 2, 1],
+            [0.1, 0.5, 0.9],
+            [0, 0, 0],
+            [50, 50, 50],
+            ["popular", "retrieval", "retrieval"],
+        )
+    )
+    got = dict(zip(c.item_ids.tolist(), c.scores.tolist(), strict=True))
+    assert sorted(got) == [1, 2]
+    assert abs(got[1] - 0.9) < 1e-6
+
+
+def test_category_cap_holds_in_top_k() -> None:
+    rng = np.random.default_rng(0)
+    n = 300
+    cats = rng.integers(0, 10, n)
+    c = _cands(list(range(n)), rng.normal(size=n).tolist(), cats.tolist(), [100.0] * n)
+    top, _ = select(c, 20, NOW, PostprocessConfig(max_per_category=2, freshness_boost=0))
+    assert len(top.item_ids) == 20
+    assert np.bincount(top.categories).max() <= 2
+    assert len(set(top.item_ids.tolist())) == 20
+
+
+def test_cap_relaxes_only_when_categories_run_out() -> None:
+    cats = np.array([5] * 30)
+    order = np.arange(30)
+    assert len(category_capped_top_k(order, cats, 10, 3)) == 10  # one category: filled
+    cats2 = np.array([1] * 20 + [2] * 20)
+    kept = category_capped_top_k(np.arange(40), cats2, 10, 3)
+    assert len(kept) == 10 and np.bincount(cats2[kept]).max() == 5  # ceil(10/2)
+
+
+def test_freshness_boost_promotes_new_items() -> None:
+    c = _cands([1, 2, 3, 4], [1.0, 0.9, 0.0, -1.0], [0, 1, 2, 3], [200.0, 0.0, 200.0, 200.0])
+    top, _ = select(c, 2, NOW, PostprocessConfig(freshness_boost=0.0))
+    assert top.item_ids.tolist() == [1, 2]
+    top, _ = select(c, 2, NOW, PostprocessConfig(freshness_boost=0.5))
+    assert top.item_ids.tolist() == [2, 1]  # 0.9 + 0.5 * std(scores) > 1.0
+
+
+def test_reasons_explain_each_item() -> None:
+    top = _cands(
+        [10, 11, 12, 13],
+        [4, 3, 2, 1],
+        [1, 2, 3, 4],
+        [1, 1, 1, 1],
+        ["retrieval", "popular", "fresh", "retrieval"],
+    )
+    out = reasons(top, recent_items=[99, 98], recent_categories=[1, 7])
+    assert out == [
+        "because you engaged with item 99",
+        "popular in category 2",
+        "new in category 3",
+        "matches your interest in category 4",
+    ]

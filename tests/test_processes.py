@@ -1,0 +1,75 @@
+"""Servers we start are stopped with their whole process group: no orphans."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import pytest
+
+from orchestrator.processes import read_pid, start_process, stop_process
+from recstack.errors import UserError
+from recstack.settings import Settings
+
+# A parent that starts a child and both sleep: what tritonserver + its stubs look like.
+SCRIPT = """
+import socket, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(sys.argv[2], "w").write(str(child.pid))
+s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+time.sleep(600)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def _connectable(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_start_ready_stop_leaves_no_orphans(settings: Settings) -> None:
+    port, child_file = _free_port(), settings.data_dir / "child.pid"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    proc = start_process(
+        "fake",
+        [sys.executable, "-c", SCRIPT, str(port), str(child_file)],
+        settings,
+        ready=lambda: _connectable(port),
+        timeout=20,
+    )
+    assert read_pid(settings, "fake") == proc.pid
+    with pytest.raises(UserError, match="already runs"):
+        start_process("fake", [sys.executable, "-c", "pass"], settings, ready=lambda: True)
+    child = int(child_file.read_text())
+    assert _alive(child)
+    assert stop_process(settings, "fake")
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "child of the stopped server survived"
+    assert read_pid(settings, "fake") is None
+    assert not stop_process(settings, "fake")
+
+
+def test_early_exit_reports_the_log(settings: Settings) -> None:
+    argv = [sys.executable, "-c", "import sys; print('boom on start'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match="boom on start"):
+        start_process("dies", argv, settings, ready=lambda: False, timeout=10)
+    assert read_pid(settings, "dies") is None
