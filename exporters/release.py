@@ -164,3 +164,9 @@ def cli_show(args: argparse.Namespace) -> int:
     """``recstack release show ID``."""
     print(json.dumps(load_manifest(get_settings(), int(args.release_id)), indent=2))
     return 0
+
+
+def model_versions(settings: Settings, release_id: int | str | None = None) -> dict[str, int]:
+    """Triton model -> version pinned by a release (the newest release when None)."""
+    manifest = load_manifest(settings, None if release_id is None else int(release_id))
+    return {str(k): int(v) for k, v in manifest["models"].items()}

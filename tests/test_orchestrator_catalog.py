@@ -1,0 +1,61 @@
+"""Catalog lookups, request filters and the model-free fallback lists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchestrator.catalog import Catalog, Fallbacks
+from orchestrator.request import build_filters
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    n = 100
+    ids = np.arange(n)[::-1] * 10  # unsorted, sparse ids
+    return Catalog.build(
+        item_ids=ids,
+        category=ids // 10 % 5,
+        price=(ids // 10).astype(float),
+        created_at=NOW - (ids // 10) * 86_400.0,  # item 0 is the newest
+        popularity=(ids // 10).astype(float),  # item 990 the most popular
+        embeddings=np.zeros((n, 4), np.float32),
+    )
+
+
+def test_rows_and_unknown_ids(catalog: Catalog) -> None:
+    rows, known = catalog.rows(np.array([0, 15, 990, 5000]))
+    assert known.tolist() == [True, False, True, False]
+    assert catalog.item_ids[rows[known]].tolist() == [0, 990]
+
+
+def test_filters(catalog: Catalog) -> None:
+    rows = np.arange(len(catalog))
+    f = build_filters([1, 2], [], [10], 5.0, 50.0)
+    mask = catalog.allowed(rows, f, seen=np.array([60]))
+    got = catalog.item_ids[rows[mask]]
+    assert len(got) > 0
+    assert set((got // 10 % 5).tolist()) <= {1, 2}
+    assert 10 not in got and 60 not in got
+    assert got.min() >= 50 and got.max() <= 500
+
+
+def test_fallbacks_mix_fresh_and_popular(catalog: Catalog) -> None:
+    fb = Fallbacks.build(catalog)
+    rows, scores, sources = fb.candidates(
+        catalog, build_filters([], [3], [], 0, 0), np.array([990]), 10, NOW, fresh_share=0.3
+    )
+    ids = catalog.item_ids[rows]
+    assert (sources == "fresh").sum() == 3 and (sources == "popular").sum() == 7
+    assert ids[sources == "fresh"].tolist() == [0, 10, 20]
+    assert 990 not in ids and not np.any(ids // 10 % 5 == 3)
+    assert np.all(np.diff(scores[sources == "popular"]) < 0)
+
+
+def test_build_rejects_misaligned_arrays() -> None:
+    with pytest.raises(ValueError, match="category has 1 rows"):
+        Catalog.build(
+            np.arange(2), np.zeros(1), np.zeros(2), np.zeros(2), np.zeros(2), np.zeros((2, 4))
+        )
