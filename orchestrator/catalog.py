@@ -115,7 +115,7 @@ class Fallbacks:
         """(rows, scores, sources) of up to ``n`` popular and fresh items passing the filters;
         scores decrease along each list so post-processing keeps their order."""
         out_rows, out_scores, out_sources = [], [], []
-        n_fresh = int(round(n * fresh_share))
+        n_fresh = round(n * fresh_share)
         for rows, count, source in (
             (self.fresh_rows, n_fresh, "fresh"),
             (self.popular_rows, n - n_fresh, "popular"),

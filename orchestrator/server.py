@@ -102,7 +102,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         code[0] = status.name
         await context.abort(status, msg)
 
-    async def Recommend(  # noqa: N802 - name fixed by the .proto
+    async def Recommend(
         self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecommendResponse:
         async with _observed("Recommend") as code:
@@ -119,7 +119,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 await self._abort(context, code, grpc.StatusCode.INTERNAL, "internal error")
             return to_proto(result)
 
-    async def RecordEvent(  # noqa: N802 - name fixed by the .proto
+    async def RecordEvent(
         self, request: pb.RecordEventRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEventResponse:
         async with _observed("RecordEvent") as code:
@@ -207,8 +207,11 @@ async def create_server(service: RecommendService, address: str) -> tuple[grpc.a
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(address)
@@ -237,11 +240,18 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     gc.freeze()
     log.info(
         "orchestrator ready: grpc %s:%d, http %s:%d, metrics %s:%d, release %s",
-        host, port, host, settings.orchestrator_http_port, host,
-        settings.orchestrator_metrics_port, service.release_name,
+        host,
+        port,
+        host,
+        settings.orchestrator_http_port,
+        host,
+        settings.orchestrator_metrics_port,
+        service.release_name,
     )
-    print(f"orchestrator ready on grpc {host}:{port} http {host}:{settings.orchestrator_http_port}",
-          flush=True)
+    print(
+        f"orchestrator ready on grpc {host}:{port} http {host}:{settings.orchestrator_http_port}",
+        flush=True,
+    )
     if ready is not None:
         ready.set()
     stop = asyncio.Event()

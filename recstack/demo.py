@@ -102,7 +102,8 @@ The stack is up. Try it yourself:
   curl -s -X POST http://{host}:{settings.orchestrator_http_port}/v1/events \\
        -d '{{"user_id": "42", "item_id": 7, "event": "purchase"}}'
   grpcurl -plaintext {host}:{settings.orchestrator_grpc_port} list
-  grpcurl -plaintext -d '{{"user_id": "42", "k": 5}}' {host}:{settings.orchestrator_grpc_port} recstack.v1.Recommender/Recommend
+  grpcurl -plaintext -d '{{"user_id": "42", "k": 5}}' \
+       {host}:{settings.orchestrator_grpc_port} recstack.v1.Recommender/Recommend
   curl -s http://{host}:{settings.triton_http_port}/v2/models/user_tower/config
   curl -s http://{host}:{settings.orchestrator_metrics_port}/metrics | grep recstack_
 Stop everything with: .venv/bin/recstack stop""")

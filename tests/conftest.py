@@ -45,3 +45,24 @@ def small_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     s = make_settings(tmp_path_factory.mktemp("small"))
     generate(s, preset="small", seed=7)
     return s
+
+
+@pytest.fixture(scope="session")
+def trained_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The whole offline pipeline (`recstack train`) run once on the `small` preset:
+    raw data, features, Feast, towers, ONNX, index, ranker, Treelite, report, release."""
+    from exporters import pipeline
+    from exporters.data_generate import generate
+
+    s = make_settings(
+        tmp_path_factory.mktemp("trained"),
+        triton_http_port=18100,
+        triton_grpc_port=18101,
+        triton_metrics_port=18102,
+        orchestrator_grpc_port=18150,
+        orchestrator_http_port=18151,
+        orchestrator_metrics_port=18152,
+    )
+    generate(s, preset="small", seed=11)
+    pipeline.run(s, progress=lambda _: None)
+    return s

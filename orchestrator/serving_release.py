@@ -1,0 +1,163 @@
+"""Everything one release needs at request time, loaded once: the manifest's pinned model
+versions (Triton client), the FAISS index and its item vectors, the Feast online features
+with the item snapshot, and the catalog arrays built from them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from exporters.history import PAD
+from exporters.model_config import input_names
+from exporters.release import load_manifest, release_dir
+from orchestrator.catalog import Catalog, Fallbacks
+from orchestrator.faiss_index import FaissIndex
+from orchestrator.online_features import ItemFeatures, OnlineFeatures, UserFeatures
+from orchestrator.request import EventQuery
+from orchestrator.triton_client import TritonClient
+from recstack.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Item features with a role in filters and fallbacks (names from feature_repo/definitions.py).
+PRICE = "price"
+POPULARITY_RANK = "item_popularity_rank"  # 1 = most events in the trailing 7 days
+USER_TOWER = "user_tower"
+
+
+@dataclass(frozen=True)
+class UserView:
+    """A user's online features shaped for the models of this release."""
+
+    features: UserFeatures
+    tower_input_names: tuple[str, ...]
+
+    @property
+    def known(self) -> bool:
+        return self.features.known
+
+    @property
+    def recent_items(self) -> list[int]:
+        return [int(i) for i in self.features.recent_items if i != PAD]
+
+    @property
+    def affinity(self) -> np.ndarray:
+        return self.features.category_affinity
+
+    def tower_inputs(self) -> dict[str, np.ndarray]:
+        """user_tower inputs, named by its config.pbtxt: each is the Feast feature (or the
+        entity key) of the same name, as a batch of one."""
+        out = {}
+        for name in self.tower_input_names:
+            value = np.asarray(getattr(self.features, name), dtype=np.int64).reshape(1, -1)
+            out[name] = value
+        return out
+
+    def rank_inputs(
+        self, embedding: np.ndarray, items: ItemFeatures, item_embeddings: np.ndarray, now: float
+    ) -> dict[str, np.ndarray]:
+        """The rank ensemble's inputs (model_repository/rank/config.pbtxt)."""
+        return {
+            "user_features": self.features.scalars.reshape(1, -1).astype(np.float32),
+            "user_category_affinity": self.affinity.reshape(1, -1).astype(np.float32),
+            "user_embedding": np.asarray(embedding, dtype=np.float32).reshape(1, -1),
+            "item_features": items.matrix,
+            "item_category": items.category.astype(np.int64),
+            "item_created_at": items.created_at.astype(np.float64),
+            "item_embedding": np.ascontiguousarray(item_embeddings, dtype=np.float32),
+            "request_time": np.array([now], dtype=np.float64),
+        }
+
+
+class ReleaseFeatures:
+    """The feature client as the service uses it (UserView out, events in)."""
+
+    def __init__(self, online: OnlineFeatures, tower_inputs: tuple[str, ...]) -> None:
+        self.online = online
+        self.tower_inputs = tower_inputs
+
+    def user(self, user_id: int) -> UserView:
+        return UserView(self.online.user(user_id), self.tower_inputs)
+
+    def items(self, item_ids: np.ndarray) -> ItemFeatures:
+        return self.online.items(item_ids)
+
+    def push_event(self, e: EventQuery) -> None:
+        self.online.push_event(e.user_id, e.item_id, e.event, e.timestamp)
+
+
+def _index_vectors(index: FaissIndex) -> np.ndarray:
+    """The item vectors stored in the index, row-aligned with ``index.item_ids``."""
+    cpu = faiss.index_gpu_to_cpu(index.index) if index.on_gpu else index.index
+    ivf = faiss.try_extract_index_ivf(cpu)
+    if ivf is not None:
+        ivf.make_direct_map()
+    return np.asarray(cpu.reconstruct_n(0, cpu.ntotal), dtype=np.float32)
+
+
+@dataclass
+class ServingRelease:
+    release_id: int
+    manifest: dict[str, Any]
+    index: FaissIndex
+    catalog: Catalog
+    fallbacks: Fallbacks
+    features: ReleaseFeatures
+    triton: TritonClient
+
+    @classmethod
+    def load(cls, settings: Settings, release_id: int | None = None) -> ServingRelease:
+        """Load a release (the newest when None) and check its parts fit together."""
+        t0 = time.perf_counter()
+        manifest = load_manifest(settings, release_id)
+        rid = int(manifest["release_id"])
+        folder = release_dir(settings, rid)
+        index = FaissIndex.load(
+            folder / manifest["index"]["file"],
+            manifest["index"],
+            folder / manifest["index"]["item_ids"],
+            device=settings.device,
+        )
+        online = OnlineFeatures(settings).load()
+        snap = online.items(index.item_ids)
+        if not snap.known.all():
+            log.warning(
+                "%d indexed items have no online features (defaults used)", (~snap.known).sum()
+            )
+        catalog = Catalog.build(
+            item_ids=index.item_ids,
+            category=snap.category,
+            price=snap.columns([PRICE])[:, 0],
+            created_at=snap.created_at,
+            popularity=-snap.columns([POPULARITY_RANK])[:, 0].astype(np.float64),
+            embeddings=_index_vectors(index),
+        )
+        versions = {str(k): int(v) for k, v in manifest["models"].items()}
+        triton = TritonClient.from_settings(settings, versions=versions)
+        tower_inputs = tuple(input_names(USER_TOWER, settings.model_repository))
+        log.info(
+            "release %d loaded in %.1f s: %d items, index %s (%s), models %s",
+            rid,
+            time.perf_counter() - t0,
+            len(catalog),
+            index.factory,
+            index.search_params or "-",
+            versions,
+        )
+        return cls(
+            rid,
+            manifest,
+            index,
+            catalog,
+            Fallbacks.build(catalog),
+            ReleaseFeatures(online, tower_inputs),
+            triton,
+        )
+
+    def close(self) -> None:
+        self.triton.close()
