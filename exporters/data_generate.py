@@ -1,0 +1,388 @@
+"""A synthetic marketplace with structure worth learning (``recstack data generate``).
+
+The world, in short:
+
+- categories have a centre in a latent taste space (unit vectors, ``dim``-d); items are
+  their category's centre plus noise; users are a mix of 1-3 category centres plus noise,
+  and their age bucket / country lean towards what their main category prefers;
+- items have Zipf popularity and a log-normal price whose level depends on the category;
+  users have heavy-tailed (log-normal) activity;
+- some items and users only appear during the 90-day window (cold start); nobody acts
+  before signing up and nobody sees an item before it exists;
+- each impression ("view") picks a category from the user's tastes (or, for exploration,
+  by category popularity), draws ``candidates`` items of that category by popularity among
+  those already created, and keeps one with probability ∝ exp(β·<u,i>) × freshness — so
+  the chosen item follows popularity × affinity, which a personalised model can learn
+  and a popularity baseline cannot;
+- the funnel view → click → purchase: click and purchase probabilities grow with affinity,
+  purchase probability falls with the item's price relative to its category; repeat
+  purchases of the same item are mostly dropped.
+
+Everything is vectorised numpy (events in chunks), deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from exporters.raw_tables import RawTables, read_meta, write_raw
+from exporters.schema import EVENTS
+from recstack.errors import UserError
+from recstack.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# Fixed, not "now": the same seed gives the same tables on any day.
+END = pd.Timestamp("2026-09-30T00:00:00Z")
+US_PER_DAY = 86_400 * 1_000_000
+N_AGE_BUCKETS = 6
+N_COUNTRIES = 20
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Size and shape of one synthetic world. Event counts follow from ``n_views`` and the
+    funnel: roughly ``n_views`` × 1.25 events in total."""
+
+    n_users: int
+    n_items: int
+    n_views: int
+    n_categories: int = 50
+    brands_per_category: int = 12
+    dim: int = 16
+    days: float = 90.0
+    # Items/users created before the window are spread over this many days before it.
+    history_days: float = 730.0
+    item_zipf: float = 1.0  # popularity ∝ rank^-item_zipf
+    user_activity_sigma: float = 1.2  # log-normal activity: a heavy tail of busy users
+    new_item_frac: float = 0.15  # created inside the window: cold-start items
+    new_user_frac: float = 0.12  # signed up inside the window: cold-start users
+    item_noise: float = 0.6  # norm of an item's offset from its category centre
+    user_noise: float = 0.5
+    candidates: int = 8  # popularity-drawn items per impression, one kept by affinity
+    beta: float = 5.0  # affinity strength of the choice among candidates
+    explore: float = 0.15  # impressions from category popularity, no affinity
+    fresh_boost: float = 2.0  # choice weight × (1 + fresh_boost · exp(-age / fresh_days))
+    fresh_days: float = 7.0
+    chunk: int = 200_000  # impressions per vectorised chunk (bounds memory for `large`)
+
+
+PRESETS: dict[str, Preset] = {
+    "small": Preset(n_users=1_500, n_items=800, n_views=40_000),
+    "demo": Preset(n_users=20_000, n_items=10_000, n_views=820_000),
+    "large": Preset(n_users=100_000, n_items=1_000_000, n_views=3_300_000, chunk=250_000),
+}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _noise(rng: np.random.Generator, shape: tuple[int, int], norm: float) -> np.ndarray:
+    # Per-dimension sigma so the offset's expected norm is ``norm``.
+    return rng.normal(0.0, norm / np.sqrt(shape[1]), size=shape)
+
+
+@dataclass
+class _World:
+    """Latent state the tables are drawn from (not written out)."""
+
+    item_cat: np.ndarray
+    item_vec: np.ndarray  # float32 (n_items, dim), unit rows
+    item_pop: np.ndarray  # popularity weight
+    item_created: np.ndarray  # µs since epoch
+    item_price_z: np.ndarray  # log-price relative to the category
+    cat_pop: np.ndarray
+    user_vec: np.ndarray
+    user_tastes: np.ndarray  # (n_users, 3) category codes
+    user_taste_cum: np.ndarray  # (n_users, 3) cumulative taste weights
+    user_signup: np.ndarray  # µs
+    user_activity: np.ndarray
+    user_click_bias: np.ndarray
+
+
+def _items(
+    p: Preset, rng: np.random.Generator, centres: np.ndarray, start_us: int, end_us: int
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    n, c = p.n_items, p.n_categories
+    cat_share = rng.dirichlet(np.full(c, 2.0))
+    cat = rng.choice(c, size=n, p=cat_share)
+    vec = _unit(centres[cat] + _noise(rng, (n, p.dim), p.item_noise)).astype(np.float32)
+    # Zipf by a random rank, so popularity is independent of category and creation time.
+    rank = rng.permutation(n) + 1
+    pop = rank.astype(np.float64) ** -p.item_zipf
+    # A category's brands also have Zipf shares; codes are unique across categories.
+    brand_rank = np.minimum(rng.zipf(1.6, size=n), p.brands_per_category) - 1
+    brand = cat * p.brands_per_category + brand_rank
+    cat_mu = rng.normal(3.2, 0.8, size=c)  # e^3.2 ≈ 25 currency units
+    log_price = cat_mu[cat] + rng.normal(0.0, 0.5, size=n)
+    price = np.round(np.exp(log_price), 2)
+    new = rng.random(n) < p.new_item_frac
+    hist_us = int(p.history_days * US_PER_DAY)
+    created = np.where(
+        new,
+        rng.integers(start_us, end_us, size=n),
+        rng.integers(start_us - hist_us, start_us, size=n),
+    )
+    df = pd.DataFrame(
+        {
+            "item_id": np.arange(n, dtype=np.int64),
+            "category": cat.astype(np.int64),
+            "brand": brand.astype(np.int64),
+            "price": price,
+            "created_at": pd.to_datetime(created, unit="us", utc=True),
+        }
+    )
+    latent: dict[str, np.ndarray] = {
+        "cat": cat,
+        "vec": vec,
+        "pop": pop,
+        "created": created,
+        "price_z": (log_price - cat_mu[cat]) / 0.5,
+        "cat_pop": np.bincount(cat, weights=pop, minlength=c),
+    }
+    return df, latent
+
+
+def _users(
+    p: Preset,
+    rng: np.random.Generator,
+    centres: np.ndarray,
+    cat_pop: np.ndarray,
+    start_us: int,
+    end_us: int,
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    n, c = p.n_users, p.n_categories
+    # 1-3 taste categories, drawn without replacement ∝ sqrt(category popularity)
+    # (Gumbel top-k keeps it vectorised).
+    keys = 0.5 * np.log(cat_pop + 1e-12)[None, :] + rng.gumbel(size=(n, c))
+    tastes = np.argsort(-keys, axis=1)[:, :3]
+    n_taste = rng.choice([1, 2, 3], size=n, p=[0.4, 0.4, 0.2])
+    w = rng.gamma(2.0, size=(n, 3)) * (np.arange(3)[None, :] < n_taste[:, None])
+    w /= w.sum(axis=1, keepdims=True)
+    # Main taste first so "primary category" is column 0.
+    order = np.argsort(-w, axis=1)
+    tastes = np.take_along_axis(tastes, order, axis=1)
+    w = np.take_along_axis(w, order, axis=1)
+    vec = np.einsum("nk,nkd->nd", w, centres[tastes])
+    vec = _unit(vec + _noise(rng, (n, p.dim), p.user_noise)).astype(np.float32)
+    # Demographics lean towards the main category's audience.
+    cat_age = rng.integers(0, N_AGE_BUCKETS, size=c)
+    cat_country = rng.integers(0, N_COUNTRIES, size=c)
+    country_share = 1.0 / np.arange(1, N_COUNTRIES + 1)
+    country_share /= country_share.sum()
+    age = np.where(
+        rng.random(n) < 0.5, cat_age[tastes[:, 0]], rng.integers(0, N_AGE_BUCKETS, size=n)
+    )
+    country = np.where(
+        rng.random(n) < 0.3,
+        cat_country[tastes[:, 0]],
+        rng.choice(N_COUNTRIES, size=n, p=country_share),
+    )
+    new = rng.random(n) < p.new_user_frac
+    hist_us = int(p.history_days * US_PER_DAY)
+    signup = np.where(
+        new,
+        rng.integers(start_us, end_us, size=n),
+        rng.integers(start_us - hist_us, start_us, size=n),
+    )
+    # Activity is a rate: users who joined late get proportionally fewer events.
+    active = (end_us - np.maximum(signup, start_us)) / (end_us - start_us)
+    activity = rng.lognormal(0.0, p.user_activity_sigma, size=n) * active
+    df = pd.DataFrame(
+        {
+            "user_id": np.arange(n, dtype=np.int64),
+            "age_bucket": age.astype(np.int64),
+            "country": country.astype(np.int64),
+            "signup_at": pd.to_datetime(signup, unit="us", utc=True),
+        }
+    )
+    latent: dict[str, np.ndarray] = {
+        "vec": vec,
+        "tastes": tastes,
+        "taste_cum": np.cumsum(w, axis=1),
+        "signup": signup,
+        "activity": activity,
+        "click_bias": rng.normal(0.0, 0.5, size=n),
+    }
+    return df, latent
+
+
+class _PrefixSampler:
+    """Draw items of a category ∝ popularity among those created at or before time t.
+
+    Items are sorted by (category, created_at) with a running sum of popularity, so the
+    items of category c created by t are one contiguous prefix of c's segment: one
+    searchsorted finds its end, a second one draws inside it. Fully vectorised.
+    """
+
+    def __init__(self, cat: np.ndarray, created: np.ndarray, pop: np.ndarray, n_cat: int):
+        self.base = int(created.min())
+        self.span = int(created.max()) - self.base + 1
+        key = cat.astype(np.int64) * self.span + (created - self.base)
+        self.order = np.argsort(key, kind="stable")
+        self.key = key[self.order]
+        self.cum = np.concatenate([[0.0], np.cumsum(pop[self.order])])
+        self.seg_lo = np.searchsorted(self.key, np.arange(n_cat, dtype=np.int64) * self.span)
+
+    def sample(
+        self, rng: np.random.Generator, cat: np.ndarray, t: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Item ids (and a validity mask: False where no item of ``cat`` exists by ``t``)."""
+        lo = self.seg_lo[cat]
+        rel = np.clip(t - self.base, -1, self.span - 1)
+        hi = np.searchsorted(self.key, cat.astype(np.int64) * self.span + rel, side="right")
+        ok = hi > lo
+        r = self.cum[lo] + rng.random(cat.shape) * (self.cum[hi] - self.cum[lo])
+        pos = np.clip(np.searchsorted(self.cum, r, side="right") - 1, lo, np.maximum(hi - 1, lo))
+        return self.order[pos], ok
+
+
+def _impressions(
+    p: Preset, rng: np.random.Generator, w: _World, start_us: int, end_us: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user, item, timestamp µs) of every view."""
+    n_cat = p.n_categories
+    by_cat = _PrefixSampler(w.item_cat, w.item_created, w.item_pop, n_cat)
+    # One "category" holding every item: the fallback when a category is still empty.
+    anywhere = _PrefixSampler(np.zeros_like(w.item_cat), w.item_created, w.item_pop, 1)
+    cat_p = w.cat_pop / w.cat_pop.sum()
+    act_p = w.user_activity / w.user_activity.sum()
+    users_out, items_out, ts_out = [], [], []
+    fresh_us = p.fresh_days * US_PER_DAY
+    n_chunks = -(-p.n_views // p.chunk)
+    for k in tqdm(range(n_chunks), desc="events", unit="chunk", disable=n_chunks < 4):
+        m = min(p.chunk, p.n_views - k * p.chunk)
+        u = rng.choice(p.n_users, size=m, p=act_p)
+        lo = np.maximum(w.user_signup[u], start_us)
+        t = lo + (rng.random(m) * (end_us - lo)).astype(np.int64)
+        explore = rng.random(m) < p.explore
+        pick = (rng.random(m)[:, None] > w.user_taste_cum[u]).sum(axis=1)
+        cat = np.where(
+            explore,
+            rng.choice(n_cat, size=m, p=cat_p),
+            w.user_tastes[u, np.minimum(pick, 2)],
+        )
+        # Candidates: popularity-weighted within the category, existing at time t.
+        reps = p.candidates
+        cand, ok = by_cat.sample(rng, np.repeat(cat, reps), np.repeat(t, reps))
+        fallback, _ = anywhere.sample(rng, np.zeros(m * reps, dtype=np.int64), np.repeat(t, reps))
+        cand = np.where(ok, cand, fallback).reshape(m, reps)
+        # Keep one candidate ∝ exp(β·<u,i>) × freshness (Gumbel-max); explorers take the
+        # first, i.e. popularity alone.
+        aff = np.einsum("md,mkd->mk", w.user_vec[u], w.item_vec[cand])
+        age = (t[:, None] - w.item_created[cand]).astype(np.float64)
+        fresh = np.log1p(p.fresh_boost * np.exp(-age / fresh_us))
+        score = p.beta * aff + fresh + rng.gumbel(size=(m, reps))
+        choice = np.where(explore, 0, np.argmax(score, axis=1))
+        users_out.append(u)
+        items_out.append(cand[np.arange(m), choice])
+        ts_out.append(t)
+    u, i, t = np.concatenate(users_out), np.concatenate(items_out), np.concatenate(ts_out)
+    # The fallback can only fail if no item at all exists yet at t; never show those.
+    keep = w.item_created[i] <= t
+    return u[keep], i[keep], t[keep]
+
+
+def _funnel(
+    rng: np.random.Generator, w: _World, u: np.ndarray, i: np.ndarray, t: np.ndarray, end_us: int
+) -> pd.DataFrame:
+    """Views plus the clicks and purchases they lead to, sorted by time."""
+    aff = np.einsum("nd,nd->n", w.user_vec[u], w.item_vec[i]).astype(np.float64)
+    p_click = 1.0 / (1.0 + np.exp(-(-3.0 + 3.0 * aff + w.user_click_bias[u])))
+    click = rng.random(u.size) < p_click
+    p_buy = 1.0 / (1.0 + np.exp(-(-1.9 + 2.0 * aff - 0.8 * w.item_price_z[i])))
+    buy = click & (rng.random(u.size) < p_buy)
+    last = end_us - 1
+    t_click = np.minimum(t + rng.exponential(30e6, size=u.size).astype(np.int64) + 1, last)
+    t_buy = np.minimum(t_click + rng.exponential(600e6, size=u.size).astype(np.int64) + 1, last)
+    cu, ci, ct = u[click], i[click], t_click[click]
+    bu, bi, bt = u[buy], i[buy], t_buy[buy]
+    # Repeat purchases of the same item are rare: keep the first, and a few repeats.
+    order = np.argsort(bt, kind="stable")
+    bu, bi, bt = bu[order], bi[order], bt[order]
+    dup = pd.DataFrame({"u": bu, "i": bi}).duplicated().to_numpy()
+    keep = ~dup | (rng.random(bu.size) < 0.05)
+    bu, bi, bt = bu[keep], bi[keep], bt[keep]
+    users = np.concatenate([u, cu, bu])
+    items = np.concatenate([i, ci, bi])
+    ts = np.concatenate([t, ct, bt])
+    ev = np.concatenate(
+        [np.zeros(u.size, np.int8), np.ones(cu.size, np.int8), np.full(bu.size, 2, np.int8)]
+    )
+    order = np.lexsort((ev, items, users, ts))
+    return pd.DataFrame(
+        {
+            "user_id": users[order].astype(np.int64),
+            "item_id": items[order].astype(np.int64),
+            "timestamp": pd.to_datetime(ts[order], unit="us", utc=True),
+            "event": pd.Categorical.from_codes(ev[order], categories=list(EVENTS)),
+        }
+    )
+
+
+def build(preset: Preset, seed: int) -> tuple[RawTables, pd.Timestamp, pd.Timestamp]:
+    """The three tables of one synthetic world (in memory) and its time window."""
+    rng = np.random.default_rng(seed)
+    end_us = END.value // 1000
+    start_us = end_us - int(preset.days * US_PER_DAY)
+    centres = _unit(rng.normal(size=(preset.n_categories, preset.dim)))
+    items, il = _items(preset, rng, centres, start_us, end_us)
+    users, ul = _users(preset, rng, centres, il["cat_pop"], start_us, end_us)
+    world = _World(
+        item_cat=il["cat"],
+        item_vec=il["vec"],
+        item_pop=il["pop"],
+        item_created=il["created"],
+        item_price_z=il["price_z"],
+        cat_pop=il["cat_pop"],
+        user_vec=ul["vec"],
+        user_tastes=ul["tastes"],
+        user_taste_cum=ul["taste_cum"],
+        user_signup=ul["signup"],
+        user_activity=ul["activity"],
+        user_click_bias=ul["click_bias"],
+    )
+    u, i, t = _impressions(preset, rng, world, start_us, end_us)
+    interactions = _funnel(rng, world, u, i, t, end_us)
+    start = pd.Timestamp(start_us * 1000, tz="UTC")
+    return RawTables(interactions=interactions, items=items, users=users), start, END
+
+
+def generate(settings: Settings, preset: str = "demo", seed: int | None = None) -> Path:
+    """Generate the ``preset`` world with ``seed`` (default ``settings.seed``) and write it
+    atomically to ``settings.raw_dir``. Same seed and preset → identical tables."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    seed = settings.seed if seed is None else seed
+    t0 = time.perf_counter()
+    tables, start, end = build(PRESETS[preset], seed)
+    log.info("generated preset %s (seed %d) in %.1f s", preset, seed, time.perf_counter() - t0)
+    return write_raw(
+        settings, tables, source=f"synthetic:preset={preset},seed={seed}", start=start, end=end
+    )
+
+
+def cli(args: argparse.Namespace) -> int:
+    """``recstack data generate [--preset P] [--seed S]``."""
+    settings = get_settings()
+    t0 = time.perf_counter()
+    raw = generate(settings, preset=args.preset, seed=args.seed)
+    meta = read_meta(raw)
+    events = meta["events"]
+    print(
+        f"{meta['source']}: {meta['n_interactions']:,} events "
+        f"({', '.join(f'{k} {v:,}' for k, v in events.items())}), "  # type: ignore[attr-defined]
+        f"{meta['n_users']:,} users, {meta['n_items']:,} items, "
+        f"{meta['n_categories']} categories, {meta['start']} .. {meta['end']}; "
+        f"snapshot {meta['snapshot']}; {time.perf_counter() - t0:.1f} s -> {raw}"
+    )
+    return 0

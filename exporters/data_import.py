@@ -1,0 +1,498 @@
+"""Import real data into the canonical raw tables (``recstack data import``).
+
+The accepted schema, the rating → event mapping and the defaults for missing columns are
+documented in docs/data.md; keep the two in step. Bad input raises UserError naming the
+file, the place (``line N`` of a CSV file, counting the header as line 1; ``row N`` of a
+parquet file, 1-based data rows) and the column. Nothing is written unless every check
+passes (exporters.raw_tables.write_raw swaps the new folder in atomically).
+
+Columns are checked with Arrow compute kernels first (fast on tens of millions of rows);
+only when a kernel refuses a column do slower per-value checks look for the first bad row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from exporters.raw_tables import RawTables, read_meta, write_raw
+from exporters.schema import EVENTS
+from recstack.errors import UserError
+from recstack.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+CSV_SUFFIXES = (".csv", ".csv.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+# ratings at or above these thresholds become these events (else "view")
+RATING_EVENTS: tuple[tuple[float, str], ...] = ((4.0, "purchase"), (3.0, "click"))
+# Plain digits: at most 18 of them always fit in int64.
+_INT_RE = r"^\s*\d{1,18}\s*$"
+_NUM_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+_NAT = np.iinfo(np.int64).min  # "no timestamp" in int64 µs arrays
+_TS_HINT = "expected ISO-8601 (e.g. 2026-07-01T12:00:00Z) or unix seconds"
+
+
+@dataclass
+class _Source:
+    """One input file, its columns as read, and how to name a row in messages."""
+
+    path: Path
+    table: pa.Table
+    is_csv: bool
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def has(self, col: str) -> bool:
+        return col in self.table.column_names
+
+    def col(self, col: str) -> pa.Array:
+        arr = self.table[col].combine_chunks()
+        # Categorical columns (pandas/parquet dictionaries) are checked as their values.
+        return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
+
+    def where(self, pos: int) -> str:
+        """Human location of the 0-based data row ``pos``."""
+        # CSV: the header is line 1 (blank lines and quoted fields spanning lines would
+        # shift this; docs/data.md says so).
+        return f"line {pos + 2}" if self.is_csv else f"row {pos + 1}"
+
+    def fail(self, pos: int, col: str, problem: str) -> UserError:
+        return UserError(f"{self.path}: {self.where(pos)}, column {col!r}: {problem}")
+
+    def value(self, col: str, pos: int) -> object:
+        return self.table[col][pos].as_py()
+
+    def need(self, *cols: str) -> None:
+        for c in cols:
+            if not self.has(c):
+                raise UserError(
+                    f"{self.path}: missing column {c!r} "
+                    f"(found columns: {', '.join(self.table.column_names)})"
+                )
+
+
+def _csv_header(path: Path) -> list[str]:
+    with _open_text(path) as f:
+        return next(csv.reader(f), [])
+
+
+def _open_text(path: Path) -> TextIO:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    return opener(path, "rt", newline="", encoding="utf-8-sig")  # type: ignore[no-any-return,operator]
+
+
+def _ragged_row(path: Path, width: int) -> None:
+    """Raise naming the first line whose field count differs from the header's (the fast
+    reader reports no line numbers, so look again, slowly, only on this error path)."""
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        for row in reader:
+            if row and len(row) != width:
+                raise UserError(
+                    f"{path}: line {reader.line_num}: expected {width} fields, got {len(row)}"
+                )
+
+
+def _read(path: Path) -> _Source:
+    """Read a CSV (every column as text, so values are checked here rather than guessed by
+    the reader) or a parquet file, chosen by extension."""
+    path = Path(path)
+    name = path.name.lower()
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        if name.endswith(CSV_SUFFIXES):
+            header = _csv_header(path)
+            if not header:
+                raise UserError(f"{path}: empty file (no header, no data rows)")
+            try:
+                table = pacsv.read_csv(
+                    path,
+                    convert_options=pacsv.ConvertOptions(
+                        column_types={c: pa.string() for c in header},
+                        null_values=[""],
+                        strings_can_be_null=True,
+                    ),
+                )
+            except pa.ArrowInvalid:
+                _ragged_row(path, len(header))
+                raise
+            is_csv = True
+        elif name.endswith(PARQUET_SUFFIXES):
+            table = pq.read_table(path)
+            is_csv = False
+        else:
+            raise UserError(
+                f"{path}: unknown file type; use {', '.join(CSV_SUFFIXES + PARQUET_SUFFIXES)}"
+            )
+    except (pa.ArrowException, UnicodeDecodeError, OSError, csv.Error) as e:
+        raise UserError(f"{path}: cannot read: {e}") from e
+    table = table.rename_columns([str(c).strip("\ufeff \t").lower() for c in table.column_names])
+    if table.num_rows == 0:
+        raise UserError(f"{path}: empty file (no data rows)")
+    return _Source(path, table, is_csv)
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _nulls(arr: pa.Array) -> np.ndarray:
+    return arr.is_null().to_numpy(zero_copy_only=False)
+
+
+def _matches(arr: pa.Array, pattern: str) -> np.ndarray:
+    """Per value: non-null and matching ``pattern``."""
+    m = pc.match_substring_regex(arr, pattern)
+    return pc.fill_null(m, False).to_numpy(zero_copy_only=False)
+
+
+def _ids(src: _Source, col: str, allow_null: bool = False, what: str = "id") -> np.ndarray:
+    """Non-negative int64 values of ``col`` (-1 where null, if ``allow_null``)."""
+    arr = src.col(col)
+    null = _nulls(arr)
+    if null.any() and not allow_null:
+        raise src.fail(_first(null), col, "missing value (expected a non-negative integer)")
+    t = arr.type
+    bad = np.zeros(len(arr), dtype=bool)
+    if pa.types.is_integer(t):
+        raw = pc.fill_null(arr, 0).to_numpy()
+        if raw.dtype == np.uint64:
+            bad = ~null & (raw > np.iinfo(np.int64).max)
+            raw = np.where(bad, 0, raw)
+        vals = np.where(null, -1, raw.astype(np.int64))
+        bad |= ~null & (vals < 0)
+    elif pa.types.is_floating(t):
+        f = pc.fill_null(arr, 0.0).to_numpy()
+        ok = np.isfinite(f)
+        ok[ok] = (f[ok] == np.floor(f[ok])) & (f[ok] >= 0) & (f[ok] < 2**63)
+        bad = ~null & ~ok
+        vals = np.where(ok & ~null, f, -1).astype(np.int64)
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        try:
+            vals = pc.fill_null(pc.cast(pc.utf8_trim_whitespace(arr), pa.int64()), -1).to_numpy()
+            bad = ~null & (vals < 0)
+        except pa.ArrowInvalid as e:
+            # Find the first offending value; only plain digits are ids.
+            bad = ~null & ~_matches(arr, _INT_RE)
+            if not bad.any():
+                raise UserError(f"{src.path}: column {col!r}: {e}") from e
+            vals = np.full(len(arr), -1, dtype=np.int64)
+    else:
+        raise UserError(f"{src.path}: column {col!r} has type {t}; expected integer ids")
+    if bad.any():
+        pos = _first(bad)
+        raise src.fail(
+            pos,
+            col,
+            f"{src.value(col, pos)!r} is not a valid {what} ({what}s are non-negative integers)",
+        )
+    return vals
+
+
+def _codes(src: _Source, col: str) -> np.ndarray:
+    """A small categorical code column: integers as given, or labels mapped to 1, 2, ...
+    in sorted order. Missing column or empty cells → 0."""
+    if not src.has(col):
+        return np.zeros(src.num_rows, dtype=np.int64)
+    arr = src.col(col)
+    null = _nulls(arr)
+    textual = pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
+    # Numbers (negative or fractional ones included) go through the id checks, which
+    # refuse what is not a valid code; anything else is labels.
+    if not textual or _matches(arr, _NUM_RE)[~null].all():
+        return np.where(null, 0, _ids(src, col, allow_null=True, what="code"))
+    labels = pc.utf8_trim_whitespace(arr)
+    uniq = pc.sort_indices(pc.unique(labels).drop_null())
+    uniq = pc.take(pc.unique(labels).drop_null(), uniq)
+    codes = pc.fill_null(pc.index_in(labels, value_set=uniq), -1).to_numpy() + 1
+    log.info("%s: column %r holds labels; mapped %d labels to codes 1..", src.path, col, len(uniq))
+    return codes.astype(np.int64)
+
+
+def _numbers(src: _Source, col: str) -> np.ndarray:
+    """Float values of a numeric or text column (NaN where null); refuses non-numbers."""
+    arr = src.col(col)
+    null = _nulls(arr)
+    try:
+        vals = pc.cast(pc.utf8_trim_whitespace(arr) if _is_text(arr) else arr, pa.float64())
+        f = pc.fill_null(vals, np.nan).to_numpy()
+        bad = ~null & ~np.isfinite(f)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        bad = ~null & ~_matches(arr, _NUM_RE) if _is_text(arr) else np.zeros(len(arr), bool)
+        if not bad.any():
+            raise UserError(f"{src.path}: column {col!r} ({arr.type}): {e}") from e
+        f = np.full(len(arr), np.nan)
+    if bad.any():
+        pos = _first(bad)
+        raise src.fail(pos, col, f"{src.value(col, pos)!r} is not a number")
+    return f
+
+
+def _is_text(arr: pa.Array) -> bool:
+    return pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
+
+
+def _price(src: _Source, col: str = "price") -> np.ndarray:
+    """Non-negative prices; missing column or empty cells → 0.0."""
+    if not src.has(col):
+        return np.zeros(src.num_rows)
+    f = _numbers(src, col)
+    bad = f < 0
+    if bad.any():
+        pos = _first(bad)
+        raise src.fail(pos, col, f"{src.value(col, pos)!r} is negative")
+    return np.where(np.isnan(f), 0.0, f)
+
+
+def _timestamps(src: _Source, col: str, allow_null: bool = False) -> np.ndarray:
+    """int64 µs since the epoch (UTC; ``_NAT`` where null) from ISO-8601 text (no offset
+    means UTC), unix seconds, or a timestamp column (naive means UTC)."""
+    arr = src.col(col)
+    null = _nulls(arr)
+    if null.any() and not allow_null:
+        raise src.fail(_first(null), col, "missing value (expected a timestamp)")
+    t = arr.type
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        tz = None if pa.types.is_date(t) else t.tz
+        # The instant is the same in any zone; sub-microsecond digits are dropped.
+        us = pc.cast(pc.cast(arr, pa.timestamp("us", tz=tz), safe=False), pa.int64())
+        return pc.fill_null(us, _NAT).to_numpy()
+    if not (_is_text(arr) or pa.types.is_integer(t) or pa.types.is_floating(t)):
+        raise UserError(f"{src.path}: column {col!r} has type {t}; expected timestamps")
+    is_num = ~null if not _is_text(arr) else _matches(arr, _NUM_RE)
+    secs = np.full(len(arr), np.nan)
+    if is_num.any():
+        num = arr if not _is_text(arr) else pc.utf8_trim_whitespace(arr)
+        secs[is_num] = pc.cast(pc.filter(num, pa.array(is_num)), pa.float64()).to_numpy()
+    # Unix seconds within what datetime64[ns] holds (1678..2261); others are errors.
+    bad = is_num & ~(np.abs(secs) < 9.2e9)
+    if bad.any():
+        pos = _first(bad)
+        raise src.fail(pos, col, f"{src.value(col, pos)!r} is out of range as unix seconds")
+    us = np.where(is_num, np.round(np.nan_to_num(secs) * 1e6), 0).astype(np.int64)
+    us[null] = _NAT
+    rest = np.flatnonzero(~is_num & ~null)
+    if rest.size:
+        text = pc.utf8_trim_whitespace(pc.take(arr, pa.array(rest)))
+        us[rest] = _iso_us(src, col, text, rest)
+    return us
+
+
+def _iso_us(src: _Source, col: str, text: pa.Array, rows: np.ndarray) -> np.ndarray:
+    """int64 µs of ISO-8601 strings (``rows``: their positions in the file)."""
+    # Arrow's parser is fast but wants all values with an offset, or all without; pandas
+    # takes any mix (and nanoseconds), so it is the fallback and the error locator.
+    for ts_type in (pa.timestamp("us", tz="UTC"), pa.timestamp("us")):
+        try:
+            return pc.cast(pc.cast(text, ts_type), pa.int64()).to_numpy()
+        except pa.ArrowInvalid:
+            pass
+    parsed = pd.to_datetime(text.to_pandas(), format="ISO8601", utc=True, errors="coerce")
+    failed = parsed.isna().to_numpy()
+    if failed.any():
+        pos = int(rows[_first(failed)])
+        raise src.fail(pos, col, f"cannot parse {src.value(col, pos)!r} as a timestamp; {_TS_HINT}")
+    return parsed.dt.tz_convert(None).to_numpy().astype("datetime64[us]").view(np.int64)
+
+
+def _events(src: _Source) -> np.ndarray:
+    """Event codes (indices into EVENTS) from ``event`` or, failing that, from ``rating``
+    (docs/data.md)."""
+    if src.has("event"):
+        arr = src.col("event")
+        null = _nulls(arr)
+        if null.any():
+            raise src.fail(_first(null), "event", f"missing value (expected one of {EVENTS})")
+        if not _is_text(arr):
+            raise UserError(f"{src.path}: column 'event' has type {arr.type}; expected text")
+        # Few distinct values: normalise those, not every row.
+        enc = arr.dictionary_encode()
+        names = [str(v).strip().lower() for v in enc.dictionary.to_pylist()]
+        lookup = np.array([EVENTS.index(n) if n in EVENTS else -1 for n in names])
+        codes = lookup[enc.indices.to_numpy()]
+        if (codes < 0).any():
+            pos = _first(codes < 0)
+            raise src.fail(
+                pos,
+                "event",
+                f"unknown event {src.value('event', pos)!r} (expected one of {EVENTS})",
+            )
+        return codes.astype(np.int8)
+    if src.has("rating"):
+        r = _numbers(src, "rating")
+        null = np.isnan(r)
+        if null.any():
+            raise src.fail(_first(null), "rating", "missing value (expected a number)")
+        codes = np.zeros(len(r), dtype=np.int8)
+        for threshold, event in reversed(RATING_EVENTS):
+            codes[r >= threshold] = EVENTS.index(event)
+        return codes
+    raise UserError(
+        f"{src.path}: missing column 'event' (or 'rating'); "
+        f"found columns: {', '.join(src.table.column_names)}"
+    )
+
+
+def _unique(src: _Source, col: str, ids: np.ndarray) -> None:
+    dup = pd.Series(ids).duplicated().to_numpy()
+    if dup.any():
+        pos = _first(dup)
+        raise src.fail(pos, col, f"duplicate {col} {ids[pos]}")
+
+
+def _known(src: _Source, col: str, ids: np.ndarray, known: np.ndarray, table: Path) -> None:
+    unknown = ~np.isin(ids, known)
+    if unknown.any():
+        pos = _first(unknown)
+        raise src.fail(pos, col, f"{col} {ids[pos]} is not in the {col[:-3]}s table ({table})")
+
+
+def _utc(us: np.ndarray) -> pd.Series:
+    """int64 µs → a datetime64[us, UTC] column."""
+    return pd.Series(us.astype("datetime64[us]")).dt.tz_localize("UTC")
+
+
+def _first_times(
+    ids: np.ndarray, inter_ids: np.ndarray, inter_us: np.ndarray, given: np.ndarray, what: str
+) -> np.ndarray:
+    """Creation/signup times: ``given`` (``_NAT`` = missing) filled with the first
+    interaction, else the earliest interaction overall; a time after the first interaction
+    is moved back to it, since downstream features rely on nobody acting on an item before
+    it exists (or before signing up)."""
+    first = pd.Series(inter_us).groupby(inter_ids).min()
+    none = np.iinfo(np.int64).max
+    fs = first.reindex(ids, fill_value=none).to_numpy()
+    out = np.where(given == _NAT, np.where(fs == none, inter_us.min(), fs), given)
+    late = out > fs
+    if late.any():
+        log.warning("%d %s after their first interaction; moved back to it", late.sum(), what)
+        out[late] = fs[late]
+    return out
+
+
+def import_data(
+    settings: Settings,
+    interactions: Path,
+    items: Path | None = None,
+    users: Path | None = None,
+) -> Path:
+    """Check and convert the given files, then atomically replace ``settings.raw_dir``.
+
+    Raises UserError (naming file, line/row and column) on bad input; on failure the
+    existing raw data is left untouched. Returns ``settings.raw_dir``.
+    """
+    isrc = _read(Path(interactions))
+    isrc.need("user_id", "item_id", "timestamp")
+    user_ids = _ids(isrc, "user_id")
+    item_ids = _ids(isrc, "item_id")
+    ts = _timestamps(isrc, "timestamp")
+    events = _events(isrc)
+
+    item_src = _read(Path(items)) if items is not None else None
+    if item_src is None:
+        iids = np.unique(item_ids)
+        n = len(iids)
+        cat = brand = np.zeros(n, np.int64)
+        price = np.zeros(n)
+        created = np.full(n, _NAT)
+    else:
+        item_src.need("item_id")
+        iids = _ids(item_src, "item_id")
+        _unique(item_src, "item_id", iids)
+        cat, brand = _codes(item_src, "category"), _codes(item_src, "brand")
+        price = _price(item_src)
+        created = (
+            _timestamps(item_src, "created_at", allow_null=True)
+            if item_src.has("created_at")
+            else np.full(len(iids), _NAT)
+        )
+        # Unknown references are reported against the interactions file, where the fix is.
+        _known(isrc, "item_id", item_ids, iids, item_src.path)
+
+    user_src = _read(Path(users)) if users is not None else None
+    if user_src is None:
+        uids = np.unique(user_ids)
+        n = len(uids)
+        age = country = np.zeros(n, np.int64)
+        signup = np.full(n, _NAT)
+    else:
+        user_src.need("user_id")
+        uids = _ids(user_src, "user_id")
+        _unique(user_src, "user_id", uids)
+        age, country = _codes(user_src, "age_bucket"), _codes(user_src, "country")
+        signup = (
+            _timestamps(user_src, "signup_at", allow_null=True)
+            if user_src.has("signup_at")
+            else np.full(len(uids), _NAT)
+        )
+        _known(isrc, "user_id", user_ids, uids, user_src.path)
+
+    created = _first_times(iids, item_ids, ts, created, "items created")
+    signup = _first_times(uids, user_ids, ts, signup, "users signed up")
+    order = np.lexsort((events, item_ids, user_ids, ts))
+    io, uo = np.argsort(iids, kind="stable"), np.argsort(uids, kind="stable")
+    names = [f"interactions={Path(interactions).name}"]
+    names += [f"{k}={Path(v).name}" for k, v in (("items", items), ("users", users)) if v]
+    tables = RawTables(
+        interactions=pd.DataFrame(
+            {
+                "user_id": user_ids[order],
+                "item_id": item_ids[order],
+                "timestamp": _utc(ts[order]),
+                "event": pd.Categorical.from_codes(events[order], categories=list(EVENTS)),
+            }
+        ),
+        items=pd.DataFrame(
+            {
+                "item_id": iids[io],
+                "category": cat[io],
+                "brand": brand[io],
+                "price": price[io],
+                "created_at": _utc(created[io]),
+            }
+        ),
+        users=pd.DataFrame(
+            {
+                "user_id": uids[uo],
+                "age_bucket": age[uo],
+                "country": country[uo],
+                "signup_at": _utc(signup[uo]),
+            }
+        ),
+    )
+    return write_raw(settings, tables, source="import:" + ",".join(names))
+
+
+def cli(args: argparse.Namespace) -> int:
+    """``recstack data import --interactions F [--items F] [--users F]``."""
+    settings = get_settings()
+    raw = import_data(
+        settings,
+        Path(args.interactions),
+        Path(args.items) if args.items else None,
+        Path(args.users) if args.users else None,
+    )
+    meta = read_meta(raw)
+    print(
+        f"{meta['source']}: {meta['n_interactions']:,} events {meta['events']}, "
+        f"{meta['n_users']:,} users, {meta['n_items']:,} items, "
+        f"{meta['start']} .. {meta['end']}; snapshot {meta['snapshot']} -> {raw}"
+    )
+    return 0

@@ -1,0 +1,319 @@
+"""Importing real data: round trips, the rating mapping, and refusals that name the file,
+the line/row and the column while leaving the previous raw data untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from exporters.data_import import import_data
+from exporters.raw_tables import read_meta, read_raw
+from recstack.errors import UserError
+from recstack.settings import Settings
+
+GOOD = "user_id,item_id,timestamp,event\n1,10,2026-07-01T00:00:00Z,view\n2,11,1782864000,click\n"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _state(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a hash of its bytes (temp folders included)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _csv(rows: list[str], header: str = "user_id,item_id,timestamp,event") -> str:
+    return "\n".join([header, *rows]) + "\n"
+
+
+# (case, files {name: text}, expected message fragments). The interactions file is
+# "inter.csv" unless named otherwise; fragments name the file, the place and the column.
+ERRORS = {
+    "missing column": (
+        {"inter.csv": "user_id,item_id,event\n1,2,view\n"},
+        ["inter.csv", "missing column 'timestamp'"],
+    ),
+    "missing event and rating": (
+        {"inter.csv": "user_id,item_id,timestamp\n1,2,2026-07-01\n"},
+        ["inter.csv", "missing column 'event' (or 'rating')"],
+    ),
+    "unparsable timestamp": (
+        {"inter.csv": _csv(["1,2,2026-07-01,view", "1,3,yesterday,view"])},
+        ["inter.csv", "line 3", "column 'timestamp'", "'yesterday'"],
+    ),
+    "impossible date": (
+        {"inter.csv": _csv(["1,2,2026-13-01,view"])},
+        ["inter.csv", "line 2", "column 'timestamp'"],
+    ),
+    "unix seconds out of range": (
+        {"inter.csv": _csv(["1,2,1782864000000000,view"])},
+        ["inter.csv", "line 2", "column 'timestamp'", "unix seconds"],
+    ),
+    "non-integer id": (
+        {"inter.csv": _csv(["1,2,2026-07-01,view", "1,3,2026-07-01,view", "u7,3,2026-07-01,view"])},
+        ["inter.csv", "line 4", "column 'user_id'", "'u7'", "non-negative integers"],
+    ),
+    "fractional id": (
+        {"inter.csv": _csv(["1,2.5,2026-07-01,view"])},
+        ["inter.csv", "line 2", "column 'item_id'"],
+    ),
+    "negative id": (
+        {"inter.csv": _csv(["1,2,2026-07-01,view", "1,-3,2026-07-01,view"])},
+        ["inter.csv", "line 3", "column 'item_id'", "'-3'"],
+    ),
+    "missing id": (
+        {"inter.csv": _csv(["1,2,2026-07-01,view", ",3,2026-07-01,view"])},
+        ["inter.csv", "line 3", "column 'user_id'", "missing value"],
+    ),
+    "unknown event": (
+        {"inter.csv": _csv(["1,2,2026-07-01,view", "1,2,2026-07-02,like"])},
+        ["inter.csv", "line 3", "column 'event'", "'like'"],
+    ),
+    "non-numeric rating": (
+        {
+            "inter.csv": _csv(
+                ["1,2,2026-07-01,4", "1,3,2026-07-01,good"], "user_id,item_id,timestamp,rating"
+            )
+        },
+        ["inter.csv", "line 3", "column 'rating'", "'good'"],
+    ),
+    "unknown item": (
+        {
+            "inter.csv": _csv(
+                ["1,10,2026-07-01,view", "1,11,2026-07-01,view", "2,99,2026-07-02,click"]
+            ),
+            "items.csv": "item_id,category\n10,1\n11,2\n",
+        },
+        ["inter.csv", "line 4", "column 'item_id'", "99", "items.csv"],
+    ),
+    "unknown user": (
+        {
+            "inter.csv": _csv(["1,10,2026-07-01,view", "5,11,2026-07-01,view"]),
+            "users.csv": "user_id,country\n1,3\n",
+        },
+        ["inter.csv", "line 3", "column 'user_id'", "5", "users.csv"],
+    ),
+    "duplicate item": (
+        {"inter.csv": GOOD, "items.csv": "item_id,price\n10,1.0\n11,2.0\n10,3.0\n"},
+        ["items.csv", "line 4", "column 'item_id'", "duplicate"],
+    ),
+    "negative price": (
+        {"inter.csv": GOOD, "items.csv": "item_id,price\n10,1.0\n11,-2\n"},
+        ["items.csv", "line 3", "column 'price'"],
+    ),
+    "bad created_at": (
+        {"inter.csv": GOOD, "items.csv": "item_id,created_at\n10,2026-06-01\n11,soon\n"},
+        ["items.csv", "line 3", "column 'created_at'", "'soon'"],
+    ),
+    "ragged row": (
+        {"inter.csv": _csv(["1,2,2026-07-01,view", "1,2,2026-07-01,view", "1,2"])},
+        ["inter.csv", "line 4", "expected 4 fields, got 2"],
+    ),
+    "negative code": (
+        {"inter.csv": GOOD, "items.csv": "item_id,category\n10,1\n11,-2\n"},
+        ["items.csv", "line 3", "column 'category'", "'-2'"],
+    ),
+    "header only": (
+        {"inter.csv": "user_id,item_id,timestamp,event\n"},
+        ["inter.csv", "empty file"],
+    ),
+    "zero bytes": ({"inter.csv": ""}, ["inter.csv", "empty file"]),
+    "empty items file": (
+        {"inter.csv": GOOD, "items.csv": "item_id,category\n"},
+        ["items.csv", "empty file"],
+    ),
+    "unknown extension": ({"inter.txt": GOOD}, ["inter.txt", "unknown file type"]),
+    "parquet bad timestamp": (
+        {
+            "inter.parquet": pd.DataFrame(
+                {
+                    "user_id": [1, 2, 3],
+                    "item_id": [4, 5, 6],
+                    "timestamp": ["2026-07-01", "2026-07-02", "never"],
+                    "event": ["view"] * 3,
+                }
+            )
+        },
+        ["inter.parquet", "row 3", "column 'timestamp'", "'never'"],
+    ),
+    "parquet negative id": (
+        {
+            "inter.parquet": pd.DataFrame(
+                {
+                    "user_id": [1, -2],
+                    "item_id": [4, 5],
+                    "timestamp": [1.78e9, 1.78e9],
+                    "event": ["view"] * 2,
+                }
+            )
+        },
+        ["inter.parquet", "row 2", "column 'user_id'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_input_is_refused_and_nothing_is_written(
+    settings: Settings, tmp_path: Path, case: str
+) -> None:
+    files, fragments = ERRORS[case]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    # Some previous raw data that must survive the failed import unchanged.
+    import_data(settings, _write(inputs / "previous.csv", GOOD))
+    before = _state(settings.data_dir)
+    paths = {}
+    for name, content in files.items():
+        path = inputs / name
+        if isinstance(content, pd.DataFrame):
+            content.to_parquet(path)
+        else:
+            _write(path, content)
+        paths[name.split(".")[0]] = path
+    with pytest.raises(UserError) as err:
+        import_data(settings, paths["inter"], paths.get("items"), paths.get("users"))
+    for fragment in fragments:
+        assert fragment in str(err.value)
+    assert _state(settings.data_dir) == before
+    assert sorted(p.name for p in settings.data_dir.iterdir()) == ["raw"]
+
+
+def test_missing_file_is_refused(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such file"):
+        import_data(settings, tmp_path / "nope.csv")
+    assert not settings.raw_dir.exists()
+
+
+def test_csv_import_with_ratings_and_mixed_timestamps(settings: Settings, tmp_path: Path) -> None:
+    inter = _write(
+        tmp_path / "ratings.csv",
+        "User_ID, item_id ,timestamp,rating,ignored\n"
+        "1,10,2026-07-01T00:00:00Z,5,x\n"
+        "1,11,2026-07-01 02:00:00+02:00,4,x\n"  # = 00:00Z: ties sort by user, item
+        "2,10,1782864000,3.5,x\n"  # 2026-07-01T00:00:00Z
+        "2,12,1782864000.25,3,x\n"
+        "3,11,2026-07-02,2.9,x\n"
+        "3,12,2026-07-03T00:00:00.123456Z,0,x\n",
+    )
+    items = _write(
+        tmp_path / "items.csv",
+        "item_id,category,price,created_at\n"
+        "10,Books,9.5,2026-06-01\n"
+        "11,Toys,,\n"  # missing cells take defaults
+        "12,Books,1,2026-08-01\n"  # after its first interaction: moved back
+        "13,,2,2026-06-15\n",  # no interactions: kept
+    )
+    import_data(settings, inter, items)
+    raw = read_raw(settings)
+    i = raw.interactions
+    assert list(i["event"]) == ["purchase", "purchase", "click", "click", "view", "view"]
+    assert list(i["user_id"]) == [1, 1, 2, 2, 3, 3]
+    assert list(i["item_id"]) == [10, 11, 10, 12, 11, 12]
+    t0 = pd.Timestamp("2026-07-01T00:00:00Z")
+    assert list(i["timestamp"][:4]) == [t0, t0, t0, t0 + pd.Timedelta(milliseconds=250)]
+    assert i["timestamp"].iloc[5] == pd.Timestamp("2026-07-03T00:00:00.123456Z")
+    it = raw.items.set_index("item_id")
+    assert list(it.index) == [10, 11, 12, 13]
+    assert list(it["category"]) == [1, 2, 1, 0]  # labels sorted: Books=1, Toys=2; 0 = unknown
+    assert list(it["brand"]) == [0, 0, 0, 0]
+    assert list(it["price"]) == [9.5, 0.0, 1.0, 2.0]
+    assert it.loc[10, "created_at"] == pd.Timestamp("2026-06-01T00:00Z")
+    assert it.loc[11, "created_at"] == t0  # first interaction
+    assert it.loc[12, "created_at"] == t0 + pd.Timedelta(milliseconds=250)
+    users = raw.users.set_index("user_id")
+    assert list(users.index) == [1, 2, 3]
+    assert users.loc[3, "signup_at"] == pd.Timestamp("2026-07-02T00:00Z")
+    assert (users[["age_bucket", "country"]] == 0).all().all()
+    meta = read_meta(settings)
+    assert meta["source"] == "import:interactions=ratings.csv,items=items.csv"
+    assert meta["n_items"] == 4 and meta["n_users"] == 3 and meta["n_categories"] == 3
+    assert meta["events"] == {"view": 2, "click": 2, "purchase": 2}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_round_trip_of_generated_data(
+    small_settings: Settings, settings: Settings, tmp_path: Path, fmt: str
+) -> None:
+    """Exporting the canonical tables and importing them back gives the same snapshot."""
+    raw = read_raw(small_settings)
+    paths = {}
+    for name in ("interactions", "items", "users"):
+        df = getattr(raw, name)
+        paths[name] = tmp_path / f"{name}.{fmt}"
+        if fmt == "csv":
+            # pandas writes datetimes as "2026-07-01 00:00:00.123456+00:00" (ISO-8601).
+            df.to_csv(paths[name], index=False)
+        else:
+            df.to_parquet(paths[name], index=False)
+    import_data(settings, paths["interactions"], paths["items"], paths["users"])
+    assert read_meta(settings)["snapshot"] == read_meta(small_settings)["snapshot"]
+    back = read_raw(settings)
+    pd.testing.assert_frame_equal(back.interactions, raw.interactions)
+    pd.testing.assert_frame_equal(back.items, raw.items)
+    pd.testing.assert_frame_equal(back.users, raw.users)
+
+
+def test_parquet_native_types(settings: Settings, tmp_path: Path) -> None:
+    """Integer ids, unix-second integers and naive datetimes (taken as UTC)."""
+    path = tmp_path / "inter.parquet"
+    pd.DataFrame(
+        {
+            "user_id": np.array([5, 6], dtype=np.int32),
+            "item_id": np.array([7, 7], dtype=np.uint16),
+            "timestamp": [1782864000, 1782864060],
+            "event": ["view", "CLICK "],
+        }
+    ).to_parquet(path)
+    users = tmp_path / "users.parquet"
+    pd.DataFrame(
+        {
+            "user_id": [5, 6, 8],
+            "country": ["DE", "FR", None],
+            "signup_at": pd.to_datetime(["2026-01-01", None, "2026-02-01"]),
+        }
+    ).to_parquet(users)
+    import_data(settings, path, users=users)
+    raw = read_raw(settings)
+    assert list(raw.interactions["event"]) == ["view", "click"]
+    assert raw.interactions["timestamp"].iloc[1] == pd.Timestamp("2026-07-01T00:01:00Z")
+    u = raw.users.set_index("user_id")
+    assert list(u["country"]) == [1, 2, 0]
+    assert u.loc[5, "signup_at"] == pd.Timestamp("2026-01-01T00:00Z")
+    assert u.loc[6, "signup_at"] == pd.Timestamp("2026-07-01T00:01:00Z")  # first interaction
+    assert u.loc[8, "signup_at"] == pd.Timestamp("2026-02-01T00:00Z")
+
+
+def test_failed_write_leaves_previous_raw_data_and_no_temp_folder(
+    small_settings: Settings, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_raw is the last step of generate and import: its own failures change nothing."""
+    import exporters.raw_tables as rt
+
+    import_data(settings, _write(tmp_path / "previous.csv", GOOD))
+    before = _state(settings.data_dir)
+    tables = read_raw(small_settings)
+    # Inconsistent tables are refused before anything is written ...
+    broken = rt.RawTables(tables.interactions, tables.items.iloc[1:], tables.users)
+    with pytest.raises(UserError, match="missing from the items table"):
+        rt.write_raw(settings, broken, source="test")
+    assert _state(settings.data_dir) == before
+
+    # ... and a failure after the files are written removes the temporary folder.
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(rt, "_meta", explode)
+    with pytest.raises(RuntimeError, match="disk full"):
+        rt.write_raw(settings, tables, source="test")
+    assert _state(settings.data_dir) == before
+    assert sorted(p.name for p in settings.data_dir.iterdir()) == ["raw"]

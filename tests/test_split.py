@@ -1,0 +1,98 @@
+"""The time-based split: exact boundaries, disjoint parts, nothing from the future."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from exporters.data_generate import generate
+from exporters.raw_tables import read_meta, read_table
+from exporters.split import Split, compute_split, load_split, split_path, write_split
+from recstack.errors import UserError
+from recstack.settings import Settings
+
+T0 = pd.Timestamp("2026-01-01T00:00:00Z")
+
+
+def _frame(offsets_h: list[float]) -> pd.DataFrame:
+    ts = [T0 + pd.Timedelta(hours=h) for h in offsets_h]
+    return pd.DataFrame({"timestamp": pd.Series(ts).dt.as_unit("us"), "n": range(len(ts))})
+
+
+def test_boundaries_are_exact_and_inclusive_on_the_right_side() -> None:
+    # 100 days of hourly rows; explicit windows of 10 days each.
+    df = _frame([float(h) for h in range(100 * 24 + 1)])
+    split = compute_split(df, val_days=10, test_days=10)
+    assert split.val_end == T0 + pd.Timedelta(days=90)
+    assert split.train_end == T0 + pd.Timedelta(days=80)
+    train, val, test = split.train(df), split.val(df), split.test(df)
+    # A row exactly at a boundary belongs to the later part.
+    assert train["timestamp"].max() == split.train_end - pd.Timedelta(hours=1)
+    assert val["timestamp"].min() == split.train_end
+    assert val["timestamp"].max() == split.val_end - pd.Timedelta(hours=1)
+    assert test["timestamp"].min() == split.val_end
+    assert len(train) + len(val) + len(test) == len(df)
+    assert len(val) == len(test) - 1 == 10 * 24
+
+
+def test_default_windows_are_ten_percent_of_the_span() -> None:
+    df = _frame([0.0, 500.0, 1000.0])  # span 1000 h
+    split = compute_split(df)
+    assert split.val_end == T0 + pd.Timedelta(hours=900)
+    assert split.train_end == T0 + pd.Timedelta(hours=800)
+
+
+def test_boundaries_are_whole_seconds() -> None:
+    df = _frame([0.0, 10.0001234])
+    split = compute_split(df, val_days=0.1, test_days=0.1)
+    for t in (split.train_end, split.val_end):
+        assert t == t.floor("s")
+        assert str(t.tz) == "UTC"
+
+
+def test_generated_data_split_leaks_nothing(small_settings: Settings) -> None:
+    inter = read_table(small_settings, "interactions")
+    split = compute_split(inter)
+    train, val, test = split.train(inter), split.val(inter), split.test(inter)
+    assert min(len(train), len(val), len(test)) > 1000
+    assert train["timestamp"].max() < split.train_end <= val["timestamp"].min()
+    assert val["timestamp"].max() < split.val_end <= test["timestamp"].min()
+    assert len(train) + len(val) + len(test) == len(inter)
+    assert not set(train.index) & set(val.index)
+    assert not set(val.index) & set(test.index)
+    before = Split.before(inter, split.val_end)
+    assert len(before) == len(train) + len(val)
+
+
+def test_write_and_load_round_trip(settings: Settings) -> None:
+    generate(settings, preset="small", seed=3)
+    written = write_split(settings, val_days=7, test_days=7)
+    assert load_split(settings) == written
+    data = json.loads(split_path(settings).read_text())
+    assert pd.Timestamp(data["train_end"]) == written.train_end
+    assert pd.Timestamp(data["val_end"]) == written.val_end
+    assert data["val_end"].endswith("+00:00")
+    assert data["snapshot"] == read_meta(settings)["snapshot"]
+    assert written.val_end - written.train_end == pd.Timedelta(days=7)
+
+
+@pytest.mark.parametrize(
+    ("val_days", "test_days", "message"),
+    [(-1.0, 5.0, "val_days must be >= 0"), (50.0, 50.0, "nothing is left for training")],
+)
+def test_impossible_splits_are_refused(val_days: float, test_days: float, message: str) -> None:
+    df = _frame([float(h) for h in range(0, 24 * 90, 6)])
+    with pytest.raises(UserError, match=message):
+        compute_split(df, val_days=val_days, test_days=test_days)
+
+
+def test_load_split_without_a_file_is_a_user_error(settings: Settings) -> None:
+    with pytest.raises(UserError, match="no split"):
+        load_split(settings)
+
+
+def test_split_refuses_reversed_boundaries() -> None:
+    with pytest.raises(ValueError):
+        Split(train_end=T0 + pd.Timedelta(days=1), val_end=T0)
