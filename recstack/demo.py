@@ -84,7 +84,7 @@ def run(settings: Settings, preset: str) -> None:
     _data(settings, preset)
     pipeline.run(settings)
     versions = release.model_versions(settings)
-    for name in ("orchestrator", "tritonserver"):
+    for name in ("orchestrator", "triton"):
         if read_pid(settings, name) is not None:
             stop_process(settings, name)
     triton = start_triton(settings, versions)

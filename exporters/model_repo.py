@@ -1,0 +1,226 @@
+"""Publish model versions into the Triton model repository without ever exposing a
+half-written one: copy the artifacts (and, for the embedded runtime, the Python-backend
+shim) into a staging folder outside the repository, validate them against the model's
+committed ``config.pbtxt``, then ``os.rename`` the folder to ``<repo>/<model>/<version>/``.
+A failed validation leaves the repository untouched.
+
+Shims live once, in ``<repo>/_shims/``. Triton's Python backend loads
+``<model>/<version>/<default_model_filename>``, so each version folder gets a copy of the
+shim that its config's ``default_model_filename`` names (an ensemble has none). The
+ranker's shim is not called ``model.py`` because Python would import ``model.so`` (the
+compiled ranker) in its place."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from exporters.model_config import load_config
+from recstack.errors import UserError
+from recstack.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SHIMS_DIR = "_shims"
+
+# Triton data types of config.pbtxt -> numpy, and onnxruntime's type strings -> numpy.
+_TRITON_NUMPY = {
+    "TYPE_FP32": np.float32,
+    "TYPE_FP64": np.float64,
+    "TYPE_INT64": np.int64,
+    "TYPE_INT32": np.int32,
+    "TYPE_BOOL": np.bool_,
+}
+_ORT_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+def list_versions(settings: Settings, model: str) -> list[int]:
+    """Published versions of ``model``, ascending (numeric folders only)."""
+    folder = settings.model_repository / model
+    if not folder.is_dir():
+        raise UserError(f"unknown model {model!r}: no folder {folder}")
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(settings: Settings, model: str) -> int:
+    """One more than the highest published version (Triton versions start at 1)."""
+    versions = list_versions(settings, model)
+    return (versions[-1] if versions else 0) + 1
+
+
+def shim_for(settings: Settings, model: str) -> Path | None:
+    """The embedded-runtime shim source for ``model`` (None for an ensemble)."""
+    config = load_config(model, settings.model_repository)
+    if config.platform == "ensemble":
+        return None
+    if config.backend != "python" or not config.default_model_filename:
+        raise UserError(
+            f"{model}: config.pbtxt is not an embedded-runtime config (backend python with "
+            "default_model_filename naming a shim in _shims/)"
+        )
+    shim = settings.model_repository / SHIMS_DIR / config.default_model_filename
+    if not shim.exists():
+        raise UserError(f"{model}: no shim {shim}")
+    return shim
+
+
+def required_files(settings: Settings, model: str) -> list[str]:
+    """Artifact file names a version of ``model`` must contain (from config parameters)."""
+    config = load_config(model, settings.model_repository)
+    return [
+        config.parameters[key].string_value
+        for key in ("artifact", "compiled_artifact")
+        if key in config.parameters
+    ]
+
+
+def publish_version(
+    settings: Settings, model: str, files: Mapping[str, Path], version: int | None = None
+) -> int:
+    """Stage, validate and atomically publish one version of ``model``.
+
+    ``files`` maps the file name inside the version folder (e.g. ``model.onnx``) to its
+    source path; an ensemble takes ``{}``. Returns the version number published."""
+    if version is None:
+        version = next_version(settings, model)
+    if version < 1:
+        raise UserError(f"{model}: version must be >= 1, got {version}")
+    target = settings.model_repository / model / str(version)
+    if target.exists():
+        raise UserError(f"{model} version {version} already exists at {target}")
+    missing = [name for name in required_files(settings, model) if name not in files]
+    if missing:
+        raise UserError(f"{model}: missing artifact(s) {missing}; config.pbtxt names them")
+
+    staging_root = settings.releases_dir / ".staging"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staging = staging_root / f"{model}-{version}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        for name, source in files.items():
+            if Path(name).name != name:
+                raise UserError(f"{model}: artifact name {name!r} must be a plain file name")
+            shutil.copy2(source, staging / name)
+        shim = shim_for(settings, model)
+        if shim is not None:
+            shutil.copy2(shim, staging / shim.name)
+        validate_version(settings, model, staging)
+        try:
+            os.rename(staging, target)
+        except OSError as e:
+            if e.errno == errno.EXDEV:
+                raise UserError(
+                    f"releases_dir {settings.releases_dir} and model_repository "
+                    f"{settings.model_repository} must be on one filesystem (atomic rename)"
+                ) from e
+            if target.exists():
+                raise UserError(f"{model} version {version} was published concurrently") from e
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("published %s version %d (%s)", model, version, ", ".join(sorted(files)) or "empty")
+    return version
+
+
+def validate_version(settings: Settings, model: str, folder: Path) -> None:
+    """Check a (staged) version folder against the model's config; raise UserError."""
+    config = load_config(model, settings.model_repository)
+    if config.platform == "ensemble":
+        extra = list(folder.iterdir())
+        if extra:
+            raise UserError(f"{model}: an ensemble version folder must be empty, has {extra}")
+        return
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    if "compiled_artifact" in params:
+        _validate_ranker(
+            model, config, folder / params["artifact"], folder / params["compiled_artifact"]
+        )
+    else:
+        _validate_onnx(model, config, folder / params["artifact"])
+
+
+def _validate_onnx(model: str, config, path: Path) -> None:  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # any load failure is an invalid artifact
+        raise UserError(f"{model}: {path.name} does not load in onnxruntime: {e}") from e
+    batch_dims = 1 if config.max_batch_size > 0 else 0
+    for kind, declared, actual in (
+        ("input", config.input, session.get_inputs()),
+        ("output", config.output, session.get_outputs()),
+    ):
+        by_name = {t.name: t for t in actual}
+        for tensor in declared:
+            name = tensor.name
+            if name not in by_name:
+                raise UserError(
+                    f"{model}: {kind} {name!r} of config.pbtxt is not in {path.name} "
+                    f"(it has {sorted(by_name)})"
+                )
+            want = _TRITON_NUMPY.get(model_data_type(tensor.data_type))
+            got = _ORT_NUMPY.get(by_name[name].type)
+            if want is None or got != want:
+                raise UserError(
+                    f"{model}: {kind} {name!r} is {by_name[name].type} in {path.name} but "
+                    f"{model_data_type(tensor.data_type)} in config.pbtxt"
+                )
+            rank = len(tensor.dims) + batch_dims
+            if len(by_name[name].shape) != rank:
+                raise UserError(
+                    f"{model}: {kind} {name!r} has rank {len(by_name[name].shape)} in "
+                    f"{path.name}, config.pbtxt implies {rank}"
+                )
+
+
+def _validate_ranker(model: str, config, checkpoint: Path, library: Path) -> None:  # type: ignore[no-untyped-def]
+    import tl2cgen
+    import treelite
+
+    try:
+        tree_model = treelite.Model.deserialize(str(checkpoint))
+    except Exception as e:
+        raise UserError(f"{model}: {checkpoint.name} is not a Treelite checkpoint: {e}") from e
+    try:
+        predictor = tl2cgen.Predictor(str(library), nthread=1)
+    except Exception as e:
+        raise UserError(f"{model}: {library.name} does not load in tl2cgen: {e}") from e
+    if predictor.num_feature != tree_model.num_feature:
+        raise UserError(
+            f"{model}: {library.name} takes {predictor.num_feature} features, "
+            f"{checkpoint.name} {tree_model.num_feature}: not compiled from this checkpoint"
+        )
+    (width,) = config.input[0].dims
+    if width not in (-1, tree_model.num_feature):
+        raise UserError(
+            f"{model}: config.pbtxt input width {width} != checkpoint's {tree_model.num_feature}"
+        )
+    # The compiled library must score like the checkpoint it claims to come from.
+    rows = np.random.default_rng(0).normal(size=(64, tree_model.num_feature))
+    expected = treelite.gtil.predict(tree_model, rows, pred_margin=True).reshape(64, -1)
+    got = predictor.predict(
+        tl2cgen.DMatrix(rows, dtype=predictor.threshold_type), pred_margin=True
+    ).reshape(64, -1)
+    if not np.allclose(expected, got, rtol=1e-5, atol=1e-5):
+        raise UserError(f"{model}: {library.name} and {checkpoint.name} disagree on scores")
+
+
+def model_data_type(value: int) -> str:
+    """``TYPE_FP32``-style name of a ModelConfig DataType enum value."""
+    from tritonclient.grpc import model_config_pb2
+
+    return str(model_config_pb2.DataType.Name(value))

@@ -1,0 +1,224 @@
+"""A thin typed client for the models the orchestrator calls on Triton (KServe v2 gRPC via
+``tritonclient.grpc``): versions pinned per release, a deadline on every call, inputs
+built and checked from the tensor names and dtypes of ``config.pbtxt``, and Triton's
+failures mapped to a few exception types the caller can branch on."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from exporters.model_config import load_config
+from recstack.settings import Settings
+
+log = logging.getLogger(__name__)
+
+USER_TOWER = "user_tower"
+RANK = "rank"
+
+_NUMPY: dict[str, np.dtype] = {
+    "TYPE_FP32": np.dtype(np.float32),
+    "TYPE_FP64": np.dtype(np.float64),
+    "TYPE_INT64": np.dtype(np.int64),
+    "TYPE_INT32": np.dtype(np.int32),
+    "TYPE_BOOL": np.dtype(np.bool_),
+}
+
+
+class TritonError(Exception):
+    """Any failure of a Triton call."""
+
+
+class TritonUnavailable(TritonError):
+    """The server cannot be reached, is not ready, or the deadline passed."""
+
+
+class TritonTimeout(TritonUnavailable):
+    """The call's deadline passed before Triton answered."""
+
+
+class TritonInvalidInput(TritonError):
+    """Triton (or this client, before sending) rejected the inputs."""
+
+
+class TritonModelNotFound(TritonError):
+    """The model or the pinned version is not loaded."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype
+    dims: tuple[int, ...]  # without the batch dimension
+    triton_type: str  # "FP32", "INT64", ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    batching: bool
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def model_spec(model: str, repository: Path) -> ModelSpec:
+    """Tensor names, dtypes and dims of ``model`` from its config.pbtxt."""
+    from tritonclient.grpc import model_config_pb2
+
+    config = load_config(model, repository)
+
+    def spec(t) -> TensorSpec:  # type: ignore[no-untyped-def]
+        name = model_config_pb2.DataType.Name(t.data_type)
+        return TensorSpec(t.name, _NUMPY[name], tuple(t.dims), name.removeprefix("TYPE_"))
+
+    return ModelSpec(
+        model,
+        config.max_batch_size > 0,
+        tuple(spec(t) for t in config.input),
+        tuple(spec(t) for t in config.output),
+    )
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...], batching: bool) -> None:
+    dims = spec.dims
+    got = shape[1:] if batching else shape
+    if batching and len(shape) == 0:
+        raise TritonInvalidInput(f"input {spec.name!r} needs a batch dimension")
+    if len(got) != len(dims) or any(d != -1 and d != g for d, g in zip(dims, got, strict=True)):
+        want = ["batch", *dims] if batching else list(dims)
+        raise TritonInvalidInput(f"input {spec.name!r} has shape {list(shape)}, expected {want}")
+
+
+class TritonClient:
+    """Typed calls to one Triton server. Not thread-safe for changing ``versions``; the
+    underlying gRPC channel is shared by calls from several threads."""
+
+    def __init__(
+        self,
+        url: str,
+        repository: Path,
+        versions: Mapping[str, int] | None = None,
+        timeout_s: float = 1.0,
+    ) -> None:
+        self.url = url
+        self.repository = repository
+        self.versions = dict(versions or {})
+        self.timeout_s = timeout_s
+        self._client = grpcclient.InferenceServerClient(url)
+        self._specs: dict[str, ModelSpec] = {}
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, versions: Mapping[str, int] | None = None, timeout_s: float = 1.0
+    ) -> TritonClient:
+        return cls(
+            f"{settings.triton_host}:{settings.triton_grpc_port}",
+            settings.model_repository,
+            versions,
+            timeout_s,
+        )
+
+    def spec(self, model: str) -> ModelSpec:
+        if model not in self._specs:
+            try:
+                self._specs[model] = model_spec(model, self.repository)
+            except ValueError as e:
+                raise TritonModelNotFound(f"no config for model {model!r}: {e}") from e
+        return self._specs[model]
+
+    def ready(self, model: str | None = None) -> bool:
+        """Server ready (or ``model`` at its pinned version ready); never raises."""
+        try:
+            if model is None:
+                return bool(self._client.is_server_ready(client_timeout=self.timeout_s))
+            version = str(self.versions.get(model, ""))
+            return bool(self._client.is_model_ready(model, version, client_timeout=self.timeout_s))
+        except InferenceServerException:
+            return False
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run ``model`` (at ``version``, else the pinned one, else Triton's choice) on
+        named inputs; returns every output of the config by name."""
+        spec = self.spec(model)
+        expected = {t.name for t in spec.inputs}
+        unknown = sorted(set(inputs) - expected)
+        missing = sorted(expected - set(inputs))
+        if unknown or missing:
+            raise TritonInvalidInput(
+                f"{model}: unknown inputs {unknown}, missing inputs {missing}; "
+                f"config.pbtxt names {sorted(expected)}"
+            )
+        request = []
+        for t in spec.inputs:
+            array = np.asarray(inputs[t.name])
+            if array.dtype != t.dtype:
+                if not np.can_cast(array.dtype, t.dtype, "same_kind"):
+                    raise TritonInvalidInput(
+                        f"{model}: input {t.name!r} is {array.dtype}, expected {t.dtype}"
+                    )
+                array = array.astype(t.dtype)
+            _check_shape(t, array.shape, spec.batching)
+            tensor = grpcclient.InferInput(t.name, list(array.shape), t.triton_type)
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+            request.append(tensor)
+        pinned = version if version is not None else self.versions.get(model)
+        try:
+            result = self._client.infer(
+                model,
+                request,
+                model_version="" if pinned is None else str(pinned),
+                outputs=[grpcclient.InferRequestedOutput(t.name) for t in spec.outputs],
+                client_timeout=timeout_s if timeout_s is not None else self.timeout_s,
+            )
+        except InferenceServerException as e:
+            raise _typed(model, pinned, e) from e
+        return {t.name: result.as_numpy(t.name) for t in spec.outputs}
+
+    def user_embedding(self, inputs: Mapping[str, np.ndarray], **kw: object) -> np.ndarray:
+        """user_tower: a batch of users -> [batch, dim] embeddings."""
+        out = self.infer(USER_TOWER, inputs, **kw)  # type: ignore[arg-type]
+        return out[self.spec(USER_TOWER).outputs[0].name]
+
+    def rank(self, inputs: Mapping[str, np.ndarray], **kw: object) -> np.ndarray:
+        """rank ensemble: one user and N candidates -> N scores (1-D)."""
+        out = self.infer(RANK, inputs, **kw)  # type: ignore[arg-type]
+        return out[self.spec(RANK).outputs[0].name].reshape(-1)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> TritonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _typed(model: str, version: int | None, e: InferenceServerException) -> TritonError:
+    status = str(e.status() or "")
+    message = f"{model}" + (f" v{version}" if version is not None else "") + f": {e.message()}"
+    text = (e.message() or "").lower()
+    # Triton answers UNAVAILABLE for a known model whose version is not loaded; that is a
+    # release/pinning problem, not an unreachable server.
+    if "NOT_FOUND" in status or "unknown model" in text:
+        return TritonModelNotFound(message)
+    if "DEADLINE_EXCEEDED" in status:
+        return TritonTimeout(message)
+    if "UNAVAILABLE" in status:
+        return TritonUnavailable(message)
+    if "INVALID_ARGUMENT" in status:
+        return TritonInvalidInput(message)
+    return TritonError(f"{message} ({status})")

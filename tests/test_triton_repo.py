@@ -1,0 +1,190 @@
+"""Publishing model versions (stage, validate, rename) and the two config runtimes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from _triton_fixtures import RANK_FEATURES, Artifacts, publish_all, shared_artifacts
+from conftest import make_settings
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from exporters.model_config import load_config
+from exporters.model_repo import list_versions, next_version, publish_version
+from exporters.triton_configs import FIL_PARAMETERS, write_configs
+from recstack.errors import UserError
+from recstack.settings import PROJECT_ROOT, Settings
+
+
+@pytest.fixture
+def art(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
+    return shared_artifacts(tmp_path_factory)
+
+
+def _version_dirs(settings: Settings) -> list[Path]:
+    return sorted(p for p in settings.model_repository.glob("*/[0-9]*"))
+
+
+def test_publish_versions_and_files(settings: Settings, art: Artifacts) -> None:
+    assert next_version(settings, "user_tower") == 1
+    versions = publish_all(settings, art)
+    assert versions == dict.fromkeys(versions, 1)
+    assert publish_version(settings, "user_tower", {"model.onnx": art.user_tower}) == 2
+    assert list_versions(settings, "user_tower") == [1, 2]
+    repo = settings.model_repository
+    assert sorted(p.name for p in (repo / "user_tower" / "2").iterdir()) == [
+        "model.onnx",
+        "onnx_model.py",
+    ]
+    assert sorted(p.name for p in (repo / "ranker" / "1").iterdir()) == [
+        "checkpoint.tl",
+        "model.so",
+        "treelite_model.py",
+    ]
+    assert list((repo / "rank" / "1").iterdir()) == []
+    assert not list((settings.releases_dir / ".staging").iterdir())
+    with pytest.raises(UserError, match="already exists"):
+        publish_version(settings, "user_tower", {"model.onnx": art.user_tower}, version=2)
+
+
+@pytest.mark.parametrize(
+    ("model", "files", "match"),
+    [
+        ("user_tower", {"model.onnx": "item_tower"}, "'user_id' of config.pbtxt is not in"),
+        ("user_tower", {}, "missing artifact"),
+        ("user_tower", {"model.onnx": "garbage"}, "does not load in onnxruntime"),
+        ("ranker", {"checkpoint.tl": "garbage", "model.so": "library"}, "not a Treelite"),
+        ("ranker", {"checkpoint.tl": "checkpoint", "model.so": "garbage"}, "does not load"),
+        ("rank", {"model.onnx": "user_tower"}, "must be empty"),
+    ],
+)
+def test_failed_validation_changes_nothing(
+    settings: Settings, art: Artifacts, tmp_path: Path, model: str, files: dict, match: str
+) -> None:
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\x00not a model" * 10)
+    sources = {
+        "item_tower": art.item_tower,
+        "user_tower": art.user_tower,
+        "garbage": garbage,
+        "library": art.library,
+        "checkpoint": art.checkpoint,
+    }
+    before = _version_dirs(settings)
+    with pytest.raises(UserError, match=match):
+        publish_version(settings, model, {k: sources[v] for k, v in files.items()})
+    assert _version_dirs(settings) == before
+    staging = settings.releases_dir / ".staging"
+    assert not staging.exists() or not list(staging.iterdir())
+
+
+def test_onnx_dtype_mismatch_is_rejected(settings: Settings, tmp_path: Path) -> None:
+    import torch
+
+    class Wrong(torch.nn.Module):
+        def forward(self, user_id, age_bucket, country, recent_items):  # type: ignore[no-untyped-def]
+            x = user_id.float() + age_bucket + country + recent_items.float().sum(1, keepdim=True)
+            return x.double().expand(-1, 64)  # FP64 where the config says FP32
+
+    path = tmp_path / "wrong.onnx"
+    sample = tuple(torch.zeros((1, d), dtype=torch.int64) for d in (1, 1, 1, 20))
+    torch.onnx.export(
+        Wrong(), sample, str(path), dynamo=False,
+        input_names=["user_id", "age_bucket", "country", "recent_items"],
+        output_names=["user_embedding"],
+    )  # fmt: skip
+    with pytest.raises(UserError, match="'user_embedding' is tensor\\(double\\)"):
+        publish_version(settings, "user_tower", {"model.onnx": path})
+    assert list_versions(settings, "user_tower") == []
+
+
+def test_production_configs_parse_and_name_existing_artifacts(
+    settings: Settings, art: Artifacts, tmp_path: Path
+) -> None:
+    publish_all(settings, art)
+    out = tmp_path / "production"
+    written = write_configs(settings, "production", out)
+    assert len(written) == 5
+    configs = {}
+    for path in written:
+        text = path.read_text()
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        configs[config.name] = config
+        embedded = load_config(config.name, settings.model_repository)
+        # tensor contract unchanged (the ranker's width becomes the checkpoint's)
+        assert [t.name for t in config.input] == [t.name for t in embedded.input]
+        assert [t.data_type for t in config.output] == [t.data_type for t in embedded.output]
+        assert "python" not in text and "artifact" not in text
+        if config.platform != "ensemble":
+            folder = out / config.name / "1"
+            assert (folder / config.default_model_filename).is_file()
+            assert [f.name for f in folder.iterdir()] == [config.default_model_filename]
+            assert all(g.kind == g.KIND_GPU for g in config.instance_group)
+    for model in ("user_tower", "item_tower", "rank_features"):
+        assert configs[model].platform == "onnxruntime_onnx"
+        assert configs[model].default_model_filename == "model.onnx"
+    ranker = configs["ranker"]
+    assert ranker.backend == "fil"
+    assert {k: v.string_value for k, v in ranker.parameters.items()} == FIL_PARAMETERS
+    assert list(ranker.input[0].dims) == [RANK_FEATURES]
+    assert ranker.default_model_filename == "checkpoint.tl"
+    assert configs["rank"] == load_config("rank", settings.model_repository)
+    cpu = write_configs(settings, "production", tmp_path / "cpu", gpu=False)
+    text = "".join(p.read_text() for p in cpu)
+    assert "KIND_GPU" not in text
+
+
+def test_production_needs_a_ranker_and_another_folder(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="publish one first"):
+        write_configs(settings, "production", tmp_path / "out")
+    with pytest.raises(UserError, match="--out"):
+        write_configs(settings, "production")
+
+
+def test_embedded_configs_in_place_and_gpu(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, device="cpu")
+    committed = {m: (PROJECT_ROOT / "model_repository" / m / "config.pbtxt") for m in
+                 ("user_tower", "ranker", "rank")}  # fmt: skip
+    write_configs(settings, "embedded")
+    for model, source in committed.items():
+        assert (
+            settings.model_repository / model / "config.pbtxt"
+        ).read_text() == source.read_text()
+    out = tmp_path / "gpu"
+    write_configs(settings, "embedded", out, gpu=True)
+    assert "KIND_GPU" in (out / "user_tower" / "config.pbtxt").read_text()
+    assert "KIND_CPU" in (out / "ranker" / "config.pbtxt").read_text()  # tl2cgen: CPU only
+    assert (out / "_shims" / "onnx_model.py").is_file()
+
+
+def _load_shim(name: str) -> types.ModuleType:
+    """Import a shim outside Triton with a stand-in for triton_python_backend_utils."""
+    fake = types.ModuleType("triton_python_backend_utils")
+    sys.modules.setdefault("triton_python_backend_utils", fake)
+    path = PROJECT_ROOT / "model_repository" / "_shims" / name
+    spec = importlib.util.spec_from_file_location(f"shim_{path.stem}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_onnx_shim_provider_choice() -> None:
+    shim = _load_shim("onnx_model.py")
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert shim.choose_providers("GPU", 1, cuda)[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert shim.choose_providers("CPU", 0, cuda) == ["CPUExecutionProvider"]
+    # a GPU instance without onnxruntime-gpu falls back to the CPU
+    assert shim.choose_providers("GPU", 0, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_shims_are_copied_verbatim(settings: Settings, art: Artifacts) -> None:
+    publish_all(settings, art)
+    for model, shim in (("user_tower", "onnx_model.py"), ("ranker", "treelite_model.py")):
+        copied = settings.model_repository / model / "1" / shim
+        source = PROJECT_ROOT / "model_repository" / "_shims" / shim
+        assert copied.read_bytes() == source.read_bytes()
