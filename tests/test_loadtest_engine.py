@@ -1,0 +1,212 @@
+"""The open-loop generator against a stand-in Recommender with a known service time and
+capacity (loadtest/stub_server.py, in a thread of the test process): it reports the
+injected delay, keeps sending when the server falls behind, finds a sweep's knee, counts
+errors by code, and writes its files. Ports 19050-19069."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest.report import write_run, write_sweep
+from loadtest.runner import run_scenario
+from loadtest.scenario import Scenario, validate_scenario
+from loadtest.stub_server import StubConfig, StubServer
+from loadtest.sweep import run_sweep
+from recstack.errors import UserError
+from recstack.settings import Settings
+
+
+def scenario(port: int, kind: str = "grpc", **sections: Any) -> Scenario:
+    load = {"arrival": "constant", "rate": 50, "duration": 2, "warmup": 0.4}
+    load.update(sections.pop("load", {}))
+    return validate_scenario(
+        {
+            "name": "test",
+            "target": {"kind": kind, "address": f"127.0.0.1:{port}", **sections.pop("target", {})},
+            "load": load,
+            "traffic": {"user_range": [0, 999], **sections.pop("traffic", {})},
+            **sections,
+        }
+    )
+
+
+@pytest.fixture
+def stub(request: pytest.FixtureRequest) -> Iterator[StubServer]:
+    cfg, port, http = request.param
+    with StubServer(cfg, grpc_port=port, http_port=http) as s:
+        yield s
+
+
+@pytest.mark.parametrize("stub", [(StubConfig(degraded_every=5), 19050, None)], indirect=True)
+def test_reports_known_delay(stub: StubServer, settings: Settings) -> None:
+    """p50 within a few ms of the service time, after the fixed RPC overhead measured at
+    zero delay on the same machine in the same test."""
+    base = run_scenario(scenario(19050), settings)
+    with StubServer(StubConfig(delay_ms=20), grpc_port=19051):
+        doc = run_scenario(scenario(19051), settings)
+    overhead = base["latency_ms"]["p50"]
+    p50 = doc["latency_ms"]["p50"]
+    assert overhead < 5, base["latency_ms"]
+    assert 20 <= p50 <= 25, doc["latency_ms"]
+    assert abs((p50 - overhead) - 20) <= 3, (p50, overhead)
+    assert doc["requests"]["errors"] == 0 and doc["errors"] == {}
+    assert doc["requests"]["scheduled"] == 80  # 50/s x 1.6 s measured (warm-up excluded)
+    assert doc["send_rate"] == pytest.approx(50, rel=0.05)
+    assert doc["self_check"]["ok"], doc["self_check"]
+    # The zero-delay stub flags every 5th Recommend as degraded and names its release.
+    assert base["degraded_share"] == pytest.approx(0.2, abs=0.05)
+    assert base["degraded_reasons"] == {"ranking_skipped": pytest.approx(15, abs=5)}
+    assert set(base["releases"]) == {"stub-1"}
+    assert set(base["by_kind"]) == {"recommend", "event"}
+
+
+@pytest.mark.parametrize(
+    "stub", [(StubConfig(delay_ms=50, concurrency=1), 19052, None)], indirect=True
+)
+def test_does_not_slow_down_to_match_a_slow_server(stub: StubServer, settings: Settings) -> None:
+    """A serialised 50 ms handler serves 20/s; offered 40/s, the generator keeps sending at
+    40/s and latency (from the intended send time) grows with the queue."""
+    sc = scenario(
+        19052,
+        load={"rate": 40, "duration": 2.5, "warmup": 0.5},
+        target={"timeout": 10},
+        traffic={"event_share": 0},
+    )
+    doc = run_scenario(sc, settings)
+    assert doc["send_rate"] == pytest.approx(40, rel=0.05)  # did not back off
+    assert doc["requests"]["sent"] == doc["requests"]["scheduled"] == 80
+    assert doc["achieved_rate"] < 25  # the server's capacity, not the offered rate
+    lat = doc["latency_ms"]
+    assert lat["p99"] > 1000, lat  # ~2 s of backlog by the end
+    assert lat["p50"] > 300, lat
+    p50s = [v for v in doc["timeseries"]["p50_ms"] if v is not None]
+    # Growing second by second, not flat: the queue is in the numbers.
+    assert p50s[-1] > 3 * p50s[0], p50s
+    assert all(b > 0.9 * a for a, b in itertools.pairwise(p50s)), p50s
+    assert doc["self_check"]["ok"], doc["self_check"]
+    assert not doc["slo"]["passed"]
+
+
+@pytest.mark.parametrize(
+    "stub", [(StubConfig(delay_ms=50, concurrency=1), 19053, None)], indirect=True
+)
+def test_in_flight_overflow_is_dropped_not_waited_for(stub: StubServer, settings: Settings) -> None:
+    sc = scenario(
+        19053,
+        load={"rate": 40, "duration": 2, "warmup": 0.2, "max_in_flight": 5},
+        target={"timeout": 5},
+    )
+    doc = run_scenario(sc, settings)
+    assert doc["errors"].get("DROPPED", 0) > 20
+    assert doc["self_check"]["max_in_flight_seen"] == 5
+    assert doc["requests"]["scheduled"] == 72
+    assert doc["error_share"] > 0.3
+
+
+@pytest.mark.parametrize(
+    "stub", [(StubConfig(delay_ms=20, concurrency=1), 19054, None)], indirect=True
+)
+def test_sweep_finds_the_knee(stub: StubServer, settings: Settings, tmp_path: Path) -> None:
+    """Serialised 20 ms handler: capacity 50/s (somewhat less with per-request overhead on
+    a busy machine). Below it latency stays near 20 ms; above it the queue grows."""
+    sc = scenario(
+        19054,
+        load={"rate": 10, "duration": 2},
+        traffic={"event_share": 0},
+        target={"timeout": 5},
+        slo={"p99_ms": 100, "max_error_share": 0.01},
+        sweep={"start": 30, "step": 10, "max": 100, "step_duration": 1.2, "warmup": 0.2},
+    )
+    steps: list[float] = []
+    doc = run_sweep(sc, settings, on_step=lambda s: steps.append(s["rate"]))
+    trace = [(s["rate"], s["latency_ms"]["p99"]) for s in doc["steps"]]
+    assert doc["max_sustainable_rate"] in (30, 40, 50), trace
+    assert doc["broke_at"]["rate"] in (40, 50, 60), trace
+    assert "p99" in doc["broke_at"]["reason"]
+    assert steps == [s["rate"] for s in doc["steps"]] and steps[-1] <= 60
+    assert not doc["generator_limited"]
+    paths = write_sweep(doc, tmp_path)
+    assert paths["plot"].stat().st_size > 10_000
+    assert "Highest sustainable rate" in paths["markdown"].read_text()
+
+
+@pytest.mark.parametrize(
+    "stub", [(StubConfig(delay_ms=1, degraded_every=4, fail_every=10), 19055, 19056)], indirect=True
+)
+def test_http_target_and_errors_by_code(stub: StubServer, settings: Settings) -> None:
+    sc = scenario(
+        19056,
+        kind="http",
+        load={"rate": 100, "duration": 2, "warmup": 0.2},
+        target={"health_path": "/healthz"},
+        traffic={"event_share": 0},
+    )
+    doc = run_scenario(sc, settings)
+    assert doc["requests"]["scheduled"] == 180
+    # Every 10th answer fails with 503: the errors are counted by code, not hidden.
+    assert doc["errors"] == {"HTTP_503": pytest.approx(18, abs=2)}
+    assert doc["error_share"] == pytest.approx(0.1, abs=0.015)
+    assert doc["degraded_share"] > 0.15
+    grpc_doc = run_scenario(scenario(19055, load={"rate": 100, "duration": 1.2}), settings)
+    assert set(grpc_doc["errors"]) == {"UNAVAILABLE"}
+
+
+def test_unreachable_http_target_is_a_user_error(settings: Settings) -> None:
+    with pytest.raises(UserError, match="not reachable"):
+        run_scenario(scenario(19059, kind="http"), settings)
+
+
+@pytest.mark.parametrize("stub", [(StubConfig(delay_ms=2), 19058, None)], indirect=True)
+def test_cli_run_two_workers_with_action_and_compare(
+    stub: StubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recstack.cli import main
+
+    marker = tmp_path / "acted"
+    path = tmp_path / "sc.yaml"
+    path.write_text(
+        "name: withaction\n"
+        "target: {kind: grpc, address: '127.0.0.1:19058'}\n"
+        "load: {arrival: poisson, rate: 80, duration: 2s, warmup: 500ms}\n"
+        "traffic: {user_range: [1, 500], cold_start_share: 0.5}\n"
+        f"actions: [{{at: 1s, run: 'echo promoted > {marker}', label: promote}}]\n"
+    )
+    out = tmp_path / "out"
+    # Two generator processes (spawned), merged into one result.
+    argv = ["loadtest", "run", str(path), "--out", str(out), "--no-progress", "--workers", "2"]
+    assert main(argv) == 0
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["self_check"]["workers"] == 2
+    assert doc["requests"]["scheduled"] == doc["requests"]["ok"] > 50
+    assert doc["send_rate"] == pytest.approx(doc["offered_rate"], rel=0.05)
+    (act,) = doc["actions"]
+    assert act["label"] == "promote" and act["returncode"] == 0
+    assert 0.9 < act["started_s"] < 1.5
+    assert marker.read_text().strip() == "promoted"
+    assert 0.35 < doc["cold_start_share"] < 0.65
+    assert (out / "run.png").stat().st_size > 10_000
+    assert "| promote | 1 s |" in (out / "summary.md").read_text()
+    capsys.readouterr()
+    assert main(["loadtest", "compare", str(out), str(out / "result.json")]) == 0
+    table = capsys.readouterr().out
+    assert "latency p99 (ms)" in table and "1.000" in table
+
+
+def test_write_run_has_no_nan(settings: Settings, tmp_path: Path) -> None:
+    """A run where nothing answered still writes valid JSON, Markdown and a plot."""
+    with StubServer(StubConfig(delay_ms=300, concurrency=1), grpc_port=19060):
+        sc = scenario(
+            19060, load={"rate": 20, "duration": 1, "warmup": 0.1}, target={"timeout": 0.05}
+        )
+        doc = run_scenario(sc, settings)
+    assert set(doc["errors"]) == {"DEADLINE_EXCEEDED"}
+    assert doc["latency_ok_ms"]["p99"] is None
+    paths = write_run(doc, tmp_path)
+    json.loads(paths["json"].read_text())
+    assert "NOT met" in paths["markdown"].read_text()
