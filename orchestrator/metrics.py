@@ -40,7 +40,12 @@ COLD_START = Counter("recstack_cold_start_total", "Requests for users without hi
 EVENTS = Counter("recstack_events_total", "RecordEvent calls pushed to Feast", ["event"])
 
 
+_served: list[str] = []
+
+
 def set_release(release: str) -> None:
     """Expose exactly one served release."""
-    RELEASE.clear()
+    for old in _served:
+        RELEASE.remove(old)
+    _served[:] = [release]
     RELEASE.labels(release=release).set(1)

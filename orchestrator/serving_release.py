@@ -12,6 +12,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from exporters.feature_assembly import Layout
 from exporters.history import PAD
 from exporters.model_config import input_names
 from exporters.release import load_manifest, release_dir
@@ -36,6 +37,7 @@ class UserView:
 
     features: UserFeatures
     tower_input_names: tuple[str, ...]
+    layout: Layout  # the ranker's feature order, from the release manifest
 
     @property
     def known(self) -> bool:
@@ -47,7 +49,11 @@ class UserView:
 
     @property
     def affinity(self) -> np.ndarray:
-        return self.features.category_affinity
+        """Category affinity with the release's width (zeros for users without events)."""
+        aff = np.zeros(self.layout.n_categories, dtype=np.float32)
+        raw = self.features.category_affinity[: self.layout.n_categories]
+        aff[: len(raw)] = raw
+        return aff
 
     def tower_inputs(self) -> dict[str, np.ndarray]:
         """user_tower inputs, named by its config.pbtxt: each is the Feast feature (or the
@@ -61,12 +67,15 @@ class UserView:
     def rank_inputs(
         self, embedding: np.ndarray, items: ItemFeatures, item_embeddings: np.ndarray, now: float
     ) -> dict[str, np.ndarray]:
-        """The rank ensemble's inputs (model_repository/rank/config.pbtxt)."""
+        """The rank ensemble's inputs (model_repository/rank/config.pbtxt), feature
+        columns in the order the release's ranker was trained with."""
+        names = self.features.scalar_names
+        user = self.features.scalars[[names.index(n) for n in self.layout.user_features]]
         return {
-            "user_features": self.features.scalars.reshape(1, -1).astype(np.float32),
-            "user_category_affinity": self.affinity.reshape(1, -1).astype(np.float32),
+            "user_features": user.reshape(1, -1).astype(np.float32),
+            "user_category_affinity": self.affinity.reshape(1, -1),
             "user_embedding": np.asarray(embedding, dtype=np.float32).reshape(1, -1),
-            "item_features": items.matrix,
+            "item_features": np.ascontiguousarray(items.columns(self.layout.item_features)),
             "item_category": items.category.astype(np.int64),
             "item_created_at": items.created_at.astype(np.float64),
             "item_embedding": np.ascontiguousarray(item_embeddings, dtype=np.float32),
@@ -77,12 +86,15 @@ class UserView:
 class ReleaseFeatures:
     """The feature client as the service uses it (UserView out, events in)."""
 
-    def __init__(self, online: OnlineFeatures, tower_inputs: tuple[str, ...]) -> None:
+    def __init__(
+        self, online: OnlineFeatures, tower_inputs: tuple[str, ...], layout: Layout
+    ) -> None:
         self.online = online
         self.tower_inputs = tower_inputs
+        self.layout = layout
 
     def user(self, user_id: int) -> UserView:
-        return UserView(self.online.user(user_id), self.tower_inputs)
+        return UserView(self.online.user(user_id), self.tower_inputs, self.layout)
 
     def items(self, item_ids: np.ndarray) -> ItemFeatures:
         return self.online.items(item_ids)
@@ -140,6 +152,14 @@ class ServingRelease:
         versions = {str(k): int(v) for k, v in manifest["models"].items()}
         triton = TritonClient.from_settings(settings, versions=versions)
         tower_inputs = tuple(input_names(USER_TOWER, settings.model_repository))
+        layout = Layout.from_json(manifest["ranker"]["layout"])
+        missing = sorted(set(layout.user_features) - set(online.user_feature_names)) + sorted(
+            set(layout.item_features) - set(online.item_feature_names)
+        )
+        if missing:
+            raise ValueError(
+                f"release {rid}'s ranker needs features Feast does not serve: {missing}"
+            )
         log.info(
             "release %d loaded in %.1f s: %d items, index %s (%s), models %s",
             rid,
@@ -155,7 +175,7 @@ class ServingRelease:
             index,
             catalog,
             Fallbacks.build(catalog),
-            ReleaseFeatures(online, tower_inputs),
+            ReleaseFeatures(online, tower_inputs, layout),
             triton,
         )
 
