@@ -79,7 +79,13 @@ class RecommendService:
     @classmethod
     async def create(cls, settings: Any, cfg: ServiceConfig | None = None) -> RecommendService:
         """Load the newest release (index, catalog, clients) off the event loop."""
+        cfg = cfg or ServiceConfig()
         release = await asyncio.to_thread(ServingRelease.load, settings)
+        try:
+            await asyncio.to_thread(release.warm_up, cfg.n_ranked)
+        except TritonError as e:
+            # Serve anyway (degraded) rather than refuse to start: Triton may come later.
+            log.warning("warm-up failed, starting degraded: %s", e)
         return cls(release, cfg)
 
     @property

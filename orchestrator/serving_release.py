@@ -179,5 +179,17 @@ class ServingRelease:
             triton,
         )
 
+    def warm_up(self, n_items: int, rounds: int = 3) -> None:
+        """Run each model once per round before taking traffic: the first calls pay for
+        channel set-up, onnxruntime/tl2cgen initialisation and Feast's first lookups."""
+        user = self.features.user(0)
+        rows = np.arange(min(n_items, len(self.catalog)))
+        items = self.features.items(self.catalog.item_ids[rows])
+        for _ in range(rounds):
+            embedding = self.triton.user_embedding(user.tower_inputs(), timeout_s=30)
+            self.index.search(np.asarray(embedding, dtype=np.float32), n_items)
+            inputs = user.rank_inputs(embedding, items, self.catalog.embeddings[rows], time.time())
+            self.triton.rank(inputs, timeout_s=30)
+
     def close(self) -> None:
         self.triton.close()

@@ -1,0 +1,152 @@
+"""The FAISS index of a release, loaded for serving and offline evaluation.
+
+``FaissIndex.load`` checks that the file is the index its metadata describes (factory
+string recovered with ``reverse_index_factory``, metric, dimension, row count) so a wrong
+or stale file fails at load time rather than answering with wrong neighbours. Searches
+take ``[n, dim]`` float queries, check shapes (``ValueError``, never ``assert``) and return
+``(scores, item_ids)`` like ``index.search`` returns ``(D, I)``, with row numbers already
+mapped to item ids.
+
+On a machine with CUDA-enabled FAISS (``faiss.get_num_gpus() > 0``) the index is copied to
+GPU 0. On CPU, searches use one OpenMP thread by default: a single query is faster on one
+thread than on two (DESIGN.md), and the server runs requests side by side anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+from faiss.contrib.factory_tools import reverse_index_factory
+
+log = logging.getLogger(__name__)
+
+_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+
+
+class IndexMismatchError(ValueError):
+    """The index file is not the index its metadata (index.json / manifest) describes."""
+
+    def __init__(self, path: Path | str, what: str, expected: object, found: object) -> None:
+        super().__init__(f"{path}: {what} is {found!r}, metadata says {expected!r}")
+
+
+def gpu_available() -> bool:
+    """FAISS was built with CUDA and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@dataclass
+class FaissIndex:
+    """A loaded index plus its row → item_id map. Build with :meth:`load`."""
+
+    index: faiss.Index
+    item_ids: np.ndarray
+    factory: str
+    search_params: str
+    dim: int
+    on_gpu: bool
+    _gpu_resources: Any = None  # keeps the GPU memory pool alive as long as the index
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        index_json: Path | str | Mapping[str, Any],
+        item_ids: Path | str | np.ndarray,
+        *,
+        device: Literal["auto", "cpu", "cuda"] = "auto",
+        omp_threads: int | None = 1,
+    ) -> FaissIndex:
+        """Read ``path`` (``index.faiss``), verify it against ``index_json`` (a path or
+        the parsed dict with ``factory``, ``search_params``, ``metric``, ``dim``,
+        ``n_items``) and ``item_ids`` (``index_item_ids.npy`` or an array), apply the
+        search parameters, move it to the GPU when asked/available.
+
+        ``omp_threads`` sets FAISS's OpenMP threads for the whole process on CPU (``None``
+        leaves FAISS's default, which suits big offline batches)."""
+        meta = (
+            dict(index_json)
+            if isinstance(index_json, Mapping)
+            else json.loads(Path(index_json).read_text())
+        )
+        ids = np.asarray(item_ids if isinstance(item_ids, np.ndarray) else np.load(item_ids))
+        index = faiss.read_index(str(path))
+        factory = str(meta["factory"])
+        found = reverse_index_factory(index)
+        if found != factory:
+            raise IndexMismatchError(path, "index factory", factory, found)
+        metric = _METRICS.get(str(meta.get("metric", "ip")))
+        if metric is None or index.metric_type != metric:
+            raise IndexMismatchError(path, "metric type", meta.get("metric"), index.metric_type)
+        if "dim" in meta and index.d != int(meta["dim"]):
+            raise IndexMismatchError(path, "dimension", int(meta["dim"]), index.d)
+        if "n_items" in meta and index.ntotal != int(meta["n_items"]):
+            raise IndexMismatchError(path, "row count", int(meta["n_items"]), index.ntotal)
+        if ids.ndim != 1 or len(ids) != index.ntotal:
+            raise IndexMismatchError(path, "item id count", index.ntotal, ids.shape)
+        params = str(meta.get("search_params") or "")
+
+        use_gpu = device == "cuda" or (device == "auto" and gpu_available())
+        if use_gpu and not gpu_available():
+            raise RuntimeError("device='cuda' but FAISS sees no GPU (is faiss-gpu installed?)")
+        res = None
+        if use_gpu:
+            res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(res, 0, index)
+            if params:
+                faiss.GpuParameterSpace().set_index_parameters(index, params)
+        else:
+            if params:
+                faiss.ParameterSpace().set_index_parameters(index, params)
+            if omp_threads is not None:
+                faiss.omp_set_num_threads(omp_threads)
+        log.info(
+            "loaded %s: %s (%s), %d items, dim %d, %s",
+            path,
+            factory,
+            params or "-",
+            index.ntotal,
+            index.d,
+            "GPU" if use_gpu else "CPU",
+        )
+        return cls(
+            index=index,
+            item_ids=ids.astype(np.int64, copy=False),
+            factory=factory,
+            search_params=params,
+            dim=int(index.d),
+            on_gpu=use_gpu,
+            _gpu_resources=res,
+        )
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items for each query row: ``(scores [n, k] float32, item_ids [n, k]
+        int64)``, best first. ``k`` larger than the catalog is cut to its size; slots the
+        index could not fill hold item id ``-1``."""
+        if not isinstance(queries, np.ndarray):
+            raise ValueError(f"queries must be a numpy array, got {type(queries).__name__}")
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape [n, {self.dim}], got {queries.shape}")
+        if not np.issubdtype(queries.dtype, np.floating):
+            raise ValueError(f"queries must be floating point, got {queries.dtype}")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if not np.isfinite(q).all():
+            raise ValueError("queries contain NaN or infinity")
+        k = min(int(k), len(self))
+        if len(q) == 0 or k == 0:
+            return np.zeros((len(q), k), np.float32), np.zeros((len(q), k), np.int64)
+        scores, rows = self.index.search(q, k)
+        item_ids = np.where(rows >= 0, self.item_ids[np.clip(rows, 0, None)], -1)
+        return scores, item_ids

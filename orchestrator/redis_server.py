@@ -1,0 +1,113 @@
+"""Debian's ``redis-server`` as a process of our own (``recstack serve redis``).
+
+Service start-up is blocked on these machines, so the project starts redis-server itself
+on ``settings.redis_host:settings.redis_port`` with a config of its own: no persistence
+(the online store is rebuilt by materialisation), its working dir under
+``<run_dir>/redis-<port>``, and stops it by pid (orchestrator/processes.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import signal
+import socket
+import threading
+
+from orchestrator.processes import ManagedProcess, read_pid, start_process, stop_process
+from recstack.errors import UserError
+from recstack.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def process_name(settings: Settings) -> str:
+    """The pid/log name; the port is part of it so test and demo servers never clash."""
+    return f"redis-{settings.redis_port}"
+
+
+def redis_binary() -> str:
+    """Path of redis-server, or a UserError saying how to install it."""
+    path = shutil.which("redis-server")
+    if path is None:
+        raise UserError(
+            "redis-server is not installed: `make setup` installs it "
+            "(apt-get install -y redis-server)"
+        )
+    return path
+
+
+def _config(settings: Settings) -> str:
+    workdir = settings.run_dir / process_name(settings)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return "\n".join(
+        [
+            f"bind {settings.redis_host}",
+            f"port {settings.redis_port}",
+            "protected-mode yes",
+            "daemonize no",
+            'save ""',  # no RDB snapshots: materialisation rebuilds the store
+            "appendonly no",
+            f"dir {workdir}",
+            "loglevel warning",
+            'logfile ""',  # stdout, captured by processes.start_process
+            "databases 1",
+            "",
+        ]
+    )
+
+
+def ping(settings: Settings, timeout: float = 0.5) -> bool:
+    """True if a Redis server answers PING on the configured address."""
+    try:
+        with socket.create_connection((settings.redis_host, settings.redis_port), timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start(settings: Settings, timeout: float = 20.0) -> ManagedProcess:
+    """Start redis-server and return once it answers PING."""
+    if ping(settings) and read_pid(settings, process_name(settings)) is None:
+        raise UserError(
+            f"something else already listens on {settings.redis_host}:{settings.redis_port}"
+        )
+    conf = settings.run_dir / process_name(settings) / "redis.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(_config(settings))
+    return start_process(
+        process_name(settings),
+        [redis_binary(), str(conf)],
+        settings,
+        ready=lambda: ping(settings),
+        timeout=timeout,
+    )
+
+
+def stop(settings: Settings) -> bool:
+    """Stop our redis-server on the configured port, if it runs."""
+    return stop_process(settings, process_name(settings))
+
+
+def cli(args: argparse.Namespace) -> int:
+    """``recstack serve redis [--detach]``."""
+    settings = get_settings()
+    proc = start(settings)
+    where = f"{settings.redis_host}:{settings.redis_port}"
+    if args.detach:
+        print(f"redis-server on {where} (pid {proc.pid}); `recstack stop` stops it")
+        return 0
+    print(f"redis-server on {where} (pid {proc.pid}); Ctrl-C stops it")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(1.0) and proc.alive():
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proc.stop()
+    return 0
