@@ -6,7 +6,8 @@ and 500 items (the SDK with the ranking service's item features, and the in-memo
 snapshot). Random known ids per call, warm-up excluded, ``gc.freeze()`` after warm-up as
 a service would do (DESIGN.md). The Redis run starts our own redis-server on
 settings.redis_port (unless one of ours runs), applies and materialises into it if its
-registry has never been materialised, and stops it again. Numbers are p50/p99 in ms;
+registry has never been materialised or it started the server (no persistence: a fresh
+server is empty), and stops it again. Numbers are p50/p99 in ms;
 compare rows within one run (the machine is shared).
 """
 
@@ -60,11 +61,14 @@ def _measure(fn: Callable[[int], object], repeats: int) -> tuple[float, float]:
     return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
 
 
-def _ensure_materialized(settings: Settings) -> None:
+def _ensure_materialized(settings: Settings, force: bool = False) -> None:
     store = (
         feast_ops.feature_store(settings) if feast_ops.registry_path(settings).exists() else None
     )
-    if store is not None and any(v.materialization_intervals for v in store.list_feature_views()):
+    done = store is not None and any(
+        v.materialization_intervals for v in store.list_feature_views()
+    )
+    if done and not force:
         return
     log.info("preparing the %s online store (apply + materialize)", settings.online_store)
     feast_ops.apply(settings)
@@ -139,7 +143,8 @@ def run(settings: Settings, repeats: int, stores: list[str]) -> list[Row]:
         if kind == "redis" and read_pid(s, redis_server.process_name(s)) is None:
             proc = redis_server.start(s)
         try:
-            _ensure_materialized(s)
+            # A Redis we just started is empty (no persistence), whatever the registry says.
+            _ensure_materialized(s, force=proc is not None)
             rows.extend(bench_store(s, repeats))
         finally:
             if proc is not None:
