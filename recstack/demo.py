@@ -83,6 +83,9 @@ def run(settings: Settings, preset: str) -> None:
 
     _data(settings, preset)
     pipeline.run(settings)
+    report = settings.reports_dir / "report.md"
+    headline = [line for line in report.read_text().splitlines() if line.startswith("**")]
+    print(f"\noffline evaluation ({report}):\n  " + " ".join(headline).strip("*"))
     versions = release.model_versions(settings)
     for name in ("orchestrator", "triton"):
         if read_pid(settings, name) is not None:
@@ -102,7 +105,7 @@ The stack is up. Try it yourself:
   curl -s -X POST http://{host}:{settings.orchestrator_http_port}/v1/events \\
        -d '{{"user_id": "42", "item_id": 7, "event": "purchase"}}'
   grpcurl -plaintext {host}:{settings.orchestrator_grpc_port} list
-  grpcurl -plaintext -d '{{"user_id": "42", "k": 5}}' \
+  grpcurl -plaintext -d '{{"user_id": "42", "k": 5}}' \\
        {host}:{settings.orchestrator_grpc_port} recstack.v1.Recommender/Recommend
   curl -s http://{host}:{settings.triton_http_port}/v2/models/user_tower/config
   curl -s http://{host}:{settings.orchestrator_metrics_port}/metrics | grep recstack_
