@@ -74,11 +74,15 @@ def to_json(result: RecommendResult) -> dict[str, Any]:
     }
 
 
+_in_flight = [0]  # calls being handled right now (for the drain on shutdown)
+
+
 @contextlib.asynccontextmanager
 async def _observed(method: str) -> AsyncIterator[list[str]]:
     """Count the call by status code and time it; the handler sets code[0]."""
     code = ["OK"]
     t0 = time.perf_counter()
+    _in_flight[0] += 1
     try:
         yield code
     except BaseException:
@@ -86,6 +90,7 @@ async def _observed(method: str) -> AsyncIterator[list[str]]:
             code[0] = "INTERNAL"
         raise
     finally:
+        _in_flight[0] -= 1
         metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - t0)
         metrics.REQUESTS.labels(method, code[0]).inc()
 
@@ -224,6 +229,24 @@ async def create_server(service: RecommendService, address: str) -> tuple[grpc.a
     return server, port
 
 
+# After SIGTERM the server reports NOT_SERVING but keeps answering for up to this long, so
+# calls already on the wire (and clients that have not seen the health change yet) are
+# served instead of cancelled; it stops early once it has been idle for DRAIN_IDLE_SECONDS.
+DRAIN_SECONDS = 2.0
+DRAIN_IDLE_SECONDS = 0.25
+
+
+async def _drain(limit: float) -> None:
+    deadline = time.monotonic() + limit
+    idle_since = time.monotonic()
+    while time.monotonic() < deadline:
+        if _in_flight[0]:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since >= DRAIN_IDLE_SECONDS:
+            return
+        await asyncio.sleep(0.02)
+
+
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain: health NOT_SERVING, in-flight calls finish."""
     service = await RecommendService.create(settings)
@@ -261,6 +284,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     await stop.wait()
     log.info("draining")
     await server._recstack_health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+    await _drain(DRAIN_SECONDS)
     await server.stop(grace=5)
     await runner.cleanup()
     await service.close()

@@ -4,6 +4,8 @@ SQLite, FAISS, and the orchestrator as its own process — called over gRPC and 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.error
 import urllib.parse
@@ -259,3 +261,27 @@ def test_triton_down_degrades_within_deadline_then_recovers(
         time.sleep(0.5)
     assert list(reply.degraded) == [], "no full answer 30 s after Triton came back"
     assert np.isfinite([i.score for i in reply.items]).all()
+
+
+def test_sigterm_drains_in_flight_requests(
+    stack: dict[str, Any], tables: dict[str, pd.DataFrame]
+) -> None:
+    """Runs after everything else here: it stops the orchestrator."""
+    proc = stack["procs"]["orchestrator"]
+    user = _active_user(tables)
+    req = pb.RecommendRequest(user_id=user, k=50, context=pb.Context(surface="home"))
+    futures = [stack["stub"].Recommend.future(req, timeout=10) for _ in range(40)]
+    futures[0].result()
+    os.kill(proc.pid, signal.SIGTERM)
+    codes = []
+    for f in futures:
+        try:
+            f.result()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+    # Accepted calls finish; calls that arrive after the drain began are refused cleanly.
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    assert codes.count(grpc.StatusCode.OK) > 1
+    assert proc.popen is not None
+    assert proc.popen.wait(timeout=15) == 0
