@@ -1,0 +1,418 @@
+"""Train the LightGBM lambdarank ranker on the candidates the two-tower retrieves (pipeline
+step ``ranker``), so training sees what serving sees.
+
+Queries: users with a click or purchase in the validation window, each a request made at
+``train_end`` (the towers and the index were trained on data before it). Candidates: the
+top ``n_candidates`` of ``exporters.retrieval.retrieve`` as of that time. Labels: the
+user's best event on the item in the validation window (click 1, purchase 2, else 0).
+Features: Feast ``get_historical_features`` point-in-time at the request time for the
+``ranking`` service's user and item features, the user tower's embedding, the index's
+item vectors, all put together by ``exporters.feature_assembly`` (the serving code).
+
+Outputs in ``work/``: ``ranker.txt`` (LightGBM, best iteration only), ``ranker.json``
+(:func:`load_manifest`: layout, ordered feature names, parameters, statistics) and
+``ranker_sample.npy`` (real feature rows for the export's parity check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from exporters import feature_assembly, retrieval
+from exporters.feature_assembly import ITEM_KEY, USER_KEY, Layout
+from exporters.raw_tables import read_meta, read_table
+from exporters.split import load_split
+from recstack.errors import UserError
+from recstack.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "ranker.txt"
+MANIFEST_FILE = "ranker.json"
+SAMPLE_FILE = "ranker_sample.npy"
+SERVICE = "ranking"
+LABELS: dict[str, int] = {"click": 1, "purchase": 2}
+
+
+@dataclass(frozen=True)
+class RankerParams:
+    """Everything that shapes the ranker. Serving cost grows with candidates × trees ×
+    depth (DESIGN.md: 500 rows × 300 trees of 63 leaves ≈ 10 ms single-threaded)."""
+
+    n_candidates: int = 300  # retrieved per query, as serving ranks them
+    max_queries: int = 3000  # sampled (seeded) from the validation users
+    holdout_fraction: float = 0.2  # queries held out for early stopping
+    num_trees: int = 200
+    num_leaves: int = 31
+    learning_rate: float = 0.1
+    min_data_in_leaf: int = 50
+    feature_fraction: float = 0.9
+    bagging_fraction: float = 0.8
+    lambda_l2: float = 1.0
+    early_stopping_rounds: int = 20
+    eval_at: int = 10
+    num_threads: int = 2
+    sample_rows: int = 2000  # saved for the export's parity check
+
+    def lightgbm(self, seed: int) -> dict[str, Any]:
+        return {
+            "objective": "lambdarank",
+            "metric": "ndcg",
+            "eval_at": [self.eval_at],
+            "num_leaves": self.num_leaves,
+            "learning_rate": self.learning_rate,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "feature_fraction": self.feature_fraction,
+            "bagging_fraction": self.bagging_fraction,
+            "bagging_freq": 1,
+            "lambda_l2": self.lambda_l2,
+            "num_threads": self.num_threads,
+            "seed": seed,
+            "deterministic": True,
+            "force_row_wise": True,
+            "verbosity": -1,
+        }
+
+
+# --- Feast point-in-time features -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _cheap_dask_tokens() -> Iterator[None]:
+    """Feast's file offline store (dask) tokenizes the joined frames on every ``persist``,
+    pickling object columns — the category-affinity lists — several times each: 80 s for
+    1,500 users of the small preset instead of 1 s. Tokens are only graph keys of this
+    one-shot computation, so object arrays are tokenized by identity here (kept alive for
+    the duration, so an id is never reused)."""
+    from dask.tokenize import normalize_token
+
+    normalize_token.dispatch(np.ndarray)  # make dask register its numpy handlers first
+    original = normalize_token.dispatch(np.ndarray)
+    alive: list[np.ndarray] = []
+
+    def by_identity(x: np.ndarray) -> Any:
+        if x.dtype.hasobject and x.shape:
+            alive.append(x)
+            return ("object-ndarray", id(x), x.shape)
+        return original(x)
+
+    normalize_token.register(np.ndarray)(by_identity)
+    try:
+        yield
+    finally:
+        normalize_token.register(np.ndarray)(original)
+        alive.clear()
+
+
+def point_in_time_features(
+    settings: Settings, key: str, ids: np.ndarray, at: pd.Timestamp, refs: Sequence[str]
+) -> pd.DataFrame:
+    """Feature values of entities ``ids`` (join key ``key``) as of ``at`` through Feast's
+    ``get_historical_features``: one row per id, in the order of ``ids``; an entity with no
+    value as of ``at`` gets NaN/None (Feast itself drops such rows)."""
+    from exporters.feast_ops import feature_store
+
+    ids = np.asarray(ids, dtype=np.int64)
+    entity_df = pd.DataFrame({key: ids, "event_timestamp": pd.Timestamp(at)})
+    store = feature_store(settings)
+    with _cheap_dask_tokens():
+        df = store.get_historical_features(entity_df=entity_df, features=list(refs)).to_df()
+    names = [r.split(":", 1)[1] for r in refs]
+    df = df.drop_duplicates(key).set_index(key)
+    return df.reindex(ids)[names].reset_index()
+
+
+def layout_for(settings: Settings, n_categories: int) -> Layout:
+    """The assembly layout of the Feast ``ranking`` feature service (from the registry)."""
+    from exporters.feast_ops import feature_store, service_features
+
+    return feature_assembly.layout_from_service(
+        service_features(feature_store(settings), SERVICE), n_categories
+    )
+
+
+def n_categories_of(settings: Settings) -> int:
+    """Length of the category-affinity vectors: the number of category codes in the data
+    (as exporters/feature_tables.py sizes them)."""
+    meta = read_meta(settings)
+    n = int(str(meta.get("n_categories") or 0))
+    items = read_table(settings, "items", columns=["category"])
+    if len(items):
+        n = max(n, int(items["category"].max()) + 1)
+    if n <= 0:
+        raise UserError("the data has no item categories")
+    return n
+
+
+# --- candidates and their ranker rows ---------------------------------------------------------
+
+
+@dataclass
+class CandidateRows:
+    """Retrieved candidates of Q requests and their ranker rows (only real candidates:
+    retrieval pads short lists with -1)."""
+
+    user_ids: np.ndarray  # [Q]
+    items: np.ndarray  # [Q, K] item ids, retrieval order, -1 padded
+    retrieval_scores: np.ndarray  # [Q, K]
+    query: np.ndarray  # [R] request index of each row
+    position: np.ndarray  # [R] retrieval position of each row
+    rows: np.ndarray  # [R, F] float32 ranker input
+
+    @property
+    def row_items(self) -> np.ndarray:
+        return self.items[self.query, self.position]
+
+
+def candidate_rows(
+    settings: Settings,
+    layout: Layout,
+    user_ids: np.ndarray,
+    at: pd.Timestamp,
+    k: int,
+    retrieved: tuple[np.ndarray, np.ndarray] | None = None,
+) -> CandidateRows:
+    """Retrieve ``k`` candidates per user as of ``at`` (or take the first ``k`` columns of
+    ``retrieved`` = ``retrieval.retrieve``'s output) and build their ranker rows exactly as
+    serving does: Feast features as of ``at``, tower embeddings, the shared assembly."""
+    at = pd.Timestamp(at)
+    user_ids = np.asarray(user_ids, dtype=np.int64)
+    t0 = time.perf_counter()
+    items, scores = retrieved or retrieval.retrieve(settings, user_ids, at, k)
+    items = np.ascontiguousarray(np.asarray(items, dtype=np.int64)[:, :k])
+    scores = np.asarray(scores)[:, :k]
+    items, scores = existing_only(settings, items, scores, at)
+    query, position = np.nonzero(items >= 0)
+    row_items = items[query, position]
+    uniq, inverse = np.unique(row_items, return_inverse=True)
+    log.info("retrieved %d × %d candidates in %.1f s", len(user_ids), k, time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    users_df = point_in_time_features(settings, USER_KEY, user_ids, at, layout.user_refs)
+    items_df = point_in_time_features(settings, ITEM_KEY, uniq, at, layout.item_refs)
+    user_feats, affinity = feature_assembly.user_arrays(users_df, layout)
+    item_feats, category, created = feature_assembly.item_arrays(items_df, layout)
+    log.info("Feast point-in-time features in %.1f s", time.perf_counter() - t0)
+
+    user_emb = retrieval.embed_users(
+        settings, retrieval.user_tower_inputs_at(settings, user_ids, at)
+    )
+    item_emb = retrieval.embed_items(settings, uniq, _index_items_at(settings))
+    rows = feature_assembly.assemble(
+        layout,
+        user_features=user_feats,
+        user_category_affinity=affinity,
+        user_embedding=user_emb,
+        request_time=np.full(len(user_ids), at.timestamp(), dtype=np.float64),
+        item_features=item_feats[inverse],
+        item_category=category[inverse],
+        item_created_at=created[inverse],
+        item_embedding=item_emb[inverse],
+        query=query,
+    )
+    return CandidateRows(user_ids, items, np.asarray(scores), query, position, rows)
+
+
+def existing_only(
+    settings: Settings, items: np.ndarray, scores: np.ndarray, at: pd.Timestamp
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop retrieved items created after ``at`` (the offline index holds the whole
+    catalog; serving's index at ``at`` would not have them), keeping each list's order
+    and moving the -1 padding to the end."""
+    catalog = read_table(settings, "items", columns=["item_id", "created_at"])
+    epoch = pd.Timestamp(0, tz="UTC")
+    seconds = (pd.to_datetime(catalog["created_at"], utc=True) - epoch).dt.total_seconds()
+    created = pd.Series(seconds.to_numpy(), index=catalog["item_id"].to_numpy())
+    born = created.reindex(items.ravel()).to_numpy(dtype=np.float64).reshape(items.shape)
+    future = ~(born <= pd.Timestamp(at).timestamp())  # unknown items (NaN) go too
+    items = np.where(future | (items < 0), -1, items)
+    order = np.argsort(items < 0, axis=1, kind="stable")
+    return np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def _index_items_at(settings: Settings) -> pd.Timestamp:
+    """When the index's item vectors were computed: serving ranks with those vectors."""
+    return pd.Timestamp(retrieval.index_meta(settings)["item_embeddings_at"])
+
+
+def graded_labels(interactions: pd.DataFrame) -> pd.DataFrame:
+    """``user_id, item_id, label``: each pair's best event (click 1, purchase 2)."""
+    pos = interactions[interactions["event"].isin(list(LABELS))]
+    grade = pos["event"].map(LABELS).astype(np.int64)
+    out = pos[["user_id", "item_id"]].assign(label=grade.to_numpy())
+    return out.groupby(["user_id", "item_id"], as_index=False)["label"].max()
+
+
+def labels_for(cands: CandidateRows, labels: pd.DataFrame) -> np.ndarray:
+    """Label of each candidate row (0 when the user did not click or buy it)."""
+    lookup = labels.set_index(["user_id", "item_id"])["label"]
+    idx = pd.MultiIndex.from_arrays([cands.user_ids[cands.query], cands.row_items])
+    return lookup.reindex(idx).fillna(0).to_numpy(np.int64)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar over boosting rounds that also shows the held-out NDCG."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = tqdm(total=total, desc="ranker trees", disable=None)
+
+    def __call__(self, env: lgb.callback.CallbackEnv) -> None:
+        self.bar.update(1)
+        if env.evaluation_result_list:
+            _, metric, value, _ = env.evaluation_result_list[-1][:4]
+            self.bar.set_postfix({metric: f"{value:.4f}"})
+
+
+def _dataset(rows: np.ndarray, labels: np.ndarray, query: np.ndarray, names: list[str]) -> Any:
+    order = np.argsort(query, kind="stable")  # LightGBM wants each query's rows together
+    _, sizes = np.unique(query[order], return_counts=True)
+    return lgb.Dataset(
+        rows[order], labels[order], group=sizes, feature_name=names, free_raw_data=False
+    )
+
+
+def train(settings: Settings, params: RankerParams | None = None) -> None:
+    """Pipeline step ``ranker``: see the module docstring."""
+    params = params or RankerParams()
+    t_start = time.perf_counter()
+    split = load_split(settings)
+    at = pd.Timestamp(split.train_end)
+    interactions = read_table(settings, "interactions")
+    labels = graded_labels(split.val(interactions))
+    if labels.empty:
+        raise UserError("no clicks or purchases in the validation window: cannot train a ranker")
+    rng = np.random.default_rng(settings.seed)
+    users = np.sort(labels["user_id"].unique())
+    if len(users) > params.max_queries:
+        users = np.sort(rng.choice(users, params.max_queries, replace=False))
+
+    layout = layout_for(settings, n_categories_of(settings))
+    names = layout.names
+    cands = candidate_rows(settings, layout, users, at, params.n_candidates)
+    y = labels_for(cands, labels)
+
+    # Queries without a positive candidate carry no ranking signal for lambdarank.
+    positives = np.bincount(cands.query, weights=(y > 0), minlength=len(users))
+    useful = np.flatnonzero(positives > 0)
+    if len(useful) < 2:
+        raise UserError(
+            f"only {len(useful)} validation users have a clicked/bought item among their "
+            f"{params.n_candidates} candidates: too little to train a ranker"
+        )
+    holdout = rng.random(len(useful)) < params.holdout_fraction
+    if holdout.all() or not holdout.any():
+        holdout[:] = False
+        holdout[0] = True
+    hold_q = useful[holdout]
+    train_q = useful[~holdout]
+    in_train = np.isin(cands.query, train_q)
+    in_hold = np.isin(cands.query, hold_q)
+    dtrain = _dataset(cands.rows[in_train], y[in_train], cands.query[in_train], names)
+    dhold = _dataset(cands.rows[in_hold], y[in_hold], cands.query[in_hold], names)
+
+    t0 = time.perf_counter()
+    progress = _Progress(params.num_trees)
+    booster = lgb.train(
+        params.lightgbm(settings.seed),
+        dtrain,
+        num_boost_round=params.num_trees,
+        valid_sets=[dhold],
+        valid_names=["holdout"],
+        callbacks=[progress, lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
+    )
+    progress.bar.close()
+    train_seconds = time.perf_counter() - t0
+    best = booster.best_iteration or params.num_trees
+    holdout_ndcg = float(booster.best_score["holdout"][f"ndcg@{params.eval_at}"])
+
+    # Candidate recall: the share of validation positives the retrieval put in the lists.
+    n_pos = len(labels[labels["user_id"].isin(users)])
+    gain = booster.feature_importance("gain", iteration=best)
+    top = sorted(zip(names, gain.tolist(), strict=True), key=lambda t: -t[1])[:10]
+    stats = {
+        "request_time": at.isoformat(),
+        "queries": len(users),
+        "queries_with_positive": len(useful),
+        "train_queries": len(train_q),
+        "holdout_queries": len(hold_q),
+        "rows": int(in_train.sum() + in_hold.sum()),
+        "positive_rows": int((y > 0).sum()),
+        "candidate_recall": round(float((y > 0).sum()) / max(n_pos, 1), 4),
+        "best_iteration": int(best),
+        f"holdout_ndcg@{params.eval_at}": round(holdout_ndcg, 4),
+        "train_seconds": round(train_seconds, 2),
+        "total_seconds": round(time.perf_counter() - t_start, 2),
+        "top_features_by_gain": [[n, round(g, 1)] for n, g in top],
+    }
+    manifest = {
+        "feature_names": names,
+        "layout": layout.to_json(),
+        "n_candidates": params.n_candidates,
+        "labels": LABELS,
+        "params": asdict(params),
+        "lightgbm_params": params.lightgbm(settings.seed),
+        "stats": stats,
+    }
+    work = settings.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    picked = rng.choice(len(cands.rows), min(params.sample_rows, len(cands.rows)), replace=False)
+    sample = cands.rows[np.sort(picked)]
+    _write_outputs(work, booster, best, manifest, sample)
+    log.info("ranker: %s", json.dumps(stats))
+
+
+def _write_outputs(
+    work: Path, booster: lgb.Booster, best: int, manifest: dict[str, Any], sample: np.ndarray
+) -> None:
+    """Write the three outputs atomically, the manifest last (its presence = complete)."""
+    tmp_model = work / f".{MODEL_FILE}.tmp"
+    booster.save_model(str(tmp_model), num_iteration=best)
+    with (work / f".{SAMPLE_FILE}.tmp").open("wb") as f:
+        np.save(f, np.ascontiguousarray(sample, dtype=np.float32))
+    (work / f".{MANIFEST_FILE}.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
+    for name in (MODEL_FILE, SAMPLE_FILE, MANIFEST_FILE):
+        os.replace(work / f".{name}.tmp", work / name)
+
+
+def load_manifest(settings: Settings) -> dict[str, Any]:
+    """The parsed ``work/ranker.json``."""
+    path = settings.work_dir / MANIFEST_FILE
+    if not path.exists():
+        raise UserError(f"{path} not found: run the ranker step first (recstack train)")
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def load_booster(settings: Settings) -> lgb.Booster:
+    """The trained ranker (``work/ranker.txt``)."""
+    path = settings.work_dir / MODEL_FILE
+    if not path.exists():
+        raise UserError(f"{path} not found: run the ranker step first (recstack train)")
+    return lgb.Booster(model_file=str(path))
+
+
+def sample_rows_path(settings: Settings) -> Path:
+    """Real ranker rows saved for parity checks."""
+    return settings.work_dir / SAMPLE_FILE
+
+
+def cli(args: argparse.Namespace) -> int:
+    """Direct use; ``recstack train --only ranker`` is the usual way."""
+    train(get_settings())
+    return 0

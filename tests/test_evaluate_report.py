@@ -1,0 +1,106 @@
+"""The evaluation report: unit checks of its parts, and on the whole small pipeline
+(`trained_settings`, shared with the other end-to-end tests) the pipeline must beat the
+popularity baseline on NDCG@10."""
+
+from __future__ import annotations
+
+import json
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import pytest
+
+from exporters import evaluate
+from exporters.ranker_train import graded_labels
+from recstack.settings import Settings
+
+
+def _events(rows: list[tuple[int, int, str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "event": [r[2] for r in rows],
+            "timestamp": pd.to_datetime([r[3] for r in rows], utc=True),
+        }
+    )
+
+
+def test_popularity_counts_clicks_and_purchases_before_the_request() -> None:
+    ev = _events(
+        [
+            (1, 10, "click", "2026-01-01"),
+            (2, 10, "purchase", "2026-01-02"),
+            (1, 11, "click", "2026-01-02"),
+            (3, 12, "view", "2026-01-02"),  # views do not count
+            (3, 13, "click", "2026-01-02"),
+            (3, 11, "click", "2026-01-05"),  # after the request time
+            (4, 11, "click", "2026-01-06"),
+        ]
+    )
+    top = evaluate.popularity_ranking(ev, pd.Timestamp("2026-01-03", tz="UTC"), 5)
+    assert top.tolist() == [10, 11, 13]  # ties (11, 13) by item id
+
+
+def test_graded_labels_keep_the_best_event() -> None:
+    ev = _events(
+        [
+            (1, 10, "click", "2026-01-01"),
+            (1, 10, "purchase", "2026-01-02"),
+            (1, 11, "view", "2026-01-02"),
+            (2, 11, "click", "2026-01-02"),
+        ]
+    )
+    got = graded_labels(ev).sort_values(["user_id", "item_id"]).values.tolist()
+    assert got == [[1, 10, 2], [2, 11, 1]]
+
+
+def test_markdown_states_the_comparison() -> None:
+    m = {"recall@10": 0.3, "ndcg@10": 0.2}
+    report = {
+        "request_time": "2026-01-01T00:00:00+00:00",
+        "evaluated_users": 3,
+        "test_users": 3,
+        "n_catalog": 9,
+        "ranker_candidates": 50,
+        "retrieval": {"recall@10": 0.25, "recall@100": 0.5, "ndcg@10": 0.15},
+        "pipeline": m,
+        "popularity": {"recall@10": 0.1, "recall@100": 0.4, "ndcg@10": 0.05},
+        "pipeline_vs_popularity": {"ndcg@10_ratio": 4.0, "ndcg@10_absolute": 0.15},
+    }
+    text = evaluate.markdown(report)
+    assert "4.00× popularity's (0.2000 vs 0.0500, +0.1500 absolute)" in text
+    assert "| recall@100 | — | 0.5000 | 0.4000 |" in text
+
+
+@pytest.mark.slow
+def test_small_pipeline_beats_popularity(trained_settings: Settings) -> None:
+    report = json.loads((trained_settings.reports_dir / "report.json").read_text())
+    pipe, pop = report["pipeline"]["ndcg@10"], report["popularity"]["ndcg@10"]
+    assert pipe > pop, report
+    assert report["pipeline_vs_popularity"]["ndcg@10_ratio"] > 1.0
+    assert report["retrieval"]["recall@500"] >= report["retrieval"]["recall@10"]
+    assert (trained_settings.reports_dir / "report.md").read_text().startswith("# recstack")
+
+
+@pytest.mark.slow
+def test_small_pipeline_ranker_artifacts_agree(trained_settings: Settings) -> None:
+    """ranker.json's feature order, the booster and the exported assembly have one width,
+    and the recorded parity is within tolerance."""
+    import onnxruntime as ort
+
+    from exporters import feature_assembly as fa
+
+    work = trained_settings.work_dir
+    manifest = json.loads((work / "ranker.json").read_text())
+    layout = fa.Layout.from_json(manifest["layout"])
+    booster = lgb.Booster(model_file=str(work / "ranker.txt"))
+    assert booster.feature_name() == manifest["feature_names"] == layout.names
+    sess = ort.InferenceSession(str(work / "rank_features.onnx"))
+    out = sess.run(None, fa.example_inputs(layout, 5))[0]
+    assert out.shape == (5, booster.num_feature())
+    parity = json.loads((work / "ranker_parity.json").read_text())
+    assert parity["ranker"]["checkpoint"]["max_abs_diff"] < 1e-5
+    assert parity["ranker"]["library"]["max_abs_diff"] < 1e-5
+    assert np.isfinite(list(parity["timings_ms"].values())).all()

@@ -1,0 +1,146 @@
+"""Ranker export parity: the Treelite checkpoint and the tl2cgen library reproduce
+LightGBM's raw scores, and a tampered (stale or corrupted) artifact fails the check."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+
+from exporters import feature_assembly as fa
+from exporters import ranker_export
+from exporters.ranker_export import ExportParams, RankerParityError, check_ranker_parity
+from exporters.ranker_train import MANIFEST_FILE, MODEL_FILE, SAMPLE_FILE
+from recstack.settings import Settings
+
+LAYOUT = fa.Layout(
+    user_features=("user_clicks_7d", "user_last_event_at", "user_mean_purchase_price"),
+    affinity_feature="user_category_affinity",
+    n_categories=6,
+    item_features=("category", "price", "item_views_7d"),
+)
+N_TREES = 12
+# Tiny trees compile in seconds; parallel_comp=1 keeps gcc to one process.
+PARAMS = ExportParams(parallel_comp=1, bench_repeats=3, bench_other_variant=False)
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, LAYOUT.n_features)).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = np.nan  # missing values take the default branches
+    return x
+
+
+def _booster(rows: np.ndarray, n_trees: int = N_TREES) -> lgb.Booster:
+    rng = np.random.default_rng(1)
+    y = (np.nan_to_num(rows[:, 0]) + rng.normal(0, 0.5, len(rows)) > 0.8).astype(int)
+    y[::7] = 2
+    params = {"objective": "lambdarank", "num_leaves": 7, "min_data_in_leaf": 5}
+    params |= {"verbosity": -1, "seed": 1, "num_threads": 1, "deterministic": True}
+    data = lgb.Dataset(rows, y, group=[40] * (len(rows) // 40))
+    return lgb.train(params, data, num_boost_round=n_trees)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A booster, its checkpoint and library, and those of the same booster minus its last
+    tree (a stale artifact: the classic way a served model silently drifts)."""
+    import treelite
+
+    base = tmp_path_factory.mktemp("ranker")
+    rows = _rows(400, 0)
+    booster = _booster(rows)
+    stale = lgb.Booster(model_str=booster.model_to_string(num_iteration=N_TREES - 1))
+    out: dict[str, object] = {"booster": booster, "rows": _rows(300, 2)}
+    for name, b in (("good", booster), ("stale", stale)):
+        model = treelite.frontend.from_lightgbm(b)
+        model.serialize(str(base / f"{name}.tl"))
+        ranker_export.compile_library(model, base / f"{name}.so", PARAMS, quantize=1)
+        out[f"{name}_checkpoint"] = base / f"{name}.tl"
+        out[f"{name}_library"] = base / f"{name}.so"
+    return out
+
+
+def test_parity_passes(artifacts: dict) -> None:
+    rec = check_ranker_parity(
+        artifacts["booster"],
+        artifacts["rows"],
+        checkpoint=artifacts["good_checkpoint"],
+        library=artifacts["good_library"],
+    )
+    assert rec["checkpoint"]["max_abs_diff"] < 1e-5
+    assert rec["library"]["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "library"])
+def test_stale_artifact_fails(artifacts: dict, kind: str) -> None:
+    with pytest.raises(RankerParityError, match="max abs diff"):
+        check_ranker_parity(
+            artifacts["booster"], artifacts["rows"], **{kind: artifacts[f"stale_{kind}"]}
+        )
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "library"])
+def test_corrupted_artifact_fails(artifacts: dict, kind: str, tmp_path: Path) -> None:
+    data = bytearray(Path(artifacts[f"good_{kind}"]).read_bytes())
+    bad = tmp_path / f"bad.{kind}"
+    bad.write_bytes(bytes(data[: len(data) // 2]))  # truncated file
+    with pytest.raises(RankerParityError, match="cannot score"):
+        check_ranker_parity(artifacts["booster"], artifacts["rows"], **{kind: bad})
+
+
+def _work_dir(settings: Settings, booster: lgb.Booster) -> Path:
+    """What the ranker step leaves in work/ (model, manifest, sample rows)."""
+    work = settings.work_dir
+    work.mkdir(parents=True)
+    booster.save_model(str(work / MODEL_FILE))
+    manifest = {"feature_names": LAYOUT.names, "layout": LAYOUT.to_json(), "n_candidates": 40}
+    (work / MANIFEST_FILE).write_text(json.dumps(manifest))
+    np.save(work / SAMPLE_FILE, _rows(200, 3))
+    return work
+
+
+FINAL = ("checkpoint.tl", "model.so", "rank_features.onnx", "ranker_parity.json")
+
+
+def test_export_writes_checked_artifacts(settings: Settings, artifacts: dict) -> None:
+    work = _work_dir(settings, artifacts["booster"])
+    ranker_export.export(settings, replace(PARAMS, bench_other_variant=True))
+    assert all((work / f).exists() for f in FINAL)
+    rec = json.loads((work / "ranker_parity.json").read_text())
+    assert rec["ranker"]["library"]["max_abs_diff"] < 1e-5
+    assert rec["rank_features_onnx"]["max_abs_diff"] < 1e-5
+    assert rec["num_features"] == LAYOUT.n_features
+    assert set(rec["timings_ms"]) == {
+        "lightgbm_1thread_ms",
+        "tl2cgen_1thread_ms",
+        "tl2cgen_2thread_ms",
+        "tl2cgen_quantized_1thread_ms",
+        "tl2cgen_quantized_2thread_ms",
+    }
+    assert rec["library_quantize"] in (0, 1)
+    # whichever variant was installed, the final model.so still matches LightGBM
+    check_ranker_parity(artifacts["booster"], artifacts["rows"], library=work / "model.so")
+
+
+def test_export_writes_nothing_when_the_library_is_wrong(
+    settings: Settings, artifacts: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    work = _work_dir(settings, artifacts["booster"])
+    (work / "ranker_parity.json").write_text("{}")  # left by an export of an older ranker
+
+    def stale_compile(model: object, libpath: Path, params: object, quantize: int) -> float:
+        shutil.copy(artifacts["stale_library"], libpath)  # a build of another model
+        return 0.0
+
+    monkeypatch.setattr(ranker_export, "compile_library", stale_compile)
+    with pytest.raises(RankerParityError):
+        ranker_export.export(settings, PARAMS)
+    assert not any((work / f).exists() for f in FINAL)
+    assert not list(work.glob(".ranker_export*"))  # the staging folder is gone too
