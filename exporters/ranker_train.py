@@ -17,12 +17,11 @@ Outputs in ``work/``: ``ranker.txt`` (LightGBM, best iteration only), ``ranker.j
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,45 +90,18 @@ class RankerParams:
 # --- Feast point-in-time features -----------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _cheap_dask_tokens() -> Iterator[None]:
-    """Feast's file offline store (dask) tokenizes the joined frames on every ``persist``,
-    pickling object columns — the category-affinity lists — several times each: 80 s for
-    1,500 users of the small preset instead of 1 s. Tokens are only graph keys of this
-    one-shot computation, so object arrays are tokenized by identity here (kept alive for
-    the duration, so an id is never reused)."""
-    from dask.tokenize import normalize_token
-
-    normalize_token.dispatch(np.ndarray)  # make dask register its numpy handlers first
-    original = normalize_token.dispatch(np.ndarray)
-    alive: list[np.ndarray] = []
-
-    def by_identity(x: np.ndarray) -> Any:
-        if x.dtype.hasobject and x.shape:
-            alive.append(x)
-            return ("object-ndarray", id(x), x.shape)
-        return original(x)
-
-    normalize_token.register(np.ndarray)(by_identity)
-    try:
-        yield
-    finally:
-        normalize_token.register(np.ndarray)(original)
-        alive.clear()
-
-
 def point_in_time_features(
     settings: Settings, key: str, ids: np.ndarray, at: pd.Timestamp, refs: Sequence[str]
 ) -> pd.DataFrame:
     """Feature values of entities ``ids`` (join key ``key``) as of ``at`` through Feast's
     ``get_historical_features``: one row per id, in the order of ``ids``; an entity with no
     value as of ``at`` gets NaN/None (Feast itself drops such rows)."""
-    from exporters.feast_ops import feature_store
+    from exporters.feast_ops import feature_store, identity_dask_tokens
 
     ids = np.asarray(ids, dtype=np.int64)
     entity_df = pd.DataFrame({key: ids, "event_timestamp": pd.Timestamp(at)})
     store = feature_store(settings)
-    with _cheap_dask_tokens():
+    with identity_dask_tokens():
         df = store.get_historical_features(entity_df=entity_df, features=list(refs)).to_df()
     names = [r.split(":", 1)[1] for r in refs]
     df = df.drop_duplicates(key).set_index(key)
