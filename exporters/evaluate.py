@@ -33,6 +33,7 @@ from exporters import metrics, retrieval
 from exporters.feature_assembly import Layout
 from exporters.ranker_train import (
     LABELS,
+    CandidateRows,
     candidate_rows,
     existing_only,
     graded_labels,
@@ -81,6 +82,20 @@ def _list_metrics(
     return {k: round(v, 5) for k, v in out.items()}
 
 
+def top_lists(cands: CandidateRows, scores: np.ndarray, n_users: int) -> np.ndarray:
+    """Top-10 item ids of each request [n_users, 10] from per-row scores (-1 padded);
+    ties keep retrieval order."""
+    ranked = np.full((n_users, TOP_K), -1, dtype=np.int64)
+    # Sort rows by (query, -score); ties keep retrieval order (stable).
+    order = np.lexsort((cands.position, -scores, cands.query))
+    q_sorted = cands.query[order]
+    starts = np.searchsorted(q_sorted, np.arange(n_users))
+    rank_in_q = np.arange(len(order)) - starts[q_sorted]
+    keep = rank_in_q < TOP_K
+    ranked[q_sorted[keep], rank_in_q[keep]] = cands.row_items[order][keep]
+    return ranked
+
+
 def _rank(
     settings: Settings, users: np.ndarray, at: pd.Timestamp, retrieved: tuple[np.ndarray, ...]
 ) -> np.ndarray:
@@ -91,15 +106,7 @@ def _rank(
     k = int(manifest["n_candidates"])
     cands = candidate_rows(settings, layout, users, at, k, retrieved=(retrieved[0], retrieved[1]))
     scores = np.asarray(booster.predict(cands.rows, raw_score=True), dtype=np.float64)
-    ranked = np.full((len(users), TOP_K), -1, dtype=np.int64)
-    # Sort rows by (query, -score); ties keep retrieval order (stable).
-    order = np.lexsort((cands.position, -scores, cands.query))
-    q_sorted = cands.query[order]
-    starts = np.searchsorted(q_sorted, np.arange(len(users)))
-    rank_in_q = np.arange(len(order)) - starts[q_sorted]
-    keep = rank_in_q < TOP_K
-    ranked[q_sorted[keep], rank_in_q[keep]] = cands.row_items[order][keep]
-    return ranked
+    return top_lists(cands, scores, len(users))
 
 
 def run(settings: Settings, out: Path | None = None, params: EvalParams | None = None) -> dict:

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(bench, "triton", "orchestrator.triton_bench:cli", "Triton gRPC vs in-process")
     p.add_argument("--repeats", type=int, default=300)
 
+    p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=30)
+
     # --- load tests -----------------------------------------------------------------------
     lt = groups.add_parser("loadtest", help="open-loop load tests").add_subparsers(
         dest="cmd", required=True

@@ -1,0 +1,134 @@
+"""``recstack bench ranker``: NDCG@10 against the ranker's serving cost.
+
+The ranker is the largest item of the request budget (candidates × trees). This bench
+takes the trained ranker of ``work/`` and the test-split requests of the evaluation, builds
+the candidate rows once (retrieval top ``max(CANDIDATES)``, point-in-time features, the
+shared assembly), then for every (candidates ranked, trees used) pair reports NDCG@10 of the
+ranked top 10 and the single-threaded time to score that many rows with that many trees —
+the numbers to choose the serving point from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from exporters import metrics, retrieval
+from exporters.evaluate import TOP_K, top_lists
+from exporters.feature_assembly import Layout
+from exporters.ranker_train import (
+    candidate_rows,
+    existing_only,
+    graded_labels,
+    load_booster,
+    load_manifest,
+)
+from exporters.raw_tables import read_table
+from exporters.split import load_split
+from recstack.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+CANDIDATES: tuple[int, ...] = (25, 50, 100, 200, 300, 500)
+TREE_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 1.0)
+
+
+def _time_ms(fn: Any, repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(samples)
+
+
+def run(settings: Settings, max_users: int = 2000, repeats: int = 30) -> list[dict[str, Any]]:
+    """The curve as rows of {candidates, trees, ndcg@10, recall@10, ms_per_request}."""
+    split = load_split(settings)
+    at = pd.Timestamp(split.val_end)
+    labels = graded_labels(split.test(read_table(settings, "interactions")))
+    users = np.sort(labels["user_id"].unique())
+    if len(users) > max_users:
+        users = np.sort(np.random.default_rng(settings.seed).choice(users, max_users, False))
+    by_user = {
+        u: dict(zip(g["item_id"], g["label"], strict=True)) for u, g in labels.groupby("user_id")
+    }
+    relevant = [{int(i): float(g) for i, g in by_user[u].items()} for u in users]
+
+    k = max(CANDIDATES)
+    items, scores = retrieval.retrieve(settings, users, at, k)
+    items, scores = existing_only(settings, np.asarray(items, dtype=np.int64), scores, at)
+    layout = Layout.from_json(load_manifest(settings)["layout"])
+    cands = candidate_rows(settings, layout, users, at, k, retrieved=(items, scores))
+    booster = load_booster(settings)
+    n_trees = booster.num_trees()
+    probe = cands.rows[cands.query == 0]
+
+    out: list[dict[str, Any]] = []
+    for trees in sorted({max(1, round(n_trees * f)) for f in TREE_FRACTIONS}):
+        all_scores = booster.predict(cands.rows, raw_score=True, num_iteration=trees)
+        for n in CANDIDATES:
+            keep = cands.position < n
+            sub_scores = np.where(keep, all_scores, -np.inf)
+            lists = top_lists(cands, sub_scores, len(users))
+            ndcg = metrics.ndcg_at_k(lists, relevant, TOP_K)
+            recall = metrics.recall_at_k(lists, relevant, TOP_K)
+            rows = np.resize(probe, (n, probe.shape[1])).astype(np.float32)
+            ms = _time_ms(
+                lambda r=rows, t=trees: booster.predict(
+                    r, raw_score=True, num_iteration=t, num_threads=1
+                ),
+                repeats,
+            )
+            out.append(
+                {
+                    "candidates": n,
+                    "trees": trees,
+                    "ndcg@10": round(ndcg, 4),
+                    "recall@10": round(recall, 4),
+                    "ms_per_request": round(ms, 3),
+                }
+            )
+            log.info("candidates %d trees %d: ndcg@10 %.4f, %.3f ms", n, trees, ndcg, ms)
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], n_users: int) -> str:
+    lines = [
+        "# Ranker cost vs quality",
+        "",
+        f"Test-split requests ({n_users} users, as of the validation end); NDCG@10 of the "
+        "ranked top 10 when the first N retrieved candidates are ranked with T trees; "
+        "cost = LightGBM single-thread time to score N rows (median).",
+        "",
+        "| candidates | trees | NDCG@10 | recall@10 | ms / request |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['candidates']} | {r['trees']} | {r['ndcg@10']:.4f} | {r['recall@10']:.4f} "
+        f"| {r['ms_per_request']:.3f} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def cli(args: argparse.Namespace) -> int:
+    """``recstack bench ranker``: print the curve; write reports/ranker_cost.{md,json}."""
+    settings = get_settings()
+    rows = run(settings, max_users=args.users, repeats=args.repeats)
+    out = Path(settings.reports_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ranker_cost.json").write_text(json.dumps(rows, indent=2))
+    text = markdown(rows, args.users)
+    (out / "ranker_cost.md").write_text(text)
+    print(text)
+    return 0
