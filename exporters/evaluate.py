@@ -109,28 +109,39 @@ def _rank(
     return top_lists(cands, scores, len(users))
 
 
+def test_requests(
+    settings: Settings, max_users: int, interactions: pd.DataFrame | None = None
+) -> tuple[pd.Timestamp, np.ndarray, list[dict[int, float]], int]:
+    """The evaluation's requests: test users with a click or purchase, as of the end of
+    validation, at most ``max_users`` of them (seeded sample). Returns (request time, user
+    ids, graded relevant items per user, number of test users before sampling)."""
+    split = load_split(settings)
+    if interactions is None:
+        interactions = read_table(settings, "interactions")
+    labels = graded_labels(split.test(interactions))
+    if labels.empty:
+        raise UserError("no clicks or purchases in the test window: nothing to evaluate")
+    users = np.sort(labels["user_id"].unique())
+    n_test_users = len(users)
+    if len(users) > max_users:
+        rng = np.random.default_rng(settings.seed)
+        users = np.sort(rng.choice(users, max_users, replace=False))
+    by_user = {
+        u: dict(zip(g["item_id"], g["label"], strict=True)) for u, g in labels.groupby("user_id")
+    }
+    relevant = [{int(i): float(g) for i, g in by_user[u].items()} for u in users]
+    return pd.Timestamp(split.val_end), users, relevant, n_test_users
+
+
 def run(settings: Settings, out: Path | None = None, params: EvalParams | None = None) -> dict:
     """Evaluate the trained pipeline against popularity on the test split; write
     ``report.md`` and ``report.json`` into ``out`` (default ``settings.reports_dir``) and
     return the report dict."""
     params = params or EvalParams()
     t0 = time.perf_counter()
-    split = load_split(settings)
-    at = pd.Timestamp(split.val_end)
     interactions = read_table(settings, "interactions")
     items = read_table(settings, "items", columns=["item_id", "category"])
-    labels = graded_labels(split.test(interactions))
-    if labels.empty:
-        raise UserError("no clicks or purchases in the test window: nothing to evaluate")
-    users = np.sort(labels["user_id"].unique())
-    n_test_users = len(users)
-    if len(users) > params.max_users:
-        rng = np.random.default_rng(settings.seed)
-        users = np.sort(rng.choice(users, params.max_users, replace=False))
-    by_user = {
-        u: dict(zip(g["item_id"], g["label"], strict=True)) for u, g in labels.groupby("user_id")
-    }
-    relevant = [{int(i): float(g) for i, g in by_user[u].items()} for u in users]
+    at, users, relevant, n_test_users = test_requests(settings, params.max_users, interactions)
     n_catalog = len(items)
     categories = dict(zip(items["item_id"].tolist(), items["category"].tolist(), strict=True))
 

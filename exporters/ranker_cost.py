@@ -19,20 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from exporters import metrics, retrieval
-from exporters.evaluate import TOP_K, top_lists
+from exporters.evaluate import TOP_K, test_requests, top_lists
 from exporters.feature_assembly import Layout
 from exporters.ranker_train import (
     candidate_rows,
     existing_only,
-    graded_labels,
     load_booster,
     load_manifest,
 )
-from exporters.raw_tables import read_table
-from exporters.split import load_split
 from recstack.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -53,16 +49,7 @@ def _time_ms(fn: Any, repeats: int) -> float:
 
 def run(settings: Settings, max_users: int = 2000, repeats: int = 30) -> list[dict[str, Any]]:
     """The curve as rows of {candidates, trees, ndcg@10, recall@10, ms_per_request}."""
-    split = load_split(settings)
-    at = pd.Timestamp(split.val_end)
-    labels = graded_labels(split.test(read_table(settings, "interactions")))
-    users = np.sort(labels["user_id"].unique())
-    if len(users) > max_users:
-        users = np.sort(np.random.default_rng(settings.seed).choice(users, max_users, False))
-    by_user = {
-        u: dict(zip(g["item_id"], g["label"], strict=True)) for u, g in labels.groupby("user_id")
-    }
-    relevant = [{int(i): float(g) for i, g in by_user[u].items()} for u in users]
+    at, users, relevant, _ = test_requests(settings, max_users)
 
     k = max(CANDIDATES)
     items, scores = retrieval.retrieve(settings, users, at, k)

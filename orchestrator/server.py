@@ -101,45 +101,53 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, service: RecommendService) -> None:
         self.service = service
 
-    async def _abort(
-        self, context: grpc.aio.ServicerContext, code: list[str], status: grpc.StatusCode, msg: str
-    ) -> None:
-        code[0] = status.name
-        await context.abort(status, msg)
+    async def _handle(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        parse: Callable[[], Any],
+        call: Callable[[Any], Awaitable[Any]],
+    ) -> Any:
+        """Validate, call, and map failures to status codes (never a traceback)."""
+        async with _observed(method) as code:
+            status, message = grpc.StatusCode.OK, ""
+            try:
+                query = parse()
+            except InvalidRequest as e:
+                status, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+            else:
+                try:
+                    return await call(query)
+                except ServiceUnavailable as e:
+                    status, message = grpc.StatusCode.UNAVAILABLE, str(e)
+                except Exception:
+                    log.exception("%s failed", method)
+                    status, message = grpc.StatusCode.INTERNAL, "internal error"
+            code[0] = status.name
+            await context.abort(status, message)
 
     async def Recommend(
         self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecommendResponse:
-        async with _observed("Recommend") as code:
-            try:
-                query = from_grpc(request)
-            except InvalidRequest as e:
-                await self._abort(context, code, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            try:
-                result = await self.service.recommend(query, context.time_remaining())
-            except ServiceUnavailable as e:
-                await self._abort(context, code, grpc.StatusCode.UNAVAILABLE, str(e))
-            except Exception:
-                log.exception("Recommend failed for user %s", request.user_id)
-                await self._abort(context, code, grpc.StatusCode.INTERNAL, "internal error")
-            return to_proto(result)
+        async def call(query: Any) -> pb.RecommendResponse:
+            return to_proto(await self.service.recommend(query, context.time_remaining()))
+
+        reply: pb.RecommendResponse = await self._handle(
+            "Recommend", context, lambda: from_grpc(request), call
+        )
+        return reply
 
     async def RecordEvent(
         self, request: pb.RecordEventRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEventResponse:
-        async with _observed("RecordEvent") as code:
-            try:
-                event = event_from_grpc(request)
-            except InvalidRequest as e:
-                await self._abort(context, code, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            try:
-                await self.service.record_event(event, context.time_remaining())
-            except ServiceUnavailable as e:
-                await self._abort(context, code, grpc.StatusCode.UNAVAILABLE, str(e))
-            except Exception:
-                log.exception("RecordEvent failed for user %s", request.user_id)
-                await self._abort(context, code, grpc.StatusCode.INTERNAL, "internal error")
+        async def call(event: Any) -> pb.RecordEventResponse:
+            await self.service.record_event(event, context.time_remaining())
             return pb.RecordEventResponse(accepted=True)
+
+        reply: pb.RecordEventResponse = await self._handle(
+            "RecordEvent", context, lambda: event_from_grpc(request), call
+        )
+        return reply
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
