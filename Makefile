@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN := .run
 PRESET ?= demo
 
-.PHONY: setup demo test lint fmt typecheck stop bench-features bench-triton clean-data help
+.PHONY: setup demo test lint fmt typecheck stop bench-features bench-triton bench-large clean-data help
 
 help:
 	@echo "make demo   - set up everything, then data -> training -> export -> servers -> recommendations"
@@ -65,6 +65,11 @@ bench-features: setup
 
 bench-triton: setup
 	$(BIN)/recstack bench triton
+
+# Issue 5's 1M-item benchmark end to end in its own workspace (BENCH_DIR, default /work/perf)
+# and ports (PORT_BASE, default 38000): docs/benchmark.md.
+bench-large: setup
+	bash loadtest/bench_large.sh
 
 clean-data:
 	rm -rf data releases $(RUN) model_repository/*/[0-9]*

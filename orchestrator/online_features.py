@@ -129,6 +129,11 @@ class ItemSnapshot:
     category: np.ndarray  # int64 [M]
     created_at: np.ndarray  # float64 [M]
     as_of: dict[str, datetime | None] = field(default_factory=dict)  # view -> end
+    # Per-feature defaults, computed once: lookup runs on every request (hot path).
+    defaults: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.defaults = np.array([default_value(n) for n in self.names], dtype=np.float32)
 
     def lookup(self, item_ids: np.ndarray) -> ItemFeatures:
         ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
@@ -138,11 +143,17 @@ class ItemSnapshot:
         else:
             pos = np.zeros(len(ids), dtype=np.int64)
             known = np.zeros(len(ids), dtype=bool)
-        defaults = np.array([default_value(n) for n in self.names], dtype=np.float32)
+        defaults = self.defaults
         if len(self.ids):
-            matrix = np.where(known[:, None], self.matrix[pos], defaults[None, :])
-            category = np.where(known, self.category[pos], int(default_value(CATEGORY)))
-            created = np.where(known, self.created_at[pos], default_value(CREATED_AT))
+            # Gather, then patch the (rare) unknown rows: cheaper than np.where over [N, F].
+            matrix = self.matrix[pos]
+            category = self.category[pos]
+            created = self.created_at[pos]
+            if not known.all():
+                unknown = ~known
+                matrix[unknown] = defaults
+                category[unknown] = int(default_value(CATEGORY))
+                created[unknown] = default_value(CREATED_AT)
         else:
             matrix = np.broadcast_to(defaults, (len(ids), len(self.names))).copy()
             category = np.full(len(ids), int(default_value(CATEGORY)), dtype=np.int64)
