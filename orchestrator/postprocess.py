@@ -3,7 +3,6 @@ and one human-readable reason per item. Pure numpy on the candidate arrays, no I
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,19 +70,22 @@ def category_capped_top_k(
 ) -> np.ndarray:
     """Walk candidates in ``order`` and keep at most ``cap`` per category until k are kept.
 
-    When the candidates span too few categories to fill k under the cap (e.g. the request
-    filtered to one category), the cap is raised to ceil(k / categories available): the
-    filter the client asked for wins over diversity, and the answer still has k items.
+    ``cap`` is ``max_per_category`` unless the candidates cannot fill k under it (e.g. the
+    request filtered to one or two categories): then it is the smallest cap that can, so the
+    filter the client asked for wins over diversity and the answer still has k items.
     """
-    available = len(np.unique(categories[order])) if len(order) else 0
-    cap = max(max_per_category, math.ceil(k / available)) if available else max_per_category
-    counts: dict[int, int] = {}
+    k = min(k, len(order))
+    _, counts = np.unique(categories[order], return_counts=True)
+    cap = max_per_category
+    while np.minimum(counts, cap).sum() < k:
+        cap += 1
+    per_category: dict[int, int] = {}
     kept: list[int] = []
     for i in order:
         cat = int(categories[i])
-        if counts.get(cat, 0) >= cap:
+        if per_category.get(cat, 0) >= cap:
             continue
-        counts[cat] = counts.get(cat, 0) + 1
+        per_category[cat] = per_category.get(cat, 0) + 1
         kept.append(int(i))
         if len(kept) == k:
             break

@@ -85,6 +85,9 @@ async def _observed(method: str) -> AsyncIterator[list[str]]:
     _in_flight[0] += 1
     try:
         yield code
+    except asyncio.CancelledError:
+        code[0] = "CANCELLED"  # the client went away or its deadline passed
+        raise
     except BaseException:
         if code[0] == "OK":
             code[0] = "INTERNAL"

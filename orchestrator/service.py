@@ -136,6 +136,10 @@ class RecommendService:
 
     # ----------------------------------------------------------------- the pipeline
     def _recommend(self, q: RecommendQuery, clock: RequestClock) -> RecommendResult:
+        if clock.remaining() <= 0:
+            # Waited in the queue past its deadline (overload): answer cheaply instead of
+            # spending model time on a reply nobody can use; the backlog drains faster.
+            return self._fallback(q, clock, ["load_shed"], None)
         degraded: list[str] = []
         now = q.timestamp.timestamp()
         rel = self.release

@@ -63,6 +63,9 @@ def test_cap_relaxes_only_when_categories_run_out() -> None:
     cats = np.array([5] * 30)
     order = np.arange(30)
     assert len(category_capped_top_k(order, cats, 10, 3)) == 10  # one category: filled
+    uneven = np.array([7] + [8] * 50)  # one lonely item in category 7
+    kept = category_capped_top_k(np.arange(51), uneven, 10, 3)
+    assert len(kept) == 10 and np.bincount(uneven[kept])[8] == 9
     cats2 = np.array([1] * 20 + [2] * 20)
     kept = category_capped_top_k(np.arange(40), cats2, 10, 3)
     assert len(kept) == 10 and np.bincount(cats2[kept]).max() == 5  # ceil(10/2)
