@@ -179,6 +179,15 @@ class Engine:
                 lag_samples.append(now - t - LOOP_PROBE_S)
                 lag_t.append(now - t0)
 
+        def progress(p99_ms: float | None) -> dict[str, Any]:
+            """One progress report of this worker (p99 of the last interval, if any)."""
+            return {
+                "worker": self.spec.worker,
+                "elapsed": clock() - t0,
+                **{key: st[key] for key in ("sent", "done", "errors", "dropped", "in_flight")},
+                "p99_ms": p99_ms,
+            }
+
         async def report_progress() -> None:
             while not stop.is_set():
                 await asyncio.sleep(PROGRESS_EVERY_S)
@@ -187,18 +196,7 @@ class Engine:
                 if on_progress is None:
                     continue
                 on_progress(
-                    {
-                        "worker": self.spec.worker,
-                        "elapsed": clock() - t0,
-                        "sent": st["sent"],
-                        "done": st["done"],
-                        "errors": st["errors"],
-                        "dropped": st["dropped"],
-                        "in_flight": st["in_flight"],
-                        "p99_ms": float(np.percentile(window, 99) * 1e3)
-                        if window is not None
-                        else None,
-                    }
+                    progress(float(np.percentile(window, 99) * 1e3) if window is not None else None)
                 )
 
         side = [loop.create_task(probe_loop()), loop.create_task(report_progress())]
@@ -241,18 +239,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         if on_progress is not None:
-            on_progress(
-                {
-                    "worker": self.spec.worker,
-                    "elapsed": clock() - t0,
-                    "sent": st["sent"],
-                    "done": st["done"],
-                    "errors": st["errors"],
-                    "dropped": st["dropped"],
-                    "in_flight": st["in_flight"],
-                    "p99_ms": None,
-                }
-            )
+            on_progress(progress(None))
         return WorkerResult(
             intended=times,
             latency=latency,
