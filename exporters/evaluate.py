@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from exporters import metrics, retrieval
-from exporters.feature_assembly import Layout
+from exporters.rank_layout import Layout
 from exporters.ranker_train import (
     LABELS,
     CandidateRows,

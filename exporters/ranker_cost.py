@@ -22,7 +22,7 @@ import numpy as np
 
 from exporters import metrics, retrieval
 from exporters.evaluate import TOP_K, test_requests, top_lists
-from exporters.feature_assembly import Layout
+from exporters.rank_layout import Layout
 from exporters.ranker_train import (
     candidate_rows,
     existing_only,

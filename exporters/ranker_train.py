@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from exporters import feature_assembly, retrieval
-from exporters.feature_assembly import ITEM_KEY, USER_KEY, Layout
+from exporters.rank_layout import ITEM_KEY, USER_KEY, Layout
 from exporters.raw_tables import read_meta, read_table
 from exporters.split import load_split
 from recstack.errors import UserError

@@ -12,9 +12,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from exporters.feature_assembly import Layout
 from exporters.history import PAD
 from exporters.model_config import input_names
+from exporters.rank_layout import Layout
 from exporters.release import load_manifest, release_dir
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.faiss_index import FaissIndex
