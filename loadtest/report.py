@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,32 +162,34 @@ def _generator_state(check: dict[str, Any]) -> str:
     return "ok" if check["ok"] else "disturbed"
 
 
-def write_run(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write ``result.json``, ``summary.md`` and ``run.png`` into ``out_dir``."""
+def _write(
+    doc: dict[str, Any],
+    out_dir: Path,
+    names: tuple[str, str],
+    plot: Callable[[dict[str, Any], Path], Any],
+    markdown: Callable[[dict[str, Any], str], str],
+) -> dict[str, Path]:
+    """The JSON and PNG named by ``names`` and ``summary.md`` (which embeds the plot)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
-        "json": out_dir / "result.json",
+        "json": out_dir / names[0],
         "markdown": out_dir / "summary.md",
-        "plot": out_dir / "run.png",
+        "plot": out_dir / names[1],
     }
     paths["json"].write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    plot_run(doc, paths["plot"])
-    paths["markdown"].write_text(run_markdown(doc, paths["plot"].name))
+    plot(doc, paths["plot"])
+    paths["markdown"].write_text(markdown(doc, paths["plot"].name))
     return paths
+
+
+def write_run(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write ``result.json``, ``summary.md`` and ``run.png`` into ``out_dir``."""
+    return _write(doc, out_dir, ("result.json", "run.png"), plot_run, run_markdown)
 
 
 def write_sweep(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Write ``sweep.json``, ``summary.md`` and ``sweep.png`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": out_dir / "sweep.json",
-        "markdown": out_dir / "summary.md",
-        "plot": out_dir / "sweep.png",
-    }
-    paths["json"].write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    plot_sweep(doc, paths["plot"])
-    paths["markdown"].write_text(sweep_markdown(doc, paths["plot"].name))
-    return paths
+    return _write(doc, out_dir, ("sweep.json", "sweep.png"), plot_sweep, sweep_markdown)
 
 
 def load_result(path: Path) -> dict[str, Any]:
