@@ -1,27 +1,33 @@
 """The catalog as the orchestrator sees it during a request: item attributes needed for
 filters, fallbacks and post-processing, as numpy arrays aligned by row, with a vectorised
-item_id -> row lookup. Built once per release from the item-feature snapshot and the index.
+item_id -> row lookup. Built once per release from the item-feature snapshot and the index;
+rows follow the index's rows, so a FAISS result is already a catalog row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from orchestrator.id_index import IdIndex
 from orchestrator.request import Filters
 
 
 @dataclass(frozen=True)
 class Catalog:
-    """Row-aligned item attributes. ``item_ids`` is sorted ascending (for searchsorted)."""
+    """Row-aligned item attributes, rows in the order given to :meth:`build`."""
 
-    item_ids: np.ndarray  # int64, sorted
+    item_ids: np.ndarray  # int64, unique
     category: np.ndarray  # int64
     price: np.ndarray  # float64
     created_at: np.ndarray  # float64 unix seconds
     popularity: np.ndarray  # float64, higher = more popular (recent engagement)
     embeddings: np.ndarray  # float32 [n, dim], the item tower's vectors of this release
+    _rows: IdIndex = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_rows", IdIndex(self.item_ids))  # raises on duplicates
 
     @classmethod
     def build(
@@ -33,7 +39,8 @@ class Catalog:
         popularity: np.ndarray,
         embeddings: np.ndarray,
     ) -> Catalog:
-        """Sort by item id and check that every array has one row per item."""
+        """Check that every array has one row per item and the ids are unique; rows keep
+        the given order (the index's, so FAISS rows are catalog rows)."""
         n = len(item_ids)
         for name, arr in (
             ("category", category),
@@ -44,29 +51,24 @@ class Catalog:
         ):
             if len(arr) != n:
                 raise ValueError(f"catalog {name} has {len(arr)} rows for {n} items")
-        order = np.argsort(item_ids, kind="stable")
-        ids = np.asarray(item_ids, dtype=np.int64)[order]
-        if n and np.any(ids[1:] == ids[:-1]):
-            raise ValueError("catalog item ids are not unique")
-        return cls(
-            ids,
-            np.asarray(category, dtype=np.int64)[order],
-            np.asarray(price, dtype=np.float64)[order],
-            np.asarray(created_at, dtype=np.float64)[order],
-            np.asarray(popularity, dtype=np.float64)[order],
-            np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32)[order]),
-        )
+        try:
+            return cls(
+                np.asarray(item_ids, dtype=np.int64),
+                np.asarray(category, dtype=np.int64),
+                np.asarray(price, dtype=np.float64),
+                np.asarray(created_at, dtype=np.float64),
+                np.asarray(popularity, dtype=np.float64),
+                np.ascontiguousarray(embeddings, dtype=np.float32),
+            )
+        except ValueError as e:
+            raise ValueError(f"catalog item ids: {e}") from None
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
     def rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, known): the row of each id, and which ids are in the catalog at all."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        rows = np.searchsorted(self.item_ids, ids)
-        rows = np.minimum(rows, max(len(self.item_ids) - 1, 0))
-        known = (self.item_ids[rows] == ids) if len(self.item_ids) else np.zeros(len(ids), bool)
-        return rows, known
+        return self._rows.positions(item_ids)
 
     def allowed(self, rows: np.ndarray, filters: Filters, seen: np.ndarray) -> np.ndarray:
         """Mask over ``rows``: passes the request filters and is not in ``seen`` (ids)."""
