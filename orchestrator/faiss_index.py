@@ -42,6 +42,17 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def _canonical(factory: str, dim: int, metric: int) -> str:
+    """``factory`` as ``reverse_index_factory`` spells it (e.g. ``…,RFlat`` comes back as
+    ``…,Refine(Flat)``), from an empty index built with it: cheap, nothing is trained."""
+    try:
+        # Keep a reference: reverse_index_factory walks sub-indexes the parent owns.
+        empty = faiss.index_factory(dim, factory, metric)
+    except RuntimeError:  # not a factory string FAISS knows: cannot match any file
+        return factory
+    return str(reverse_index_factory(empty))
+
+
 @dataclass
 class FaissIndex:
     """A loaded index plus its row → item_id map. Build with :meth:`load`."""
@@ -79,12 +90,12 @@ class FaissIndex:
         ids = np.asarray(item_ids if isinstance(item_ids, np.ndarray) else np.load(item_ids))
         index = faiss.read_index(str(path))
         factory = str(meta["factory"])
-        found = reverse_index_factory(index)
-        if found != factory:
-            raise IndexMismatchError(path, "index factory", factory, found)
         metric = _METRICS.get(str(meta.get("metric", "ip")))
         if metric is None or index.metric_type != metric:
             raise IndexMismatchError(path, "metric type", meta.get("metric"), index.metric_type)
+        found, want = reverse_index_factory(index), _canonical(factory, index.d, metric)
+        if found != want:
+            raise IndexMismatchError(path, "index factory", want, found)
         if "dim" in meta and index.d != int(meta["dim"]):
             raise IndexMismatchError(path, "dimension", int(meta["dim"]), index.d)
         if "n_items" in meta and index.ntotal != int(meta["n_items"]):

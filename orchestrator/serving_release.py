@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
@@ -17,6 +17,7 @@ from exporters.model_config import input_names
 from exporters.rank_layout import Layout
 from exporters.release import load_manifest, release_dir
 from orchestrator.catalog import Catalog, Fallbacks
+from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.faiss_index import FaissIndex
 from orchestrator.online_features import ItemFeatures, OnlineFeatures, UserFeatures
 from orchestrator.request import EventQuery
@@ -104,8 +105,19 @@ class ReleaseFeatures:
 
 
 def _index_vectors(index: FaissIndex) -> np.ndarray:
-    """The item vectors stored in the index, row-aligned with ``index.item_ids``."""
+    """The item vectors stored in the index, row-aligned with ``index.item_ids``.
+
+    With a refine stage (``…,RFlat``) the exact vectors are the refine index's storage:
+    returned as a read-only view (no second 256 MB copy at 1M items), kept alive by the
+    index. Otherwise they are reconstructed (a copy; exact for Flat/IVF-Flat)."""
     cpu = faiss.index_gpu_to_cpu(index.index) if index.on_gpu else index.index
+    if isinstance(cpu, faiss.IndexRefine) and not index.on_gpu:
+        flat = faiss.downcast_index(cpu.refine_index)
+        if isinstance(flat, faiss.IndexFlat):
+            view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d)
+            view = view.reshape(flat.ntotal, flat.d)
+            view.flags.writeable = False
+            return view
     ivf = faiss.try_extract_index_ivf(cpu)
     if ivf is not None:
         ivf.make_direct_map()
@@ -121,6 +133,18 @@ class ServingRelease:
     fallbacks: Fallbacks
     features: ReleaseFeatures
     triton: TritonClient
+    user_embeddings: EmbeddingCache = field(default_factory=lambda: EmbeddingCache(0))
+
+    def user_embedding(self, user: UserView, timeout_s: float) -> np.ndarray:
+        """The user tower's output for ``user``: from this release's cache, else Triton
+        (at the pinned version), then cached. Raises TritonError like the client."""
+        inputs = user.tower_inputs()
+        key = EmbeddingCache.key(inputs)
+        embedding = self.user_embeddings.get(key)
+        if embedding is None:
+            embedding = self.triton.user_embedding(inputs, timeout_s=timeout_s)
+            self.user_embeddings.put(key, embedding)
+        return embedding
 
     @classmethod
     def load(cls, settings: Settings, release_id: int | None = None) -> ServingRelease:
@@ -177,6 +201,7 @@ class ServingRelease:
             Fallbacks.build(catalog),
             ReleaseFeatures(online, tower_inputs, layout),
             triton,
+            EmbeddingCache(settings.user_embedding_cache),
         )
 
     def warm_up(self, n_items: int, rounds: int = 3) -> None:

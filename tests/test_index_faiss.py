@@ -198,3 +198,33 @@ def test_retrieval_beats_popularity_on_small(trained: Trained) -> None:
 
     tower, pop = recall(items), recall([popular] * len(users))
     assert tower > pop + 0.03, (tower, pop)
+
+
+def test_fast_scan_refine_index_loads_and_serves_exact_vectors(clustered, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The large catalogs' index kind (fast-scan PQ + exact refine) round-trips through
+    FaissIndex.load (its factory string comes back as Refine(Flat)), scores are exact inner
+    products, and the vectors the orchestrator ranks with are the refine stage's, exactly."""
+    from orchestrator.serving_release import _index_vectors
+
+    x, q = clustered
+    x = x[:8000]
+    factory = "IVF32,PQ32x4fsr,RFlat"
+    index, stats = build_index(x, q, factory, "nprobe=8,k_factor_rf=2", k=50, min_recall=0.0)
+    meta = {
+        "factory": factory,
+        "search_params": stats.search_params,
+        "metric": "ip",
+        "dim": DIM,
+        "n_items": stats.n_items,
+    }
+    path, meta_path, ids = _write(tmp_path, index, meta, stats.n_items)
+    idx = FaissIndex.load(path, meta_path, ids, device="cpu")
+    scores, items = idx.search(q[:3], 50)
+    rows = (items - 7) // 10
+    exact = np.einsum("qd,qkd->qk", q[:3], x[rows])
+    np.testing.assert_allclose(scores, exact, rtol=1e-5, atol=1e-5)
+    vectors = _index_vectors(idx)
+    np.testing.assert_array_equal(vectors, x)
+    assert not vectors.flags.writeable
+    with pytest.raises(IndexMismatchError, match="index factory"):
+        FaissIndex.load(path, {**meta, "factory": "IVF32,Flat"}, ids, device="cpu")
