@@ -27,7 +27,12 @@ from _features_fixtures import (  # noqa: F401 - fixtures
 from exporters import feast_ops, feature_tables
 from exporters.feature_tables import UNRANKED
 from exporters.history import PAD
-from orchestrator.online_features import FeatureStoreUnavailable, OnlineFeatures, push_event
+from orchestrator.online_features import (
+    EntityRowReader,
+    FeatureStoreUnavailable,
+    OnlineFeatures,
+    push_event,
+)
 from orchestrator.processes import read_pid
 from orchestrator.redis_server import process_name
 from recstack.errors import UserError
@@ -111,6 +116,23 @@ def test_fast_path_equals_sdk(online: OnlineFeatures) -> None:
     np.testing.assert_array_equal(fast.known, sdk.known)
     assert fast.created_at[3] == ts("03-05").timestamp()
     assert fast.matrix.dtype == np.float32 and fast.matrix.shape == (5, len(fast.names))
+
+
+def test_user_row_reader_equals_sdk(online: OnlineFeatures) -> None:
+    refs = online._user_refs
+    reader = EntityRowReader(online.store, "user_id", refs)
+    for user in (1, 2, 424242):
+        sdk = online.store.get_online_features(features=refs, entity_rows=[{"user_id": user}])
+        want = {k: v[0] for k, v in sdk.to_dict().items() if k != "user_id"}
+        got = reader.read(user)
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            if isinstance(value, list):
+                assert list(got[name]) == pytest.approx(value), name
+            else:
+                assert got[name] == value, name
+    assert reader.read(1)["recent_items"] == [10, 12, 11]
+    assert all(v is None for v in reader.read(424242).values())
 
 
 def test_push_is_visible_within_a_second(online: OnlineFeatures) -> None:
