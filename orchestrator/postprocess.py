@@ -75,21 +75,21 @@ def category_capped_top_k(
     filter the client asked for wins over diversity and the answer still has k items.
     """
     k = min(k, len(order))
-    _, counts = np.unique(categories[order], return_counts=True)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    cats = np.asarray(categories)[order]
+    # Vectorised walk: occurrence[j] = how many candidates before position j (in ``order``)
+    # share its category; "keep at most cap per category" is then ``occurrence < cap``.
+    by_cat = np.argsort(cats, kind="stable")
+    sorted_cats = cats[by_cat]
+    starts = np.flatnonzero(np.r_[True, sorted_cats[1:] != sorted_cats[:-1]])
+    counts = np.diff(np.r_[starts, len(cats)])
+    occurrence = np.empty(len(cats), dtype=np.int64)
+    occurrence[by_cat] = np.arange(len(cats)) - np.repeat(starts, counts)
     cap = max_per_category
     while np.minimum(counts, cap).sum() < k:
         cap += 1
-    per_category: dict[int, int] = {}
-    kept: list[int] = []
-    for i in order:
-        cat = int(categories[i])
-        if per_category.get(cat, 0) >= cap:
-            continue
-        per_category[cat] = per_category.get(cat, 0) + 1
-        kept.append(int(i))
-        if len(kept) == k:
-            break
-    return np.asarray(kept, dtype=np.int64)
+    return np.asarray(order, dtype=np.int64)[occurrence < cap][:k]
 
 
 def select(

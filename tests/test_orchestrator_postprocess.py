@@ -94,3 +94,28 @@ def test_reasons_explain_each_item() -> None:
         "new in category 3",
         "matches your interest in category 4",
     ]
+
+
+def _capped_by_walking(order: np.ndarray, cats: np.ndarray, k: int, cap: int) -> list[int]:
+    """The rule spelled out as a loop (the reference for the vectorised version)."""
+    k = min(k, len(order))
+    while sum(min(int((cats[order] == c).sum()), cap) for c in set(cats[order].tolist())) < k:
+        cap += 1
+    seen: dict[int, int] = {}
+    kept: list[int] = []
+    for i in order:
+        if seen.get(int(cats[i]), 0) < cap and len(kept) < k:
+            seen[int(cats[i])] = seen.get(int(cats[i]), 0) + 1
+            kept.append(int(i))
+    return kept
+
+
+def test_category_cap_matches_the_walk_on_random_inputs() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        n = int(rng.integers(0, 60))
+        cats = rng.integers(-1, int(rng.integers(1, 8)), n)
+        order = rng.permutation(n)
+        k, cap = int(rng.integers(1, 30)), int(rng.integers(1, 4))
+        got = category_capped_top_k(order, cats, k, cap).tolist()
+        assert got == _capped_by_walking(order, cats, k, cap)
