@@ -42,6 +42,7 @@ class RequestClock:
         self.total_s = total
         self.end = self.start + total
         self.timings: dict[str, float] = {}
+        self.cpu_timings: dict[str, float] = {}
 
     def remaining(self) -> float:
         """Seconds left before the deadline, less the reserve."""
@@ -54,12 +55,16 @@ class RequestClock:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Record the stage's wall time in milliseconds (also when it raises)."""
+        """Record the stage's wall time and this thread's CPU time in milliseconds (also
+        when it raises). Wall far above CPU means the stage waited: on Triton, for the
+        GIL, or for a core."""
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         try:
             yield
         finally:
             self.timings[name] = (time.perf_counter() - t0) * 1000
+            self.cpu_timings[name] = (time.thread_time() - c0) * 1000
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.start) * 1000

@@ -28,6 +28,12 @@ _BUCKETS = (
 STAGE_SECONDS = Histogram(
     "recstack_stage_seconds", "Time spent per request stage", ["stage"], buckets=_BUCKETS
 )
+STAGE_CPU_SECONDS = Histogram(
+    "recstack_stage_cpu_seconds",
+    "CPU time of the worker thread per request stage (compare with recstack_stage_seconds)",
+    ["stage"],
+    buckets=_BUCKETS,
+)
 REQUEST_SECONDS = Histogram(
     "recstack_request_seconds", "End-to-end handler time", ["method"], buckets=_BUCKETS
 )
@@ -37,6 +43,9 @@ REQUESTS = Counter(
 DEGRADED = Counter("recstack_degraded_total", "Degraded answers by reason", ["reason"])
 RELEASE = Gauge("recstack_release_info", "The release being served (value 1)", ["release"])
 COLD_START = Counter("recstack_cold_start_total", "Requests for users without history")
+EMBEDDING_CACHE = Counter(
+    "recstack_user_embedding_cache_total", "User-tower cache look-ups by result", ["result"]
+)
 EVENTS = Counter("recstack_events_total", "RecordEvent calls pushed to Feast", ["event"])
 
 

@@ -62,7 +62,10 @@ class RecommendResult:
 class ServiceConfig:
     n_candidates: int = 500  # retrieved from FAISS per request
     n_ranked: int = 300  # of those, sent to the ranker (the budget's biggest item)
-    workers: int = 8
+    # Requests worked on at once (RECSTACK_ORCHESTRATOR_WORKERS). Each spends most of
+    # its time waiting on Triton or in FAISS/numpy (GIL released), so a few threads keep
+    # 2 cores busy; more only queue on the GIL.
+    workers: int = 4
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     post: PostprocessConfig = field(default_factory=PostprocessConfig)
 
@@ -79,7 +82,7 @@ class RecommendService:
     @classmethod
     async def create(cls, settings: Any, cfg: ServiceConfig | None = None) -> RecommendService:
         """Load the newest release (index, catalog, clients) off the event loop."""
-        cfg = cfg or ServiceConfig()
+        cfg = cfg or ServiceConfig(workers=settings.orchestrator_workers)
         release = await asyncio.to_thread(ServingRelease.load, settings)
         try:
             await asyncio.to_thread(release.warm_up, cfg.n_ranked)
@@ -115,6 +118,9 @@ class RecommendService:
             result = await asyncio.wait_for(asyncio.shield(fut), timeout=wait)
         except TimeoutError:
             result = self._fallback(q, clock, ["deadline_exceeded"], None)
+        else:  # the worker is done with the clock: its CPU times are final
+            for stage, ms in clock.cpu_timings.items():
+                metrics.STAGE_CPU_SECONDS.labels(stage).observe(ms / 1000)
         for stage, ms in result.timings.items():
             metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
         for reason in result.degraded:
@@ -159,7 +165,7 @@ class RecommendService:
             embedding = None
             if budget > 0:
                 try:
-                    embedding = rel.triton.user_embedding(user.tower_inputs(), timeout_s=budget)
+                    embedding = rel.user_embedding(user, timeout_s=budget)
                 except TritonError as e:
                     log.warning("user_tower failed: %s", e)
         if embedding is None:

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     orchestrator_grpc_port: int = 50051
     orchestrator_http_port: int = 8080
     orchestrator_metrics_port: int = 9100
+    # Recommend calls worked on at once (threads); see orchestrator/service.py.
+    orchestrator_workers: int = Field(default=4, ge=1, le=64)
+    # User-tower outputs kept per release, keyed by the tower's inputs (0 disables it);
+    # ~0.5 kB each. See orchestrator/embedding_cache.py.
+    user_embedding_cache: int = Field(default=50_000, ge=0)
 
     @property
     def raw_dir(self) -> Path:

@@ -22,3 +22,15 @@ def test_default_deadline_and_timings() -> None:
     assert clock.timings["user_features"] >= 2.0
     expired = RequestClock(0.0, BudgetConfig())
     assert expired.budget("ranking") <= 0
+
+
+def test_stage_records_wall_and_cpu_time() -> None:
+    clock = RequestClock(None, BudgetConfig())
+    with clock.stage("busy"):
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.02:
+            pass
+    with clock.stage("idle"):
+        time.sleep(0.02)
+    assert clock.cpu_timings["busy"] >= 15 and clock.timings["busy"] >= 15
+    assert clock.timings["idle"] >= 15 and clock.cpu_timings["idle"] < 10
