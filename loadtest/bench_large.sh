@@ -126,8 +126,17 @@ TRITON_PID=$(cat "$RECSTACK_RUN_DIR/triton.pid")
 
 
 # --- 4. load: the target rate, then a lower one for unsaturated per-stage numbers -------
+# CPU ticks (user + system) of a pid and its children (Triton's Python-backend stubs).
+cpu_tree_ticks() {
+    local total=0 p
+    for p in $1 $(pgrep -P "$1" 2>/dev/null); do
+        total=$((total + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+
 run_load() { # run_load NAME RATE DURATION
-    local d="$OUT/$1" c0 c1
+    local d="$OUT/$1" c0 c1 t0 t1
     mkdir -p "$d"
     # tritonserver 2.51 can segfault when clients cancel calls under overload (gRPC
     # cancellation race, docs/benchmark.md): say so, and restart it so this run measures
@@ -140,6 +149,7 @@ run_load() { # run_load NAME RATE DURATION
     fi
     curl -s "$METRICS_URL" >"$d/metrics_before.txt"
     c0=$(awk '{print $14+$15}' "/proc/$ORCH_PID/stat")
+    t0=$(cpu_tree_ticks "$TRITON_PID")
     if [ -n "${PYSPY:-}" ] && [ "$1" = "main" ]; then
         "$PYSPY" record --pid "$ORCH_PID" --duration 40 --rate 100 --nonblocking \
             --format speedscope --output "$d/orchestrator.speedscope.json" >"$d/pyspy.log" 2>&1 &
@@ -150,8 +160,10 @@ run_load() { # run_load NAME RATE DURATION
         --no-progress 2>&1 | tee "$d/loadtest.log" || true
     wait || true
     c1=$(awk '{print $14+$15}' "/proc/$ORCH_PID/stat")
+    t1=$(cpu_tree_ticks "$TRITON_PID")
     curl -s "$METRICS_URL" >"$d/metrics_after.txt"
     echo "$((c1 - c0))" >"$d/orchestrator_cpu_ticks"
+    echo "$((t1 - t0))" >"$d/triton_cpu_ticks"
 }
 run_load main "$RATE" "$DURATION"
 run_load low "${LOW_RATE:-30}" "${LOW_DURATION:-40s}"
@@ -175,7 +187,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 out, data = Path(sys.argv[1]), Path(sys.argv[2])
 TICK = os.sysconf("SC_CLK_TCK")
-FAMILIES = ("recstack_stage_seconds", "recstack_request_seconds")
+# family -> key prefix: wall time per stage, worker-thread CPU per stage, whole handler
+FAMILIES = {
+    "recstack_stage_seconds": "",
+    "recstack_stage_cpu_seconds": "cpu:",
+    "recstack_request_seconds": "request:",
+}
 
 
 def hist(path: Path) -> dict[str, dict]:
@@ -185,7 +202,7 @@ def hist(path: Path) -> dict[str, dict]:
         if fam.name not in FAMILIES:
             continue
         for s in fam.samples:
-            key = s.labels.get("stage") or "request:" + s.labels.get("method", "")
+            key = FAMILIES[fam.name] + (s.labels.get("stage") or s.labels.get("method", ""))
             st = stages.setdefault(key, {"buckets": {}, "sum": 0.0, "count": 0.0})
             if s.name.endswith("_bucket"):
                 st["buckets"][float(s.labels["le"])] = s.value
@@ -244,6 +261,7 @@ for name in ("main", "low"):
         "orchestrator_cpu_seconds": round(
             int((run / "orchestrator_cpu_ticks").read_text()) / TICK, 1
         ),
+        "triton_cpu_seconds": round(int((run / "triton_cpu_ticks").read_text()) / TICK, 1),
         "result_json": str(found[0]) if found else None,
     }
 doc = {
@@ -265,7 +283,12 @@ lines += ["## Memory (MB)", "", "| what | MB |", "| --- | --- |"]
 lines += [f"| {k} | {v} |" for k, v in doc["rss_mb"].items()]
 for name, r in runs.items():
     lines += ["", f"## Run `{name}`: per-stage server time (histogram deltas)", ""]
-    lines += [f"Orchestrator CPU during the run: {r['orchestrator_cpu_seconds']} s", ""]
+    lines += [
+        f"CPU during the run: orchestrator {r['orchestrator_cpu_seconds']} s, Triton (server"
+        f" and stubs) {r['triton_cpu_seconds']} s. `cpu:` rows: the worker thread's CPU time"
+        " in that stage.",
+        "",
+    ]
     lines += ["| stage | n | mean ms | p50 ms | p90 ms | p99 ms |"]
     lines += ["| --- | --- | --- | --- | --- | --- |"]
     for k, v in r["stages"].items():

@@ -81,8 +81,12 @@ class GrpcRecommender(Target):
         from orchestrator import recommender_pb2_grpc as pb_grpc
 
         self._pb = pb
+        # A local subchannel pool per channel: otherwise grpc shares one TCP connection
+        # among all channels to an address, and ``connections`` would mean nothing.
+        options = [("grpc.use_local_subchannel_pool", 1)]
         self._channels = [
-            grpc.aio.insecure_channel(self.address) for _ in range(self.spec.connections)
+            grpc.aio.insecure_channel(self.address, options=options)
+            for _ in range(self.spec.connections)
         ]
         self._stubs = [pb_grpc.RecommenderStub(c) for c in self._channels]
         try:
