@@ -135,7 +135,7 @@ cpu_tree_ticks() {
     echo "$total"
 }
 
-run_load() { # run_load NAME RATE DURATION
+run_load() { # run_load NAME RATE DURATION SEED
     local d="$OUT/$1" c0 c1 t0 t1
     mkdir -p "$d"
     # tritonserver 2.51 can segfault when clients cancel calls under overload (gRPC
@@ -155,7 +155,7 @@ run_load() { # run_load NAME RATE DURATION
             --format speedscope --output "$d/orchestrator.speedscope.json" >"$d/pyspy.log" 2>&1 &
     fi
     log "loadtest run $SCENARIO --rate $2 --duration $3 (gRPC 127.0.0.1:$RECSTACK_ORCHESTRATOR_GRPC_PORT)"
-    "$BIN/recstack" loadtest run "$SCENARIO" --rate "$2" --duration "$3" \
+    "$BIN/recstack" loadtest run "$SCENARIO" --rate "$2" --duration "$3" --seed "$4" \
         --address "127.0.0.1:$RECSTACK_ORCHESTRATOR_GRPC_PORT" --out "$d/loadtest" \
         --no-progress 2>&1 | tee "$d/loadtest.log" || true
     wait || true
@@ -165,8 +165,10 @@ run_load() { # run_load NAME RATE DURATION
     echo "$((c1 - c0))" >"$d/orchestrator_cpu_ticks"
     echo "$((t1 - t0))" >"$d/triton_cpu_ticks"
 }
-run_load main "$RATE" "$DURATION"
-run_load low "${LOW_RATE:-30}" "${LOW_DURATION:-40s}"
+# Different seeds: the second run must not replay the first one's users (the orchestrator
+# caches user embeddings, so a replay would be flattered by hits).
+run_load main "$RATE" "$DURATION" 1
+run_load low "${LOW_RATE:-30}" "${LOW_DURATION:-40s}" 2
 {
     echo "orchestrator_rss_kb_loaded $(awk '/^VmRSS/{print $2}' /proc/$ORCH_PID/status)"
     echo "orchestrator_hwm_kb $(awk '/^VmHWM/{print $2}' /proc/$ORCH_PID/status)"
@@ -227,6 +229,25 @@ def quantile(buckets: dict[float, float], q: float) -> float:
     return les[-1]
 
 
+def counter(path: Path, family: str) -> dict[str, float]:
+    """label value -> count of a one-label counter family."""
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(path.read_text()):
+        if fam.name == family:
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    out[next(iter(s.labels.values()), "")] = s.value
+    return out
+
+
+def cache_hit_share(run: Path) -> float | None:
+    fam = "recstack_user_embedding_cache"
+    b, a = counter(run / "metrics_before.txt", fam), counter(run / "metrics_after.txt", fam)
+    d = {k: a.get(k, 0.0) - b.get(k, 0.0) for k in ("hit", "miss")}
+    total = d["hit"] + d["miss"]
+    return round(d["hit"] / total, 3) if total else None
+
+
 def stage_table(run: Path) -> dict[str, dict]:
     before, after = hist(run / "metrics_before.txt"), hist(run / "metrics_after.txt")
     stages = {}
@@ -262,6 +283,7 @@ for name in ("main", "low"):
             int((run / "orchestrator_cpu_ticks").read_text()) / TICK, 1
         ),
         "triton_cpu_seconds": round(int((run / "triton_cpu_ticks").read_text()) / TICK, 1),
+        "user_embedding_cache_hit_share": cache_hit_share(run),
         "result_json": str(found[0]) if found else None,
     }
 doc = {
@@ -287,6 +309,8 @@ for name, r in runs.items():
         f"CPU during the run: orchestrator {r['orchestrator_cpu_seconds']} s, Triton (server"
         f" and stubs) {r['triton_cpu_seconds']} s. `cpu:` rows: the worker thread's CPU time"
         " in that stage.",
+        "",
+        f"User-embedding cache hits: {r['user_embedding_cache_hit_share']}",
         "",
     ]
     lines += ["| stage | n | mean ms | p50 ms | p90 ms | p99 ms |"]

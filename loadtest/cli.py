@@ -38,6 +38,7 @@ def _scenario(args: argparse.Namespace) -> Scenario:
         "rate": getattr(args, "rate", None),
         "duration": getattr(args, "duration", None),
         "workers": getattr(args, "workers", None),
+        "seed": getattr(args, "seed", None),
     }
     if any(v is not None for v in changes.values()):
         sc = sc.with_load(**changes)

@@ -4,8 +4,9 @@ in-memory snapshot, and real-time pushes of user events.
 Why two paths: Feast's ``get_online_features`` costs ~0.4 ms for one user but ~27 ms p50 /
 ~128 ms p99 for 500 items (DESIGN.md), so per request
 
-- the user is one Feast SDK lookup (``retrieval`` + the user part of ``ranking``) —
-  real-time pushes are visible immediately;
+- the user is one online-store read per user feature view (``retrieval`` + the user part
+  of ``ranking``) through Feast's provider (:class:`EntityRowReader`) — real-time pushes
+  are visible immediately;
 - items come from :class:`ItemSnapshot`: numpy arrays holding, per item, the newest row of
   each item feature view with ``event_timestamp <=`` that view's last materialisation end
   (read from the Feast registry), taken from the view's batch source — exactly the row

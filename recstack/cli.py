@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", help="override load.duration, e.g. 30s")
     p.add_argument("--workers", type=int, help="generator processes (load.workers)")
     p.add_argument("--address", help="override target.address (host:port)")
+    p.add_argument("--seed", type=int, help="override load.seed (another user/request sequence)")
     p.add_argument("--no-progress", action="store_true")
     p = _cmd(lt, "sweep", "loadtest.cli:sweep", "raise the rate until p99 breaks the SLO")
     p.add_argument("scenario")

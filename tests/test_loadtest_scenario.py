@@ -179,3 +179,14 @@ def test_compare_ratios(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(UserError, match="not a load-test result"):
         load_result(tmp_path / "x.json")
+
+
+def test_command_line_overrides_rate_duration_and_seed() -> None:
+    import argparse
+
+    from loadtest.cli import _scenario
+
+    args = argparse.Namespace(scenario="steady", rate=30.0, duration="20s", seed=7, workers=None)
+    sc = _scenario(args)
+    assert (sc.load.rate, sc.load.duration, sc.load.seed) == (30.0, 20.0, 7)
+    assert _scenario(argparse.Namespace(scenario="steady")).load.seed == 1
