@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -13,6 +14,7 @@ from orchestrator.processes import ManagedProcess, start_process
 from recstack.settings import Settings
 
 NAME = "orchestrator"
+FEAST_METRICS_PREFIX = "feast_metrics_"  # feast/metrics.py's tempfile.mkdtemp prefix
 
 
 def grpc_serving(target: str, timeout: float = 1.0) -> bool:
@@ -24,8 +26,16 @@ def grpc_serving(target: str, timeout: float = 1.0) -> bool:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process see the same settings."""
+    """The environment that makes a child process see the same settings.
+
+    Importing Feast sets ``PROMETHEUS_MULTIPROC_DIR`` (to a temp dir of its own) in this
+    process; inherited, it would switch the child's prometheus_client into multiprocess
+    mode (metric values in mmap files of a directory this process deletes at exit). Such
+    values are dropped; a directory the user chose is kept."""
     env = dict(os.environ)
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR"):
+        if Path(env.get(name, "/")).name.startswith(FEAST_METRICS_PREFIX):
+            del env[name]
     for name, value in settings.model_dump().items():
         env[f"RECSTACK_{name.upper()}"] = str(value)
     return env

@@ -73,3 +73,19 @@ def test_early_exit_reports_the_log(settings: Settings) -> None:
     with pytest.raises(RuntimeError, match="boom on start"):
         start_process("dies", argv, settings, ready=lambda: False, timeout=10)
     assert read_pid(settings, "dies") is None
+
+
+def test_child_env_drops_feasts_prometheus_dir(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Feast's import-time PROMETHEUS_MULTIPROC_DIR must not put the orchestrator's own
+    metrics into multiprocess mode; a directory the user set on purpose is passed on."""
+    from orchestrator.orchestrator_process import settings_env
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/feast_metrics_abc123")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROCESS_DIR", "/tmp/feast_metrics_abc123")
+    env = settings_env(settings)
+    assert "PROMETHEUS_MULTIPROC_DIR" not in env and "PROMETHEUS_MULTIPROCESS_DIR" not in env
+    assert env["RECSTACK_ORCHESTRATOR_GRPC_PORT"] == str(settings.orchestrator_grpc_port)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/srv/metrics")
+    assert settings_env(settings)["PROMETHEUS_MULTIPROC_DIR"] == "/srv/metrics"
