@@ -110,7 +110,16 @@ class FaissIndex:
         res = None
         if use_gpu:
             res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(res, 0, index)
+            try:
+                index = faiss.index_cpu_to_gpu(res, 0, index)
+            except RuntimeError as e:
+                # Not every index kind has a GPU implementation (the 4-bit fast-scan PQ of
+                # the large catalogs has none): asked for CUDA, say so; on auto, stay on CPU.
+                if device == "cuda":
+                    raise RuntimeError(f"{factory} cannot run on the GPU: {e}") from e
+                log.warning("%s has no GPU implementation, searching on CPU: %s", factory, e)
+                use_gpu, res = False, None
+        if use_gpu:
             if params:
                 faiss.GpuParameterSpace().set_index_parameters(index, params)
         else:

@@ -228,3 +228,23 @@ def test_fast_scan_refine_index_loads_and_serves_exact_vectors(clustered, tmp_pa
     assert not vectors.flags.writeable
     with pytest.raises(IndexMismatchError, match="index factory"):
         FaissIndex.load(path, {**meta, "factory": "IVF32,Flat"}, ids, device="cpu")
+
+
+def test_index_without_gpu_implementation_stays_on_cpu(
+    flat_files: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CUDA machine an index kind FAISS cannot copy to the GPU (fast-scan PQ) is
+    searched on the CPU under device=auto, and is a clear error under device=cuda."""
+    from orchestrator import faiss_index
+
+    def no_gpu_copy(*_: object) -> None:
+        raise RuntimeError("not implemented for this type of index")
+
+    monkeypatch.setattr(faiss_index, "gpu_available", lambda: True)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", no_gpu_copy, raising=False)
+    path, meta, ids, x = flat_files
+    idx = FaissIndex.load(path, meta, ids, device="auto")
+    assert not idx.on_gpu and idx.search(x[:1], 3)[1][0, 0] == 7
+    with pytest.raises(RuntimeError, match="cannot run on the GPU"):
+        FaissIndex.load(path, meta, ids, device="cuda")
