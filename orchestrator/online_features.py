@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -237,17 +238,18 @@ class EntityRowReader:
         # The provider is what the SDK itself reads through (Redis, SQLite, ...).
         self._provider = store._get_provider()
         self._views = [(store.get_feature_view(v), tuple(names)) for v, names in by_view.items()]
-        entity = store.get_entity(self._views[0][0].entities[0]) if self._views else None
-        self._value_type = entity.value_type if entity is not None else None
+        if not self._views:
+            raise ValueError("EntityRowReader needs at least one 'view:feature' reference")
+        self._value_type = store.get_entity(self._views[0][0].entities[0]).value_type
 
-    def read(self, key: int) -> dict[str, object]:
+    def read(self, key: int) -> dict[str, Any]:
         """Feature name -> Python value (None when missing) for the entity ``key``."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 
         value = python_values_to_proto_values([key], self._value_type)[0]
         entity_key = EntityKey(join_keys=[self.join_key], entity_values=[value])
-        out: dict[str, object] = {}
+        out: dict[str, Any] = {}  # Feast's Python values: int, float, list, ... or None
         for view, names in self._views:
             # A fresh list per call: the Redis store mutates the one it is given.
             rows = self._provider.online_read(self._config, view, [entity_key], list(names))
@@ -453,7 +455,7 @@ class OnlineFeatures:
         with self._push_lock:
             try:
                 current = self._recent_reader.read(int(user_id))[RECENT_ITEMS]
-                new = history.update_recent(list(current or []), int(item_id))  # type: ignore[call-overload]
+                new = history.update_recent(list(current or []), int(item_id))
                 frame = _push_frame(user_id, new, ts)
                 for view in self._push_views:
                     provider.ingest_df(view, frame)
