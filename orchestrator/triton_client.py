@@ -1,7 +1,13 @@
-"""A thin typed client for the models the orchestrator calls on Triton (KServe v2 gRPC via
-``tritonclient.grpc``): versions pinned per release, a deadline on every call, inputs
-built and checked from the tensor names and dtypes of ``config.pbtxt``, and Triton's
-failures mapped to a few exception types the caller can branch on."""
+"""A thin typed client for the models the orchestrator calls on Triton (KServe v2 gRPC):
+versions pinned per release, a deadline on every call, inputs built and checked from the
+tensor names and dtypes of ``config.pbtxt``, and Triton's failures mapped to a few
+exception types the caller can branch on.
+
+Inference builds the ``ModelInferRequest`` itself (raw tensor bytes, the protos that ship
+with ``tritonclient``) and calls the generated stub: ``tritonclient.grpc``'s
+``InferInput``/``InferResult`` wrappers cost ~0.2 ms of CPU per 300-row rank call here
+(0.73 vs 0.54 ms), on every request. Health and readiness still go through
+``tritonclient``."""
 
 from __future__ import annotations
 
@@ -10,8 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from exporters.model_config import load_config
@@ -111,6 +119,12 @@ class TritonClient:
         self.versions = dict(versions or {})
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url)
+        # Unlimited message sizes, as tritonclient sets them: 500 candidates x 64 floats.
+        self._channel = grpc.insecure_channel(
+            url,
+            options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+        )
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._specs: dict[str, ModelSpec] = {}
 
     @classmethod
@@ -161,7 +175,10 @@ class TritonClient:
                 f"{model}: unknown inputs {unknown}, missing inputs {missing}; "
                 f"config.pbtxt names {sorted(expected)}"
             )
-        request = []
+        pinned = version if version is not None else self.versions.get(model)
+        request = service_pb2.ModelInferRequest(
+            model_name=model, model_version="" if pinned is None else str(pinned)
+        )
         for t in spec.inputs:
             array = np.asarray(inputs[t.name])
             if array.dtype != t.dtype:
@@ -171,21 +188,27 @@ class TritonClient:
                     )
                 array = array.astype(t.dtype)
             _check_shape(t, array.shape, spec.batching)
-            tensor = grpcclient.InferInput(t.name, list(array.shape), t.triton_type)
-            tensor.set_data_from_numpy(np.ascontiguousarray(array))
-            request.append(tensor)
-        pinned = version if version is not None else self.versions.get(model)
+            request.inputs.add(name=t.name, datatype=t.triton_type, shape=array.shape)
+            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        for t in spec.outputs:
+            request.outputs.add(name=t.name)
         try:
-            result = self._client.infer(
-                model,
-                request,
-                model_version="" if pinned is None else str(pinned),
-                outputs=[grpcclient.InferRequestedOutput(t.name) for t in spec.outputs],
-                client_timeout=timeout_s if timeout_s is not None else self.timeout_s,
+            response = self._stub.ModelInfer(
+                request, timeout=timeout_s if timeout_s is not None else self.timeout_s
             )
-        except InferenceServerException as e:
-            raise _typed(model, pinned, e) from e
-        return {t.name: result.as_numpy(t.name) for t in spec.outputs}
+        except grpc.RpcError as e:
+            raise _typed(model, pinned, e.code().name, e.details() or "") from e
+        if len(response.raw_output_contents) != len(response.outputs):
+            raise TritonError(f"{model}: Triton's answer does not carry raw output tensors")
+        names = (o.name for o in response.outputs)
+        raw = dict(zip(names, response.raw_output_contents, strict=True))
+        shapes = {o.name: tuple(o.shape) for o in response.outputs}
+        out = {}
+        for t in spec.outputs:
+            if t.name not in raw:
+                raise TritonError(f"{model}: Triton's answer has no output {t.name!r}")
+            out[t.name] = np.frombuffer(raw[t.name], dtype=t.dtype).reshape(shapes[t.name])
+        return out
 
     def user_embedding(self, inputs: Mapping[str, np.ndarray], **kw: object) -> np.ndarray:
         """user_tower: a batch of users -> [batch, dim] embeddings."""
@@ -198,6 +221,7 @@ class TritonClient:
         return out[self.spec(RANK).outputs[0].name].reshape(-1)
 
     def close(self) -> None:
+        self._channel.close()
         self._client.close()
 
     def __enter__(self) -> TritonClient:
@@ -207,10 +231,10 @@ class TritonClient:
         self.close()
 
 
-def _typed(model: str, version: int | None, e: InferenceServerException) -> TritonError:
-    status = str(e.status() or "")
-    message = f"{model}" + (f" v{version}" if version is not None else "") + f": {e.message()}"
-    text = (e.message() or "").lower()
+def _typed(model: str, version: int | None, status: str, detail: str) -> TritonError:
+    """Triton's gRPC status (``NOT_FOUND``, ...) and message as one of our error types."""
+    message = f"{model}" + (f" v{version}" if version is not None else "") + f": {detail}"
+    text = detail.lower()
     # Triton answers UNAVAILABLE for a known model whose version is not loaded; that is a
     # release/pinning problem, not an unreachable server.
     if "NOT_FOUND" in status or "unknown model" in text:
