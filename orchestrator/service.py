@@ -64,7 +64,7 @@ class ServiceConfig:
     n_ranked: int = 300  # of those, sent to the ranker (the budget's biggest item)
     # Requests worked on at once (RECSTACK_ORCHESTRATOR_WORKERS). Each spends most of
     # its time waiting on Triton or in FAISS/numpy (GIL released), so a few threads keep
-    # 2 cores busy; more only queue on the GIL.
+    # 2 cores busy; 8 measured no better at 100/s (docs/benchmark.md).
     workers: int = 4
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     post: PostprocessConfig = field(default_factory=PostprocessConfig)
