@@ -404,6 +404,9 @@ def import_data(
     item_ids = _ids(isrc, "item_id")
     ts = _timestamps(isrc, "timestamp")
     events = _events(isrc)
+    # A rating is a consumption whatever its value: every event makes the item "seen"
+    # (exporters/seen.py). An explicit event column keeps the marketplace meaning.
+    seen = list(EVENTS) if not isrc.has("event") else None
 
     item_src = _read(Path(items)) if items is not None else None
     if item_src is None:
@@ -477,7 +480,8 @@ def import_data(
             }
         ),
     )
-    return write_raw(settings, tables, source="import:" + ",".join(names))
+    extra = {"seen_events": seen} if seen else None
+    return write_raw(settings, tables, source="import:" + ",".join(names), extra_meta=extra)
 
 
 def cli(args: argparse.Namespace) -> int:

@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-step", help="re-run from this step (default: resume)")
     p.add_argument("--only", help="run just this step")
     p.add_argument("--list-steps", action="store_true")
+    p.add_argument(
+        "--force-release",
+        metavar="REASON",
+        help="publish even if the evaluation loses to the baselines (recorded in the manifest)",
+    )
     p = _cmd(groups, "evaluate", "exporters.evaluate:cli", "offline report on the test split")
     p.add_argument("--out", help="directory for report.md / report.json")
 
@@ -75,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cmd(rel, "list", "exporters.release:cli_list", "list releases")
     _cmd(rel, "show", "exporters.release:cli_show", "show a manifest").add_argument("release_id")
+    p = _cmd(rel, "publish", "exporters.release:cli_publish", "publish work/ as a release")
+    p.add_argument("--force", action="store_true", help="publish although the gate fails")
+    p.add_argument("--reason", help="why (required with --force; kept in the manifest)")
 
     # --- servers --------------------------------------------------------------------------
     serve = groups.add_parser("serve", help="run a server").add_subparsers(
