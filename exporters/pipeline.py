@@ -50,6 +50,7 @@ STEPS: tuple[Step, ...] = (
     Step("ranker", "exporters.ranker_train:train", "LightGBM lambdarank on merged candidates"),
     Step("ranker_export", "exporters.ranker_export:export", "Treelite + tl2cgen, parity"),
     Step("evaluate", "exporters.evaluate:run", "offline report vs popular and item-to-item"),
+    Step("refit", "exporters.two_tower:refit", "released towers + index on all events"),
     Step("release", "exporters.release:publish", "model versions + a release"),
 )
 STEP_NAMES = [s.name for s in STEPS]

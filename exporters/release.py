@@ -36,6 +36,8 @@ MODEL_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "ranker": ("checkpoint.tl", "model.so"),
     "rank": (),  # the ensemble: an empty version folder
 }
+TOWER_FILES = ("user_tower.onnx", "item_tower.onnx")
+REFIT_DIR = "refit"  # exporters/two_tower.py REFIT_DIR
 # Name each artifact takes inside the version folder (what config.pbtxt names).
 VERSION_FILE_NAMES = {
     "user_tower.onnx": "model.onnx",
@@ -119,21 +121,39 @@ def publish(settings: Settings, force_reason: str | None = None) -> int:
 
     force_reason = force_reason or settings.force_release or None
     work = settings.work_dir
-    for names in MODEL_ARTIFACTS.values():
-        for name in names:
-            if not (work / name).exists():
-                raise UserError(f"{work / name} is missing: run `recstack train` first")
+    # The towers and index refit on every event (pipeline step refit) when present; the
+    # ranker and the feature assembly come from work/ (they were chosen on validation).
+    refit = work / REFIT_DIR
+    towers = (
+        refit
+        if (refit / "tower_parity.json").exists() and (refit / "index.json").exists()
+        else work
+    )
+    source = {
+        name: (towers if name in TOWER_FILES else work)
+        for names in MODEL_ARTIFACTS.values()
+        for name in names
+    }
+    for name, folder in source.items():
+        if not (folder / name).exists():
+            raise UserError(f"{folder / name} is missing: run `recstack train` first")
 
     meta = _read_json(settings.raw_dir / "meta.json")
-    index = _read_json(work / "index.json")
+    index = _read_json(towers / "index.json")
     manifest: dict[str, Any] = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "data_snapshot": meta,
         "models": {},
         "index": {**index, "file": INDEX_FILES[0], "item_ids": INDEX_FILES[1]},
         "ranker": _read_json(work / "ranker.json"),
+        "towers": {
+            "from": "refit on all events" if towers == refit else "selection run",
+            "training": _read_json(towers / "two_tower.json")
+            if (towers / "two_tower.json").exists()
+            else None,
+        },
         "parity": {
-            "towers": _read_json(work / "tower_parity.json"),
+            "towers": _read_json(towers / "tower_parity.json"),
             "ranker": _read_json(work / "ranker_parity.json"),
         },
         "metrics": _read_json(settings.reports_dir / "report.json"),
@@ -154,14 +174,14 @@ def publish(settings: Settings, force_reason: str | None = None) -> int:
     staged = Path(tempfile.mkdtemp(dir=staging_root))
     try:
         for name in INDEX_FILES:
-            shutil.copy2(work / name, staged / name)
+            shutil.copy2(towers / name, staged / name)
         _validate_index(staged, manifest["index"])
         shutil.copy2(candidates_src, staged / CANDIDATES_FILE)
         manifest["candidates"].update(_validate_candidates(staged, manifest["index"]))
         # Models last: once versions exist in the repository they are loadable, and the
         # release that names them must follow right away.
         for model, names in MODEL_ARTIFACTS.items():
-            files = {VERSION_FILE_NAMES[n]: work / n for n in names}
+            files = {VERSION_FILE_NAMES[n]: source[n] / n for n in names}
             manifest["models"][model] = publish_version(settings, model, files)
         release_id = max(release_ids(settings), default=0) + 1
         manifest["release_id"] = release_id
