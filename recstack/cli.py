@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactions", required=True, help="user_id,item_id,timestamp,event|rating")
     p.add_argument("--items", help="item_id[,category,brand,price,created_at]")
     p.add_argument("--users", help="user_id[,age_bucket,country,signup_at]")
+    p.add_argument(
+        "--map",
+        action="append",
+        metavar="FILE:COLUMN=FIELD",
+        help="use an extra column as a schema field, e.g. users:occupation=country (repeatable)",
+    )
 
     # --- features -----------------------------------------------------------------------
     feats = groups.add_parser("features", help="feature tables and Feast").add_subparsers(
