@@ -158,9 +158,11 @@ def build_model(
     before: pd.Timestamp | None,
     top_n: int | None = None,
     lam: float = EASE_LAMBDA,
+    cut: str = "",
 ) -> SourceModel:
     """The item-to-item and popularity sources from ``events`` strictly before ``before``
-    (all when None), over the catalog rows ``item_ids``."""
+    (all when None; callers may also pass only the rows they may know), over the catalog
+    rows ``item_ids``. ``cut`` names the cut-off in the model's info."""
     t0 = time.perf_counter()
     df = interactions if before is None else interactions[interactions["timestamp"] < before]
     X, _ = baselines.interaction_matrix(df, item_ids, events=events)
@@ -178,6 +180,7 @@ def build_model(
         "method": method,
         "events": list(events),
         "before": None if before is None else pd.Timestamp(before).isoformat(),
+        "cut": cut,
         "users": int(X.shape[0]),
         "interactions": int(X.nnz),
         "top_n": int(top_n),

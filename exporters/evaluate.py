@@ -112,10 +112,11 @@ def top_lists(cands: CandidateRows, scores: np.ndarray, n_users: int) -> np.ndar
 
 def test_requests(
     settings: Settings, max_users: int, interactions: pd.DataFrame | None = None
-) -> tuple[pd.Timestamp, np.ndarray, list[dict[int, float]], int]:
-    """The evaluation's requests: test users with a click or purchase, as of the end of
-    validation, at most ``max_users`` of them (seeded sample). Returns (request time, user
-    ids, graded relevant items per user, number of test users before sampling)."""
+) -> tuple[pd.DatetimeIndex, np.ndarray, list[dict[int, float]], int]:
+    """The evaluation's requests: test users with a click or purchase, each as of the
+    start of their test window (the validation end of a time split), at most
+    ``max_users`` of them (seeded sample). Returns (request time of each user, user ids,
+    graded relevant items per user, number of test users before sampling)."""
     split = load_split(settings)
     if interactions is None:
         interactions = read_table(settings, "interactions")
@@ -131,7 +132,7 @@ def test_requests(
         u: dict(zip(g["item_id"], g["label"], strict=True)) for u, g in labels.groupby("user_id")
     }
     relevant = [{int(i): float(g) for i, g in by_user[u].items()} for u in users]
-    return pd.Timestamp(split.val_end), users, relevant, n_test_users
+    return split.test_times(users), users, relevant, n_test_users
 
 
 def _ranked_lists(cands: CandidateRows, n_users: int, booster: Any) -> dict[str, np.ndarray]:
@@ -184,7 +185,9 @@ def run(settings: Settings, out: Path | None = None, params: EvalParams | None =
     }
     passed = pipeline > best * (1.0 + params.gate_margin)
     report: dict[str, Any] = {
-        "request_time": at.isoformat(),
+        "request_time": at[0].isoformat()
+        if at.nunique() == 1
+        else f"each user's first test event ({load_split(settings).mode} split)",
         "test_users": n_test_users,
         "evaluated_users": len(users),
         "n_catalog": n_catalog,

@@ -37,11 +37,14 @@ from torch import nn
 from exporters import model_config
 from exporters.feature_tables import default_value
 from exporters.rank_layout import (  # noqa: F401 - re-exported: the assembly's contract
+    CANDIDATE_CROSS_FEATURES,
     CATEGORY,
     CREATED_AT,
     CROSS_FEATURES,
+    I2I_SCORE,
     ITEM_KEY,
     NO_PRICE_REFERENCE,
+    POP_LOG_COUNT,
     PRICE,
     TIME_SUFFIX,
     USER_KEY,
@@ -85,6 +88,11 @@ class RankFeatures(nn.Module):
         self.register_buffer("user_time_mask", torch.tensor(user_times, dtype=torch.bool))
         self.register_buffer("item_time_mask", torch.tensor(item_times, dtype=torch.bool))
         self.has_user_times, self.has_item_times = any(user_times), any(item_times)
+        # Candidate-source columns compared within the request (CANDIDATE_CROSS_FEATURES).
+        self.candidate_cross = bool(layout.candidate_features)
+        if self.candidate_cross:
+            self.i2i_idx = layout.item_columns.index(I2I_SCORE)
+            self.pop_idx = layout.item_columns.index(POP_LOG_COUNT)
 
     def forward(
         self,
@@ -129,7 +137,16 @@ class RankFeatures(nn.Module):
             user = _days_before(user, self.user_time_mask, request_time)
         if self.has_item_times:
             items = _days_before(items, self.item_time_mask, request_time)
-        return torch.cat([user, items, score, affinity, affinity_rel, age, price_rel], 1)
+        cols = [user, items, score, affinity, affinity_rel, age, price_rel]
+        if self.candidate_cross:
+            i2i = item_features[:, self.i2i_idx : self.i2i_idx + 1]
+            pop = item_features[:, self.pop_idx : self.pop_idx + 1]
+            top_i2i = i2i.max()
+            i2i_rel = torch.where(
+                top_i2i > 0, i2i / top_i2i.clamp(min=1e-12), torch.zeros_like(i2i)
+            )
+            cols += [score - score.max(), i2i_rel, pop - pop.max()]
+        return torch.cat(cols, 1)
 
 
 def _days_before(x: torch.Tensor, mask: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:

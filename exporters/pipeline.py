@@ -120,8 +120,20 @@ def cli(args: argparse.Namespace) -> int:
         return 0
     t0 = time.perf_counter()
     settings = get_settings()
-    if getattr(args, "force_release", None):
-        settings = settings.model_copy(update={"force_release": args.force_release})
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "force_release",
+            "split_mode",
+            "split_val_days",
+            "split_test_days",
+            "split_val_last",
+            "split_test_last",
+        )
+        if getattr(args, name, None) is not None
+    }
+    if overrides:
+        settings = settings.model_copy(update=overrides)
     run(settings, from_step=args.from_step, only=args.only)
     print(f"offline pipeline finished in {time.perf_counter() - t0:.0f} s")
     return 0

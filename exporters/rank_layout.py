@@ -27,6 +27,17 @@ CROSS_FEATURES: tuple[str, ...] = (
     "x_item_age_days",  # request_time - item created_at, in days
     "x_price_vs_user_mean",  # item price / user's mean purchase price (-1 if no purchase)
 )
+# Per-request comparisons of the candidate-source features, computed by the assembly over
+# one request's candidates; present when the layout has candidate features. A raw score
+# means little across users (histories differ in length); its distance to the request's
+# best candidate is what ranks.
+CANDIDATE_CROSS_FEATURES: tuple[str, ...] = (
+    "x_tower_score_rel",  # x_tower_score - the request's highest tower score
+    "x_i2i_score_rel",  # c_i2i_score / the request's highest (0 when none is positive)
+    "x_pop_log_count_rel",  # c_pop_log_count - the request's highest
+)
+I2I_SCORE = "c_i2i_score"
+POP_LOG_COUNT = "c_pop_log_count"
 # Value of x_price_vs_user_mean when the user has no mean purchase price to compare with.
 NO_PRICE_REFERENCE = -1.0
 
@@ -90,13 +101,20 @@ class Layout:
         return (*self.item_features, *self.candidate_features)
 
     @property
+    def cross_features(self) -> tuple[str, ...]:
+        """The assembly's computed columns for this layout."""
+        if self.candidate_features:
+            return (*CROSS_FEATURES, *CANDIDATE_CROSS_FEATURES)
+        return CROSS_FEATURES
+
+    @property
     def n_features(self) -> int:
-        return len(self.user_features) + len(self.item_columns) + len(CROSS_FEATURES)
+        return len(self.user_features) + len(self.item_columns) + len(self.cross_features)
 
     @property
     def names(self) -> list[str]:
         """The ranker's column names (:func:`feature_names` of this layout)."""
-        return feature_names(self.user_features, self.item_columns)
+        return feature_names(self.user_features, self.item_columns, self.cross_features)
 
 
 def layout_from_service(
@@ -149,9 +167,11 @@ def layout_from_service(
 
 
 def feature_names(
-    user_feature_names: Sequence[str], item_feature_names: Sequence[str]
+    user_feature_names: Sequence[str],
+    item_feature_names: Sequence[str],
+    cross_features: Sequence[str] = CROSS_FEATURES,
 ) -> list[str]:
     """The ranker's column names in order: user scalars, item scalars, cross features.
     Time features (``*_at``) appear as ``*_days_ago``: that is what their column holds."""
     scalars = [_output_name(n) for n in (*user_feature_names, *item_feature_names)]
-    return [*scalars, *CROSS_FEATURES]
+    return [*scalars, *cross_features]

@@ -47,6 +47,7 @@ MODEL_FILE = "ranker.txt"
 MANIFEST_FILE = "ranker.json"
 SAMPLE_FILE = "ranker_sample.npy"
 SERVICE = "ranking"
+ROW = "_recstack_row"  # entity_df row number, kept through Feast's join
 LABELS: dict[str, int] = {"click": 1, "purchase": 2}
 
 
@@ -61,14 +62,16 @@ class RankerParams:
     # Fewer queries with a positive candidate than this: the report warns (small data).
     min_queries_warning: int = 500
     holdout_fraction: float = 0.2  # queries held out for early stopping
-    num_trees: int = 200
-    num_leaves: int = 31
-    learning_rate: float = 0.1
-    min_data_in_leaf: int = 50
+    # Small trees, a slow rate and patient early stopping: on sparse data (a few hundred
+    # queries) larger trees over-fit in a handful of rounds (docs/quality.md).
+    num_trees: int = 400
+    num_leaves: int = 7
+    learning_rate: float = 0.05
+    min_data_in_leaf: int = 100
     feature_fraction: float = 0.9
     bagging_fraction: float = 0.8
     lambda_l2: float = 1.0
-    early_stopping_rounds: int = 20
+    early_stopping_rounds: int = 50
     eval_at: int = 10
     num_threads: int = 2
     sample_rows: int = 2000  # saved for the export's parity check
@@ -97,21 +100,30 @@ class RankerParams:
 
 
 def point_in_time_features(
-    settings: Settings, key: str, ids: np.ndarray, at: pd.Timestamp, refs: Sequence[str]
+    settings: Settings,
+    key: str,
+    ids: np.ndarray,
+    at: pd.Timestamp | pd.DatetimeIndex,
+    refs: Sequence[str],
 ) -> pd.DataFrame:
-    """Feature values of entities ``ids`` (join key ``key``) as of ``at`` through Feast's
-    ``get_historical_features``: one row per id, in the order of ``ids``; an entity with no
-    value as of ``at`` gets NaN/None (Feast itself drops such rows)."""
+    """Feature values of entities ``ids`` (join key ``key``) as of ``at`` (one time, or
+    one per row) through Feast's ``get_historical_features``: one row per input row, in
+    its order; an entity with no value as of its time gets NaN/None (Feast itself drops
+    such rows)."""
     from exporters.feast_ops import feature_store, identity_dask_tokens
 
     ids = np.asarray(ids, dtype=np.int64)
-    entity_df = pd.DataFrame({key: ids, "event_timestamp": pd.Timestamp(at)})
+    times = at if isinstance(at, pd.DatetimeIndex) else pd.Timestamp(at)
+    entity_df = pd.DataFrame(
+        {key: ids, "event_timestamp": times, ROW: np.arange(len(ids), dtype=np.int64)}
+    )
     store = feature_store(settings)
     with identity_dask_tokens():
         df = store.get_historical_features(entity_df=entity_df, features=list(refs)).to_df()
     names = [r.split(":", 1)[1] for r in refs]
-    df = df.drop_duplicates(key).set_index(key)
-    return df.reindex(ids)[names].reset_index()
+    df = df.drop_duplicates(ROW).set_index(ROW).reindex(np.arange(len(ids)))
+    df[key] = ids
+    return df[[key, *names]].reset_index(drop=True)
 
 
 def layout_for(settings: Settings, n_categories: int) -> Layout:
@@ -176,15 +188,20 @@ def build_candidate_models(settings: Settings) -> None:
     interactions = read_table(settings, "interactions")
     item_ids = np.load(settings.work_dir / ITEM_IDS_FILE)
     events = seen_events(read_meta(settings), settings.seen_events)
-    for cut, before in (("train", split.train_end), ("eval", split.val_end), ("all", None)):
-        model = candidates.build_model(interactions, item_ids, events, before)
+    cuts = {
+        "train": split.train(interactions),
+        "eval": split.not_test(interactions),
+        "all": interactions,
+    }
+    for cut, events_known in cuts.items():
+        model = candidates.build_model(events_known, item_ids, events, before=None, cut=cut)
         model.save(candidate_model_path(settings, cut))
 
 
 def merged_candidates(
     settings: Settings,
     user_ids: np.ndarray,
-    at: pd.Timestamp,
+    at: pd.Timestamp | pd.DatetimeIndex,
     model: candidates.SourceModel,
     quotas: candidates.Quotas,
     ann_depth: int,
@@ -195,26 +212,29 @@ def merged_candidates(
     each without the user's seen items or items created after ``at``, merged by
     :func:`exporters.candidates.merge`. Returns ``(items [Q, K] -1 padded,
     features [Q, K, S])``."""
-    at = pd.Timestamp(at)
     user_ids = np.asarray(user_ids, dtype=np.int64)
+    times = _per_query(at, len(user_ids))
     if interactions is None:
         interactions = read_table(settings, "interactions")
-    ann_items, ann_scores = retrieval.retrieve(settings, user_ids, at, ann_depth)
+    ann_items, ann_scores = retrieval.retrieve(settings, user_ids, times, ann_depth)
     ann_items, _ = existing_only(
-        settings, np.asarray(ann_items, dtype=np.int64), np.asarray(ann_scores), at
+        settings, np.asarray(ann_items, dtype=np.int64), np.asarray(ann_scores), times
     )
     catalog = pd.Index(model.item_ids)
     born = _created_seconds(settings).reindex(model.item_ids).to_numpy(np.float64)
-    exists = born <= at.timestamp()
+    seconds = _unix(times)
     events = seen_events(read_meta(settings), settings.seen_events)
-    seen = seen_lists(interactions, user_ids, events, before=at)
+    seen = seen_lists(interactions, user_ids, events, before=times)
     out_rows: list[np.ndarray] = []
     out_feats: list[np.ndarray] = []
     for q in range(len(user_ids)):
         seen_rows = catalog.get_indexer(seen[q])
         blocked = seen_rows[seen_rows >= 0]
+        exists = born <= seconds[q]
 
-        def allowed(rows: np.ndarray, blocked: np.ndarray = blocked) -> np.ndarray:
+        def allowed(
+            rows: np.ndarray, blocked: np.ndarray = blocked, exists: np.ndarray = exists
+        ) -> np.ndarray:
             return exists[rows] & ~np.isin(rows, blocked)
 
         ann = catalog.get_indexer(ann_items[q][ann_items[q] >= 0])
@@ -234,22 +254,35 @@ def candidate_rows(
     settings: Settings,
     layout: Layout,
     user_ids: np.ndarray,
-    at: pd.Timestamp,
+    at: pd.Timestamp | pd.DatetimeIndex,
     merged: tuple[np.ndarray, np.ndarray],
 ) -> CandidateRows:
     """Ranker rows of merged candidates (``merged_candidates``' output) exactly as serving
-    builds them: Feast features as of ``at``, tower embeddings, source features, the
-    shared assembly."""
-    at = pd.Timestamp(at)
+    builds them: Feast features as of each request's time (``at``: one for all, or one per
+    user), tower embeddings, source features, the shared assembly."""
     user_ids = np.asarray(user_ids, dtype=np.int64)
+    times = _per_query(at, len(user_ids))
     items, source_feats = merged
     query, position = np.nonzero(items >= 0)
     row_items = items[query, position]
     uniq, inverse = np.unique(row_items, return_inverse=True)
 
     t0 = time.perf_counter()
-    users_df = point_in_time_features(settings, USER_KEY, user_ids, at, layout.user_refs)
-    items_df = point_in_time_features(settings, ITEM_KEY, uniq, at, layout.item_refs)
+    users_df = point_in_time_features(settings, USER_KEY, user_ids, times, layout.user_refs)
+    if times.nunique() <= 1:  # one request time: each item once
+        one = times[0] if len(times) else pd.Timestamp(0, tz="UTC")
+        items_df = point_in_time_features(settings, ITEM_KEY, uniq, one, layout.item_refs)
+        row_feature = inverse
+    else:  # per-user times: each (item, request time) pair once
+        row_us = times.as_unit("us").asi8[query]
+        pairs, row_feature = np.unique(
+            np.stack([row_items, row_us], axis=1), axis=0, return_inverse=True
+        )
+        pair_times = pd.DatetimeIndex(pairs[:, 1].astype("datetime64[us]")).tz_localize("UTC")
+        items_df = point_in_time_features(
+            settings, ITEM_KEY, pairs[:, 0], pair_times, layout.item_refs
+        )
+        row_feature = row_feature.reshape(-1)
     user_feats, affinity = feature_assembly.user_arrays(users_df, layout)
     item_feats, category, created = feature_assembly.item_arrays(items_df, layout)
     log.info("Feast point-in-time features in %.1f s", time.perf_counter() - t0)
@@ -258,7 +291,7 @@ def candidate_rows(
         settings, retrieval.user_tower_inputs_at(settings, user_ids, at)
     )
     item_emb = retrieval.embed_items(settings, uniq, _index_items_at(settings))
-    per_row = item_feats[inverse]
+    per_row = item_feats[row_feature]
     if layout.candidate_features:
         per_row = np.concatenate([per_row, source_feats[query, position]], axis=1)
     rows = feature_assembly.assemble(
@@ -266,14 +299,30 @@ def candidate_rows(
         user_features=user_feats,
         user_category_affinity=affinity,
         user_embedding=user_emb,
-        request_time=np.full(len(user_ids), at.timestamp(), dtype=np.float64),
+        request_time=_unix(times),
         item_features=per_row,
-        item_category=category[inverse],
-        item_created_at=created[inverse],
+        item_category=category[row_feature],
+        item_created_at=created[row_feature],
         item_embedding=item_emb[inverse],
         query=query,
     )
     return CandidateRows(user_ids, items, source_feats, query, position, rows)
+
+
+def _per_query(at: pd.Timestamp | pd.DatetimeIndex, n: int) -> pd.DatetimeIndex:
+    """One UTC request time per query."""
+    if isinstance(at, pd.DatetimeIndex):
+        if len(at) != n:
+            raise ValueError(f"{len(at)} request times for {n} queries")
+        return at.tz_localize("UTC") if at.tz is None else at.tz_convert("UTC")
+    t = pd.Timestamp(at)
+    t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+    return pd.DatetimeIndex([t] * n)
+
+
+def _unix(times: pd.DatetimeIndex) -> np.ndarray:
+    """Unix seconds (float64) of each time."""
+    return times.as_unit("us").asi8.astype(np.float64) / 1e6
 
 
 def _created_seconds(settings: Settings) -> pd.Series:
@@ -296,7 +345,8 @@ def existing_only(
         .to_numpy(dtype=np.float64)
         .reshape(items.shape)
     )
-    future = ~(born <= pd.Timestamp(at).timestamp())  # unknown items (NaN) go too
+    limit = _unix(_per_query(at, len(items)))[:, None] if len(items) else np.zeros((0, 1))
+    future = ~(born <= limit)  # unknown items (NaN) go too
     items = np.where(future | (items < 0), -1, items)
     order = np.argsort(items < 0, axis=1, kind="stable")
     return np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
@@ -351,7 +401,6 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     params = params or RankerParams()
     t_start = time.perf_counter()
     split = load_split(settings)
-    at = pd.Timestamp(split.train_end)
     interactions = read_table(settings, "interactions")
     labels = graded_labels(split.val(interactions))
     if labels.empty:
@@ -364,6 +413,7 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     layout = layout_for(settings, n_categories_of(settings))
     names = layout.names
     model = candidates.SourceModel.load(candidate_model_path(settings, "train"))
+    at = split.val_times(users)
     merged = merged_candidates(
         settings, users, at, model, params.quotas, params.ann_depth, interactions
     )
@@ -418,7 +468,8 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     gain = booster.feature_importance("gain", iteration=best)
     top = sorted(zip(names, gain.tolist(), strict=True), key=lambda t: -t[1])[:10]
     stats = {
-        "request_time": at.isoformat(),
+        "request_time": str(split.train_end) if not split.per_user else "per user",
+        "split": split.to_json(),
         "queries": len(users),
         "queries_with_positive": len(useful),
         "train_queries": len(train_q),

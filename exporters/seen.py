@@ -102,13 +102,21 @@ def seen_lists(
     interactions: pd.DataFrame,
     user_ids: np.ndarray,
     events: Sequence[str],
-    before: pd.Timestamp | None = None,
+    before: pd.Timestamp | pd.DatetimeIndex | None = None,
     cap: int = SEEN_CAP,
 ) -> list[np.ndarray]:
-    """Seen items of each of ``user_ids`` (newest first) from events before ``before``;
-    an empty array for a user without any."""
+    """Seen items of each of ``user_ids`` (unique; newest first) from events before
+    ``before`` (one time for all, or one per user); an empty array for a user without
+    any."""
     ids = np.asarray(user_ids, dtype=np.int64)
-    table = seen_table(interactions[interactions["user_id"].isin(ids)], events, before, cap)
+    rows = interactions[interactions["user_id"].isin(ids)]
+    if isinstance(before, pd.DatetimeIndex):
+        limit = pd.Series(before.as_unit("us").to_numpy(), index=ids)
+        cut = limit.reindex(rows["user_id"].to_numpy()).to_numpy()
+        ts = pd.DatetimeIndex(pd.to_datetime(rows["timestamp"], utc=True)).as_unit("us")
+        rows = rows[ts.to_numpy() < cut]
+        before = None
+    table = seen_table(rows, events, before, cap)
     by_user = dict(zip(table["user_id"].tolist(), table["seen_items"], strict=True))
     empty = np.array([], dtype=np.int64)
     return [np.asarray(by_user.get(int(u), empty), dtype=np.int64) for u in ids]

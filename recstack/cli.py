@@ -71,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REASON",
         help="publish even if the evaluation loses to the baselines (recorded in the manifest)",
     )
+    p.add_argument(
+        "--split",
+        dest="split_mode",
+        choices=["auto", "time", "per_user"],
+        help="train/validation/test split (default auto: time, or per user when the "
+        "time windows hold few users; docs/data.md)",
+    )
+    p.add_argument("--val-days", dest="split_val_days", type=float, help="time split")
+    p.add_argument("--test-days", dest="split_test_days", type=float, help="time split")
+    p.add_argument("--val-last", dest="split_val_last", type=int, help="per-user split")
+    p.add_argument("--test-last", dest="split_test_last", type=int, help="per-user split")
     p = _cmd(groups, "evaluate", "exporters.evaluate:cli", "offline report on the test split")
     p.add_argument("--out", help="directory for report.md / report.json")
 

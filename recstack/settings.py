@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     # Time-relative features are computed against min(request time, the release's data
     # end + this many days): a release never scores with a clock far outside its data.
     max_clock_lead_days: float = Field(default=7.0, ge=0)
+    # The train/validation/test split (exporters/split.py): auto, time or per_user; the
+    # time split's windows in days (None: 10% of the span each); the per-user split's
+    # events held out per user.
+    split_mode: Literal["auto", "time", "per_user"] = "auto"
+    split_val_days: float | None = Field(default=None, ge=0)
+    split_test_days: float | None = Field(default=None, ge=0)
+    split_val_last: int = Field(default=5, ge=1)
+    split_test_last: int = Field(default=5, ge=1)
     # Publish a release although its evaluation loses to the baselines; the reason is
     # recorded in the manifest (`recstack train --force-release REASON`).
     force_release: str = ""
