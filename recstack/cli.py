@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cmd", required=True
     )
     p = _cmd(data, "generate", "exporters.data_generate:cli", "synthetic marketplace data")
-    p.add_argument("--preset", choices=["small", "demo", "large"], default="demo")
+    p.add_argument("--preset", choices=["small", "demo", "large", "sparse"], default="demo")
     p.add_argument("--seed", type=int, default=None, help="default: settings.seed")
     p = _cmd(data, "import", "exporters.data_import:cli", "import real data (CSV or parquet)")
     p.add_argument("--interactions", required=True, help="user_id,item_id,timestamp,event|rating")
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- the demo ---------------------------------------------------------------------------
     p = _cmd(groups, "demo", "recstack.demo:cli", "data -> train -> serve -> recommendations")
-    p.add_argument("--preset", choices=["small", "demo", "large"], default="demo")
+    p.add_argument("--preset", choices=["small", "demo", "large", "sparse"], default="demo")
     return parser
 
 
