@@ -71,6 +71,9 @@ class QualityOptions:
     port_base: int = 39000
     time_limit_s: float = 3600.0
     timestamp_pass: bool = True
+    # A served pass with this k (the API's maximum is 200) measures how many held-out
+    # positives the served pipeline reaches at all — candidate coverage; 0 skips it.
+    coverage_k: int = 200
     keep_up: bool = False
     max_users: int = 0  # 0 = every user with a held-out positive
     request_timeout_s: float = 10.0
@@ -523,6 +526,17 @@ def run(opts: QualityOptions) -> dict[str, Any]:
             passes["served (timestamp = first held-out rating)"] = ask(
                 base, eval_users, opts.k, when, opts.request_timeout_s, deadline, "served+ts"
             )
+        coverage: _Served | None = None
+        if opts.coverage_k:
+            coverage = ask(
+                base,
+                eval_users,
+                opts.coverage_k,
+                None,
+                opts.request_timeout_s,
+                deadline,
+                f"served k={opts.coverage_k}",
+            )
     finally:
         if not opts.keep_up:
             try:
@@ -534,7 +548,8 @@ def run(opts: QualityOptions) -> dict[str, Any]:
     from exporters.raw_tables import read_table
 
     item_ids = np.sort(read_table(settings, "items", ["item_id"])["item_id"].to_numpy())
-    base_lists = baseline_lists(train, item_ids, eval_users, opts.k, opts.ease_lambda)
+    deep = max(opts.k, opts.coverage_k)
+    base_lists = baseline_lists(train, item_ids, eval_users, deep, opts.ease_lambda)
     results: list[MethodResult] = []
     for name, served in passes.items():
         res = score_lists(name, served.lists, positives, rated, opts.k)
@@ -546,6 +561,12 @@ def run(opts: QualityOptions) -> dict[str, Any]:
         results.append(score_lists(name, lists, positives, rated, opts.k))
     report = _report(opts, source, settings, train, test, eval_users, results, passes, t_start)
     report["release"] = release
+    if coverage is not None:
+        kc = opts.coverage_k
+        cov = [score_lists(f"served (k={kc})", coverage.lists, positives, rated, kc)]
+        cov[0].errors = len(coverage.errors)
+        cov += [score_lists(n, lists, positives, rated, kc) for n, lists in base_lists.items()]
+        report["coverage"] = {"k": kc, "results": [asdict(r) for r in cov]}
     _write(report, settings)
     return report
 
@@ -629,6 +650,22 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"| {r['name']} | {r['ndcg']:.4f} | {r['recall']:.4f} | {r['mean_len']:.1f} | "
             f"{100 * r['seen_share']:.1f} % | {r['errors']} |"
         )
+    cov = report.get("coverage")
+    if cov:
+        kc = cov["k"]
+        lines += [
+            "",
+            f"Candidate coverage: Recall@{kc} (= hits / min({kc}, |positives|): the share of "
+            f"held-out positives a list of {kc} reaches at all).",
+            "",
+            f"| method | Recall@{kc} | NDCG@{kc} | items/list | already rated |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in cov["results"]:
+            lines.append(
+                f"| {r['name']} | {r['recall']:.4f} | {r['ndcg']:.4f} | {r['mean_len']:.1f} | "
+                f"{100 * r['seen_share']:.1f} % |"
+            )
     served = [r for r in report["results"] if r["sources"]]
     if served:
         lines += ["", "Served items by source:"]
@@ -688,11 +725,12 @@ def cli(args: argparse.Namespace) -> int:
         port_base=args.port_base,
         time_limit_s=args.time_limit,
         timestamp_pass=not args.no_timestamp_pass,
+        coverage_k=args.coverage_k,
         keep_up=args.keep_up,
         max_users=args.max_users,
     )
-    if opts.k < 1:
-        raise UserError("--k must be >= 1")
+    if opts.k < 1 or opts.coverage_k < 0:
+        raise UserError("--k must be >= 1 and --coverage-k >= 0")
     if (opts.items or opts.users) and opts.ratings is None:
         raise UserError("--items/--users go with --ratings")
     run(opts)

@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=3600.0, help="seconds for the whole run")
     p.add_argument("--max-users", type=int, default=0, help="score only the first N (0 = all)")
     p.add_argument("--no-timestamp-pass", action="store_true", help="skip the timestamp= pass")
+    p.add_argument("--coverage-k", type=int, default=200, help="a k=N pass: coverage (0: off)")
     p.add_argument("--keep-up", action="store_true", help="leave the servers running")
 
     p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
