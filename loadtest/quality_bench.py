@@ -412,29 +412,30 @@ def baseline_lists(
 ) -> dict[str, dict[int, list[int]]]:
     """Most-popular and EASE top-k for ``users`` from the training ratings (every rated
     item counts as consumed), each excluding what the user already rated."""
-    from exporters.baselines import ease_weights, interaction_matrix, popularity_scores
+    from exporters.baselines import (
+        EASE_MAX_ITEMS,
+        ease_weights,
+        interaction_matrix,
+        popularity_scores,
+        top_k_unseen,
+    )
 
     X_all, _ = interaction_matrix(train, item_ids)
     X, _ = interaction_matrix(train, item_ids, user_ids=np.asarray(users, dtype=np.int64))
     pop = popularity_scores(X_all)
-    out: dict[str, dict[int, list[int]]] = {"most popular": {}, f"EASE (λ={lam:g})": {}}
-    seen = X.toarray() > 0
-    s_pop = np.where(seen, -np.inf, np.tile(pop, (len(users), 1)))
-    if item_ids.size > 20_000:
-        _say(f"  {item_ids.size:,} items: EASE is for catalogs ≤ 20,000 items, skipped")
-        del out[f"EASE (λ={lam:g})"]
-        score_sets = [("most popular", s_pop)]
+    scores = {"most popular": np.tile(pop, (len(users), 1))}
+    ease = f"EASE (λ={lam:g})"
+    if item_ids.size > EASE_MAX_ITEMS:
+        _say(f"  {item_ids.size:,} items: EASE is for catalogs <= {EASE_MAX_ITEMS:,}, skipped")
     else:
-        B = ease_weights(X_all, lam=lam)
-        s_ease = np.where(seen, -np.inf, np.asarray(X @ B))
-        score_sets = [("most popular", s_pop), (f"EASE (λ={lam:g})", s_ease)]
-    for name, S in score_sets:
-        kk = min(k, S.shape[1])
-        top = np.argpartition(-S, kk - 1, axis=1)[:, :kk]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(S, top, 1), axis=1), 1)
-        for row, u in enumerate(users):
-            ok = np.isfinite(S[row, top[row]])
-            out[name][int(u)] = [int(i) for i in item_ids[top[row][ok]]]
+        scores[ease] = np.asarray(X @ ease_weights(X_all, lam=lam))
+    out: dict[str, dict[int, list[int]]] = {}
+    for name, S in scores.items():
+        top = top_k_unseen(S, X, k)
+        out[name] = {
+            int(u): [int(item_ids[i]) for i in row if i >= 0]
+            for u, row in zip(users, top, strict=True)
+        }
     return out
 
 

@@ -14,6 +14,7 @@ from exporters.baselines import (
     interaction_matrix,
     popularity_scores,
     score_users,
+    top_k_unseen,
     top_n_neighbours,
 )
 
@@ -149,3 +150,14 @@ def test_ease_beats_popularity_on_planted_structure() -> None:
     P[X > 0] = -np.inf
     pop_hits = np.mean([held[u] in np.argsort(-P[u])[:5] for u in range(n_users)])
     assert ease_hits > 0.8 > 0.3 > pop_hits
+
+
+def test_top_k_unseen_excludes_consumed_items_and_pads() -> None:
+    scores = np.array([[0.1, 0.9, 0.5, 0.5], [1.0, 2.0, 3.0, 4.0]])
+    seen = sp.csr_matrix(np.array([[0, 1, 0, 0], [1, 1, 1, 0]], np.float32))
+    top = top_k_unseen(scores, seen, k=3)
+    assert top.dtype == np.int64
+    assert top[0].tolist() == [2, 3, 0]  # the tie 0.5/0.5 goes to the lower column
+    assert top[1].tolist() == [3, -1, -1]
+    with pytest.raises(ValueError, match="shape"):
+        top_k_unseen(scores[:1], seen, k=3)
