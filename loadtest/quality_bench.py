@@ -202,7 +202,8 @@ def leave_last_out(parsed: pd.DataFrame, n: int) -> np.ndarray:
     file order). Users with ≤ n ratings keep everything (nothing to learn them from)."""
     if n < 1:
         raise UserError(f"--holdout must be >= 1, got {n}")
-    order = np.lexsort((np.arange(len(parsed)), parsed["timestamp"].to_numpy(), parsed["user_id"]))
+    when = parsed["timestamp"].astype("int64").to_numpy()  # tz-aware → comparable ints
+    order = np.lexsort((np.arange(len(parsed)), when, parsed["user_id"].to_numpy()))
     users = parsed["user_id"].to_numpy()[order]
     from_end = pd.Series(users).groupby(users).cumcount(ascending=False).to_numpy()
     count = pd.Series(users).map(pd.Series(users).value_counts()).to_numpy()
