@@ -14,7 +14,8 @@ their sparse neighbour lists are what the online item-to-item candidate source s
   in chunks of item rows and kept top-N per item, so it scales to 1M items.
 - :func:`top_n_neighbours`: either model as fixed-width neighbour lists, the artifact an
   online source reads (row i = items to recommend to someone who consumed item i).
-- :func:`score_users`: x_u · B for some user rows.
+- :func:`score_users`: x_u · B for some user rows; :func:`top_k_unseen`: the best k
+  items of each row among those the user has not consumed.
 
 Convention everywhere: score(u) = x_u · B, so ``B[i, j]`` is how much consuming item i
 speaks for item j. numpy/scipy only.
@@ -255,6 +256,30 @@ def top_n_neighbours(
         idx[lo:hi, :k] = np.where(ok, part, -1)
         wts[lo:hi, :k] = np.where(ok, pv, 0.0)
     return idx, wts
+
+
+def top_k_unseen(scores: np.ndarray, X_seen: sp.spmatrix | np.ndarray, k: int) -> np.ndarray:
+    """Per row, the column indices of the ``k`` highest ``scores`` among the items the
+    user has not consumed (``X_seen`` > 0), best first: [n_rows, k] int64, -1 padded when
+    fewer than k items are left. Ties break towards the lower column index."""
+    if scores.shape != X_seen.shape:
+        raise ValueError(f"scores {scores.shape} and X_seen {X_seen.shape} differ in shape")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n_rows, n_items = scores.shape
+    seen = (sp.csr_matrix(X_seen).toarray() if sp.issparse(X_seen) else np.asarray(X_seen)) > 0
+    S = np.where(seen, -np.inf, np.asarray(scores, dtype=np.float64))
+    kk = min(k, n_items)
+    out = np.full((n_rows, k), -1, np.int64)
+    if kk == 0:
+        return out
+    part = np.argpartition(-S, kk - 1, axis=1)[:, :kk]
+    vals = np.take_along_axis(S, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    part = np.take_along_axis(part, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    out[:, :kk] = np.where(np.isfinite(vals), part, -1)
+    return out
 
 
 def score_users(X_rows: sp.spmatrix | np.ndarray, B: np.ndarray | sp.spmatrix) -> np.ndarray:

@@ -596,9 +596,8 @@ def build(
 ) -> tuple[RawTables, pd.Timestamp, pd.Timestamp]:
     """The three tables of one synthetic world (in memory) and its time window."""
     if isinstance(preset, RatingsPreset):
-        world = build_ratings(preset, seed)
         start = SPARSE_END - pd.Timedelta(days=preset.days)
-        return ratings_to_raw(world), start, SPARSE_END
+        return ratings_to_raw(build_ratings(preset, seed)), start, SPARSE_END
     rng = np.random.default_rng(seed)
     end_us = END.value // 1000
     start_us = end_us - int(preset.days * US_PER_DAY)

@@ -122,6 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(bench, "triton", "orchestrator.triton_bench:cli", "Triton gRPC vs in-process")
     p.add_argument("--repeats", type=int, default=300)
 
+    p = _cmd(
+        bench,
+        "quality",
+        "loadtest.quality_bench:cli",
+        "served NDCG@10/Recall@10 vs most-popular and EASE (leave-last-N-out, docs/quality.md)",
+    )
+    p.add_argument("--workspace", help="own data/releases/run folder (default: .bench-quality)")
+    p.add_argument("--ratings", help="user_id,item_id,rating,timestamp (default: sparse preset)")
+    p.add_argument("--items", help="items file to import with --ratings")
+    p.add_argument("--users", help="users file to import with --ratings")
+    p.add_argument("--preset", default="sparse", help="ratings preset when no --ratings")
+    p.add_argument("--seed", type=int, default=42, help="preset seed")
+    p.add_argument("--holdout", type=int, default=5, help="last N ratings per user held out")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--positive-min", type=float, default=4.0, help="held-out positive rating")
+    p.add_argument("--ease-lambda", type=float, default=250.0)
+    p.add_argument("--port-base", type=int, default=39000, help="Triton +0..2, orch. +51/+80/+100")
+    p.add_argument("--time-limit", type=float, default=3600.0, help="seconds for the whole run")
+    p.add_argument("--max-users", type=int, default=0, help="score only the first N (0 = all)")
+    p.add_argument("--no-timestamp-pass", action="store_true", help="skip the timestamp= pass")
+    p.add_argument("--coverage-k", type=int, default=200, help="a k=N pass: coverage (0: off)")
+    p.add_argument("--keep-up", action="store_true", help="leave the servers running")
+
     p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=30)
