@@ -50,6 +50,14 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
 ABSENT_RANK = 10_000.0
 MODEL_FILE = "candidates.npz"
 EASE_LAMBDA = 250.0
+# Up to this many items the release keeps EASE's whole weight matrix (float32: 100 MB at
+# 5,000 items) and scores every item exactly (one [history, n] row sum per request);
+# beyond, the top-N neighbour lists.
+DENSE_MAX_ITEMS = 5000
+# The dense path scores the user's newest DENSE_HISTORY seen items (the neighbour-list
+# path I2I_HISTORY): heavy raters' older items still carry signal (measured on the sparse
+# preset: EASE over the newest 200 0.095, over all 0.108 NDCG@10).
+DENSE_HISTORY = 1000
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class SourceModel:
     pop_rank: np.ndarray  # float32 [n]: 0 = most consumed (ties by row)
     popular_rows: np.ndarray  # int64: rows, most consumed first (the top of pop_rank)
     info: dict[str, Any]  # method, cut-off, sizes (for the manifest)
+    dense: np.ndarray | None = None  # float32 [n, n] EASE weights (small catalogs)
 
     @property
     def n_neighbours(self) -> int:
@@ -99,18 +108,21 @@ class SourceModel:
                 weights=self.weights,
                 pop_count=self.pop_count,
                 info=np.array(json.dumps(self.info)),
+                dense=self.dense if self.dense is not None else np.zeros((0, 0), np.float32),
             )
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> SourceModel:
         with np.load(path, allow_pickle=False) as z:
+            dense = z["dense"] if "dense" in z.files and z["dense"].size else None
             return cls.from_arrays(
                 z["item_ids"],
                 z["neighbours"],
                 z["weights"],
                 z["pop_count"],
                 json.loads(str(z["info"])),
+                dense=dense,
             )
 
     @classmethod
@@ -122,6 +134,7 @@ class SourceModel:
         pop_count: np.ndarray,
         info: dict[str, Any],
         popular_depth: int = 2000,
+        dense: np.ndarray | None = None,
     ) -> SourceModel:
         n = len(item_ids)
         if neighbours.shape != weights.shape or neighbours.shape[0] != n or len(pop_count) != n:
@@ -140,6 +153,7 @@ class SourceModel:
             rank,
             order[:popular_depth].astype(np.int64),
             info,
+            None if dense is None else np.ascontiguousarray(dense, dtype=np.float32),
         )
 
 
@@ -175,6 +189,11 @@ def build_model(
         method = "covisitation(cosine)"
         B = baselines.covisitation_weights(X, top_n)
     neighbours, weights = baselines.top_n_neighbours(B, top_n)
+    dense = (
+        np.asarray(B, dtype=np.float32)
+        if n <= DENSE_MAX_ITEMS and method.startswith("ease")
+        else None
+    )
     del B
     info = {
         "method": method,
@@ -184,11 +203,12 @@ def build_model(
         "users": int(X.shape[0]),
         "interactions": int(X.nnz),
         "top_n": int(top_n),
+        "dense": dense is not None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log.info("candidate sources: %s", json.dumps(info))
     return SourceModel.from_arrays(
-        item_ids, neighbours, weights, baselines.popularity_scores(X), info
+        item_ids, neighbours, weights, baselines.popularity_scores(X), info, dense=dense
     )
 
 
@@ -196,10 +216,15 @@ def i2i_scores(model: SourceModel, history_rows: np.ndarray) -> tuple[np.ndarray
     """Every row reachable from the user's newest seen items with its summed weight,
     best first: ``(rows int64, scores float32)``. ``history_rows`` are catalog rows,
     newest first; -1 (not in the catalog) is skipped."""
-    hist = np.asarray(history_rows, dtype=np.int64)[:I2I_HISTORY]
+    depth = DENSE_HISTORY if model.dense is not None else I2I_HISTORY
+    hist = np.asarray(history_rows, dtype=np.int64)[:depth]
     hist = hist[hist >= 0]
     if len(hist) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if model.dense is not None:  # exact EASE scores of every item
+        dense_scores = model.dense[hist].sum(axis=0)
+        order = np.argsort(-dense_scores, kind="stable")
+        return order.astype(np.int64), dense_scores[order].astype(np.float32)
     nb = model.neighbours[hist].ravel()
     w = model.weights[hist].ravel()
     ok = nb >= 0

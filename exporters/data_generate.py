@@ -633,8 +633,22 @@ def generate(settings: Settings, preset: str = "demo", seed: int | None = None) 
     t0 = time.perf_counter()
     tables, start, end = build(PRESETS[preset], seed)
     log.info("generated preset %s (seed %d) in %.1f s", preset, seed, time.perf_counter() - t0)
+    # A ratings world is what `recstack data import` makes of ratings: every rating is a
+    # consumption, and item "creation" is only the first rating (exporters/seen.py,
+    # orchestrator/postprocess.py).
+    ratings = isinstance(PRESETS[preset], RatingsPreset)
+    extra: dict[str, object] = (
+        {"seen_events": list(EVENTS), "item_created_at": "first interaction"}
+        if ratings
+        else {"item_created_at": "given"}
+    )
     return write_raw(
-        settings, tables, source=f"synthetic:preset={preset},seed={seed}", start=start, end=end
+        settings,
+        tables,
+        source=f"synthetic:preset={preset},seed={seed}",
+        start=start,
+        end=end,
+        extra_meta=extra,
     )
 
 

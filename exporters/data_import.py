@@ -553,7 +553,13 @@ def import_data(
             }
         ),
     )
-    extra: dict[str, object] = {"import_columns": columns}
+    given = item_src is not None and item_src.has("created_at")
+    extra: dict[str, object] = {
+        "import_columns": columns,
+        # Without creation times an item is "created" at its first interaction: no
+        # freshness signal to boost (orchestrator/postprocess.py).
+        "item_created_at": "given" if given else "first interaction",
+    }
     if seen:
         extra["seen_events"] = seen
     return write_raw(settings, tables, source="import:" + ",".join(names), extra_meta=extra)

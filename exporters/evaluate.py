@@ -46,8 +46,9 @@ from exporters.ranker_train import (
     load_manifest,
     merged_candidates,
 )
-from exporters.raw_tables import read_table
+from exporters.raw_tables import read_meta, read_table
 from exporters.split import load_split
+from orchestrator.postprocess import Candidates, PostprocessConfig, select
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -135,11 +136,57 @@ def test_requests(
     return split.test_times(users), users, relevant, n_test_users
 
 
-def _ranked_lists(cands: CandidateRows, n_users: int, booster: Any) -> dict[str, np.ndarray]:
-    """Top-10 of each request by the ranker and by each source alone (same candidates,
-    same filters): what serving would answer, and the baselines beside it."""
+def served_lists(
+    cands: CandidateRows,
+    scores: np.ndarray,
+    times: pd.DatetimeIndex,
+    post: PostprocessConfig,
+    items: pd.DataFrame,
+) -> np.ndarray:
+    """Top-10 of each request after the release's post-processing (freshness boost,
+    category cap: orchestrator/postprocess.py ``select``), exactly as the orchestrator
+    answers."""
+    catalog = items.set_index("item_id")
+    epoch = pd.Timestamp(0, tz="UTC")
+    created = (pd.to_datetime(catalog["created_at"], utc=True) - epoch).dt.total_seconds()
+    row_items = cands.row_items
+    row_cat = catalog["category"].reindex(row_items).fillna(-1).to_numpy(np.int64)
+    row_created = created.reindex(row_items).fillna(0.0).to_numpy(np.float64)
+    now = times.as_unit("us").asi8.astype(np.float64) / 1e6
+    out = np.full((len(cands.user_ids), TOP_K), -1, dtype=np.int64)
+    order = np.argsort(cands.query, kind="stable")
+    bounds = np.searchsorted(cands.query[order], np.arange(len(cands.user_ids) + 1))
+    for q in range(len(cands.user_ids)):
+        rows = order[bounds[q] : bounds[q + 1]]
+        if len(rows) == 0:
+            continue
+        c = Candidates(
+            row_items[rows],
+            scores[rows],
+            row_cat[rows],
+            row_created[rows],
+            np.full(len(rows), "", dtype=object),
+        )
+        top, _ = select(c, TOP_K, float(now[q]), post)
+        out[q, : len(top.item_ids)] = top.item_ids
+    return out
+
+
+def _ranked_lists(
+    cands: CandidateRows,
+    booster: Any,
+    times: pd.DatetimeIndex,
+    post: PostprocessConfig,
+    items: pd.DataFrame,
+) -> dict[str, np.ndarray]:
+    """Top-10 of each request as served (ranker, then post-processing), by the ranker
+    alone, and by each source alone (same candidates, same filters)."""
+    n_users = len(cands.user_ids)
     scores = np.asarray(booster.predict(cands.rows, raw_score=True), dtype=np.float64)
-    lists = {"pipeline": top_lists(cands, scores, n_users)}
+    lists = {
+        "pipeline": served_lists(cands, scores, times, post, items),
+        "ranker_only": top_lists(cands, scores, n_users),
+    }
     for name, feature in SOURCE_BASELINES.items():
         order = cands.source_order(feature).astype(np.float64)
         # Rows a source did not find sort last (ABSENT_RANK), in merged order.
@@ -154,8 +201,9 @@ def run(settings: Settings, out: Path | None = None, params: EvalParams | None =
     params = params or EvalParams()
     t0 = time.perf_counter()
     interactions = read_table(settings, "interactions")
-    items = read_table(settings, "items", columns=["item_id", "category"])
+    items = read_table(settings, "items", columns=["item_id", "category", "created_at"])
     at, users, relevant, n_test_users = test_requests(settings, params.max_users, interactions)
+    post = PostprocessConfig.for_data(read_meta(settings))
     n_catalog = len(items)
     categories = dict(zip(items["item_id"].tolist(), items["category"].tolist(), strict=True))
 
@@ -167,7 +215,7 @@ def run(settings: Settings, out: Path | None = None, params: EvalParams | None =
         settings, users, at, model, quotas, int(manifest["ann_depth"]), interactions
     )
     cands = candidate_rows(settings, layout, users, at, merged)
-    lists = _ranked_lists(cands, len(users), load_booster(settings))
+    lists = _ranked_lists(cands, load_booster(settings), at, post, items)
     report_lists = {
         name: _list_metrics(top, relevant, categories, n_catalog) for name, top in lists.items()
     }
@@ -194,6 +242,7 @@ def run(settings: Settings, out: Path | None = None, params: EvalParams | None =
         "relevance": {"click": LABELS["click"], "purchase": LABELS["purchase"]},
         "ranker_candidates": int(width),
         "quotas": quotas.to_json(),
+        "postprocess": post.to_json(),
         "seen_filtered": True,
         "lists": report_lists,
         # Kept under their old names for readers of older reports.
@@ -250,7 +299,7 @@ def markdown(report: dict[str, Any]) -> str:
     gate = report["gate"]
     verdict = "PASSES" if gate["passed"] else "FAILS"
     lists = report["lists"]
-    columns = ["pipeline", *SOURCE_BASELINES]
+    columns = ["pipeline", "ranker_only", *SOURCE_BASELINES]
     lines = [
         "# recstack offline evaluation",
         "",
@@ -259,7 +308,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"catalog of {report['n_catalog']} items. Relevance is graded (click 1, purchase 2); "
         "NDCG uses gain 2^g − 1. Every list excludes the user's already-seen items. The "
         f"pipeline ranks up to {report['ranker_candidates']} merged candidates (quotas "
-        f"{report['quotas']}); each baseline orders the same candidates by its own score.",
+        f"{report['quotas']}) and post-processes them as served "
+        f"({report.get('postprocess')}); `ranker only` is the ranker's order before "
+        "post-processing; each baseline orders the same candidates by its own score.",
         "",
         f"**Quality gate {verdict}: pipeline NDCG@10 {gate['pipeline_ndcg@10']:.4f}; "
         f"best baseline {gate['best_baseline']} {gate['best_baseline_ndcg@10']:.4f}; "
@@ -277,7 +328,7 @@ def markdown(report: dict[str, Any]) -> str:
     for c in columns:
         names += [n for n in lists[c] if n not in names]
     for name in names:
-        cells = [lists[c].get(name) for c in columns]
+        cells = [lists.get(c, {}).get(name) for c in columns]
         text = ["—" if v is None else f"{v:.4f}" for v in cells]
         lines.append(f"| {name} | {' | '.join(text)} |")
     if report.get("warnings"):

@@ -159,6 +159,8 @@ def publish(settings: Settings, force_reason: str | None = None) -> int:
         "metrics": _read_json(settings.reports_dir / "report.json"),
     }
     manifest["quality_gate"] = check_gate(manifest["metrics"], force_reason)
+    # The post-processing the evaluation applied is the one the release serves with.
+    manifest["postprocess"] = manifest["metrics"].get("postprocess")
     candidates_src = candidate_model_path(settings, "all")
     if not candidates_src.exists():
         raise UserError(f"{candidates_src} is missing: run `recstack train` first")

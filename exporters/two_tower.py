@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -618,9 +619,13 @@ def refit(settings: Settings) -> None:
     run's towers stay in ``work/``: the ranker and the evaluation were made with them."""
     from exporters import index_build, onnx_export
 
+    out = settings.work_dir / REFIT_DIR
+    if not settings.refit_towers:
+        shutil.rmtree(out, ignore_errors=True)
+        log.info("refit: off (RECSTACK_REFIT_TOWERS=false): the selection towers are released")
+        return
     chosen = json.loads((settings.work_dir / METRICS_FILE).read_text())
     epochs = max(int(chosen["best_epoch"]), 1)
-    out = settings.work_dir / REFIT_DIR
     out.mkdir(parents=True, exist_ok=True)
     model, result, meta = fit(settings, refit_epochs=epochs)
     save(model, meta, out / CHECKPOINT)

@@ -37,7 +37,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if Path(env.get(name, "/")).name.startswith(FEAST_METRICS_PREFIX):
             del env[name]
     for name, value in settings.model_dump().items():
-        env[f"RECSTACK_{name.upper()}"] = str(value)
+        alias = type(settings).model_fields[name].alias
+        key = alias.upper() if alias else f"RECSTACK_{name.upper()}"
+        if value is None:  # unset optional: the child's default is None too
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
     return env
 
 

@@ -3,8 +3,9 @@ and one human-readable reason per item. Pure numpy on the candidate arrays, no I
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -13,12 +14,35 @@ SECONDS_PER_DAY = 86_400.0
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """Business rules; the defaults are the demo's."""
+    """Business rules, part of a release (its manifest's ``postprocess``, decided from the
+    data by :meth:`for_data` and applied by the offline evaluation too, so the quality
+    gate judges what is served)."""
 
-    max_per_category: int = 3
+    # Diversity: the top k holds at least this many categories (when the candidates have
+    # them): the lowest-ranked items of the most represented categories give way to the
+    # best items of new ones. A floor costs far less relevance than a per-category cap.
+    min_categories: int = 3
+    # An optional hard cap per category (0: none).
+    max_per_category: int = 0
     # Added to a candidate's score: boost * score spread * 2^(-age_days / half_life).
     freshness_boost: float = 0.25
     freshness_half_life_days: float = 7.0
+
+    @classmethod
+    def for_data(cls, meta: Mapping[str, object]) -> PostprocessConfig:
+        """The release's rules for its data: no freshness boost when items have no real
+        creation times (an import without them dates an item by its first interaction,
+        so "new" would only mean "recently discovered")."""
+        if meta.get("item_created_at", "given") != "given":
+            return cls(freshness_boost=0.0)
+        return cls()
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> PostprocessConfig:
+        return cls(**dict(data or {}))
 
 
 @dataclass(frozen=True)
@@ -92,14 +116,52 @@ def category_capped_top_k(
     return np.asarray(order, dtype=np.int64)[occurrence < cap][:k]
 
 
+def diverse_top_k(
+    order: np.ndarray, categories: np.ndarray, k: int, min_categories: int
+) -> np.ndarray:
+    """The first k of ``order``, then, while they hold fewer than ``min_categories``
+    categories, the best candidate of a category not yet shown replaces the lowest-ranked
+    item of the most represented category. Returns positions in ``order``'s terms, best
+    first (by their place in ``order``)."""
+    order = np.asarray(order, dtype=np.int64)
+    k = min(k, len(order))
+    top = list(order[:k])
+    cats = np.asarray(categories)
+    shown = {int(cats[i]) for i in top}
+    if len(shown) >= min_categories or k == 0:
+        return order[:k]
+    rank = {int(i): r for r, i in enumerate(order)}
+    for cand in order[k:]:
+        if len(shown) >= min_categories:
+            break
+        c = int(cats[cand])
+        if c in shown:
+            continue
+        counts: dict[int, int] = {}
+        for i in top:
+            counts[int(cats[i])] = counts.get(int(cats[i]), 0) + 1
+        crowded = max(counts, key=lambda x: counts[x])
+        if counts[crowded] < 2:
+            break
+        victim = max((i for i in top if int(cats[i]) == crowded), key=lambda i: rank[int(i)])
+        top.remove(victim)
+        top.append(int(cand))
+        shown.add(c)
+    return np.array(sorted(top, key=lambda i: rank[int(i)]), dtype=np.int64)
+
+
 def select(
     c: Candidates, k: int, now: float, cfg: PostprocessConfig
 ) -> tuple[Candidates, np.ndarray]:
-    """Dedupe, boost, cap; return the top-k candidates and their final scores."""
+    """Dedupe, boost, diversify (floor, then the optional cap); return the top-k
+    candidates and their final scores."""
     c = dedupe(c)
     final = freshness_boosted(c, now, cfg)
     order = np.argsort(-final, kind="stable")
-    keep = category_capped_top_k(order, c.categories, k, cfg.max_per_category)
+    if cfg.max_per_category > 0:
+        capped = category_capped_top_k(order, c.categories, k, cfg.max_per_category)
+        order = np.concatenate([capped, order[~np.isin(order, capped)]])
+    keep = diverse_top_k(order, c.categories, k, cfg.min_categories)
     return c.take(keep), final[keep]
 
 

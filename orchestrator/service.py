@@ -29,7 +29,7 @@ from exporters.candidates import gather, source_names
 from orchestrator import metrics
 from orchestrator.budget import BudgetConfig, RequestClock
 from orchestrator.catalog import Catalog, Fallbacks
-from orchestrator.postprocess import Candidates, PostprocessConfig, reasons, select
+from orchestrator.postprocess import Candidates, reasons, select
 from orchestrator.request import EventQuery, RecommendQuery
 from orchestrator.serving_release import ServingRelease, UserView
 from orchestrator.triton_client import TritonError
@@ -68,7 +68,6 @@ class ServiceConfig:
     # 2 cores busy; 8 measured no better at 100/s (docs/benchmark.md).
     workers: int = 4
     budget: BudgetConfig = field(default_factory=BudgetConfig)
-    post: PostprocessConfig = field(default_factory=PostprocessConfig)
 
 
 class RecommendService:
@@ -249,7 +248,7 @@ class RecommendService:
     def _finish(
         self, q: RecommendQuery, cands: Candidates, user: UserView | None, now: float
     ) -> RecommendResult:
-        top, final = select(cands, q.k, now, self.cfg.post)
+        top, final = select(cands, q.k, now, self.release.post)
         recent = list(user.recent_items) if user is not None else []
         rrows, rknown = self.catalog.rows(np.asarray(recent, dtype=np.int64))
         recent_cats = np.where(rknown, self.catalog.category[rrows], -1).tolist()

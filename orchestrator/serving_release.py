@@ -22,6 +22,7 @@ from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.faiss_index import FaissIndex
 from orchestrator.online_features import ItemFeatures, OnlineFeatures, UserFeatures
+from orchestrator.postprocess import PostprocessConfig
 from orchestrator.request import EventQuery
 from orchestrator.triton_client import TritonClient
 from recstack.settings import Settings
@@ -160,6 +161,7 @@ class ServingRelease:
     # multi-source candidates, served from the ANN alone).
     sources: SourceModel | None = None
     quotas: Quotas = field(default_factory=Quotas)
+    post: PostprocessConfig = field(default_factory=PostprocessConfig)
     # Where the release's data ends (unix s): the clock of time-relative features is
     # capped at data_end + max_clock_lead (settings), see RecommendService.
     data_end: float = float("inf")
@@ -241,6 +243,7 @@ class ServingRelease:
             EmbeddingCache(settings.user_embedding_cache),
             sources,
             quotas,
+            PostprocessConfig.from_json(manifest.get("postprocess")),
             data_end,
         )
 

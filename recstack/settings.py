@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     split_test_days: float | None = Field(default=None, ge=0)
     split_val_last: int = Field(default=5, ge=1)
     split_test_last: int = Field(default=5, ge=1)
+    # Refit the released towers and index on every event (pipeline step refit); off:
+    # release the selection run's towers (trained before the validation window).
+    refit_towers: bool = True
     # Publish a release although its evaluation loses to the baselines; the reason is
     # recorded in the manifest (`recstack train --force-release REASON`).
     force_release: str = ""

@@ -119,3 +119,30 @@ def test_category_cap_matches_the_walk_on_random_inputs() -> None:
         k, cap = int(rng.integers(1, 30)), int(rng.integers(1, 4))
         got = category_capped_top_k(order, cats, k, cap).tolist()
         assert got == _capped_by_walking(order, cats, k, cap)
+
+
+def test_diversity_floor_costs_only_what_it_must() -> None:
+    """A floor of 3 categories: a list already diverse is untouched; a one-category list
+    gives up its two lowest-ranked items to the best items of two other categories."""
+    from orchestrator.postprocess import diverse_top_k
+
+    order = np.arange(12)
+    diverse = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
+    assert diverse_top_k(order, diverse, 5, 3).tolist() == [0, 1, 2, 3, 4]
+    mono = np.array([7] * 8 + [3, 3, 5, 5])
+    got = diverse_top_k(order, mono, 5, 3).tolist()
+    assert got == [0, 1, 2, 8, 10]  # 3 and 4 (category 7) make way for 8 and 10
+    assert len(set(mono[got])) == 3
+    # Not enough categories among the candidates: as many as exist.
+    assert len(set(mono[diverse_top_k(order[:9], mono[:9], 5, 4)])) == 2
+
+
+def test_served_lists_hold_three_categories_when_they_can() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(10, 60))
+        cats = rng.integers(0, int(rng.integers(1, 6)), size=n)
+        c = _cands(list(range(n)), rng.normal(size=n).tolist(), cats.tolist(), [100.0] * n)
+        top, _ = select(c, 10, NOW, PostprocessConfig(freshness_boost=0))
+        assert len(top.item_ids) == 10
+        assert len(set(top.categories.tolist())) >= min(3, len(set(cats.tolist())))
