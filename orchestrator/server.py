@@ -25,7 +25,10 @@ from orchestrator import metrics
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.request import (
+    ID_MAX_DIGITS,
+    MAX_CATEGORIES,
     MAX_EVENT_BODY_BYTES,
+    MAX_EXCLUDE_ITEMS,
     EventWindow,
     InvalidRequest,
     PayloadTooLarge,
@@ -296,6 +299,12 @@ def http_app(
     return app
 
 
+# The longest request line a valid GET /v1/recommendations needs: every list at its limit,
+# ids of 19 digits, commas percent-encoded, plus room for the other parameters. Longer lines
+# are refused by aiohttp's parser (400, text/plain, connection closed).
+HTTP_MAX_LINE = (MAX_EXCLUDE_ITEMS + 2 * MAX_CATEGORIES) * (ID_MAX_DIGITS + 3) + 4096
+
+
 def http_runner(service: RecommendService, settings: Settings, drain: Drain) -> web.AppRunner:
     """The HTTP front as served: :func:`http_app` with the connection limits."""
     return web.AppRunner(
@@ -303,9 +312,9 @@ def http_runner(service: RecommendService, settings: Settings, drain: Drain) -> 
         access_log=None,
         # aiohttp closes a connection that has not sent complete request headers this long
         # after it opened (or after the previous response): the header-read timeout, and
-        # the idle keep-alive limit. Bodies have their own timeout (_read_body); request
-        # lines and header fields are capped at aiohttp's 8,190 bytes (400 beyond).
+        # the idle keep-alive limit. Bodies have their own timeout (_read_body).
         keepalive_timeout=settings.http_header_timeout_s,
+        max_line_size=HTTP_MAX_LINE,
     )
 
 
