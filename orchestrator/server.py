@@ -12,10 +12,12 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from aiohttp import web
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -139,6 +141,45 @@ def _status_of(method: str, err: Exception) -> tuple[grpc.StatusCode, int, str]:
     return grpc.StatusCode.INTERNAL, 500, "internal error"
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are not a valid message of its type (corrupt wire format,
+    invalid UTF-8 in a string): answered INVALID_ARGUMENT by the handler."""
+
+    error: str
+
+
+def _lenient(message: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that cannot raise: gRPC would answer UNKNOWN with the
+    parser's exception text."""
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return message.FromString(raw)
+        except DecodeError as e:
+            return Undecodable(str(e))
+
+    return decode
+
+
+def add_recommender(servicer: RecommenderServicer, server: grpc.aio.Server) -> None:
+    """The generated ``add_RecommenderServicer_to_server``, built from the same descriptor,
+    with :func:`_lenient` request decoding."""
+    service = pb.DESCRIPTOR.services_by_name["Recommender"]
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in service.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     """gRPC handlers: validate, call the service, map failures to status codes."""
 
@@ -150,15 +191,18 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def _handle(
         self,
         method: str,
+        request: Any,
         context: grpc.aio.ServicerContext,
-        parse: Callable[[], Any],
+        parse: Callable[[Any], Any],
         call: Callable[[Any], Awaitable[Any]],
     ) -> Any:
         """Validate, call, and map failures to status codes (never UNKNOWN, never a
         traceback)."""
         async with _observed(method) as code:
             try:
-                return await call(parse())
+                if isinstance(request, Undecodable):
+                    raise InvalidRequest(f"the request is not a valid message: {request.error}")
+                return await call(parse(request))
             except Exception as e:
                 status, _, message = _status_of(method, e)
             code[0] = status.name
@@ -174,7 +218,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return to_proto(await self.service.recommend(query, context.time_remaining()))
 
         reply: pb.RecommendResponse = await self._handle(
-            "Recommend", context, lambda: from_grpc(request), call
+            "Recommend", request, context, lambda r: from_grpc(r), call
         )
         return reply
 
@@ -186,7 +230,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return pb.RecordEventResponse(accepted=True)
 
         reply: pb.RecordEventResponse = await self._handle(
-            "RecordEvent", context, lambda: event_from_grpc(request, self.window), call
+            "RecordEvent", request, context, lambda r: event_from_grpc(r, self.window), call
         )
         return reply
 
@@ -331,7 +375,7 @@ async def create_server(
             ("grpc.max_receive_message_length", settings.request_max_bytes),
         ]
     )
-    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service, settings), server)
+    add_recommender(RecommenderServicer(service, settings), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

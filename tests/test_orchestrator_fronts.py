@@ -113,6 +113,19 @@ def test_bad_grpc_requests_are_invalid_argument_not_unknown(
     assert "Unexpected" not in details and len(details) < 300
 
 
+@pytest.mark.parametrize("method", ["Recommend", "RecordEvent"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"\xff\xff\xff", b"\x0a\x02\xff\xfe", b"\x12\x01"],  # corrupt; bad UTF-8; truncated
+)
+def test_undecodable_messages_are_invalid_argument(fronts: Fronts, method: str, raw: bytes) -> None:
+    with grpc.insecure_channel(fronts.grpc_target) as channel:
+        call = channel.unary_unary(f"/recstack.v1.Recommender/{method}")
+        code, details, _ = grpc_code(lambda: call(raw, timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "not a valid message" in details
+
+
 def test_event_timestamp_out_of_proto_range_is_invalid(stub: pb_grpc.RecommenderStub) -> None:
     req = pb.RecordEventRequest(
         user_id="1", item_id=1, event=pb.VIEW, timestamp=Timestamp(seconds=-(2**40))
