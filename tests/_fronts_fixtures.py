@@ -90,6 +90,11 @@ def running_fronts(settings: Settings | None = None) -> Iterator[Fronts]:
         except BaseException as e:  # surfaced to the test below
             started["error"] = e
             ready.set()
+        finally:  # connection handlers still open: cancel them before the loop closes
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
     thread = threading.Thread(target=run, name="fronts", daemon=True)
     thread.start()
