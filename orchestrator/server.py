@@ -119,6 +119,10 @@ class Drain:
         self.started = False
 
 
+class BodyTimeout(Exception):
+    """An HTTP request body that did not arrive in time (408)."""
+
+
 def _status_of(method: str, err: Exception) -> tuple[grpc.StatusCode, int, str]:
     """The one mapping of failures to (gRPC code, HTTP status, message) for both fronts.
     Anything unexpected is INTERNAL with a generic message and one log line: no traceback
@@ -131,6 +135,8 @@ def _status_of(method: str, err: Exception) -> tuple[grpc.StatusCode, int, str]:
         return grpc.StatusCode.NOT_FOUND, 404, str(err)
     if isinstance(err, ServiceUnavailable):
         return grpc.StatusCode.UNAVAILABLE, 503, str(err)
+    if isinstance(err, BodyTimeout):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, 408, str(err)
     log.error(
         "%s failed: %s: %s",
         method,
@@ -251,12 +257,15 @@ async def _read_body(request: web.Request, limit: int, timeout_s: float) -> byte
         raise PayloadTooLarge(f"body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async with asyncio.timeout(timeout_s):
-        while chunk := await request.content.read(limit + 1 - size):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout_s):
+            while chunk := await request.content.read(limit + 1 - size):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     return b"".join(chunks)
 
 
@@ -278,11 +287,6 @@ def http_app(
         async with _observed(method) as code:
             try:
                 return await call(await parse())
-            except TimeoutError:  # only the body read has a timeout of its own here
-                code[0] = "DEADLINE_EXCEEDED"
-                response = _error(408, "REQUEST_TIMEOUT", "the request body did not arrive")
-                response.force_close()
-                return response
             except Exception as e:
                 status, http_status, message = _status_of(method, e)
             code[0] = status.name
@@ -292,7 +296,7 @@ def http_app(
                 message,
                 retry_after if status == grpc.StatusCode.UNAVAILABLE else None,
             )
-            if http_status == 413:
+            if http_status in (408, 413):
                 response.force_close()  # the rest of the body is not read
             return response
 
