@@ -168,6 +168,10 @@ def _id_text(raw: str, name: str) -> int:
     return int(raw)
 
 
+class _HugeInt:
+    """A JSON integer too long to be any valid value; never converted with int()."""
+
+
 def _json_id(value: object, name: str) -> int:
     """A JSON integer (not a float, bool or string) in [0, 2**63)."""
     if isinstance(value, _HugeInt):
@@ -373,10 +377,6 @@ def from_http(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> Recommen
             _price(p.get("price_max", ""), "price_max", 0.0),
         ),
     )
-
-
-class _HugeInt:
-    """A JSON integer too long to be any valid value; never converted with int()."""
 
 
 def _json_int(text: str) -> int | _HugeInt:
