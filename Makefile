@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN := .run
 PRESET ?= demo
 
-.PHONY: setup demo test lint fmt typecheck stop bench-features bench-triton bench-large clean-data help
+.PHONY: setup demo test lint fmt typecheck stop bench-features bench-triton bench-large bench-quality clean-data help
 
 help:
 	@echo "make demo   - set up everything, then data -> training -> export -> servers -> recommendations"
@@ -70,6 +70,12 @@ bench-triton: setup
 # and ports (PORT_BASE, default 38000): docs/benchmark.md.
 bench-large: setup
 	bash loadtest/bench_large.sh
+
+# Issue 10's served-quality benchmark: leave-last-5-out on the `sparse` preset (or
+# QUALITY_ARGS="--ratings FILE"), served NDCG@10/Recall@10 vs most-popular and EASE, in its
+# own workspace (.bench-quality) and ports (39000+): docs/quality.md.
+bench-quality: setup
+	$(BIN)/recstack bench quality $(QUALITY_ARGS)
 
 clean-data:
 	rm -rf data releases $(RUN) model_repository/*/[0-9]*

@@ -37,11 +37,14 @@ from torch import nn
 from exporters import model_config
 from exporters.feature_tables import default_value
 from exporters.rank_layout import (  # noqa: F401 - re-exported: the assembly's contract
+    CANDIDATE_CROSS_FEATURES,
     CATEGORY,
     CREATED_AT,
     CROSS_FEATURES,
+    I2I_SCORE,
     ITEM_KEY,
     NO_PRICE_REFERENCE,
+    POP_LOG_COUNT,
     PRICE,
     TIME_SUFFIX,
     USER_KEY,
@@ -72,19 +75,24 @@ class RankFeatures(nn.Module):
         super().__init__()
         self.layout = layout
         self.n_user = len(layout.user_features)
-        self.n_item = len(layout.item_features)
+        self.n_item = len(layout.item_columns)
         self.n_categories = layout.n_categories
         if self.n_categories <= 0:
             raise ValueError(f"n_categories must be positive, got {self.n_categories}")
         self.item_price_idx = _index(layout.item_features, layout.item_price_feature)
         self.user_price_idx = _index(layout.user_features, layout.user_price_feature)
         user_times = [is_time_feature(n) for n in layout.user_features]
-        item_times = [is_time_feature(n) for n in layout.item_features]
+        item_times = [is_time_feature(n) for n in layout.item_columns]
         self.user_time_mask: torch.Tensor
         self.item_time_mask: torch.Tensor
         self.register_buffer("user_time_mask", torch.tensor(user_times, dtype=torch.bool))
         self.register_buffer("item_time_mask", torch.tensor(item_times, dtype=torch.bool))
         self.has_user_times, self.has_item_times = any(user_times), any(item_times)
+        # Candidate-source columns compared within the request (CANDIDATE_CROSS_FEATURES).
+        self.candidate_cross = bool(layout.candidate_features)
+        if self.candidate_cross:
+            self.i2i_idx = layout.item_columns.index(I2I_SCORE)
+            self.pop_idx = layout.item_columns.index(POP_LOG_COUNT)
 
     def forward(
         self,
@@ -129,7 +137,16 @@ class RankFeatures(nn.Module):
             user = _days_before(user, self.user_time_mask, request_time)
         if self.has_item_times:
             items = _days_before(items, self.item_time_mask, request_time)
-        return torch.cat([user, items, score, affinity, affinity_rel, age, price_rel], 1)
+        cols = [user, items, score, affinity, affinity_rel, age, price_rel]
+        if self.candidate_cross:
+            i2i = item_features[:, self.i2i_idx : self.i2i_idx + 1]
+            pop = item_features[:, self.pop_idx : self.pop_idx + 1]
+            top_i2i = i2i.max()
+            i2i_rel = torch.where(
+                top_i2i > 0, i2i / top_i2i.clamp(min=1e-12), torch.zeros_like(i2i)
+            )
+            cols += [score - score.max(), i2i_rel, pop - pop.max()]
+        return torch.cat(cols, 1)
 
 
 def _days_before(x: torch.Tensor, mask: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
@@ -197,7 +214,7 @@ def example_inputs(layout: Layout, n: int, seed: int = 0) -> dict[str, np.ndarra
     """Random inputs with realistic ranges (including unknown categories and a NaN user
     price), keyed by tensor name in ``config.pbtxt`` order."""
     rng = np.random.default_rng(seed)
-    u, c, i = len(layout.user_features), layout.n_categories, len(layout.item_features)
+    u, c, i = len(layout.user_features), layout.n_categories, len(layout.item_columns)
     now = 1.75e9 + rng.uniform(0, 1e6)
     user = rng.gamma(2.0, 10.0, size=(1, u))
     for j, name in enumerate(layout.user_features):
@@ -207,7 +224,7 @@ def example_inputs(layout: Layout, n: int, seed: int = 0) -> dict[str, np.ndarra
     if u and seed % 2 == 1:
         user[0, 0] = np.nan
     item = rng.gamma(2.0, 20.0, size=(n, i))
-    for j, name in enumerate(layout.item_features):
+    for j, name in enumerate(layout.item_columns):
         if is_time_feature(name):
             item[:, j] = now - rng.uniform(0, 60 * SECONDS_PER_DAY, size=n)
     cats = rng.integers(-1, c + 2, size=n).astype(np.int64)

@@ -182,13 +182,14 @@ def build_index(
 def validation_queries(
     tables: RawTables, split: Split, user_tower: Path, seed: int, n: int = N_QUERIES
 ) -> np.ndarray:
-    """User-tower embeddings of up to ``n`` validation users, as of the train end."""
+    """User-tower embeddings of up to ``n`` validation users, each as of their validation
+    request."""
     users = split.val(tables.interactions)["user_id"].unique()
     if len(users) == 0:  # tiny data: any user is still a realistic query
         users = tables.interactions["user_id"].unique()
     rng = np.random.default_rng(seed)
     users = np.sort(rng.choice(users, min(n, len(users)), replace=False))
-    inputs = users_at(tables, users, pd.Timestamp(split.train_end))
+    inputs = users_at(tables, users, split.val_times(users))
     return run_onnx(user_tower, inputs)
 
 
@@ -208,9 +209,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build(settings: Settings) -> None:
-    """Pipeline step ``index``: embed the catalog, build, recall-check and write the index."""
-    work = settings.work_dir
+def build(settings: Settings, work: Path | None = None) -> None:
+    """Pipeline step ``index``: embed the catalog, build, recall-check and write the index
+    (into ``work``, default ``settings.work_dir``; the refit step passes its own)."""
+    work = work or settings.work_dir
     item_tower, user_tower = work / ARTIFACTS["item_tower"], work / ARTIFACTS["user_tower"]
     for p in (item_tower, user_tower):
         if not p.exists():

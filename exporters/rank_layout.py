@@ -27,6 +27,17 @@ CROSS_FEATURES: tuple[str, ...] = (
     "x_item_age_days",  # request_time - item created_at, in days
     "x_price_vs_user_mean",  # item price / user's mean purchase price (-1 if no purchase)
 )
+# Per-request comparisons of the candidate-source features, computed by the assembly over
+# one request's candidates; present when the layout has candidate features. A raw score
+# means little across users (histories differ in length); its distance to the request's
+# best candidate is what ranks.
+CANDIDATE_CROSS_FEATURES: tuple[str, ...] = (
+    "x_tower_score_rel",  # x_tower_score - the request's highest tower score
+    "x_i2i_score_rel",  # c_i2i_score / the request's highest (0 when none is positive)
+    "x_pop_log_count_rel",  # c_pop_log_count - the request's highest
+)
+I2I_SCORE = "c_i2i_score"
+POP_LOG_COUNT = "c_pop_log_count"
 # Value of x_price_vs_user_mean when the user has no mean purchase price to compare with.
 NO_PRICE_REFERENCE = -1.0
 
@@ -61,6 +72,11 @@ class Layout:
     user_price_feature: str | None = USER_MEAN_PRICE
     user_refs: tuple[str, ...] = ()
     item_refs: tuple[str, ...] = ()
+    # Per-candidate source features (exporters/candidates.py CANDIDATE_FEATURES), sent to
+    # the assembly after the item's Feast features in the same ``item_features`` tensor:
+    # both are per-candidate scalars. Empty for releases made before multi-source
+    # candidates.
+    candidate_features: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,21 +84,42 @@ class Layout:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Layout:
         d = dict(data)
-        for key in ("user_features", "item_features", "user_refs", "item_refs"):
+        for key in (
+            "user_features",
+            "item_features",
+            "user_refs",
+            "item_refs",
+            "candidate_features",
+        ):
             d[key] = tuple(d.get(key, ()))
         return cls(**d)
 
     @property
+    def item_columns(self) -> tuple[str, ...]:
+        """Columns of the ``item_features`` tensor: Feast item features, then candidate
+        source features."""
+        return (*self.item_features, *self.candidate_features)
+
+    @property
+    def cross_features(self) -> tuple[str, ...]:
+        """The assembly's computed columns for this layout."""
+        if self.candidate_features:
+            return (*CROSS_FEATURES, *CANDIDATE_CROSS_FEATURES)
+        return CROSS_FEATURES
+
+    @property
     def n_features(self) -> int:
-        return len(self.user_features) + len(self.item_features) + len(CROSS_FEATURES)
+        return len(self.user_features) + len(self.item_columns) + len(self.cross_features)
 
     @property
     def names(self) -> list[str]:
         """The ranker's column names (:func:`feature_names` of this layout)."""
-        return feature_names(self.user_features, self.item_features)
+        return feature_names(self.user_features, self.item_columns, self.cross_features)
 
 
-def layout_from_service(features: Sequence[Any], n_categories: int) -> Layout:
+def layout_from_service(
+    features: Sequence[Any], n_categories: int, candidate_features: Sequence[str] = ()
+) -> Layout:
     """Build the layout from a feature service's ordered features, e.g.
     ``exporters.feast_ops.service_features(store, "ranking")`` (objects with ``view``,
     ``name``, ``dtype`` (Feast type name) and ``entity_key``).
@@ -125,13 +162,16 @@ def layout_from_service(features: Sequence[Any], n_categories: int) -> Layout:
         user_price_feature=USER_MEAN_PRICE if USER_MEAN_PRICE in user else None,
         user_refs=tuple(user_refs),
         item_refs=tuple(item_refs),
+        candidate_features=tuple(candidate_features),
     )
 
 
 def feature_names(
-    user_feature_names: Sequence[str], item_feature_names: Sequence[str]
+    user_feature_names: Sequence[str],
+    item_feature_names: Sequence[str],
+    cross_features: Sequence[str] = CROSS_FEATURES,
 ) -> list[str]:
     """The ranker's column names in order: user scalars, item scalars, cross features.
     Time features (``*_at``) appear as ``*_days_ago``: that is what their column holds."""
     scalars = [_output_name(n) for n in (*user_feature_names, *item_feature_names)]
-    return [*scalars, *CROSS_FEATURES]
+    return [*scalars, *cross_features]

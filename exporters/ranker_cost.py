@@ -2,10 +2,10 @@
 
 The ranker is the largest item of the request budget (candidates × trees). This bench
 takes the trained ranker of ``work/`` and the test-split requests of the evaluation, builds
-the candidate rows once (retrieval top ``max(CANDIDATES)``, point-in-time features, the
-shared assembly), then for every (candidates ranked, trees used) pair reports NDCG@10 of the
-ranked top 10 and the single-threaded time to score that many rows with that many trees —
-the numbers to choose the serving point from.
+the merged candidate rows once (the sources at their serving quotas, point-in-time
+features, the shared assembly), then for every (first N merged candidates ranked, trees
+used) pair reports NDCG@10 of the ranked top 10 and the single-threaded time to score
+that many rows with that many trees — the numbers to choose the serving point from.
 """
 
 from __future__ import annotations
@@ -20,20 +20,22 @@ from typing import Any
 
 import numpy as np
 
-from exporters import metrics, retrieval
+from exporters import metrics
+from exporters.candidates import Quotas, SourceModel
 from exporters.evaluate import TOP_K, test_requests, top_lists
 from exporters.rank_layout import Layout
 from exporters.ranker_train import (
+    candidate_model_path,
     candidate_rows,
-    existing_only,
     load_booster,
     load_manifest,
+    merged_candidates,
 )
 from recstack.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-CANDIDATES: tuple[int, ...] = (25, 50, 100, 200, 300, 500)
+CANDIDATES: tuple[int, ...] = (25, 50, 100, 200, 300, 400)
 TREE_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 1.0)
 
 
@@ -50,12 +52,12 @@ def _time_ms(fn: Any, repeats: int) -> float:
 def run(settings: Settings, max_users: int = 2000, repeats: int = 30) -> list[dict[str, Any]]:
     """The curve as rows of {candidates, trees, ndcg@10, recall@10, ms_per_request}."""
     at, users, relevant, _ = test_requests(settings, max_users)
-
-    k = max(CANDIDATES)
-    items, scores = retrieval.retrieve(settings, users, at, k)
-    items, scores = existing_only(settings, np.asarray(items, dtype=np.int64), scores, at)
-    layout = Layout.from_json(load_manifest(settings)["layout"])
-    cands = candidate_rows(settings, layout, users, at, k, retrieved=(items, scores))
+    manifest = load_manifest(settings)
+    layout = Layout.from_json(manifest["layout"])
+    model = SourceModel.load(candidate_model_path(settings, "eval"))
+    quotas = Quotas.from_json(manifest.get("quotas"))
+    merged = merged_candidates(settings, users, at, model, quotas, int(manifest["ann_depth"]))
+    cands = candidate_rows(settings, layout, users, at, merged)
     booster = load_booster(settings)
     n_trees = booster.num_trees()
     probe = cands.rows[cands.query == 0]
@@ -93,8 +95,8 @@ def markdown(rows: list[dict[str, Any]], n_users: int) -> str:
     lines = [
         "# Ranker cost vs quality",
         "",
-        f"Test-split requests ({n_users} users, as of the validation end); NDCG@10 of the "
-        "ranked top 10 when the first N retrieved candidates are ranked with T trees; "
+        f"Test-split requests ({n_users} users); NDCG@10 of the ranked top 10 when the "
+        "first N merged candidates are ranked with T trees; "
         "cost = LightGBM single-thread time to score N rows (median).",
         "",
         "| candidates | trees | NDCG@10 | recall@10 | ms / request |",

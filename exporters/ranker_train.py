@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from exporters import feature_assembly, retrieval
+from exporters import candidates, feature_assembly, retrieval
+from exporters.candidates import CANDIDATE_FEATURES
+from exporters.index_build import ITEM_IDS_FILE
 from exporters.rank_layout import ITEM_KEY, USER_KEY, Layout
 from exporters.raw_tables import read_meta, read_table
+from exporters.seen import seen_events, seen_lists
 from exporters.split import load_split
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
@@ -44,6 +47,7 @@ MODEL_FILE = "ranker.txt"
 MANIFEST_FILE = "ranker.json"
 SAMPLE_FILE = "ranker_sample.npy"
 SERVICE = "ranking"
+ROW = "_recstack_row"  # entity_df row number, kept through Feast's join
 LABELS: dict[str, int] = {"click": 1, "purchase": 2}
 
 
@@ -52,17 +56,22 @@ class RankerParams:
     """Everything that shapes the ranker. Serving cost grows with candidates × trees ×
     depth (DESIGN.md: 500 rows × 300 trees of 63 leaves ≈ 10 ms single-threaded)."""
 
-    n_candidates: int = 300  # retrieved per query, as serving ranks them
+    ann_depth: int = 500  # retrieved from the index per query, as serving does
+    quotas: candidates.Quotas = field(default_factory=candidates.Quotas)  # as serving merges
     max_queries: int = 3000  # sampled (seeded) from the validation users
+    # Fewer queries with a positive candidate than this: the report warns (small data).
+    min_queries_warning: int = 500
     holdout_fraction: float = 0.2  # queries held out for early stopping
-    num_trees: int = 200
-    num_leaves: int = 31
-    learning_rate: float = 0.1
-    min_data_in_leaf: int = 50
+    # Small trees, a slow rate and patient early stopping: on sparse data (a few hundred
+    # queries) larger trees over-fit in a handful of rounds (docs/quality.md).
+    num_trees: int = 400
+    num_leaves: int = 7
+    learning_rate: float = 0.05
+    min_data_in_leaf: int = 100
     feature_fraction: float = 0.9
     bagging_fraction: float = 0.8
     lambda_l2: float = 1.0
-    early_stopping_rounds: int = 20
+    early_stopping_rounds: int = 50
     eval_at: int = 10
     num_threads: int = 2
     sample_rows: int = 2000  # saved for the export's parity check
@@ -91,21 +100,30 @@ class RankerParams:
 
 
 def point_in_time_features(
-    settings: Settings, key: str, ids: np.ndarray, at: pd.Timestamp, refs: Sequence[str]
+    settings: Settings,
+    key: str,
+    ids: np.ndarray,
+    at: pd.Timestamp | pd.DatetimeIndex,
+    refs: Sequence[str],
 ) -> pd.DataFrame:
-    """Feature values of entities ``ids`` (join key ``key``) as of ``at`` through Feast's
-    ``get_historical_features``: one row per id, in the order of ``ids``; an entity with no
-    value as of ``at`` gets NaN/None (Feast itself drops such rows)."""
+    """Feature values of entities ``ids`` (join key ``key``) as of ``at`` (one time, or
+    one per row) through Feast's ``get_historical_features``: one row per input row, in
+    its order; an entity with no value as of its time gets NaN/None (Feast itself drops
+    such rows)."""
     from exporters.feast_ops import feature_store, identity_dask_tokens
 
     ids = np.asarray(ids, dtype=np.int64)
-    entity_df = pd.DataFrame({key: ids, "event_timestamp": pd.Timestamp(at)})
+    times = at if isinstance(at, pd.DatetimeIndex) else pd.Timestamp(at)
+    entity_df = pd.DataFrame(
+        {key: ids, "event_timestamp": times, ROW: np.arange(len(ids), dtype=np.int64)}
+    )
     store = feature_store(settings)
     with identity_dask_tokens():
         df = store.get_historical_features(entity_df=entity_df, features=list(refs)).to_df()
     names = [r.split(":", 1)[1] for r in refs]
-    df = df.drop_duplicates(key).set_index(key)
-    return df.reindex(ids)[names].reset_index()
+    df = df.drop_duplicates(ROW).set_index(ROW).reindex(np.arange(len(ids)))
+    df[key] = ids
+    return df[[key, *names]].reset_index(drop=True)
 
 
 def layout_for(settings: Settings, n_categories: int) -> Layout:
@@ -113,7 +131,7 @@ def layout_for(settings: Settings, n_categories: int) -> Layout:
     from exporters.feast_ops import feature_store, service_features
 
     return feature_assembly.layout_from_service(
-        service_features(feature_store(settings), SERVICE), n_categories
+        service_features(feature_store(settings), SERVICE), n_categories, CANDIDATE_FEATURES
     )
 
 
@@ -135,47 +153,136 @@ def n_categories_of(settings: Settings) -> int:
 
 @dataclass
 class CandidateRows:
-    """Retrieved candidates of Q requests and their ranker rows (only real candidates:
-    retrieval pads short lists with -1)."""
+    """Merged candidates of Q requests and their ranker rows (only real candidates: lists
+    are padded with -1)."""
 
     user_ids: np.ndarray  # [Q]
-    items: np.ndarray  # [Q, K] item ids, retrieval order, -1 padded
-    retrieval_scores: np.ndarray  # [Q, K]
+    items: np.ndarray  # [Q, K] item ids, merged order (ANN, item-to-item, popular), -1 padded
+    source_features: np.ndarray  # [Q, K, S] candidates.CANDIDATE_FEATURES
     query: np.ndarray  # [R] request index of each row
-    position: np.ndarray  # [R] retrieval position of each row
+    position: np.ndarray  # [R] position of each row in its merged list
     rows: np.ndarray  # [R, F] float32 ranker input
 
     @property
     def row_items(self) -> np.ndarray:
         return self.items[self.query, self.position]
 
+    def source_order(self, feature: str) -> np.ndarray:
+        """Per-row sort key that orders each request by one source (lower = better):
+        ``c_ann_rank``, ``c_i2i_rank`` or ``c_pop_rank``."""
+        j = CANDIDATE_FEATURES.index(feature)
+        return self.source_features[self.query, self.position, j]
+
+
+def candidate_model_path(settings: Settings, cut: str) -> Path:
+    """The candidate-source model built from events before a cut-off of the split:
+    ``train`` (ranker training requests at train_end), ``eval`` (evaluation requests at
+    val_end) or ``all`` (the release: every event)."""
+    return settings.work_dir / f"candidates_{cut}.npz"
+
+
+def build_candidate_models(settings: Settings) -> None:
+    """Pipeline step ``candidates``: the item-to-item and popularity sources at the three
+    cut-offs (see :func:`candidate_model_path`), over the index's catalog rows."""
+    split = load_split(settings)
+    interactions = read_table(settings, "interactions")
+    item_ids = np.load(settings.work_dir / ITEM_IDS_FILE)
+    events = seen_events(read_meta(settings), settings.seen_events)
+    cuts = {
+        "train": split.train(interactions),
+        "eval": split.not_test(interactions),
+        "all": interactions,
+    }
+    for cut, events_known in cuts.items():
+        model = candidates.build_model(events_known, item_ids, events, before=None, cut=cut)
+        model.save(candidate_model_path(settings, cut))
+
+
+def merged_candidates(
+    settings: Settings,
+    user_ids: np.ndarray,
+    at: pd.Timestamp | pd.DatetimeIndex,
+    model: candidates.SourceModel,
+    quotas: candidates.Quotas,
+    ann_depth: int,
+    interactions: pd.DataFrame | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates serving would merge for each user at ``at``: ANN (``ann_depth``
+    retrieved), item-to-item of the user's seen items before ``at`` and popular items,
+    each without the user's seen items or items created after ``at``, merged by
+    :func:`exporters.candidates.merge`. Returns ``(items [Q, K] -1 padded,
+    features [Q, K, S])``."""
+    user_ids = np.asarray(user_ids, dtype=np.int64)
+    times = _per_query(at, len(user_ids))
+    if interactions is None:
+        interactions = read_table(settings, "interactions")
+    ann_items, ann_scores = retrieval.retrieve(settings, user_ids, times, ann_depth)
+    ann_items, _ = existing_only(
+        settings, np.asarray(ann_items, dtype=np.int64), np.asarray(ann_scores), times
+    )
+    catalog = pd.Index(model.item_ids)
+    born = _created_seconds(settings).reindex(model.item_ids).to_numpy(np.float64)
+    seconds = _unix(times)
+    events = seen_events(read_meta(settings), settings.seen_events)
+    seen = seen_lists(interactions, user_ids, events, before=times)
+    out_rows: list[np.ndarray] = []
+    out_feats: list[np.ndarray] = []
+    for q in range(len(user_ids)):
+        seen_rows = catalog.get_indexer(seen[q])
+        blocked = seen_rows[seen_rows >= 0]
+        exists = born <= seconds[q]
+
+        def allowed(
+            rows: np.ndarray, blocked: np.ndarray = blocked, exists: np.ndarray = exists
+        ) -> np.ndarray:
+            return exists[rows] & ~np.isin(rows, blocked)
+
+        ann = catalog.get_indexer(ann_items[q][ann_items[q] >= 0])
+        rows, feats = candidates.gather(model, quotas, ann[ann >= 0], seen_rows, allowed)
+        out_rows.append(rows)
+        out_feats.append(feats)
+    width = max((len(r) for r in out_rows), default=0)
+    items = np.full((len(user_ids), width), -1, dtype=np.int64)
+    feats = np.zeros((len(user_ids), width, len(CANDIDATE_FEATURES)), dtype=np.float32)
+    for q, (rows, f) in enumerate(zip(out_rows, out_feats, strict=True)):
+        items[q, : len(rows)] = model.item_ids[rows]
+        feats[q, : len(rows)] = f
+    return items, feats
+
 
 def candidate_rows(
     settings: Settings,
     layout: Layout,
     user_ids: np.ndarray,
-    at: pd.Timestamp,
-    k: int,
-    retrieved: tuple[np.ndarray, np.ndarray] | None = None,
+    at: pd.Timestamp | pd.DatetimeIndex,
+    merged: tuple[np.ndarray, np.ndarray],
 ) -> CandidateRows:
-    """Retrieve ``k`` candidates per user as of ``at`` (or take the first ``k`` columns of
-    ``retrieved`` = ``retrieval.retrieve``'s output) and build their ranker rows exactly as
-    serving does: Feast features as of ``at``, tower embeddings, the shared assembly."""
-    at = pd.Timestamp(at)
+    """Ranker rows of merged candidates (``merged_candidates``' output) exactly as serving
+    builds them: Feast features as of each request's time (``at``: one for all, or one per
+    user), tower embeddings, source features, the shared assembly."""
     user_ids = np.asarray(user_ids, dtype=np.int64)
-    t0 = time.perf_counter()
-    items, scores = retrieved or retrieval.retrieve(settings, user_ids, at, k)
-    items = np.ascontiguousarray(np.asarray(items, dtype=np.int64)[:, :k])
-    scores = np.asarray(scores)[:, :k]
-    items, scores = existing_only(settings, items, scores, at)
+    times = _per_query(at, len(user_ids))
+    items, source_feats = merged
     query, position = np.nonzero(items >= 0)
     row_items = items[query, position]
     uniq, inverse = np.unique(row_items, return_inverse=True)
-    log.info("retrieved %d × %d candidates in %.1f s", len(user_ids), k, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    users_df = point_in_time_features(settings, USER_KEY, user_ids, at, layout.user_refs)
-    items_df = point_in_time_features(settings, ITEM_KEY, uniq, at, layout.item_refs)
+    users_df = point_in_time_features(settings, USER_KEY, user_ids, times, layout.user_refs)
+    if times.nunique() <= 1:  # one request time: each item once
+        one = times[0] if len(times) else pd.Timestamp(0, tz="UTC")
+        items_df = point_in_time_features(settings, ITEM_KEY, uniq, one, layout.item_refs)
+        row_feature = inverse
+    else:  # per-user times: each (item, request time) pair once
+        row_us = times.as_unit("us").asi8[query]
+        pairs, row_feature = np.unique(
+            np.stack([row_items, row_us], axis=1), axis=0, return_inverse=True
+        )
+        pair_times = pd.DatetimeIndex(pairs[:, 1].astype("datetime64[us]")).tz_localize("UTC")
+        items_df = point_in_time_features(
+            settings, ITEM_KEY, pairs[:, 0], pair_times, layout.item_refs
+        )
+        row_feature = row_feature.reshape(-1)
     user_feats, affinity = feature_assembly.user_arrays(users_df, layout)
     item_feats, category, created = feature_assembly.item_arrays(items_df, layout)
     log.info("Feast point-in-time features in %.1f s", time.perf_counter() - t0)
@@ -184,19 +291,46 @@ def candidate_rows(
         settings, retrieval.user_tower_inputs_at(settings, user_ids, at)
     )
     item_emb = retrieval.embed_items(settings, uniq, _index_items_at(settings))
+    per_row = item_feats[row_feature]
+    if layout.candidate_features:
+        per_row = np.concatenate([per_row, source_feats[query, position]], axis=1)
     rows = feature_assembly.assemble(
         layout,
         user_features=user_feats,
         user_category_affinity=affinity,
         user_embedding=user_emb,
-        request_time=np.full(len(user_ids), at.timestamp(), dtype=np.float64),
-        item_features=item_feats[inverse],
-        item_category=category[inverse],
-        item_created_at=created[inverse],
+        request_time=_unix(times),
+        item_features=per_row,
+        item_category=category[row_feature],
+        item_created_at=created[row_feature],
         item_embedding=item_emb[inverse],
         query=query,
     )
-    return CandidateRows(user_ids, items, np.asarray(scores), query, position, rows)
+    return CandidateRows(user_ids, items, source_feats, query, position, rows)
+
+
+def _per_query(at: pd.Timestamp | pd.DatetimeIndex, n: int) -> pd.DatetimeIndex:
+    """One UTC request time per query."""
+    if isinstance(at, pd.DatetimeIndex):
+        if len(at) != n:
+            raise ValueError(f"{len(at)} request times for {n} queries")
+        return at.tz_localize("UTC") if at.tz is None else at.tz_convert("UTC")
+    t = pd.Timestamp(at)
+    t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+    return pd.DatetimeIndex([t] * n)
+
+
+def _unix(times: pd.DatetimeIndex) -> np.ndarray:
+    """Unix seconds (float64) of each time."""
+    return times.as_unit("us").asi8.astype(np.float64) / 1e6
+
+
+def _created_seconds(settings: Settings) -> pd.Series:
+    """Item id -> creation time (unix seconds)."""
+    catalog = read_table(settings, "items", columns=["item_id", "created_at"])
+    epoch = pd.Timestamp(0, tz="UTC")
+    seconds = (pd.to_datetime(catalog["created_at"], utc=True) - epoch).dt.total_seconds()
+    return pd.Series(seconds.to_numpy(), index=catalog["item_id"].to_numpy())
 
 
 def existing_only(
@@ -205,12 +339,14 @@ def existing_only(
     """Drop retrieved items created after ``at`` (the offline index holds the whole
     catalog; serving's index at ``at`` would not have them), keeping each list's order
     and moving the -1 padding to the end."""
-    catalog = read_table(settings, "items", columns=["item_id", "created_at"])
-    epoch = pd.Timestamp(0, tz="UTC")
-    seconds = (pd.to_datetime(catalog["created_at"], utc=True) - epoch).dt.total_seconds()
-    created = pd.Series(seconds.to_numpy(), index=catalog["item_id"].to_numpy())
-    born = created.reindex(items.ravel()).to_numpy(dtype=np.float64).reshape(items.shape)
-    future = ~(born <= pd.Timestamp(at).timestamp())  # unknown items (NaN) go too
+    born = (
+        _created_seconds(settings)
+        .reindex(items.ravel())
+        .to_numpy(dtype=np.float64)
+        .reshape(items.shape)
+    )
+    limit = _unix(_per_query(at, len(items)))[:, None] if len(items) else np.zeros((0, 1))
+    future = ~(born <= limit)  # unknown items (NaN) go too
     items = np.where(future | (items < 0), -1, items)
     order = np.argsort(items < 0, axis=1, kind="stable")
     return np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
@@ -265,7 +401,6 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     params = params or RankerParams()
     t_start = time.perf_counter()
     split = load_split(settings)
-    at = pd.Timestamp(split.train_end)
     interactions = read_table(settings, "interactions")
     labels = graded_labels(split.val(interactions))
     if labels.empty:
@@ -277,7 +412,12 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
 
     layout = layout_for(settings, n_categories_of(settings))
     names = layout.names
-    cands = candidate_rows(settings, layout, users, at, params.n_candidates)
+    model = candidates.SourceModel.load(candidate_model_path(settings, "train"))
+    at = split.val_times(users)
+    merged = merged_candidates(
+        settings, users, at, model, params.quotas, params.ann_depth, interactions
+    )
+    cands = candidate_rows(settings, layout, users, at, merged)
     y = labels_for(cands, labels)
 
     # Queries without a positive candidate carry no ranking signal for lambdarank.
@@ -286,7 +426,7 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     if len(useful) < 2:
         raise UserError(
             f"only {len(useful)} validation users have a clicked/bought item among their "
-            f"{params.n_candidates} candidates: too little to train a ranker"
+            f"{params.quotas.total} candidates: too little to train a ranker"
         )
     holdout = rng.random(len(useful)) < params.holdout_fraction
     if holdout.all() or not holdout.any():
@@ -314,12 +454,22 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     best = booster.best_iteration or params.num_trees
     holdout_ndcg = float(booster.best_score["holdout"][f"ndcg@{params.eval_at}"])
 
-    # Candidate recall: the share of validation positives the retrieval put in the lists.
+    # Candidate recall: the share of validation positives the sources put in the lists.
     n_pos = len(labels[labels["user_id"].isin(users)])
+    warnings = []
+    if len(useful) < params.min_queries_warning:
+        warnings.append(
+            f"the ranker learned from only {len(useful)} queries with a positive candidate "
+            f"({len(train_q)} for training): small data, its ranking is noisy. Lengthen "
+            "the validation window (recstack train --val-days) or add data."
+        )
+    for w in warnings:
+        log.warning("ranker: %s", w)
     gain = booster.feature_importance("gain", iteration=best)
     top = sorted(zip(names, gain.tolist(), strict=True), key=lambda t: -t[1])[:10]
     stats = {
-        "request_time": at.isoformat(),
+        "request_time": str(split.train_end) if not split.per_user else "per user",
+        "split": split.to_json(),
         "queries": len(users),
         "queries_with_positive": len(useful),
         "train_queries": len(train_q),
@@ -332,11 +482,14 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "top_features_by_gain": [[n, round(g, 1)] for n, g in top],
+        "warnings": warnings,
     }
     manifest = {
         "feature_names": names,
         "layout": layout.to_json(),
-        "n_candidates": params.n_candidates,
+        "n_candidates": params.quotas.total,
+        "ann_depth": params.ann_depth,
+        "quotas": params.quotas.to_json(),
         "labels": LABELS,
         "params": asdict(params),
         "lightgbm_params": params.lightgbm(settings.seed),

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -67,7 +68,9 @@ class Retriever:
             self._index = FaissIndex.load(*paths, device=self.settings.device, omp_threads=None)
         return self._index
 
-    def user_inputs_at(self, user_ids: np.ndarray, at: pd.Timestamp) -> UserInputs:
+    def user_inputs_at(
+        self, user_ids: np.ndarray, at: pd.Timestamp | pd.DatetimeIndex
+    ) -> UserInputs:
         return users_at(self.tables, _ids(user_ids), _utc(at), history=self.history)
 
     def embed_users(self, inputs: UserInputs) -> np.ndarray:
@@ -78,7 +81,7 @@ class Retriever:
         return run_onnx(self.item_tower, inputs, BATCH)
 
     def retrieve(
-        self, user_ids: np.ndarray, at: pd.Timestamp, k: int
+        self, user_ids: np.ndarray, at: pd.Timestamp | pd.DatetimeIndex, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         emb = self.embed_users(self.user_inputs_at(user_ids, at))
         scores, items = self.index.search(emb, k)
@@ -120,7 +123,9 @@ def retriever(settings: Settings) -> Retriever:
     return _CACHE[key]
 
 
-def user_tower_inputs_at(settings: Settings, user_ids: np.ndarray, at: pd.Timestamp) -> UserInputs:
+def user_tower_inputs_at(
+    settings: Settings, user_ids: np.ndarray, at: pd.Timestamp | pd.DatetimeIndex
+) -> UserInputs:
     """User tower inputs as of ``at``: profile, and recent items of events strictly before
     ``at`` (keys and shapes as in user_tower/config.pbtxt)."""
     return retriever(settings).user_inputs_at(user_ids, at)
@@ -137,7 +142,7 @@ def embed_items(settings: Settings, item_ids: np.ndarray, at: pd.Timestamp) -> n
 
 
 def retrieve(
-    settings: Settings, user_ids: np.ndarray, at: pd.Timestamp, k: int
+    settings: Settings, user_ids: np.ndarray, at: pd.Timestamp | pd.DatetimeIndex, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` candidates of each user as of ``at``: ``(item_ids [n, k], scores [n, k])``
     from ``work/index.faiss``, best first (``k`` is cut to the catalog size)."""
@@ -156,6 +161,10 @@ def _ids(ids: np.ndarray) -> np.ndarray:
     return a.astype(np.int64, copy=False)
 
 
-def _utc(at: pd.Timestamp) -> pd.Timestamp:
+def _utc(at: pd.Timestamp | pd.DatetimeIndex) -> Any:
+    """UTC, for one time or one per row."""
+    if isinstance(at, pd.DatetimeIndex | np.ndarray | pd.Series):
+        t = pd.DatetimeIndex(at)
+        return t.tz_localize("UTC") if t.tz is None else t.tz_convert("UTC")
     t = pd.Timestamp(at)
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")

@@ -173,10 +173,10 @@ def vocab_sizes(tables: RawTables) -> dict[str, int]:
 def users_at(
     tables: RawTables,
     user_ids: np.ndarray,
-    at: pd.Timestamp,
+    at: pd.Timestamp | pd.DatetimeIndex,
     history: pd.DataFrame | None = None,
 ) -> UserInputs:
-    """User tower inputs of ``user_ids`` as they were just before ``at`` (profile plus the
-    recent items of events strictly before ``at``)."""
+    """User tower inputs of ``user_ids`` as they were just before ``at`` (one time for
+    all, or one per user): profile plus the recent items of events strictly before it."""
     recent = history_before(tables.interactions, user_ids, at, history=history)
     return user_inputs(tables.users, user_ids, recent)

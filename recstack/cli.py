@@ -39,12 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cmd", required=True
     )
     p = _cmd(data, "generate", "exporters.data_generate:cli", "synthetic marketplace data")
-    p.add_argument("--preset", choices=["small", "demo", "large"], default="demo")
+    p.add_argument("--preset", choices=["small", "demo", "large", "sparse"], default="demo")
     p.add_argument("--seed", type=int, default=None, help="default: settings.seed")
     p = _cmd(data, "import", "exporters.data_import:cli", "import real data (CSV or parquet)")
     p.add_argument("--interactions", required=True, help="user_id,item_id,timestamp,event|rating")
     p.add_argument("--items", help="item_id[,category,brand,price,created_at]")
     p.add_argument("--users", help="user_id[,age_bucket,country,signup_at]")
+    p.add_argument(
+        "--map",
+        action="append",
+        metavar="FILE:COLUMN=FIELD",
+        help="use an extra column as a schema field, e.g. users:occupation=country (repeatable)",
+    )
 
     # --- features -----------------------------------------------------------------------
     feats = groups.add_parser("features", help="feature tables and Feast").add_subparsers(
@@ -60,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-step", help="re-run from this step (default: resume)")
     p.add_argument("--only", help="run just this step")
     p.add_argument("--list-steps", action="store_true")
+    p.add_argument(
+        "--force-release",
+        metavar="REASON",
+        help="publish even if the evaluation loses to the baselines (recorded in the manifest)",
+    )
+    p.add_argument(
+        "--split",
+        dest="split_mode",
+        choices=["auto", "time", "per_user"],
+        help="train/validation/test split (default auto: time, or per user when the "
+        "time windows hold few users; docs/data.md)",
+    )
+    p.add_argument("--val-days", dest="split_val_days", type=float, help="time split")
+    p.add_argument("--test-days", dest="split_test_days", type=float, help="time split")
+    p.add_argument("--val-last", dest="split_val_last", type=int, help="per-user split")
+    p.add_argument("--test-last", dest="split_test_last", type=int, help="per-user split")
     p = _cmd(groups, "evaluate", "exporters.evaluate:cli", "offline report on the test split")
     p.add_argument("--out", help="directory for report.md / report.json")
 
@@ -75,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cmd(rel, "list", "exporters.release:cli_list", "list releases")
     _cmd(rel, "show", "exporters.release:cli_show", "show a manifest").add_argument("release_id")
+    p = _cmd(rel, "publish", "exporters.release:cli_publish", "publish work/ as a release")
+    p.add_argument("--force", action="store_true", help="publish although the gate fails")
+    p.add_argument("--reason", help="why (required with --force; kept in the manifest)")
 
     # --- servers --------------------------------------------------------------------------
     serve = groups.add_parser("serve", help="run a server").add_subparsers(
@@ -96,6 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stores", default="sqlite,redis", help="comma-separated online stores")
     p = _cmd(bench, "triton", "orchestrator.triton_bench:cli", "Triton gRPC vs in-process")
     p.add_argument("--repeats", type=int, default=300)
+
+    p = _cmd(
+        bench,
+        "quality",
+        "loadtest.quality_bench:cli",
+        "served NDCG@10/Recall@10 vs most-popular and EASE (leave-last-N-out, docs/quality.md)",
+    )
+    p.add_argument("--workspace", help="own data/releases/run folder (default: .bench-quality)")
+    p.add_argument("--ratings", help="user_id,item_id,rating,timestamp (default: sparse preset)")
+    p.add_argument("--items", help="items file to import with --ratings")
+    p.add_argument("--users", help="users file to import with --ratings")
+    p.add_argument("--preset", default="sparse", help="ratings preset when no --ratings")
+    p.add_argument("--seed", type=int, default=42, help="preset seed")
+    p.add_argument("--holdout", type=int, default=5, help="last N ratings per user held out")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--positive-min", type=float, default=4.0, help="held-out positive rating")
+    p.add_argument("--ease-lambda", type=float, default=250.0)
+    p.add_argument("--port-base", type=int, default=39000, help="Triton +0..2, orch. +51/+80/+100")
+    p.add_argument("--time-limit", type=float, default=3600.0, help="seconds for the whole run")
+    p.add_argument("--max-users", type=int, default=0, help="score only the first N (0 = all)")
+    p.add_argument("--no-timestamp-pass", action="store_true", help="skip the timestamp= pass")
+    p.add_argument("--coverage-k", type=int, default=200, help="a k=N pass: coverage (0: off)")
+    p.add_argument("--keep-up", action="store_true", help="leave the servers running")
 
     p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
     p.add_argument("--users", type=int, default=2000)
@@ -132,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- the demo ---------------------------------------------------------------------------
     p = _cmd(groups, "demo", "recstack.demo:cli", "data -> train -> serve -> recommendations")
-    p.add_argument("--preset", choices=["small", "demo", "large"], default="demo")
+    p.add_argument("--preset", choices=["small", "demo", "large", "sparse"], default="demo")
     return parser
 
 

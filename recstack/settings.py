@@ -69,6 +69,30 @@ class Settings(BaseSettings):
     # HTTP: a request body must arrive within this many seconds (408 otherwise).
     http_body_timeout_s: float = Field(default=10.0, gt=0)
 
+    # Quality and time (exporters/seen.py, orchestrator/service.py). Event types that make
+    # an item "seen" (comma-separated; empty: what the data's meta.json says).
+    seen_events_csv: str = Field(default="", alias="RECSTACK_SEEN_EVENTS")
+    # Time-relative features are computed against min(request time, the release's data
+    # end + this many days): a release never scores with a clock far outside its data.
+    max_clock_lead_days: float = Field(default=7.0, ge=0)
+    # The train/validation/test split (exporters/split.py): auto, time or per_user; the
+    # time split's windows in days (None: 10% of the span each); the per-user split's
+    # events held out per user.
+    split_mode: Literal["auto", "time", "per_user"] = "auto"
+    split_val_days: float | None = Field(default=None, ge=0)
+    split_test_days: float | None = Field(default=None, ge=0)
+    split_val_last: int = Field(default=5, ge=1)
+    split_test_last: int = Field(default=5, ge=1)
+    # Publish a release although its evaluation loses to the baselines; the reason is
+    # recorded in the manifest (`recstack train --force-release REASON`).
+    force_release: str = ""
+
+    @property
+    def seen_events(self) -> tuple[str, ...] | None:
+        """The ``RECSTACK_SEEN_EVENTS`` override, or None (use the data's own)."""
+        names = tuple(e.strip() for e in self.seen_events_csv.split(",") if e.strip())
+        return names or None
+
     @property
     def raw_dir(self) -> Path:
         """Canonical raw tables (see exporters/schema.py)."""

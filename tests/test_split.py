@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -96,3 +97,55 @@ def test_load_split_without_a_file_is_a_user_error(settings: Settings) -> None:
 def test_split_refuses_reversed_boundaries() -> None:
     with pytest.raises(ValueError):
         Split(train_end=T0 + pd.Timedelta(days=1), val_end=T0)
+
+
+def _ratings(rows_per_user: dict[int, int]) -> pd.DataFrame:
+    rows = []
+    t0 = pd.Timestamp("1998-01-01", tz="UTC")
+    for u, n in rows_per_user.items():
+        for k in range(n):
+            rows.append((u, 100 + k, t0 + pd.Timedelta(minutes=u * 1000 + k)))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).assign(event="click")
+
+
+def test_per_user_split_holds_out_each_users_last_events() -> None:
+    from exporters.split import compute_per_user_split
+
+    df = _ratings({1: 20, 2: 11, 3: 10, 4: 3})
+    split = compute_per_user_split(df, val_last=5, test_last=5)
+    test, val, train = split.test(df), split.val(df), split.train(df)
+    assert len(test) + len(val) + len(train) == len(df)
+    for u in (1, 2):
+        assert len(test[test.user_id == u]) == 5 and len(val[val.user_id == u]) == 5
+        mine = df[df.user_id == u]
+        assert test[test.user_id == u]["timestamp"].min() > val[val.user_id == u]["timestamp"].max()
+        assert (
+            val[val.user_id == u]["timestamp"].min() > train[train.user_id == u]["timestamp"].max()
+        )
+        assert split.test_times(np.array([u]))[0] == mine["timestamp"].iloc[-5]
+        assert split.val_times(np.array([u]))[0] == mine["timestamp"].iloc[-10]
+    # Too few events to hold any out: training only.
+    assert set(train.user_id) >= {3, 4} and not {3, 4} & set(test.user_id)
+
+
+def test_auto_split_prefers_time_unless_its_windows_hold_few_users() -> None:
+    from exporters.split import choose_split
+
+    bursty = _ratings({u: 30 for u in range(50)})  # users one after another in time
+    assert choose_split(bursty, "auto").mode == "per_user"
+    steady = bursty.assign(
+        timestamp=pd.Timestamp("1998-01-01", tz="UTC")
+        + pd.to_timedelta(np.tile(np.arange(30), 50) * 3600, unit="s")
+    )
+    assert choose_split(steady, "auto").mode == "time"
+
+
+def test_per_user_split_round_trips(settings: Settings) -> None:
+    from exporters.raw_tables import read_table
+
+    generate(settings, preset="small", seed=3)
+    written = write_split(settings.model_copy(update={"split_mode": "per_user"}))
+    loaded = load_split(settings)
+    assert loaded.per_user and loaded == written
+    inter = read_table(settings, "interactions")
+    assert len(loaded.test(inter)) == len(written.test(inter)) > 0

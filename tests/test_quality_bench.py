@@ -1,0 +1,142 @@
+"""`recstack bench quality`: the metric definitions by hand, the split, input errors and
+the baseline lists (no servers here; the command itself is run by `make bench-quality`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loadtest.quality_bench import (
+    baseline_lists,
+    leave_last_out,
+    markdown,
+    ndcg_recall_at_k,
+    read_ratings,
+    score_lists,
+    workspace_env,
+)
+from recstack.cli import build_parser
+from recstack.errors import UserError
+
+
+def test_ndcg_and_recall_by_hand() -> None:
+    # Hits at ranks 1 and 3 of 3 positives, k = 10.
+    ndcg, recall, hits = ndcg_recall_at_k([5, 9, 7, 1], {5, 7, 8}, k=10)
+    dcg = 1 + 1 / math.log2(4)
+    idcg = 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert ndcg == pytest.approx(dcg / idcg)
+    assert recall == pytest.approx(2 / 3) and hits == 2
+    # More positives than k: recall is over k, and a perfect list scores 1.
+    pos = set(range(20))
+    assert ndcg_recall_at_k(list(range(10)), pos, k=10)[:2] == (pytest.approx(1.0), 1.0)
+    # Only the first k count; a repeated item counts once.
+    assert ndcg_recall_at_k([1, 2, 3], {3}, k=2) == (0.0, 0.0, 0)
+    assert ndcg_recall_at_k([3, 3], {3, 4}, k=2)[2] == 1
+    with pytest.raises(ValueError):
+        ndcg_recall_at_k([1], set(), k=10)
+
+
+def test_score_lists_counts_seen_items_as_misses_and_reports_their_share() -> None:
+    positives = {1: {10}, 2: {20}, 3: {30}}
+    rated = {1: {11, 12}, 2: set()}
+    lists = {1: [11, 10], 2: [21, 22]}  # user 3 got nothing (a failed request)
+    res = score_lists("x", lists, positives, rated, k=10)
+    assert res.users == 3
+    assert res.ndcg == pytest.approx((1 / math.log2(3)) / 3)
+    assert res.recall == pytest.approx(1 / 3)
+    assert res.seen_share == pytest.approx(1 / 4)
+    assert res.mean_len == pytest.approx(4 / 3)
+
+
+def _ratings(rows: list[tuple[int, int, float, int]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+
+
+def test_leave_last_out_by_time_per_user(tmp_path: Path) -> None:
+    # User 1 has 4 ratings (file order is not time order), user 2 only 2.
+    df = _ratings([(1, 10, 5, 400), (1, 11, 4, 100), (2, 20, 5, 50), (1, 12, 1, 300)])
+    df = pd.concat([df, _ratings([(1, 13, 3, 200), (2, 21, 4, 60)])], ignore_index=True)
+    path = tmp_path / "r.csv"
+    df.to_csv(path, index=False)
+    raw, parsed = read_ratings(path)
+    assert parsed["timestamp"].iloc[0] == pd.Timestamp(400, unit="s", tz="UTC")
+    held = leave_last_out(parsed, 2)
+    # User 1's two latest (t=400, t=300); user 2 has no more than 2 ratings: kept whole.
+    assert sorted(parsed.loc[held, "item_id"]) == [10, 12]
+    assert raw.loc[held, "timestamp"].tolist() == ["400", "300"]  # rows kept verbatim
+    with pytest.raises(UserError, match="holdout"):
+        leave_last_out(parsed, 0)
+
+
+def test_read_ratings_refuses_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such file"):
+        read_ratings(tmp_path / "missing.csv")
+    p = tmp_path / "a.csv"
+    p.write_text("user_id,item_id,score,timestamp\n1,2,3,4\n")
+    with pytest.raises(UserError, match=r"missing column\(s\) \['rating'\]"):
+        read_ratings(p)
+    p.write_text("User_ID,item_id,rating,timestamp\nu1,2,3,4\n")
+    with pytest.raises(UserError, match="'u1' is not a non-negative integer"):
+        read_ratings(p)
+    p.write_text("user_id,item_id,rating,timestamp\n1,2,3,yesterday\n")
+    with pytest.raises(UserError, match="cannot parse 'yesterday'"):
+        read_ratings(p)
+    p.write_text("user_id,item_id,rating,timestamp\n1,2,3,1998-01-01T00:00:00Z\n")
+    assert read_ratings(p)[1]["timestamp"].iloc[0] == pd.Timestamp("1998-01-01", tz="UTC")
+
+
+def test_baselines_exclude_rated_items() -> None:
+    train = _ratings(
+        [(1, 10, 5, 0), (2, 10, 5, 0), (3, 10, 5, 0), (2, 11, 5, 0), (3, 11, 5, 0), (3, 12, 5, 0)]
+    )
+    lists = baseline_lists(train, np.array([10, 11, 12, 13]), [1, 2], k=2, lam=1.0)
+    pop = lists["most popular"]
+    assert pop[1] == [11, 12] and pop[2] == [12, 13]
+    ease = lists["EASE (λ=1)"]
+    assert 10 not in ease[1] and not {10, 11} & set(ease[2])
+
+
+def test_workspace_env_and_cli_wiring(tmp_path: Path) -> None:
+    env = workspace_env(tmp_path, 39000)
+    assert env["RECSTACK_DATA_DIR"] == str(tmp_path / "data")
+    assert env["RECSTACK_ORCHESTRATOR_HTTP_PORT"] == "39080"
+    ports = [v for k, v in env.items() if k.endswith("_PORT")]
+    assert len(set(ports)) == len(ports)
+    args = build_parser().parse_args(["bench", "quality", "--holdout", "3", "--max-users", "5"])
+    assert args._run == "loadtest.quality_bench:cli"
+    assert args.holdout == 3 and args.k == 10 and args.ease_lambda == 250.0
+
+
+def test_markdown_has_the_table() -> None:
+    report = {
+        "created": "2026-11-30T08:00:00+00:00",
+        "source": "x",
+        "protocol": {
+            "holdout": "last 5",
+            "positives": ">= 4",
+            "k": 10,
+            "ndcg": "binary",
+            "recall": "hits / min(k, |P|)",
+            "served_lists": "as served",
+            "baselines": "exclude rated",
+        },
+        "data": {"imported_ratings": 10, "held_out_ratings": 5, "evaluated_users": 1},
+        "results": [
+            {
+                "name": "most popular",
+                "ndcg": 0.06,
+                "recall": 0.08,
+                "mean_len": 10.0,
+                "seen_share": 0.0,
+                "errors": 0,
+                "sources": {},
+            }
+        ],
+        "seconds": 1.0,
+    }
+    md = markdown(report)
+    assert "| most popular | 0.0600 | 0.0800 | 10.0 | 0.0 % | 0 |" in md
