@@ -47,6 +47,11 @@ EMBEDDING_CACHE = Counter(
     "recstack_user_embedding_cache_total", "User-tower cache look-ups by result", ["result"]
 )
 EVENTS = Counter("recstack_events_total", "RecordEvent calls pushed to Feast", ["event"])
+EVENT_FAILURES = Counter(
+    "recstack_event_failures_total",
+    "RecordEvent calls the feature store did not take (answered UNAVAILABLE / 503)",
+    ["reason"],  # unavailable (store down or locked), timeout, error
+)
 
 
 _served: list[str] = []

@@ -36,10 +36,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR"):
         if Path(env.get(name, "/")).name.startswith(FEAST_METRICS_PREFIX):
             del env[name]
-    for name, value in settings.model_dump().items():
-        alias = type(settings).model_fields[name].alias
-        key = alias.upper() if alias else f"RECSTACK_{name.upper()}"
-        if value is None:  # unset optional: the child's default is None too
+    for name, field in type(settings).model_fields.items():
+        value = getattr(settings, name)
+        key = field.alias or f"RECSTACK_{name.upper()}"  # an alias is the whole env name
+        if value is None:  # str(None) would not parse: leave it to the child's default
             env.pop(key, None)
         else:
             env[key] = str(value)

@@ -1,21 +1,77 @@
 """Validated requests: gRPC messages and HTTP/JSON bodies become the same typed objects, or
-an :class:`InvalidRequest` naming the offending field. Field names come from the .proto."""
+an :class:`InvalidRequest` naming the offending field. Field names come from the .proto.
+
+One set of rules for both fronts (documented in docs/architecture.md, "Bad input"):
+
+- ids (user, item, category) are integers in ``[0, 2**63)`` (int64, Feast's join keys);
+  a user id travels as a string of 1..19 ASCII digits ``0-9`` (no sign, no whitespace,
+  no other Unicode digits); over HTTP, query-string integers follow the same rule and
+  JSON ids must be JSON integers (not floats, booleans or strings);
+- ``k`` in 1..200; ``surface``/``device`` at most 128 characters;
+- at most 1,000 ids in each category list and 10,000 in ``exclude_item_ids``;
+- timestamps between 1678-01-01 and 2261-12-31 UTC (what datetime64[ns] holds, the same
+  range as ``recstack data import``); HTTP takes ISO-8601, naive times are UTC;
+- an event's timestamp at most ``event_max_future_s`` ahead of the server's clock and at
+  most ``event_max_age_s`` behind it (settings, see :class:`EventWindow`);
+- HTTP: only the documented query parameters / JSON fields, each at most once.
+
+Sizes are checked before anything is parsed or allocated (string lengths, element
+counts), so an oversized request costs microseconds on the event loop.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import recommender_pb2 as pb
 
+if TYPE_CHECKING:
+    from recstack.settings import Settings
+
 K_MIN, K_MAX = 1, 200
+ID_LIMIT = 2**63  # ids are int64: 0 <= id < 2**63
+ID_MAX_DIGITS = len(str(ID_LIMIT - 1))  # 19
+MAX_CATEGORIES = 1_000  # per include/exclude list
+MAX_EXCLUDE_ITEMS = 10_000
+MAX_TEXT = 128  # surface, device
+# What datetime64[ns] (pandas, Feast) holds, whole years: the import's range too.
+TIME_MIN = datetime(1678, 1, 1, tzinfo=UTC)
+TIME_MAX = datetime(2262, 1, 1, tzinfo=UTC)  # exclusive
+MAX_TIMESTAMP_CHARS = 64
+MAX_EVENT_BODY_BYTES = 64 * 1024  # a POST /v1/events body; real ones are < 200 bytes
+MAX_PRICE_CHARS = 32
+
 EVENT_NAMES = {pb.VIEW: "view", pb.CLICK: "click", pb.PURCHASE: "purchase"}
+HTTP_PARAMS = (
+    "user_id",
+    "k",
+    "surface",
+    "device",
+    "timestamp",
+    "include_categories",
+    "exclude_categories",
+    "exclude_item_ids",
+    "price_min",
+    "price_max",
+)
+EVENT_FIELDS = ("user_id", "item_id", "event", "timestamp")
+
+_ID_LIST = re.compile(r"[0-9]{1,19}(?:,[0-9]{1,19})*", re.ASCII)
+_PRICE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
 
 
 class InvalidRequest(ValueError):
     """A request that cannot be served as sent (gRPC INVALID_ARGUMENT, HTTP 400)."""
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A request body over its size limit (HTTP 413)."""
 
 
 @dataclass(frozen=True)
@@ -45,16 +101,85 @@ class EventQuery:
     timestamp: datetime
 
 
-def parse_user_id(raw: str) -> int:
-    """User ids travel as decimal strings (the proto's ``user_id``)."""
-    raw = raw.strip()
+@dataclass(frozen=True)
+class EventWindow:
+    """How far an event's timestamp may lie from the server's clock: ahead by at most
+    ``max_future_s`` (clock skew), behind by at most ``max_age_s`` (late delivery).
+    Outside it the event is refused rather than written with a time the online store
+    would mis-order (a future row would hide every later event of the user)."""
+
+    max_future_s: float
+    max_age_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EventWindow:
+        return cls(settings.event_max_future_s, settings.event_max_age_s)
+
+    def check(self, when: datetime, now: datetime | None = None) -> datetime:
+        now = now or datetime.now(UTC)
+        ahead = (when - now).total_seconds()
+        if ahead > self.max_future_s:
+            raise InvalidRequest(
+                f"timestamp is {ahead:.0f} s in the future; at most {self.max_future_s:g} s "
+                "is allowed (RECSTACK_EVENT_MAX_FUTURE_S)"
+            )
+        if -ahead > self.max_age_s:
+            raise InvalidRequest(
+                f"timestamp is {-ahead:.0f} s old; at most {self.max_age_s:g} s "
+                "is allowed (RECSTACK_EVENT_MAX_AGE_S)"
+            )
+        return when
+
+
+def _show(raw: str) -> str:
+    """A client's value in an error message, cut short (it may be megabytes)."""
+    return repr(raw) if len(raw) <= 32 else repr(raw[:32]) + f"... ({len(raw)} characters)"
+
+
+def _ascii_digits(raw: str) -> bool:
+    # str.isdigit alone accepts '²', '٣' and other Unicode digits.
+    return raw.isascii() and raw.isdigit()
+
+
+def parse_user_id(raw: object) -> int:
+    """User ids travel as decimal strings (the proto's ``user_id``): 1..19 ASCII digits,
+    below 2**63."""
+    if not isinstance(raw, str):
+        raise InvalidRequest("user_id must be a string of decimal digits")
     if not raw:
         raise InvalidRequest("user_id is empty")
-    if not raw.isdigit():
-        raise InvalidRequest(f"user_id must be a non-negative integer, got {raw!r}")
+    if len(raw) > ID_MAX_DIGITS or not _ascii_digits(raw):
+        raise InvalidRequest(
+            f"user_id must be a non-negative integer of at most {ID_MAX_DIGITS} ASCII digits,"
+            f" got {_show(raw)}"
+        )
     value = int(raw)
-    if value >= 2**63:
-        raise InvalidRequest("user_id is out of range")
+    if value >= ID_LIMIT:
+        raise InvalidRequest("user_id is out of range (must be below 2**63)")
+    return value
+
+
+def _id_text(raw: str, name: str) -> int:
+    """An id written in a query string: the same digits rule as user ids."""
+    if not raw or len(raw) > ID_MAX_DIGITS or not _ascii_digits(raw) or int(raw) >= ID_LIMIT:
+        raise InvalidRequest(
+            f"{name} must be a list of integers in [0, 2**63) separated by commas, got {_show(raw)}"
+        )
+    return int(raw)
+
+
+class _HugeInt:
+    """A JSON integer too long to be any valid value; never converted with int()."""
+
+
+def _json_id(value: object, name: str) -> int:
+    """A JSON integer (not a float, bool or string) in [0, 2**63)."""
+    if isinstance(value, _HugeInt):
+        raise InvalidRequest(f"{name} must be in [0, 2**63)")
+    if type(value) is not int:  # bool is an int subclass; 7.0 and "7" are not ids
+        raise InvalidRequest(f"{name} must be an integer")
+    if not 0 <= value < ID_LIMIT:
+        raise InvalidRequest(f"{name} must be in [0, 2**63)")
     return value
 
 
@@ -64,8 +189,47 @@ def check_k(k: int) -> int:
     return k
 
 
-def _timestamp(ts: Any, has: bool) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC) if has else datetime.now(UTC)
+def _text(value: str, name: str) -> str:
+    if len(value) > MAX_TEXT:
+        raise InvalidRequest(f"{name} is longer than {MAX_TEXT} characters")
+    return value
+
+
+def _check_count(name: str, n: int) -> None:
+    limit = MAX_EXCLUDE_ITEMS if name == "exclude_item_ids" else MAX_CATEGORIES
+    if n > limit:
+        raise InvalidRequest(f"filters.{name} holds {n} ids; at most {limit} are allowed")
+
+
+def _in_range(when: datetime, name: str) -> datetime:
+    if not TIME_MIN <= when < TIME_MAX:
+        raise InvalidRequest(f"{name} must be between 1678-01-01 and 2261-12-31 (UTC)")
+    return when
+
+
+def _proto_time(ts: Any, name: str) -> datetime:
+    """A google.protobuf.Timestamp within the documented range (ToDatetime raises a bare
+    ValueError outside its own, wider one)."""
+    if not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidRequest(f"{name}.nanos must be in 0..999999999")
+    if not TIME_MIN.timestamp() <= ts.seconds < TIME_MAX.timestamp():
+        raise InvalidRequest(f"{name} must be between 1678-01-01 and 2261-12-31 (UTC)")
+    return _in_range(ts.ToDatetime(tzinfo=UTC), name)
+
+
+def _iso_time(raw: object, name: str) -> datetime:
+    """An ISO-8601 string (naive = UTC) within the documented range."""
+    if not isinstance(raw, str) or len(raw) > MAX_TIMESTAMP_CHARS or not raw.isascii():
+        raise InvalidRequest(f"{name} must be an ISO-8601 string")
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be ISO-8601, got {_show(raw)}") from None
+    # Check the year before converting: shifting year 1 or 9999 by an offset overflows.
+    if not TIME_MIN.year <= when.year < TIME_MAX.year:
+        raise InvalidRequest(f"{name} must be between 1678-01-01 and 2261-12-31 (UTC)")
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    return _in_range(when, name)
 
 
 def build_filters(
@@ -81,10 +245,9 @@ def build_filters(
         ("exclude_categories", exclude),
         ("exclude_item_ids", exclude_items),
     ):
-        if any(int(v) < 0 for v in values):
-            raise InvalidRequest(f"filters.{name} must hold non-negative ids")
-    if len(exclude_items) > 10_000:
-        raise InvalidRequest("filters.exclude_item_ids holds more than 10000 ids")
+        _check_count(name, len(values))
+        if values and not (min(values) >= 0 and max(values) < ID_LIMIT):
+            raise InvalidRequest(f"filters.{name} must hold non-negative ids below 2**63")
     if set(include) & set(exclude):
         raise InvalidRequest("filters: a category is both included and excluded")
     if not (math.isfinite(price_min) and math.isfinite(price_max)):
@@ -95,23 +258,33 @@ def build_filters(
     if upper < price_min:
         raise InvalidRequest(f"filters.price.max {price_max} < filters.price.min {price_min}")
     return Filters(
-        frozenset(int(c) for c in include),
-        frozenset(int(c) for c in exclude),
-        frozenset(int(i) for i in exclude_items),
+        frozenset(include),
+        frozenset(exclude),
+        frozenset(exclude_items),
         float(price_min),
         upper,
     )
 
 
+# ---------------------------------------------------------------------------------- gRPC
 def from_grpc(req: pb.RecommendRequest) -> RecommendQuery:
     """Validate a gRPC RecommendRequest."""
     f = req.filters
+    # len() of a repeated field is O(1): refuse oversized lists before copying them.
+    _check_count("include_categories", len(f.include_categories))
+    _check_count("exclude_categories", len(f.exclude_categories))
+    _check_count("exclude_item_ids", len(f.exclude_item_ids))
+    ctx = req.context
     return RecommendQuery(
         user_id=parse_user_id(req.user_id),
         k=check_k(req.k),
-        surface=req.context.surface,
-        device=req.context.device,
-        timestamp=_timestamp(req.context.timestamp, req.context.HasField("timestamp")),
+        surface=_text(ctx.surface, "context.surface"),
+        device=_text(ctx.device, "context.device"),
+        timestamp=(
+            _proto_time(ctx.timestamp, "context.timestamp")
+            if ctx.HasField("timestamp")
+            else datetime.now(UTC)
+        ),
         filters=build_filters(
             list(f.include_categories),
             list(f.exclude_categories),
@@ -122,91 +295,138 @@ def from_grpc(req: pb.RecommendRequest) -> RecommendQuery:
     )
 
 
-def event_from_grpc(req: pb.RecordEventRequest) -> EventQuery:
+def event_from_grpc(
+    req: pb.RecordEventRequest, window: EventWindow, now: datetime | None = None
+) -> EventQuery:
     """Validate a gRPC RecordEventRequest."""
     if req.event not in EVENT_NAMES:
         raise InvalidRequest("event must be VIEW, CLICK or PURCHASE")
     if req.item_id < 0:
         raise InvalidRequest("item_id must be non-negative")
-    return EventQuery(
-        user_id=parse_user_id(req.user_id),
-        item_id=int(req.item_id),
-        event=EVENT_NAMES[req.event],
-        timestamp=_timestamp(req.timestamp, req.HasField("timestamp")),
-    )
+    user_id = parse_user_id(req.user_id)
+    now = now or datetime.now(UTC)
+    when = now
+    if req.HasField("timestamp"):
+        when = window.check(_proto_time(req.timestamp, "timestamp"), now)
+    return EventQuery(user_id, int(req.item_id), EVENT_NAMES[req.event], when)
 
 
-def _int_list(value: Any, name: str) -> list[int]:
-    if value in (None, ""):
+# ---------------------------------------------------------------------------------- HTTP
+def _single_params(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Known names only, each once (a misspelt filter must not be silently ignored)."""
+    pairs = params.items() if isinstance(params, Mapping) else params
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in HTTP_PARAMS:
+            raise InvalidRequest(
+                f"unknown query parameter {_show(name)}; known: {', '.join(HTTP_PARAMS)}"
+            )
+        if name in out:
+            raise InvalidRequest(f"query parameter {name!r} is given more than once")
+        out[name] = value
+    return out
+
+
+def _id_list(raw: str, name: str) -> list[int]:
+    """Comma-separated ids; the count is checked on the raw string before splitting."""
+    if raw == "":
         return []
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list | tuple):
-        raise InvalidRequest(f"{name} must be a list of integers")
-    try:
-        return [int(v) for v in items]
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"{name} must be a list of integers") from None
+    limit = MAX_EXCLUDE_ITEMS if name == "exclude_item_ids" else MAX_CATEGORIES
+    if len(raw) > limit * (ID_MAX_DIGITS + 1):
+        raise InvalidRequest(f"filters.{name} holds more than {limit} ids")
+    _check_count(name, raw.count(",") + 1)
+    if not _ID_LIST.fullmatch(raw):  # one C-speed pass; find the culprit only on failure
+        for part in raw.split(","):
+            _id_text(part, name)
+    values = list(map(int, raw.split(",")))
+    if max(values) >= ID_LIMIT:
+        _id_text(str(max(values)), name)
+    return values
 
 
-def _float(value: Any, name: str, default: float) -> float:
-    if value in (None, ""):
+def _price(raw: str, name: str, default: float) -> float:
+    if raw == "":
         return default
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"{name} must be a number") from None
+    if len(raw) > MAX_PRICE_CHARS or not _PRICE.fullmatch(raw):
+        raise InvalidRequest(f"{name} must be a number (non-negative, decimal), got {_show(raw)}")
+    return float(raw)
 
 
-def from_http(params: dict[str, Any]) -> RecommendQuery:
-    """Validate ``GET /v1/recommendations`` query parameters (same rules as gRPC)."""
-    try:
-        k = int(params.get("k", 10))
-    except (TypeError, ValueError):
-        raise InvalidRequest("k must be an integer") from None
-    ts = params.get("timestamp")
-    when = datetime.now(UTC)
-    if ts:
-        try:
-            when = datetime.fromisoformat(str(ts))
-        except ValueError:
-            raise InvalidRequest("timestamp must be ISO-8601") from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
+def _k_text(raw: str) -> int:
+    if not raw or not _ascii_digits(raw):
+        raise InvalidRequest(f"k must be an integer, got {_show(raw)}")
+    return check_k(int(raw) if len(raw) <= 4 else K_MAX + 1)
+
+
+def from_http(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> RecommendQuery:
+    """Validate ``GET /v1/recommendations`` query parameters (same rules as gRPC); takes
+    a mapping or the (name, value) pairs of the query string (duplicates are refused)."""
+    p = _single_params(params)
+    ts = p.get("timestamp", "")
     return RecommendQuery(
-        user_id=parse_user_id(str(params.get("user_id", ""))),
-        k=check_k(k),
-        surface=str(params.get("surface", "")),
-        device=str(params.get("device", "")),
-        timestamp=when,
+        user_id=parse_user_id(p.get("user_id", "")),
+        k=_k_text(p.get("k", "10")),
+        surface=_text(p.get("surface", ""), "surface"),
+        device=_text(p.get("device", ""), "device"),
+        timestamp=_iso_time(ts, "timestamp") if ts else datetime.now(UTC),
         filters=build_filters(
-            _int_list(params.get("include_categories"), "include_categories"),
-            _int_list(params.get("exclude_categories"), "exclude_categories"),
-            _int_list(params.get("exclude_item_ids"), "exclude_item_ids"),
-            _float(params.get("price_min"), "price_min", 0.0),
-            _float(params.get("price_max"), "price_max", 0.0),
+            _id_list(p.get("include_categories", ""), "include_categories"),
+            _id_list(p.get("exclude_categories", ""), "exclude_categories"),
+            _id_list(p.get("exclude_item_ids", ""), "exclude_item_ids"),
+            _price(p.get("price_min", ""), "price_min", 0.0),
+            _price(p.get("price_max", ""), "price_max", 0.0),
         ),
     )
 
 
-def event_from_http(body: Any) -> EventQuery:
-    """Validate a ``POST /v1/events`` JSON body."""
+def _json_int(text: str) -> int | _HugeInt:
+    # Called by the decoder for every JSON integer: int() of a huge one does quadratic
+    # work (and raises a bare ValueError past 4,300 digits); the field's rule refuses it.
+    return _HugeInt() if len(text) > ID_MAX_DIGITS + 1 else int(text)
+
+
+def _json_constant(name: str) -> float:
+    raise InvalidRequest(f"{name} is not valid JSON")
+
+
+def parse_json_body(raw: bytes, limit: int = MAX_EVENT_BODY_BYTES) -> Any:
+    """Decode a JSON request body: size first, then strict UTF-8, bounded integers,
+    no NaN/Infinity; nesting too deep for the decoder is an InvalidRequest too."""
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    try:
+        text = raw.decode("utf-8")
+        return json.loads(text, parse_int=_json_int, parse_constant=_json_constant)
+    except UnicodeDecodeError:
+        raise InvalidRequest("body must be UTF-8 JSON") from None
+    except RecursionError:
+        raise InvalidRequest("body is nested too deeply") from None
+    except ValueError as e:
+        if isinstance(e, InvalidRequest):
+            raise
+        raise InvalidRequest("body must be JSON") from None
+
+
+def event_from_http(body: Any, window: EventWindow, now: datetime | None = None) -> EventQuery:
+    """Validate a ``POST /v1/events`` JSON body (already decoded by
+    :func:`parse_json_body`): ``user_id`` a digit string, ``item_id`` a JSON integer,
+    ``event`` view/click/purchase (any case), optional ISO-8601 ``timestamp``."""
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object")
-    event = str(body.get("event", "")).lower()
-    if event not in EVENT_NAMES.values():
+    unknown = [k for k in body if k not in EVENT_FIELDS]
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field {_show(str(unknown[0]))}; known: {', '.join(EVENT_FIELDS)}"
+        )
+    event = body.get("event", "")
+    if not isinstance(event, str) or event.lower() not in EVENT_NAMES.values():
         raise InvalidRequest("event must be one of view, click, purchase")
-    try:
-        item_id = int(body["item_id"])
-    except (KeyError, TypeError, ValueError):
-        raise InvalidRequest("item_id must be an integer") from None
-    if item_id < 0:
-        raise InvalidRequest("item_id must be non-negative")
-    when = datetime.now(UTC)
-    if body.get("timestamp"):
-        try:
-            when = datetime.fromisoformat(str(body["timestamp"]))
-        except ValueError:
-            raise InvalidRequest("timestamp must be ISO-8601") from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-    return EventQuery(parse_user_id(str(body.get("user_id", ""))), item_id, event, when)
+    if "item_id" not in body:
+        raise InvalidRequest("item_id must be an integer")
+    item_id = _json_id(body["item_id"], "item_id")
+    user_id = parse_user_id(body.get("user_id", ""))
+    now = now or datetime.now(UTC)
+    when = now
+    if body.get("timestamp") is not None:
+        when = window.check(_iso_time(body["timestamp"], "timestamp"), now)
+    return EventQuery(user_id, item_id, event.lower(), when)

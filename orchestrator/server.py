@@ -8,15 +8,16 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from aiohttp import web
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -26,13 +27,25 @@ from orchestrator import metrics
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.request import (
+    ID_MAX_DIGITS,
+    MAX_CATEGORIES,
+    MAX_EVENT_BODY_BYTES,
+    MAX_EXCLUDE_ITEMS,
+    EventWindow,
     InvalidRequest,
+    PayloadTooLarge,
     event_from_grpc,
     event_from_http,
     from_grpc,
     from_http,
+    parse_json_body,
 )
-from orchestrator.service import RecommendResult, RecommendService, ServiceUnavailable
+from orchestrator.service import (
+    RecommendResult,
+    RecommendService,
+    ServiceUnavailable,
+    UnknownItem,
+)
 from recstack.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -98,36 +111,111 @@ async def _observed(method: str) -> AsyncIterator[list[str]]:
         metrics.REQUESTS.labels(method, code[0]).inc()
 
 
+class Drain:
+    """Set at the start of a drain (SIGTERM): both health endpoints then say NOT_SERVING,
+    so load balancers stop sending before the listeners close."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+
+class BodyTimeout(Exception):
+    """An HTTP request body that did not arrive in time (408)."""
+
+
+def _status_of(method: str, err: Exception) -> tuple[grpc.StatusCode, int, str]:
+    """The one mapping of failures to (gRPC code, HTTP status, message) for both fronts.
+    Anything unexpected is INTERNAL with a generic message and one log line: no traceback
+    reaches the client, and none floods the log."""
+    if isinstance(err, PayloadTooLarge):
+        return grpc.StatusCode.INVALID_ARGUMENT, 413, str(err)
+    if isinstance(err, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, 400, str(err)
+    if isinstance(err, UnknownItem):
+        return grpc.StatusCode.NOT_FOUND, 404, str(err)
+    if isinstance(err, ServiceUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, 503, str(err)
+    if isinstance(err, BodyTimeout):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, 408, str(err)
+    log.error(
+        "%s failed: %s: %s",
+        method,
+        type(err).__name__,
+        str(err)[:200],
+        exc_info=log.isEnabledFor(logging.DEBUG),  # the traceback only when asked for
+    )
+    return grpc.StatusCode.INTERNAL, 500, "internal error"
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are not a valid message of its type (corrupt wire format,
+    invalid UTF-8 in a string): answered INVALID_ARGUMENT by the handler."""
+
+    error: str
+
+
+def _lenient(message: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that cannot raise: gRPC would answer UNKNOWN with the
+    parser's exception text."""
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return message.FromString(raw)
+        except DecodeError as e:
+            return Undecodable(str(e))
+
+    return decode
+
+
+def add_recommender(servicer: RecommenderServicer, server: grpc.aio.Server) -> None:
+    """The generated ``add_RecommenderServicer_to_server``, built from the same descriptor,
+    with :func:`_lenient` request decoding."""
+    service = pb.DESCRIPTOR.services_by_name["Recommender"]
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in service.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     """gRPC handlers: validate, call the service, map failures to status codes."""
 
-    def __init__(self, service: RecommendService) -> None:
+    def __init__(self, service: RecommendService, settings: Settings) -> None:
         self.service = service
+        self.window = EventWindow.from_settings(settings)
+        self.retry_after = str(settings.event_retry_after_s)
 
     async def _handle(
         self,
         method: str,
+        request: Any,
         context: grpc.aio.ServicerContext,
-        parse: Callable[[], Any],
+        parse: Callable[[Any], Any],
         call: Callable[[Any], Awaitable[Any]],
     ) -> Any:
-        """Validate, call, and map failures to status codes (never a traceback)."""
+        """Validate, call, and map failures to status codes (never UNKNOWN, never a
+        traceback)."""
         async with _observed(method) as code:
-            status, message = grpc.StatusCode.OK, ""
             try:
-                query = parse()
-            except InvalidRequest as e:
-                status, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
-            else:
-                try:
-                    return await call(query)
-                except ServiceUnavailable as e:
-                    status, message = grpc.StatusCode.UNAVAILABLE, str(e)
-                except Exception:
-                    log.exception("%s failed", method)
-                    status, message = grpc.StatusCode.INTERNAL, "internal error"
+                if isinstance(request, Undecodable):
+                    raise InvalidRequest(f"the request is not a valid message: {request.error}")
+                return await call(parse(request))
+            except Exception as e:
+                status, _, message = _status_of(method, e)
             code[0] = status.name
-            await context.abort(status, message)
+            trailers: tuple[tuple[str, str], ...] = ()
+            if status == grpc.StatusCode.UNAVAILABLE:
+                trailers = (("retry-after", self.retry_after),)
+            await context.abort(status, message, trailing_metadata=trailers)
 
     async def Recommend(
         self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
@@ -136,7 +224,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return to_proto(await self.service.recommend(query, context.time_remaining()))
 
         reply: pb.RecommendResponse = await self._handle(
-            "Recommend", context, lambda: from_grpc(request), call
+            "Recommend", request, context, lambda r: from_grpc(r), call
         )
         return reply
 
@@ -148,56 +236,97 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return pb.RecordEventResponse(accepted=True)
 
         reply: pb.RecordEventResponse = await self._handle(
-            "RecordEvent", context, lambda: event_from_grpc(request), call
+            "RecordEvent", request, context, lambda r: event_from_grpc(r, self.window), call
         )
         return reply
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
 
 
-def http_app(service: RecommendService) -> web.Application:
-    """The HTTP/JSON front: same validation, same service, JSON errors (never a traceback)."""
+async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused early when it is (or says it is) larger than ``limit``
+    and cut off when it does not arrive within ``timeout_s`` (a slow sender would
+    otherwise hold a handler as long as it likes)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while chunk := await request.content.read(limit + 1 - size):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    return b"".join(chunks)
+
+
+def http_app(
+    service: RecommendService, settings: Settings | None = None, drain: Drain | None = None
+) -> web.Application:
+    """The HTTP/JSON front: same validation, same service, JSON errors (never a traceback).
+    ``drain``, once started, turns ``/healthz`` into 503 NOT_SERVING."""
+    settings = settings or get_settings()
+    drain = drain or Drain()
+    window = EventWindow.from_settings(settings)
+    retry_after = {"Retry-After": str(settings.event_retry_after_s)}
 
     async def handle(
-        method: str, parse: Callable[[], Any], call: Callable[[Any], Awaitable[web.Response]]
+        method: str,
+        parse: Callable[[], Awaitable[Any]],
+        call: Callable[[Any], Awaitable[web.Response]],
     ) -> web.Response:
         async with _observed(method) as code:
             try:
-                query = parse()
-            except InvalidRequest as e:
-                code[0] = "INVALID_ARGUMENT"
-                return _error(400, code[0], str(e))
-            try:
-                return await call(query)
-            except ServiceUnavailable as e:
-                code[0] = "UNAVAILABLE"
-                return _error(503, code[0], str(e))
-            except Exception:
-                log.exception("%s failed", method)
-                code[0] = "INTERNAL"
-                return _error(500, code[0], "internal error")
+                return await call(await parse())
+            except Exception as e:
+                status, http_status, message = _status_of(method, e)
+            code[0] = status.name
+            response = _error(
+                http_status,
+                status.name,
+                message,
+                retry_after if status == grpc.StatusCode.UNAVAILABLE else None,
+            )
+            if http_status in (408, 413):
+                response.force_close()  # the rest of the body is not read
+            return response
 
     async def recommendations(request: web.Request) -> web.Response:
+        async def parse() -> Any:
+            return from_http(request.query.items())
+
         async def call(q: Any) -> web.Response:
             return web.json_response(to_json(await service.recommend(q, None)))
 
-        return await handle("http.Recommend", lambda: from_http(dict(request.query)), call)
+        return await handle("http.Recommend", parse, call)
 
     async def events(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "INVALID_ARGUMENT", "body must be JSON")
+        async def parse() -> Any:
+            if request.query:
+                raise InvalidRequest(f"unknown query parameter {next(iter(request.query))!r}")
+            raw = await _read_body(request, MAX_EVENT_BODY_BYTES, settings.http_body_timeout_s)
+            return event_from_http(parse_json_body(raw), window)
 
         async def call(e: Any) -> web.Response:
             await service.record_event(e, None)
             return web.json_response({"accepted": True})
 
-        return await handle("http.RecordEvent", lambda: event_from_http(body), call)
+        return await handle("http.RecordEvent", parse, call)
 
     async def health(request: web.Request) -> web.Response:
+        if drain.started:
+            return web.json_response(
+                {"status": "NOT_SERVING", "release": service.release_name}, status=503
+            )
         return web.json_response({"status": "SERVING", "release": service.release_name})
 
     @web.middleware
@@ -205,21 +334,52 @@ def http_app(service: RecommendService) -> web.Application:
         try:
             response: web.StreamResponse = await handler(request)
             return response
-        except web.HTTPException as e:  # 404/405 as JSON too
+        except web.HTTPException as e:  # 404/405/413 as JSON too
             return _error(e.status, e.reason.upper().replace(" ", "_"), e.text or e.reason)
+        except Exception as e:  # never aiohttp's plain-text 500
+            _, http_status, message = _status_of(f"http {request.method} {request.path}", e)
+            return _error(http_status, "INTERNAL", message)
 
-    app = web.Application(middlewares=[json_errors])
+    app = web.Application(middlewares=[json_errors], client_max_size=settings.request_max_bytes)
     app.router.add_get("/v1/recommendations", recommendations)
     app.router.add_post("/v1/events", events)
     app.router.add_get("/healthz", health)
     return app
 
 
-async def create_server(service: RecommendService, address: str) -> tuple[grpc.aio.Server, int]:
+# The longest request line a valid GET /v1/recommendations needs: every list at its limit,
+# ids of 19 digits, commas percent-encoded, plus room for the other parameters. Longer lines
+# are refused by aiohttp's parser (400, text/plain, connection closed).
+HTTP_MAX_LINE = (MAX_EXCLUDE_ITEMS + 2 * MAX_CATEGORIES) * (ID_MAX_DIGITS + 3) + 4096
+
+
+def http_runner(service: RecommendService, settings: Settings, drain: Drain) -> web.AppRunner:
+    """The HTTP front as served: :func:`http_app` with the connection limits."""
+    return web.AppRunner(
+        http_app(service, settings, drain),
+        access_log=None,
+        # aiohttp closes a connection that has not sent complete request headers this long
+        # after it opened (or after the previous response): the header-read timeout, and
+        # the idle keep-alive limit. Bodies have their own timeout (_read_body).
+        keepalive_timeout=settings.http_header_timeout_s,
+        max_line_size=HTTP_MAX_LINE,
+    )
+
+
+async def create_server(
+    service: RecommendService, address: str, settings: Settings | None = None
+) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with the Recommender, health checking and reflection; returns the bound
     port (tests bind ``127.0.0.1:0``)."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service), server)
+    settings = settings or get_settings()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            # Larger messages are refused (RESOURCE_EXHAUSTED) before they are parsed.
+            ("grpc.max_receive_message_length", settings.request_max_bytes),
+        ]
+    )
+    add_recommender(RecommenderServicer(service, settings), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -262,8 +422,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain: health NOT_SERVING, in-flight calls finish."""
     service = await RecommendService.create(settings)
     host = settings.orchestrator_host
-    server, port = await create_server(service, f"{host}:{settings.orchestrator_grpc_port}")
-    runner = web.AppRunner(http_app(service), access_log=None)
+    server, port = await create_server(
+        service, f"{host}:{settings.orchestrator_grpc_port}", settings
+    )
+    drain = Drain()
+    runner = http_runner(service, settings, drain)
     await runner.setup()
     site = web.TCPSite(runner, host, settings.orchestrator_http_port)
     await site.start()
@@ -297,6 +460,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining")
+    drain.started = True  # HTTP /healthz answers 503 from now on
     await server._recstack_health.enter_graceful_shutdown()  # type: ignore[attr-defined]
     await _drain(DRAIN_SECONDS)
     await server.stop(grace=5)

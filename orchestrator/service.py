@@ -29,6 +29,7 @@ from exporters.candidates import gather, source_names
 from orchestrator import metrics
 from orchestrator.budget import BudgetConfig, RequestClock
 from orchestrator.catalog import Catalog, Fallbacks
+from orchestrator.online_features import FeatureStoreUnavailable
 from orchestrator.postprocess import Candidates, reasons, select
 from orchestrator.request import EventQuery, RecommendQuery
 from orchestrator.serving_release import ServingRelease, UserView
@@ -38,7 +39,23 @@ log = logging.getLogger(__name__)
 
 
 class ServiceUnavailable(Exception):
-    """Nothing sensible can be answered (e.g. no release loaded); gRPC UNAVAILABLE."""
+    """Nothing sensible can be answered (e.g. no release loaded, or the feature store did
+    not take an event); gRPC UNAVAILABLE, HTTP 503 with Retry-After: the client may retry."""
+
+
+class UnknownItem(LookupError):
+    """An event for an item the serving catalog does not hold; gRPC NOT_FOUND, HTTP 404.
+    Such an item cannot be recommended or filtered, so it must not enter a user's recent
+    items (where it would push out real ones)."""
+
+
+def _event_failure(err: Exception) -> str:
+    """The ``reason`` label of a RecordEvent the store did not take."""
+    if isinstance(err, TimeoutError):
+        return "timeout"
+    if isinstance(err, FeatureStoreUnavailable):
+        return "unavailable"
+    return "error"
 
 
 @dataclass(frozen=True)
@@ -136,14 +153,26 @@ class RecommendService:
         return result
 
     async def record_event(self, e: EventQuery, deadline_s: float | None) -> None:
-        """Push a real-time signal to Feast (visible to the next lookup)."""
+        """Push a real-time signal to Feast (visible to the next lookup).
+
+        Raises :class:`UnknownItem` for an item outside the serving catalog and
+        :class:`ServiceUnavailable` when the store fails, times out or is down (one log
+        line each, counted in ``recstack_event_failures_total``; no traceback)."""
+        _, known = self.catalog.rows(np.asarray([e.item_id], dtype=np.int64))
+        if not known[0]:
+            raise UnknownItem(f"item_id {e.item_id} is not in the serving catalog")
         timeout = 2.0 if deadline_s is None else max(deadline_s, 0.0)
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.pool, self.release.features.push_event, e)
         try:
             await asyncio.wait_for(fut, timeout=timeout)
-        except TimeoutError:
-            raise ServiceUnavailable("the feature store did not accept the event in time") from None
+        except Exception as err:  # the event is not stored, whatever the cause: retryable
+            reason = _event_failure(err)
+            metrics.EVENT_FAILURES.labels(reason).inc()
+            log.warning("RecordEvent not stored (%s): %s: %s", reason, type(err).__name__, err)
+            raise ServiceUnavailable(
+                f"the feature store did not take the event ({reason}); retry later"
+            ) from None
         metrics.EVENTS.labels(e.event).inc()
 
     def feature_time(self, q: RecommendQuery) -> float:

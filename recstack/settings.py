@@ -52,6 +52,23 @@ class Settings(BaseSettings):
     # ~0.5 kB each. See orchestrator/embedding_cache.py.
     user_embedding_cache: int = Field(default=50_000, ge=0)
 
+    # RecordEvent timestamps: at most this far ahead of the server's clock (client clock
+    # skew) and at most this far behind it (late delivery); others are INVALID_ARGUMENT.
+    event_max_future_s: float = Field(default=300.0, ge=0)
+    event_max_age_s: float = Field(default=86_400.0, gt=0)
+    # Seconds a client should wait before retrying a RecordEvent the feature store could
+    # not take (HTTP Retry-After, gRPC trailing metadata ``retry-after``).
+    event_retry_after_s: int = Field(default=1, ge=0)
+    # Largest request accepted: HTTP body (413 beyond it) and gRPC message
+    # (RESOURCE_EXHAUSTED). The biggest valid request (10,000 excluded item ids) is ~100 kB.
+    request_max_bytes: int = Field(default=1 << 20, ge=1024)
+    # HTTP: a connection must deliver complete request headers within this many seconds of
+    # opening (or of the previous response, when kept alive), else it is closed; the same
+    # value closes idle keep-alive connections (aiohttp's keepalive_timeout does both).
+    http_header_timeout_s: float = Field(default=20.0, gt=0)
+    # HTTP: a request body must arrive within this many seconds (408 otherwise).
+    http_body_timeout_s: float = Field(default=10.0, gt=0)
+
     # Quality and time (exporters/seen.py, orchestrator/service.py). Event types that make
     # an item "seen" (comma-separated; empty: what the data's meta.json says).
     seen_events_csv: str = Field(default="", alias="RECSTACK_SEEN_EVENTS")

@@ -191,6 +191,36 @@ def test_record_event_removes_bought_item(
     assert status == 200 and body == {"accepted": True}
 
 
+def test_events_for_items_outside_the_catalog_are_not_found(
+    stack: dict[str, Any], tables: dict[str, pd.DataFrame]
+) -> None:
+    user = _active_user(tables)
+    missing = int(tables["items"].index.max()) + 1_000
+    with pytest.raises(grpc.RpcError) as err:
+        stack["stub"].RecordEvent(
+            pb.RecordEventRequest(user_id=user, item_id=missing, event=pb.PURCHASE), timeout=2
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    status, body = _http(
+        stack, "/v1/events", {"user_id": user, "item_id": missing, "event": "click"}
+    )
+    assert status == 404 and body["error"]["code"] == "NOT_FOUND"
+    reply = _recommend(stack, tables, user, k=10)  # the user's history did not take it
+    assert all(str(missing) not in i.reason for i in reply.items)
+
+
+def test_malformed_input_over_http_is_400_json(stack: dict[str, Any]) -> None:
+    for path in (
+        "/v1/recommendations?user_id=1&include_category=3",
+        "/v1/recommendations?user_id=%C2%B2%C2%B3&k=5",
+        "/v1/recommendations?user_id=1&k=%205%20",
+    ):
+        status, body = _http(stack, path)
+        assert status == 400 and body["error"]["code"] == "INVALID_ARGUMENT", (path, body)
+    status, body = _http(stack, "/v1/events", {"user_id": "1", "item_id": 7.9, "event": "view"})
+    assert status == 400 and "item_id" in body["error"]["message"]
+
+
 def test_no_seen_item_is_ever_served(
     stack: dict[str, Any], tables: dict[str, pd.DataFrame]
 ) -> None:
@@ -301,6 +331,17 @@ def test_sigterm_drains_in_flight_requests(
     futures = [stack["stub"].Recommend.future(req, timeout=10) for _ in range(40)]
     futures[0].result()
     os.kill(proc.pid, signal.SIGTERM)
+    # HTTP health, like gRPC's, says NOT_SERVING as soon as the drain starts (the listener
+    # stays open while the calls in flight finish).
+    health: list[int] = []
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and 503 not in health:
+        try:
+            health.append(_http(stack, "/healthz")[0])
+        except (urllib.error.URLError, ConnectionError):
+            break
+        time.sleep(0.005)
+    assert 503 in health, health
     codes = []
     for f in futures:
         try:
