@@ -17,7 +17,10 @@ class Settings(BaseSettings):
     """Paths, ports and switches. Every path is absolute after validation."""
 
     model_config = SettingsConfigDict(
-        env_prefix="RECSTACK_", env_file=PROJECT_ROOT / "recstack.env", extra="forbid"
+        env_prefix="RECSTACK_",
+        env_file=PROJECT_ROOT / "recstack.env",
+        extra="forbid",
+        populate_by_name=True,
     )
 
     root: Path = PROJECT_ROOT
