@@ -80,7 +80,15 @@ def test_small_pipeline_beats_popularity(trained_settings: Settings) -> None:
     pipe, pop = report["pipeline"]["ndcg@10"], report["popularity"]["ndcg@10"]
     assert pipe > pop, report
     assert report["pipeline_vs_popularity"]["ndcg@10_ratio"] > 1.0
-    assert report["retrieval"]["recall@500"] >= report["retrieval"]["recall@10"]
+    # The pipeline only reorders the retrieved candidates (the first ranker_candidates of
+    # up to 500): its top 10 cannot hold more relevant items than retrieval's top 500. A
+    # ranking path that leaked other items, or a recall computed differently, breaks it.
+    assert report["ranker_candidates"] <= 500
+    assert report["pipeline"]["recall@10"] <= report["retrieval"]["recall@500"] + 1e-12
+    # Retrieval is far from random: a random 100-item list has expected recall
+    # 100/n_catalog; tower embeddings misaligned with item ids fall to about that.
+    random_recall = 100 / report["n_catalog"]
+    assert report["retrieval"]["recall@100"] > 1.5 * random_recall, report["retrieval"]
     assert (trained_settings.reports_dir / "report.md").read_text().startswith("# recstack")
 
 
@@ -101,6 +109,10 @@ def test_small_pipeline_ranker_artifacts_agree(trained_settings: Settings) -> No
     out = sess.run(None, fa.example_inputs(layout, 5))[0]
     assert out.shape == (5, booster.num_feature())
     parity = json.loads((work / "ranker_parity.json").read_text())
-    assert parity["ranker"]["checkpoint"]["max_abs_diff"] < 1e-5
-    assert parity["ranker"]["library"]["max_abs_diff"] < 1e-5
+    # The float64 conversion matches LightGBM to 1e-5; the float32 checkpoint that FIL and
+    # the library serve stays within the stated float32 bound, on the same branches.
+    assert parity["ranker"]["float64_checkpoint"]["max_abs_diff"] < 1e-5
+    tolerance = parity["ranker"]["float32"]["tolerance"]
+    assert parity["ranker"]["checkpoint"]["max_abs_diff"] < tolerance
+    assert parity["ranker"]["library"]["max_abs_diff"] < tolerance
     assert np.isfinite(list(parity["timings_ms"].values())).all()
