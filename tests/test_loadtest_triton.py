@@ -63,6 +63,18 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         proc.stop()
 
 
+def _triton_mean_request_ms(settings: Settings, model: str) -> float:
+    """Mean time Triton spent per successful request of ``model`` (its statistics API:
+    queue + compute, measured inside the server)."""
+    import json
+    import urllib.request
+
+    url = f"http://{settings.triton_host}:{settings.triton_http_port}/v2/models/{model}/stats"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        stats = json.load(response)["model_stats"][0]["inference_stats"]["success"]
+    return stats["ns"] / max(stats["count"], 1) / 1e6
+
+
 @pytest.mark.integration
 def test_user_tower_open_loop(triton: Settings) -> None:
     sc = validate_scenario(
@@ -77,7 +89,13 @@ def test_user_tower_open_loop(triton: Settings) -> None:
     assert doc["target"] == {"kind": "triton", "address": "127.0.0.1:19071", "model": "user_tower"}
     assert doc["errors"] == {}, doc["errors"]
     assert doc["requests"]["ok"] == doc["requests"]["scheduled"] > 100
-    assert 0.1 < doc["latency_ms"]["p50"] < 20, doc["latency_ms"]
+    # Ordering, not fixed milliseconds (a busy host moves those): the client's latency
+    # from the intended send includes the generator's lag, and the client's mean latency
+    # includes Triton's own queue + compute time for the same requests.
+    lat, from_send = doc["latency_ms"], doc["latency_from_send_ms"]
+    assert lat["p50"] >= from_send["p50"] - 1e-3 and lat["max"] >= from_send["max"] - 1e-3
+    server_ms = _triton_mean_request_ms(triton, "user_tower")
+    assert 0 < server_ms <= from_send["mean"], (server_ms, from_send)
     # A model that is not loaded is a clear error before any load is sent.
     missing = sc.model_dump()
     missing["target"]["model"] = "item_tower"
