@@ -245,3 +245,32 @@ def test_shims_are_copied_verbatim(settings: Settings, art: Artifacts) -> None:
         copied = settings.model_repository / model / "1" / shim
         source = PROJECT_ROOT / "model_repository" / "_shims" / shim
         assert copied.read_bytes() == source.read_bytes()
+
+
+def test_repo_check_cli_fails_on_a_broken_production_repository(
+    settings: Settings,
+    art: Artifacts,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from exporters import triton_configs
+    from recstack.cli import main
+
+    _release(settings, 1, publish_all(settings, art))
+    monkeypatch.setattr(triton_configs, "get_settings", lambda: settings)
+    assert main(["repo", "check"]) == 0  # the embedded repository, as release 1 loads it
+    out = tmp_path / "production"
+    write_configs(settings, "production", out)
+    assert main(["repo", "check", str(out)]) == 0
+    assert "loadable" in capsys.readouterr().out
+    # Hand edits that NVIDIA's container would refuse: a FIL config without output_class
+    # (required before 25.09) and a tower whose output width is left open.
+    ranker = out / "ranker" / "config.pbtxt"
+    ranker.write_text(ranker.read_text().replace('key: "output_class"', 'key: "unused"'))
+    tower = out / "user_tower" / "config.pbtxt"
+    tower.write_text(tower.read_text().replace(f"dims: {EMB}", "dims: -1"))
+    assert main(["repo", "check", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "['output_class'] missing" in printed
+    assert "tensor 'user_embedding': the model expects" in printed
