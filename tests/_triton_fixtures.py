@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.model_config import input_names, output_names
+from exporters.model_config import input_names, load_config, output_names
 from exporters.model_repo import publish_version
 from exporters.onnx_export import declare_config_dims
 from exporters.ranker_export import float32_model
@@ -191,13 +191,12 @@ def build_artifacts(folder: Path, seed: int = 0) -> Artifacts:
         str(path),
         input_names=names,
         output_names=output_names("rank_features"),
-        # Widths are fixed by the export (as the real exporter's are); N is dynamic.
+        # Widths are fixed by the export (as the real exporter's are); N, the leading -1
+        # of config.pbtxt, is dynamic.
         dynamic_axes={
-            "item_features": {0: "n"},
-            "item_category": {0: "n"},
-            "item_created_at": {0: "n"},
-            "item_embedding": {0: "n"},
-            "rank_input": {0: "n"},
+            t.name: {0: "n"}
+            for t in (*load_config("rank_features").input, *load_config("rank_features").output)
+            if list(t.dims[:1]) == [-1]
         },
         dynamo=False,
     )
