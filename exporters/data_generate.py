@@ -19,6 +19,12 @@ The world, in short:
   purchases of the same item are mostly dropped.
 
 Everything is vectorised numpy (events in chunks), deterministic by seed.
+
+The ``sparse`` preset is a different world on purpose (:class:`RatingsPreset`,
+:func:`build_ratings`): explicit 1-5 ratings whose statistics resemble public rating data
+such as MovieLens-100k — where most-popular and item-item baselines are strong and the
+marketplace's assumptions (prices, brands, a funnel driven by the model's own kind of
+affinity) do not hold. See :func:`build_ratings` for its model.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from exporters.data_import import RATING_EVENTS
 from exporters.raw_tables import RawTables, read_meta, write_raw
 from exporters.schema import EVENTS
 from recstack.errors import UserError
@@ -75,11 +82,48 @@ class Preset:
     chunk: int = 200_000  # impressions per vectorised chunk (bounds memory for `large`)
 
 
-PRESETS: dict[str, Preset] = {
+@dataclass(frozen=True)
+class RatingsPreset:
+    """Size and shape of an explicit-ratings world (see :func:`build_ratings`). The
+    defaults resemble MovieLens-100k: ~950 users, ~1,700 items, ~100k ratings over ~7
+    months, 20 to ~700 ratings per user (median ~60), a few items rated by ~half the
+    users and a long tail rated by 1-5."""
+
+    n_users: int = 943
+    n_items: int = 1_682
+    n_ratings: int = 103_000  # ~100k after the cap on heavy users
+    days: float = 212.0  # ~7 months
+    n_genres: int = 18  # the item's only attribute (``category`` codes 1..n_genres)
+    n_age_buckets: int = 7  # the user's only attribute (``age_bucket`` codes 1..n)
+    dim: int = 8  # latent taste space of genres and item clusters
+    cluster_mean: float = 4.0  # mean size of an item cluster (franchise, sequels, author)
+    pop_sigma: float = 1.3  # log-normal item popularity: a heavy head and a long tail
+    beta: float = 1.0  # strength of latent user × cluster affinity in what users rate
+    gamma: float = 0.5  # strength of the user's genre shares in what users rate
+    min_ratings: int = 20
+    max_ratings: int = 737
+    activity_sigma: float = 1.1  # log-normal user activity above min_ratings
+    # Users rate popular items first (a new user's first page is the popular titles), so
+    # each user's latest ratings lean towards the tail: key = −order_pop·z(pop) + N(0,1).
+    order_pop: float = 0.15
+    rating_affinity: float = 0.5  # how much affinity (vs item quality, user bias) raises a rating
+    # Share of ratings 1..4 (5 takes the rest), as in public data: positives ≥ 4 ≈ 55 %.
+    rating_shares: tuple[float, float, float, float] = (0.06, 0.11, 0.27, 0.34)
+    sessions_mean: float = 1.0  # extra rating sessions per user (Poisson) after the first
+    session_gap_days: float = 20.0  # mean gap between a user's sessions (exponential)
+    rating_gap_s: float = 40.0  # mean time between two ratings within a session
+
+
+PRESETS: dict[str, Preset | RatingsPreset] = {
     "small": Preset(n_users=1_500, n_items=800, n_views=40_000),
     "demo": Preset(n_users=20_000, n_items=10_000, n_views=820_000),
     "large": Preset(n_users=100_000, n_items=1_000_000, n_views=3_300_000, chunk=250_000),
+    "sparse": RatingsPreset(),
 }
+
+# The ratings world ends years before any wall clock, as public rating data does: serving
+# it exercises features computed against a clock outside the data.
+SPARSE_END = pd.Timestamp("1998-04-23T00:00:00Z")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -329,8 +373,232 @@ def _funnel(
     )
 
 
-def build(preset: Preset, seed: int) -> tuple[RawTables, pd.Timestamp, pd.Timestamp]:
+@dataclass(frozen=True)
+class RatingsTables:
+    """An explicit-ratings world as an importer would receive it: ``ratings``
+    (``user_id, item_id, rating, timestamp``; int ratings 1-5, UTC timestamps, sorted by
+    time), ``items`` (``item_id, category``) and ``users`` (``user_id, age_bucket``)."""
+
+    ratings: pd.DataFrame
+    items: pd.DataFrame
+    users: pd.DataFrame
+
+
+def build_ratings(
+    preset: RatingsPreset, seed: int, end: pd.Timestamp = SPARSE_END
+) -> RatingsTables:
+    """An explicit-ratings world with strong popularity, noisy tastes and item-item
+    structure, ending at ``end``. The model:
+
+    - items form clusters (geometric sizes, mean ``cluster_mean``: franchises, sequels,
+      one author's works); each cluster has a genre and a latent vector (its genre's
+      centre plus noise), items share their cluster's vector plus a little noise;
+    - item popularity is log-normal (``pop_sigma``), partly shared within a cluster;
+    - users have sparse genre shares (Dirichlet 0.3), a latent vector near their genres'
+      centres plus noise, and a log-normal number of ratings (``min_ratings`` ..
+      ``max_ratings``); an age bucket that leans weakly towards their main genre;
+    - each user rates the top n_u items of log-popularity + ``beta``·<user, item> +
+      ``gamma``·log(genre share) + Gumbel noise (a draw without replacement), so
+      co-rated items cluster — what item-item models find — and popularity is strong;
+    - the rating (1-5, shares ``rating_shares``) grows with item quality (correlated with
+      popularity), affinity and a user bias, plus noise;
+    - time: a user's ratings come in bursts — a first session at a uniform time in the
+      window and Poisson(``sessions_mean``) later ones — with popular items a little
+      earlier within the user (``order_pop``).
+
+    Items nobody rated are dropped (an importer never sees them). Deterministic by seed.
+    """
+    p = preset
+    rng = np.random.default_rng(seed)
+    n_u_total, n_i = p.n_users, p.n_items
+    # Clusters, with geometric sizes summing to n_items.
+    sizes = 1 + rng.geometric(1.0 / p.cluster_mean, size=n_i) - 1
+    sizes = np.minimum(sizes, 30)
+    sizes = sizes[: int(np.searchsorted(np.cumsum(sizes), n_i)) + 1]
+    sizes[-1] -= int(sizes.sum()) - n_i
+    sizes = sizes[sizes > 0]
+    n_c = sizes.size
+    cluster = np.repeat(np.arange(n_c), sizes)[rng.permutation(n_i)]
+    genre_share = rng.dirichlet(np.full(p.n_genres, 1.0))
+    cluster_genre = rng.choice(p.n_genres, size=n_c, p=genre_share)
+    genre = cluster_genre[cluster]
+    genre_vec = rng.normal(size=(p.n_genres, p.dim)) / np.sqrt(p.dim)
+    cluster_vec = genre_vec[cluster_genre] + rng.normal(size=(n_c, p.dim)) / np.sqrt(p.dim)
+    item_vec = cluster_vec[cluster] + 0.3 * rng.normal(size=(n_i, p.dim)) / np.sqrt(p.dim)
+    log_pop = p.pop_sigma * (0.8 * rng.normal(size=n_i) + 0.6 * rng.normal(size=n_c)[cluster])
+    pop_z = (log_pop - log_pop.mean()) / log_pop.std()
+    # Users.
+    taste = rng.dirichlet(np.full(p.n_genres, 0.3), size=n_u_total)
+    user_vec = taste @ genre_vec + rng.normal(size=(n_u_total, p.dim)) / np.sqrt(p.dim)
+    act = rng.lognormal(0.0, p.activity_sigma, size=n_u_total)
+    extra = act / act.sum() * (p.n_ratings - p.min_ratings * n_u_total)
+    n_rated = np.minimum(np.round(p.min_ratings + extra).astype(np.int64), p.max_ratings)
+    n_rated = np.minimum(n_rated, n_i)
+    genre_age = rng.integers(1, p.n_age_buckets + 1, size=p.n_genres)
+    main_genre = taste.argmax(axis=1)
+    age = np.where(
+        rng.random(n_u_total) < 0.3,
+        genre_age[main_genre],
+        rng.integers(1, p.n_age_buckets + 1, size=n_u_total),
+    )
+    # What each user rates: Gumbel top-n_u of the choice logits, one block of users at a time.
+    users_l, items_l = [], []
+    block = max(1, 4_000_000 // n_i)
+    for lo in range(0, n_u_total, block):
+        hi = min(lo + block, n_u_total)
+        logit = (
+            log_pop[None, :]
+            + p.beta * (user_vec[lo:hi] @ item_vec.T)
+            + p.gamma * np.log(taste[lo:hi][:, genre] + 1e-3)
+            + rng.gumbel(size=(hi - lo, n_i))
+        )
+        order = np.argsort(-logit, axis=1)
+        for k in range(hi - lo):
+            items_l.append(order[k, : n_rated[lo + k]])
+        users_l.append(np.repeat(np.arange(lo, hi), n_rated[lo:hi]))
+    u = np.concatenate(users_l)
+    i = np.concatenate(items_l)
+    # Ratings: quality (leaning to popular items) + affinity + user bias + noise, cut into
+    # the target shares.
+    aff = np.einsum("nd,nd->n", user_vec[u], item_vec[i])
+    quality = 0.5 * pop_z + rng.normal(0.0, 0.7, size=n_i)
+    latent = (
+        quality[i]
+        + p.rating_affinity * (aff - aff.mean()) / aff.std()
+        + rng.normal(0.0, 0.5, size=n_u_total)[u]
+        + rng.normal(size=u.size)
+    )
+    cuts = np.quantile(latent, np.cumsum(p.rating_shares))
+    rating = (1 + np.searchsorted(cuts, latent)).astype(np.int64)
+    # Time: order within a user (popular a little earlier), then bursty sessions.
+    key = -p.order_pop * pop_z[i] + rng.normal(size=u.size)
+    order = np.lexsort((key, u))
+    u, i, rating = u[order], i[order], rating[order]
+    start_us = end.value // 1000 - int(p.days * US_PER_DAY)
+    end_us = end.value // 1000
+    pos = np.arange(u.size) - np.searchsorted(u, u, side="left")  # rank within the user
+    n_sess = 1 + rng.poisson(p.sessions_mean, size=n_u_total)
+    max_s = int(n_sess.max())
+    gaps = rng.exponential(p.session_gap_days * US_PER_DAY, size=(n_u_total, max_s))
+    gaps[:, 0] = 0.0
+    sess_off = np.cumsum(gaps, axis=1)  # µs after the user's first session
+    # A user's share of ratings per session (Dirichlet), as cumulative rating counts.
+    share = rng.gamma(1.0, size=(n_u_total, max_s)) * (np.arange(max_s)[None, :] < n_sess[:, None])
+    share /= share.sum(axis=1, keepdims=True)
+    bounds = np.round(np.cumsum(share, axis=1) * n_rated[:, None]).astype(np.int64)
+    sess = np.minimum((pos[:, None] >= bounds[u]).sum(axis=1), n_sess[u] - 1)
+    within = rng.exponential(p.rating_gap_s * 1e6, size=u.size)
+    # Seconds since the session started: cumulative gaps of that user's session.
+    grp = u * max_s + sess
+    csum = np.cumsum(within)
+    first = np.searchsorted(grp, grp, side="left")
+    in_sess = csum - csum[first] + within[first]
+    span = sess_off[u, sess] + in_sess
+    user_span = pd.Series(span).groupby(u).max().to_numpy()
+    # A user whose sessions would outlast the window has them compressed into 90 % of it.
+    window = float(end_us - start_us)
+    squeeze = np.minimum(1.0, 0.9 * window / np.maximum(user_span, 1.0))
+    span = span * squeeze[u]
+    user_span = user_span * squeeze
+    # The first session starts uniformly where the user's whole span still fits.
+    room = np.maximum((end_us - start_us) - user_span - 1, 0)
+    first_us = start_us + (rng.random(n_u_total) * room).astype(np.int64)
+    # Whole seconds, as public rating data has (unix seconds survive a CSV exactly).
+    ts = (first_us[u] + span.astype(np.int64)) // 1_000_000 * 1_000_000
+    order = np.lexsort((i, u, ts))
+    u, i, rating, ts = u[order], i[order], rating[order], ts[order]
+    rated = np.unique(i)
+    ratings = pd.DataFrame(
+        {
+            "user_id": u.astype(np.int64),
+            "item_id": i.astype(np.int64),
+            "rating": rating,
+            "timestamp": pd.to_datetime(ts, unit="us", utc=True),
+        }
+    )
+    items = pd.DataFrame({"item_id": rated.astype(np.int64), "category": genre[rated] + 1})
+    users = pd.DataFrame({"user_id": np.arange(n_u_total, dtype=np.int64), "age_bucket": age})
+    return RatingsTables(ratings=ratings, items=items, users=users)
+
+
+def write_ratings_csv(world: RatingsTables, folder: Path) -> dict[str, Path]:
+    """Write ``world`` as the CSV files ``recstack data import`` reads: ``ratings.csv``
+    (``user_id,item_id,rating,timestamp`` with unix seconds), ``items.csv``
+    (``item_id,category``) and ``users.csv`` (``user_id,age_bucket``). Returns the paths
+    by table name (``interactions``, ``items``, ``users``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    r = world.ratings
+    out = {
+        "interactions": folder / "ratings.csv",
+        "items": folder / "items.csv",
+        "users": folder / "users.csv",
+    }
+    secs = r["timestamp"].astype("int64") // (10**9 if r["timestamp"].dt.unit == "ns" else 10**6)
+    pd.DataFrame(
+        {
+            "user_id": r["user_id"],
+            "item_id": r["item_id"],
+            "rating": r["rating"],
+            "timestamp": secs,
+        }
+    ).to_csv(out["interactions"], index=False)
+    world.items.to_csv(out["items"], index=False)
+    world.users.to_csv(out["users"], index=False)
+    return out
+
+
+def ratings_to_raw(world: RatingsTables) -> RawTables:
+    """The canonical tables ``recstack data import`` would write for ``world``: ratings
+    mapped to events by the importer's ``RATING_EVENTS``; brand 0, price 0.0, country 0
+    (the importer's defaults); created/signup at the first rating."""
+    r = world.ratings
+    codes = np.zeros(len(r), dtype=np.int8)
+    for threshold, event in reversed(RATING_EVENTS):
+        codes[r["rating"].to_numpy() >= threshold] = EVENTS.index(event)
+    first_item = r.groupby("item_id")["timestamp"].min()
+    first_user = r.groupby("user_id")["timestamp"].min()
+    order = np.lexsort((codes, r["item_id"], r["user_id"], r["timestamp"]))
+    inter = pd.DataFrame(
+        {
+            "user_id": r["user_id"].to_numpy()[order],
+            "item_id": r["item_id"].to_numpy()[order],
+            "timestamp": r["timestamp"].to_numpy()[order],
+            "event": pd.Categorical.from_codes(codes[order], categories=list(EVENTS)),
+        }
+    )
+    inter["timestamp"] = pd.to_datetime(inter["timestamp"], utc=True)
+    items = world.items.sort_values("item_id").reset_index(drop=True)
+    users = world.users.sort_values("user_id").reset_index(drop=True)
+    return RawTables(
+        interactions=inter,
+        items=pd.DataFrame(
+            {
+                "item_id": items["item_id"],
+                "category": items["category"].astype(np.int64),
+                "brand": np.zeros(len(items), np.int64),
+                "price": np.zeros(len(items)),
+                "created_at": first_item.reindex(items["item_id"]).to_numpy(),
+            }
+        ),
+        users=pd.DataFrame(
+            {
+                "user_id": users["user_id"],
+                "age_bucket": users["age_bucket"].astype(np.int64),
+                "country": np.zeros(len(users), np.int64),
+                "signup_at": first_user.reindex(users["user_id"]).to_numpy(),
+            }
+        ),
+    )
+
+
+def build(
+    preset: Preset | RatingsPreset, seed: int
+) -> tuple[RawTables, pd.Timestamp, pd.Timestamp]:
     """The three tables of one synthetic world (in memory) and its time window."""
+    if isinstance(preset, RatingsPreset):
+        world = build_ratings(preset, seed)
+        start = SPARSE_END - pd.Timedelta(days=preset.days)
+        return ratings_to_raw(world), start, SPARSE_END
     rng = np.random.default_rng(seed)
     end_us = END.value // 1000
     start_us = end_us - int(preset.days * US_PER_DAY)

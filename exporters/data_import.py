@@ -18,7 +18,7 @@ import gzip
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
@@ -107,6 +107,70 @@ def _ragged_row(path: Path, width: int) -> None:
                 raise UserError(
                     f"{path}: line {reader.line_num}: expected {width} fields, got {len(row)}"
                 )
+
+
+# The columns each file may carry (docs/data.md); anything else is reported as ignored.
+KNOWN_COLUMNS: dict[str, tuple[str, ...]] = {
+    "interactions": ("user_id", "item_id", "timestamp", "event", "rating"),
+    "items": ("item_id", "category", "brand", "price", "created_at"),
+    "users": ("user_id", "age_bucket", "country", "signup_at"),
+}
+
+
+def parse_column_maps(specs: list[str] | None) -> dict[str, dict[str, str]]:
+    """``["users:occupation=country", ...]`` -> ``{"users": {"occupation": "country"}}``:
+    an extra column of a file used as one of the schema's columns (docs/data.md)."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs or []:
+        kind, _, pair = spec.partition(":")
+        src, _, dest = pair.partition("=")
+        kind, src, dest = kind.strip().lower(), src.strip().lower(), dest.strip().lower()
+        if kind not in KNOWN_COLUMNS or not src or not dest:
+            raise UserError(
+                f"--map {spec!r}: expected FILE:COLUMN=FIELD with FILE one of "
+                f"{', '.join(KNOWN_COLUMNS)}, e.g. users:occupation=country"
+            )
+        if dest not in KNOWN_COLUMNS[kind]:
+            raise UserError(
+                f"--map {spec!r}: {dest!r} is not a column of {kind} "
+                f"({', '.join(KNOWN_COLUMNS[kind])})"
+            )
+        out.setdefault(kind, {})[src] = dest
+    return out
+
+
+def _apply_map(src: _Source, kind: str, mapping: dict[str, str]) -> dict[str, Any]:
+    """Rename mapped columns, then say by name what is used and what is ignored."""
+    names = list(src.table.column_names)
+    for old, new in mapping.items():
+        if old not in names:
+            raise UserError(
+                f"{src.path}: --map {kind}:{old}={new}: no column {old!r} "
+                f"(found columns: {', '.join(names)})"
+            )
+        if new in names:
+            raise UserError(f"{src.path}: --map {kind}:{old}={new}: the file already has {new!r}")
+    renamed = [mapping.get(n, n) for n in names]
+    src.table = src.table.rename_columns(renamed)
+    used = [n for n in renamed if n in KNOWN_COLUMNS[kind]]
+    ignored = [n for n in renamed if n not in KNOWN_COLUMNS[kind]]
+    if ignored:
+        log.warning(
+            "%s: columns %s are not part of the %s schema and were ignored (use --map "
+            "%s:COLUMN=FIELD to use one as %s)",
+            src.path,
+            ignored,
+            kind,
+            kind,
+            " / ".join(c for c in KNOWN_COLUMNS[kind] if c not in used) or "a field",
+        )
+    return {
+        "file": src.path.name,
+        "used": used,
+        "mapped": {old: new for old, new in mapping.items()},
+        "ignored": ignored,
+        "defaulted": [c for c in KNOWN_COLUMNS[kind] if c not in used and c != "rating"],
+    }
 
 
 def _read(path: Path) -> _Source:
@@ -392,18 +456,28 @@ def import_data(
     interactions: Path,
     items: Path | None = None,
     users: Path | None = None,
+    column_maps: dict[str, dict[str, str]] | None = None,
 ) -> Path:
     """Check and convert the given files, then atomically replace ``settings.raw_dir``.
+    ``column_maps`` renames extra columns onto schema columns per file (see
+    :func:`parse_column_maps`); every file's used, mapped, defaulted and ignored columns
+    are logged and recorded in ``meta.json`` (``import_columns``).
 
     Raises UserError (naming file, line/row and column) on bad input; on failure the
     existing raw data is left untouched. Returns ``settings.raw_dir``.
     """
+    maps = column_maps or {}
+    columns: dict[str, Any] = {}
     isrc = _read(Path(interactions))
+    columns["interactions"] = _apply_map(isrc, "interactions", maps.get("interactions", {}))
     isrc.need("user_id", "item_id", "timestamp")
     user_ids = _ids(isrc, "user_id")
     item_ids = _ids(isrc, "item_id")
     ts = _timestamps(isrc, "timestamp")
     events = _events(isrc)
+    # A rating is a consumption whatever its value: every event makes the item "seen"
+    # (exporters/seen.py). An explicit event column keeps the marketplace meaning.
+    seen = list(EVENTS) if not isrc.has("event") else None
 
     item_src = _read(Path(items)) if items is not None else None
     if item_src is None:
@@ -413,6 +487,7 @@ def import_data(
         price = np.zeros(n)
         created = np.full(n, _NAT)
     else:
+        columns["items"] = _apply_map(item_src, "items", maps.get("items", {}))
         item_src.need("item_id")
         iids = _ids(item_src, "item_id")
         _unique(item_src, "item_id", iids)
@@ -433,6 +508,7 @@ def import_data(
         age = country = np.zeros(n, np.int64)
         signup = np.full(n, _NAT)
     else:
+        columns["users"] = _apply_map(user_src, "users", maps.get("users", {}))
         user_src.need("user_id")
         uids = _ids(user_src, "user_id")
         _unique(user_src, "user_id", uids)
@@ -477,7 +553,10 @@ def import_data(
             }
         ),
     )
-    return write_raw(settings, tables, source="import:" + ",".join(names))
+    extra: dict[str, object] = {"import_columns": columns}
+    if seen:
+        extra["seen_events"] = seen
+    return write_raw(settings, tables, source="import:" + ",".join(names), extra_meta=extra)
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -488,6 +567,7 @@ def cli(args: argparse.Namespace) -> int:
         Path(args.interactions),
         Path(args.items) if args.items else None,
         Path(args.users) if args.users else None,
+        parse_column_maps(getattr(args, "map", None)),
     )
     meta = read_meta(raw)
     print(
@@ -495,4 +575,13 @@ def cli(args: argparse.Namespace) -> int:
         f"{meta['n_users']:,} users, {meta['n_items']:,} items, "
         f"{meta['start']} .. {meta['end']}; snapshot {meta['snapshot']} -> {raw}"
     )
+    for kind, cols in dict(meta.get("import_columns") or {}).items():  # type: ignore[call-overload]
+        mapped = ", ".join(f"{a}->{b}" for a, b in cols["mapped"].items()) or "none"
+        print(
+            f"  {kind} ({cols['file']}): used {', '.join(cols['used'])}; mapped {mapped}; "
+            f"defaults for {', '.join(cols['defaulted']) or 'nothing'}; "
+            f"ignored {', '.join(cols['ignored']) or 'nothing'}"
+        )
+    if meta.get("seen_events"):
+        print(f"  ratings: every rated item counts as seen ({', '.join(meta['seen_events'])})")  # type: ignore[arg-type]
     return 0

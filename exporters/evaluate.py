@@ -7,12 +7,17 @@ Protocol (the same for any data set, generated or imported):
   seeded sample of at most ``max_users``), each one request made at ``val_end``.
 - Relevance: the user's best test-window event per item, graded (click 1, purchase 2);
   NDCG uses gain ``2^g - 1`` (exporters/metrics.py).
-- Pipeline: retrieval (the exported user tower + the FAISS index) → the top
-  ``n_candidates`` (as the ranker was trained) ranked by the LightGBM ranker on features
-  from Feast as of ``val_end`` through the shared feature assembly.
-- Popularity baseline: the items with the most clicks and purchases before ``val_end``
-  (train and validation windows), the same list for every user.
-- Nothing is excluded from either list (no "seen item" filter), so both are judged alike.
+- Candidates: what serving merges (exporters/candidates.py): the ANN over the exported
+  towers + the FAISS index, item-to-item neighbours of the user's seen items and popular
+  items, the sources built from events before ``val_end`` only; every list excludes the
+  user's seen items before ``val_end`` (exporters/seen.py) and items not yet created.
+- Pipeline: those candidates ranked by the LightGBM ranker on features from Feast as of
+  ``val_end`` through the shared feature assembly.
+- Baselines on the same candidates and filters, each in its own order: most-popular
+  (consumption count before ``val_end``), item-to-item (EASE or co-visitation scores of
+  the user's seen items) and the two-tower retrieval alone.
+- Gate: the pipeline's NDCG@10 must exceed both most-popular and item-to-item (by
+  ``gate_margin``); ``exporters/release.py`` refuses to publish otherwise, unless forced.
 """
 
 from __future__ import annotations
@@ -29,16 +34,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from exporters import metrics, retrieval
+from exporters import candidates, metrics
 from exporters.rank_layout import Layout
 from exporters.ranker_train import (
     LABELS,
     CandidateRows,
+    candidate_model_path,
     candidate_rows,
-    existing_only,
     graded_labels,
     load_booster,
     load_manifest,
+    merged_candidates,
 )
 from exporters.raw_tables import read_table
 from exporters.split import load_split
@@ -47,14 +53,22 @@ from recstack.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-RETRIEVAL_KS: tuple[int, ...] = (10, 100, 500)
 TOP_K = 10
+# Baselines served from the same candidates and filters: each source's own order.
+SOURCE_BASELINES: dict[str, str] = {
+    "retrieval": "c_ann_rank",
+    "item_to_item": "c_i2i_rank",
+    "popularity": "c_pop_rank",
+}
+# A release must beat these (DESIGN.md "Quality is judged against baselines").
+GATE_BASELINES: tuple[str, ...] = ("popularity", "item_to_item")
 
 
 @dataclass(frozen=True)
 class EvalParams:
     max_users: int = 5000  # test users sampled (seeded) for the report
-    retrieval_k: int = max(RETRIEVAL_KS)
+    # The pipeline's NDCG@10 must exceed the best baseline's by this fraction to pass.
+    gate_margin: float = 0.0
 
 
 def popularity_ranking(interactions: pd.DataFrame, before: pd.Timestamp, k: int) -> np.ndarray:
@@ -96,19 +110,6 @@ def top_lists(cands: CandidateRows, scores: np.ndarray, n_users: int) -> np.ndar
     return ranked
 
 
-def _rank(
-    settings: Settings, users: np.ndarray, at: pd.Timestamp, retrieved: tuple[np.ndarray, ...]
-) -> np.ndarray:
-    """Top-10 of each user after ranking the first ``n_candidates`` retrieved items."""
-    manifest = load_manifest(settings)
-    layout = Layout.from_json(manifest["layout"])
-    booster = load_booster(settings)
-    k = int(manifest["n_candidates"])
-    cands = candidate_rows(settings, layout, users, at, k, retrieved=(retrieved[0], retrieved[1]))
-    scores = np.asarray(booster.predict(cands.rows, raw_score=True), dtype=np.float64)
-    return top_lists(cands, scores, len(users))
-
-
 def test_requests(
     settings: Settings, max_users: int, interactions: pd.DataFrame | None = None
 ) -> tuple[pd.Timestamp, np.ndarray, list[dict[int, float]], int]:
@@ -133,10 +134,22 @@ def test_requests(
     return pd.Timestamp(split.val_end), users, relevant, n_test_users
 
 
+def _ranked_lists(cands: CandidateRows, n_users: int, booster: Any) -> dict[str, np.ndarray]:
+    """Top-10 of each request by the ranker and by each source alone (same candidates,
+    same filters): what serving would answer, and the baselines beside it."""
+    scores = np.asarray(booster.predict(cands.rows, raw_score=True), dtype=np.float64)
+    lists = {"pipeline": top_lists(cands, scores, n_users)}
+    for name, feature in SOURCE_BASELINES.items():
+        order = cands.source_order(feature).astype(np.float64)
+        # Rows a source did not find sort last (ABSENT_RANK), in merged order.
+        lists[name] = top_lists(cands, -order, n_users)
+    return lists
+
+
 def run(settings: Settings, out: Path | None = None, params: EvalParams | None = None) -> dict:
-    """Evaluate the trained pipeline against popularity on the test split; write
-    ``report.md`` and ``report.json`` into ``out`` (default ``settings.reports_dir``) and
-    return the report dict."""
+    """Evaluate the trained pipeline against most-popular and item-to-item on the test
+    split; write ``report.md`` and ``report.json`` into ``out`` (default
+    ``settings.reports_dir``) and return the report dict."""
     params = params or EvalParams()
     t0 = time.perf_counter()
     interactions = read_table(settings, "interactions")
@@ -145,40 +158,76 @@ def run(settings: Settings, out: Path | None = None, params: EvalParams | None =
     n_catalog = len(items)
     categories = dict(zip(items["item_id"].tolist(), items["category"].tolist(), strict=True))
 
-    k = min(params.retrieval_k, n_catalog)
-    ret = retrieval.retrieve(settings, users, at, k)
-    retrieved = existing_only(settings, np.asarray(ret[0], dtype=np.int64), ret[1], at)
-    ret_items = retrieved[0]
-    ks = tuple(x for x in RETRIEVAL_KS if x <= k) or (k,)
-    retrieval_only = _list_metrics(ret_items, relevant, categories, n_catalog, ks)
-    pipeline = _list_metrics(_rank(settings, users, at, retrieved), relevant, categories, n_catalog)
-    popular = popularity_ranking(interactions, at, k)
-    pop_lists = np.broadcast_to(popular, (len(users), len(popular)))
-    popularity = _list_metrics(pop_lists, relevant, categories, n_catalog, ks)
+    manifest = load_manifest(settings)
+    layout = Layout.from_json(manifest["layout"])
+    quotas = candidates.Quotas.from_json(manifest.get("quotas"))
+    model = candidates.SourceModel.load(candidate_model_path(settings, "eval"))
+    merged = merged_candidates(
+        settings, users, at, model, quotas, int(manifest["ann_depth"]), interactions
+    )
+    cands = candidate_rows(settings, layout, users, at, merged)
+    lists = _ranked_lists(cands, len(users), load_booster(settings))
+    report_lists = {
+        name: _list_metrics(top, relevant, categories, n_catalog) for name, top in lists.items()
+    }
+    width = merged[0].shape[1]
+    recall_all = metrics.recall_at_k(merged[0], relevant, max(width, 1))
+    report_lists["pipeline"][f"candidate_recall@{width}"] = round(recall_all, 5)
 
     key = f"ndcg@{TOP_K}"
-    ndcg_ratio = pipeline[key] / popularity[key] if popularity[key] > 0 else float("inf")
+    pipeline = report_lists["pipeline"][key]
+    baselines = {n: report_lists[n][key] for n in GATE_BASELINES}
+    best_name = max(baselines, key=lambda n: baselines[n])
+    best = baselines[best_name]
+    ratios = {
+        f"{key}_vs_{n}": round(pipeline / v, 3) if v > 0 else None for n, v in baselines.items()
+    }
+    passed = pipeline > best * (1.0 + params.gate_margin)
     report: dict[str, Any] = {
         "request_time": at.isoformat(),
         "test_users": n_test_users,
         "evaluated_users": len(users),
         "n_catalog": n_catalog,
         "relevance": {"click": LABELS["click"], "purchase": LABELS["purchase"]},
-        "ranker_candidates": int(load_manifest(settings)["n_candidates"]),
-        "retrieval": retrieval_only,
-        "pipeline": pipeline,
-        "popularity": popularity,
+        "ranker_candidates": int(width),
+        "quotas": quotas.to_json(),
+        "seen_filtered": True,
+        "lists": report_lists,
+        # Kept under their old names for readers of older reports.
+        "pipeline": report_lists["pipeline"],
+        "retrieval": report_lists["retrieval"],
+        "popularity": report_lists["popularity"],
+        "item_to_item": report_lists["item_to_item"],
         "pipeline_vs_popularity": {
-            f"{key}_ratio": round(ndcg_ratio, 3),
-            f"{key}_absolute": round(pipeline[key] - popularity[key], 5),
+            f"{key}_ratio": ratios[f"{key}_vs_popularity"],
+            f"{key}_absolute": round(pipeline - baselines["popularity"], 5),
         },
+        "gate": {
+            "passed": bool(passed),
+            "margin": params.gate_margin,
+            "best_baseline": best_name,
+            "best_baseline_ndcg@10": best,
+            "pipeline_ndcg@10": pipeline,
+            **ratios,
+        },
+        "warnings": _warnings(settings, manifest),
         "params": asdict(params),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     out = Path(out) if out else settings.reports_dir
     _write(out, report)
-    log.info("report: %s", json.dumps(report["pipeline_vs_popularity"]))
+    log.info("report: %s", json.dumps(report["gate"]))
     return report
+
+
+def _warnings(settings: Settings, ranker_manifest: dict[str, Any]) -> list[str]:
+    """Small-data and over-fitting warnings of the training steps, collected for the
+    report and the release (each step also logged its own)."""
+    out = list(ranker_manifest.get("stats", {}).get("warnings", []))
+    path = settings.work_dir / "two_tower.json"
+    if path.exists():
+        out += list(json.loads(path.read_text()).get("warnings", []))
+    return out
 
 
 def _write(out: Path, report: dict[str, Any]) -> None:
@@ -193,32 +242,43 @@ def _write(out: Path, report: dict[str, Any]) -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: one table, each metric beside the popularity baseline."""
+    """The report as Markdown: one table, the pipeline beside each baseline."""
     key = f"ndcg@{TOP_K}"
-    cmp = report["pipeline_vs_popularity"]
+    gate = report["gate"]
+    verdict = "PASSES" if gate["passed"] else "FAILS"
+    lists = report["lists"]
+    columns = ["pipeline", *SOURCE_BASELINES]
     lines = [
         "# recstack offline evaluation",
         "",
         f"Test split, requests as of {report['request_time']}: {report['evaluated_users']} "
         f"users with a click or purchase in the test window (of {report['test_users']}), "
         f"catalog of {report['n_catalog']} items. Relevance is graded (click 1, purchase 2); "
-        f"NDCG uses gain 2^g − 1. The pipeline ranks the top {report['ranker_candidates']} "
-        "retrieved items; the popularity baseline is the items with the most clicks and "
-        "purchases before the request time, the same for every user. Nothing is excluded "
-        "from either list.",
+        "NDCG uses gain 2^g − 1. Every list excludes the user's already-seen items. The "
+        f"pipeline ranks up to {report['ranker_candidates']} merged candidates (quotas "
+        f"{report['quotas']}); each baseline orders the same candidates by its own score.",
         "",
-        f"**The pipeline's NDCG@10 is {cmp[f'{key}_ratio']:.2f}× popularity's "
-        f"({report['pipeline'][key]:.4f} vs {report['popularity'][key]:.4f}, "
-        f"{cmp[f'{key}_absolute']:+.4f} absolute).**",
+        f"**Quality gate {verdict}: pipeline NDCG@10 {gate['pipeline_ndcg@10']:.4f}; "
+        f"best baseline {gate['best_baseline']} {gate['best_baseline_ndcg@10']:.4f}; "
+        + ", ".join(
+            f"{k.removeprefix(key + '_')} {v:.2f}×"
+            for k, v in gate.items()
+            if k.startswith(f"{key}_vs_") and v is not None
+        )
+        + ".**",
         "",
-        "| metric | retrieval + ranking | retrieval only | popularity |",
-        "| --- | --- | --- | --- |",
+        "| metric | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
     ]
-    names = list(report["retrieval"])
-    for name in [*names, *(n for n in report["pipeline"] if n not in names)]:
-        cells = [report[s].get(name) for s in ("pipeline", "retrieval", "popularity")]
+    names: list[str] = []
+    for c in columns:
+        names += [n for n in lists[c] if n not in names]
+    for name in names:
+        cells = [lists[c].get(name) for c in columns]
         text = ["—" if v is None else f"{v:.4f}" for v in cells]
         lines.append(f"| {name} | {' | '.join(text)} |")
+    if report.get("warnings"):
+        lines += ["", "Warnings:", *(f"- {w}" for w in report["warnings"])]
     lines += [
         "",
         "coverage@10: share of the catalog in anyone's top 10; distinct_categories@10: mean "

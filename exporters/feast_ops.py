@@ -54,7 +54,7 @@ REDIS_RETRIES = 1
 # Views whose newest rows recstack writes itself (write_latest) instead of Feast's
 # materialize: Feast's file offline store reads them through dask, which tokenizes list
 # columns row by row (~0.7 ms per row: 190 s for the demo's 264k recent-items rows).
-DIRECT_VIEWS = ("user_activity", "user_recent_items")
+DIRECT_VIEWS = ("user_activity", "user_recent_items", "user_seen_items")
 SCALAR_TYPES = ("Int64", "Int32", "Float64", "Float32", "Bool")
 
 

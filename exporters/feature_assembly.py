@@ -72,14 +72,14 @@ class RankFeatures(nn.Module):
         super().__init__()
         self.layout = layout
         self.n_user = len(layout.user_features)
-        self.n_item = len(layout.item_features)
+        self.n_item = len(layout.item_columns)
         self.n_categories = layout.n_categories
         if self.n_categories <= 0:
             raise ValueError(f"n_categories must be positive, got {self.n_categories}")
         self.item_price_idx = _index(layout.item_features, layout.item_price_feature)
         self.user_price_idx = _index(layout.user_features, layout.user_price_feature)
         user_times = [is_time_feature(n) for n in layout.user_features]
-        item_times = [is_time_feature(n) for n in layout.item_features]
+        item_times = [is_time_feature(n) for n in layout.item_columns]
         self.user_time_mask: torch.Tensor
         self.item_time_mask: torch.Tensor
         self.register_buffer("user_time_mask", torch.tensor(user_times, dtype=torch.bool))
@@ -197,7 +197,7 @@ def example_inputs(layout: Layout, n: int, seed: int = 0) -> dict[str, np.ndarra
     """Random inputs with realistic ranges (including unknown categories and a NaN user
     price), keyed by tensor name in ``config.pbtxt`` order."""
     rng = np.random.default_rng(seed)
-    u, c, i = len(layout.user_features), layout.n_categories, len(layout.item_features)
+    u, c, i = len(layout.user_features), layout.n_categories, len(layout.item_columns)
     now = 1.75e9 + rng.uniform(0, 1e6)
     user = rng.gamma(2.0, 10.0, size=(1, u))
     for j, name in enumerate(layout.user_features):
@@ -207,7 +207,7 @@ def example_inputs(layout: Layout, n: int, seed: int = 0) -> dict[str, np.ndarra
     if u and seed % 2 == 1:
         user[0, 0] = np.nan
     item = rng.gamma(2.0, 20.0, size=(n, i))
-    for j, name in enumerate(layout.item_features):
+    for j, name in enumerate(layout.item_columns):
         if is_time_feature(name):
             item[:, j] = now - rng.uniform(0, 60 * SECONDS_PER_DAY, size=n)
     cats = rng.integers(-1, c + 2, size=n).astype(np.int64)

@@ -40,7 +40,7 @@ import argparse
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from exporters import history
+from exporters import history, seen
 from exporters.raw_tables import read_meta, read_table
 from recstack.settings import Settings, get_settings
 
@@ -96,6 +96,7 @@ TABLE_FILES: dict[str, str] = {
     "user_profile": "user_profile.parquet",
     "user_activity": "user_activity.parquet",
     "user_recent_items": "user_recent_items.parquet",
+    "user_seen_items": "user_seen_items.parquet",
     "item_profile": "item_profile.parquet",
     "item_statistics": "item_statistics.parquet",
 }
@@ -257,6 +258,27 @@ def user_recent_items_table(inter: pd.DataFrame) -> pa.Table:
             if len(df)
             else pa.array([], type=_TS),
             "recent_items": pa.array(df["recent_items"].tolist(), type=pa.list_(pa.int64())),
+        }
+    )
+
+
+def user_seen_items_table(inter: pd.DataFrame, events: Sequence[str]) -> pa.Table:
+    """One row per user: the seen items (exporters/seen.py) at the user's last seen event.
+
+    Serving reads the newest row (and real-time pushes replace it); training derives the
+    same lists at any time from the event log with ``exporters.seen.seen_lists``, so this
+    table holds only the latest state rather than one growing list per event."""
+    df = seen.seen_table(inter, events)
+    return pa.table(
+        {
+            "user_id": pa.array(df["user_id"].to_numpy(np.int64)),
+            "event_timestamp": _ts_array(_us(pd.Series(df["last_seen_at"])))
+            if len(df)
+            else pa.array([], type=_TS),
+            "seen_items": pa.array(
+                [np.asarray(x, dtype=np.int64) for x in df["seen_items"]],
+                type=pa.list_(pa.int64()),
+            ),
         }
     )
 
@@ -440,6 +462,9 @@ def build(settings: Settings) -> None:
         "user_profile": lambda: with_baseline(user_profile_table(users), "user_id"),
         "item_profile": lambda: with_baseline(item_profile_table(items), "item_id"),
         "user_recent_items": lambda: with_baseline(user_recent_items_table(inter), "user_id"),
+        "user_seen_items": lambda: user_seen_items_table(
+            inter, seen.seen_events(meta, settings.seen_events)
+        ),
         "user_activity": lambda: with_baseline(
             user_activity_table(inter, items, n_cat), "user_id", n_cat
         ),

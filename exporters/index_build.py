@@ -208,9 +208,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build(settings: Settings) -> None:
-    """Pipeline step ``index``: embed the catalog, build, recall-check and write the index."""
-    work = settings.work_dir
+def build(settings: Settings, work: Path | None = None) -> None:
+    """Pipeline step ``index``: embed the catalog, build, recall-check and write the index
+    (into ``work``, default ``settings.work_dir``; the refit step passes its own)."""
+    work = work or settings.work_dir
     item_tower, user_tower = work / ARTIFACTS["item_tower"], work / ARTIFACTS["user_tower"]
     for p in (item_tower, user_tower):
         if not p.exists():

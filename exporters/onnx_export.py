@@ -313,14 +313,15 @@ def parity_report(
     return report
 
 
-def export_towers(settings: Settings) -> None:
+def export_towers(settings: Settings, work: Path | None = None) -> None:
     """Pipeline step ``onnx_export``: ``work/{user,item}_tower.onnx`` + ``tower_parity.json``.
 
     Exports into a temporary folder, checks parity there, and only then moves the files
-    into ``work/`` (parity json last), so a failed check leaves the previous artifacts."""
+    into ``work/`` (parity json last), so a failed check leaves the previous artifacts.
+    ``work`` defaults to ``settings.work_dir`` (the refit step passes its own folder)."""
     t0 = time.perf_counter()
-    model, meta = load(settings.work_dir / CHECKPOINT)
-    work = settings.work_dir
+    work = work or settings.work_dir
+    model, meta = load(work / CHECKPOINT)
     tmp = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=work))
     try:
         for tower in TOWERS:

@@ -42,9 +42,15 @@ STEPS: tuple[Step, ...] = (
     Step("two_tower", "exporters.two_tower:train", "train the two-tower model"),
     Step("onnx_export", "exporters.onnx_export:export_towers", "towers to ONNX, parity"),
     Step("index", "exporters.index_build:build", "embed the catalog, FAISS index"),
-    Step("ranker", "exporters.ranker_train:train", "LightGBM lambdarank on candidates"),
+    Step(
+        "candidates",
+        "exporters.ranker_train:build_candidate_models",
+        "item-to-item and popular candidate sources",
+    ),
+    Step("ranker", "exporters.ranker_train:train", "LightGBM lambdarank on merged candidates"),
     Step("ranker_export", "exporters.ranker_export:export", "Treelite + tl2cgen, parity"),
-    Step("evaluate", "exporters.evaluate:run", "offline report vs popularity"),
+    Step("evaluate", "exporters.evaluate:run", "offline report vs popular and item-to-item"),
+    Step("refit", "exporters.two_tower:refit", "released towers + index on all events"),
     Step("release", "exporters.release:publish", "model versions + a release"),
 )
 STEP_NAMES = [s.name for s in STEPS]
@@ -113,6 +119,9 @@ def cli(args: argparse.Namespace) -> int:
             print(f"{i:2d}. {step.name:18s} {step.what}")
         return 0
     t0 = time.perf_counter()
-    run(get_settings(), from_step=args.from_step, only=args.only)
+    settings = get_settings()
+    if getattr(args, "force_release", None):
+        settings = settings.model_copy(update={"force_release": args.force_release})
+    run(settings, from_step=args.from_step, only=args.only)
     print(f"offline pipeline finished in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -61,6 +61,11 @@ class Layout:
     user_price_feature: str | None = USER_MEAN_PRICE
     user_refs: tuple[str, ...] = ()
     item_refs: tuple[str, ...] = ()
+    # Per-candidate source features (exporters/candidates.py CANDIDATE_FEATURES), sent to
+    # the assembly after the item's Feast features in the same ``item_features`` tensor:
+    # both are per-candidate scalars. Empty for releases made before multi-source
+    # candidates.
+    candidate_features: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,21 +73,35 @@ class Layout:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Layout:
         d = dict(data)
-        for key in ("user_features", "item_features", "user_refs", "item_refs"):
+        for key in (
+            "user_features",
+            "item_features",
+            "user_refs",
+            "item_refs",
+            "candidate_features",
+        ):
             d[key] = tuple(d.get(key, ()))
         return cls(**d)
 
     @property
+    def item_columns(self) -> tuple[str, ...]:
+        """Columns of the ``item_features`` tensor: Feast item features, then candidate
+        source features."""
+        return (*self.item_features, *self.candidate_features)
+
+    @property
     def n_features(self) -> int:
-        return len(self.user_features) + len(self.item_features) + len(CROSS_FEATURES)
+        return len(self.user_features) + len(self.item_columns) + len(CROSS_FEATURES)
 
     @property
     def names(self) -> list[str]:
         """The ranker's column names (:func:`feature_names` of this layout)."""
-        return feature_names(self.user_features, self.item_features)
+        return feature_names(self.user_features, self.item_columns)
 
 
-def layout_from_service(features: Sequence[Any], n_categories: int) -> Layout:
+def layout_from_service(
+    features: Sequence[Any], n_categories: int, candidate_features: Sequence[str] = ()
+) -> Layout:
     """Build the layout from a feature service's ordered features, e.g.
     ``exporters.feast_ops.service_features(store, "ranking")`` (objects with ``view``,
     ``name``, ``dtype`` (Feast type name) and ``entity_key``).
@@ -125,6 +144,7 @@ def layout_from_service(features: Sequence[Any], n_categories: int) -> Layout:
         user_price_feature=USER_MEAN_PRICE if USER_MEAN_PRICE in user else None,
         user_refs=tuple(user_refs),
         item_refs=tuple(item_refs),
+        candidate_features=tuple(candidate_features),
     )
 
 

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from exporters import feature_assembly, retrieval
+from exporters import candidates, feature_assembly, retrieval
+from exporters.candidates import CANDIDATE_FEATURES
+from exporters.index_build import ITEM_IDS_FILE
 from exporters.rank_layout import ITEM_KEY, USER_KEY, Layout
 from exporters.raw_tables import read_meta, read_table
+from exporters.seen import seen_events, seen_lists
 from exporters.split import load_split
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
@@ -52,8 +55,11 @@ class RankerParams:
     """Everything that shapes the ranker. Serving cost grows with candidates × trees ×
     depth (DESIGN.md: 500 rows × 300 trees of 63 leaves ≈ 10 ms single-threaded)."""
 
-    n_candidates: int = 300  # retrieved per query, as serving ranks them
+    ann_depth: int = 500  # retrieved from the index per query, as serving does
+    quotas: candidates.Quotas = field(default_factory=candidates.Quotas)  # as serving merges
     max_queries: int = 3000  # sampled (seeded) from the validation users
+    # Fewer queries with a positive candidate than this: the report warns (small data).
+    min_queries_warning: int = 500
     holdout_fraction: float = 0.2  # queries held out for early stopping
     num_trees: int = 200
     num_leaves: int = 31
@@ -113,7 +119,7 @@ def layout_for(settings: Settings, n_categories: int) -> Layout:
     from exporters.feast_ops import feature_store, service_features
 
     return feature_assembly.layout_from_service(
-        service_features(feature_store(settings), SERVICE), n_categories
+        service_features(feature_store(settings), SERVICE), n_categories, CANDIDATE_FEATURES
     )
 
 
@@ -135,19 +141,93 @@ def n_categories_of(settings: Settings) -> int:
 
 @dataclass
 class CandidateRows:
-    """Retrieved candidates of Q requests and their ranker rows (only real candidates:
-    retrieval pads short lists with -1)."""
+    """Merged candidates of Q requests and their ranker rows (only real candidates: lists
+    are padded with -1)."""
 
     user_ids: np.ndarray  # [Q]
-    items: np.ndarray  # [Q, K] item ids, retrieval order, -1 padded
-    retrieval_scores: np.ndarray  # [Q, K]
+    items: np.ndarray  # [Q, K] item ids, merged order (ANN, item-to-item, popular), -1 padded
+    source_features: np.ndarray  # [Q, K, S] candidates.CANDIDATE_FEATURES
     query: np.ndarray  # [R] request index of each row
-    position: np.ndarray  # [R] retrieval position of each row
+    position: np.ndarray  # [R] position of each row in its merged list
     rows: np.ndarray  # [R, F] float32 ranker input
 
     @property
     def row_items(self) -> np.ndarray:
         return self.items[self.query, self.position]
+
+    def source_order(self, feature: str) -> np.ndarray:
+        """Per-row sort key that orders each request by one source (lower = better):
+        ``c_ann_rank``, ``c_i2i_rank`` or ``c_pop_rank``."""
+        j = CANDIDATE_FEATURES.index(feature)
+        return self.source_features[self.query, self.position, j]
+
+
+def candidate_model_path(settings: Settings, cut: str) -> Path:
+    """The candidate-source model built from events before a cut-off of the split:
+    ``train`` (ranker training requests at train_end), ``eval`` (evaluation requests at
+    val_end) or ``all`` (the release: every event)."""
+    return settings.work_dir / f"candidates_{cut}.npz"
+
+
+def build_candidate_models(settings: Settings) -> None:
+    """Pipeline step ``candidates``: the item-to-item and popularity sources at the three
+    cut-offs (see :func:`candidate_model_path`), over the index's catalog rows."""
+    split = load_split(settings)
+    interactions = read_table(settings, "interactions")
+    item_ids = np.load(settings.work_dir / ITEM_IDS_FILE)
+    events = seen_events(read_meta(settings), settings.seen_events)
+    for cut, before in (("train", split.train_end), ("eval", split.val_end), ("all", None)):
+        model = candidates.build_model(interactions, item_ids, events, before)
+        model.save(candidate_model_path(settings, cut))
+
+
+def merged_candidates(
+    settings: Settings,
+    user_ids: np.ndarray,
+    at: pd.Timestamp,
+    model: candidates.SourceModel,
+    quotas: candidates.Quotas,
+    ann_depth: int,
+    interactions: pd.DataFrame | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates serving would merge for each user at ``at``: ANN (``ann_depth``
+    retrieved), item-to-item of the user's seen items before ``at`` and popular items,
+    each without the user's seen items or items created after ``at``, merged by
+    :func:`exporters.candidates.merge`. Returns ``(items [Q, K] -1 padded,
+    features [Q, K, S])``."""
+    at = pd.Timestamp(at)
+    user_ids = np.asarray(user_ids, dtype=np.int64)
+    if interactions is None:
+        interactions = read_table(settings, "interactions")
+    ann_items, ann_scores = retrieval.retrieve(settings, user_ids, at, ann_depth)
+    ann_items, _ = existing_only(
+        settings, np.asarray(ann_items, dtype=np.int64), np.asarray(ann_scores), at
+    )
+    catalog = pd.Index(model.item_ids)
+    born = _created_seconds(settings).reindex(model.item_ids).to_numpy(np.float64)
+    exists = born <= at.timestamp()
+    events = seen_events(read_meta(settings), settings.seen_events)
+    seen = seen_lists(interactions, user_ids, events, before=at)
+    out_rows: list[np.ndarray] = []
+    out_feats: list[np.ndarray] = []
+    for q in range(len(user_ids)):
+        seen_rows = catalog.get_indexer(seen[q])
+        blocked = seen_rows[seen_rows >= 0]
+
+        def allowed(rows: np.ndarray, blocked: np.ndarray = blocked) -> np.ndarray:
+            return exists[rows] & ~np.isin(rows, blocked)
+
+        ann = catalog.get_indexer(ann_items[q][ann_items[q] >= 0])
+        rows, feats = candidates.gather(model, quotas, ann[ann >= 0], seen_rows, allowed)
+        out_rows.append(rows)
+        out_feats.append(feats)
+    width = max((len(r) for r in out_rows), default=0)
+    items = np.full((len(user_ids), width), -1, dtype=np.int64)
+    feats = np.zeros((len(user_ids), width, len(CANDIDATE_FEATURES)), dtype=np.float32)
+    for q, (rows, f) in enumerate(zip(out_rows, out_feats, strict=True)):
+        items[q, : len(rows)] = model.item_ids[rows]
+        feats[q, : len(rows)] = f
+    return items, feats
 
 
 def candidate_rows(
@@ -155,23 +235,17 @@ def candidate_rows(
     layout: Layout,
     user_ids: np.ndarray,
     at: pd.Timestamp,
-    k: int,
-    retrieved: tuple[np.ndarray, np.ndarray] | None = None,
+    merged: tuple[np.ndarray, np.ndarray],
 ) -> CandidateRows:
-    """Retrieve ``k`` candidates per user as of ``at`` (or take the first ``k`` columns of
-    ``retrieved`` = ``retrieval.retrieve``'s output) and build their ranker rows exactly as
-    serving does: Feast features as of ``at``, tower embeddings, the shared assembly."""
+    """Ranker rows of merged candidates (``merged_candidates``' output) exactly as serving
+    builds them: Feast features as of ``at``, tower embeddings, source features, the
+    shared assembly."""
     at = pd.Timestamp(at)
     user_ids = np.asarray(user_ids, dtype=np.int64)
-    t0 = time.perf_counter()
-    items, scores = retrieved or retrieval.retrieve(settings, user_ids, at, k)
-    items = np.ascontiguousarray(np.asarray(items, dtype=np.int64)[:, :k])
-    scores = np.asarray(scores)[:, :k]
-    items, scores = existing_only(settings, items, scores, at)
+    items, source_feats = merged
     query, position = np.nonzero(items >= 0)
     row_items = items[query, position]
     uniq, inverse = np.unique(row_items, return_inverse=True)
-    log.info("retrieved %d × %d candidates in %.1f s", len(user_ids), k, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     users_df = point_in_time_features(settings, USER_KEY, user_ids, at, layout.user_refs)
@@ -184,19 +258,30 @@ def candidate_rows(
         settings, retrieval.user_tower_inputs_at(settings, user_ids, at)
     )
     item_emb = retrieval.embed_items(settings, uniq, _index_items_at(settings))
+    per_row = item_feats[inverse]
+    if layout.candidate_features:
+        per_row = np.concatenate([per_row, source_feats[query, position]], axis=1)
     rows = feature_assembly.assemble(
         layout,
         user_features=user_feats,
         user_category_affinity=affinity,
         user_embedding=user_emb,
         request_time=np.full(len(user_ids), at.timestamp(), dtype=np.float64),
-        item_features=item_feats[inverse],
+        item_features=per_row,
         item_category=category[inverse],
         item_created_at=created[inverse],
         item_embedding=item_emb[inverse],
         query=query,
     )
-    return CandidateRows(user_ids, items, np.asarray(scores), query, position, rows)
+    return CandidateRows(user_ids, items, source_feats, query, position, rows)
+
+
+def _created_seconds(settings: Settings) -> pd.Series:
+    """Item id -> creation time (unix seconds)."""
+    catalog = read_table(settings, "items", columns=["item_id", "created_at"])
+    epoch = pd.Timestamp(0, tz="UTC")
+    seconds = (pd.to_datetime(catalog["created_at"], utc=True) - epoch).dt.total_seconds()
+    return pd.Series(seconds.to_numpy(), index=catalog["item_id"].to_numpy())
 
 
 def existing_only(
@@ -205,11 +290,12 @@ def existing_only(
     """Drop retrieved items created after ``at`` (the offline index holds the whole
     catalog; serving's index at ``at`` would not have them), keeping each list's order
     and moving the -1 padding to the end."""
-    catalog = read_table(settings, "items", columns=["item_id", "created_at"])
-    epoch = pd.Timestamp(0, tz="UTC")
-    seconds = (pd.to_datetime(catalog["created_at"], utc=True) - epoch).dt.total_seconds()
-    created = pd.Series(seconds.to_numpy(), index=catalog["item_id"].to_numpy())
-    born = created.reindex(items.ravel()).to_numpy(dtype=np.float64).reshape(items.shape)
+    born = (
+        _created_seconds(settings)
+        .reindex(items.ravel())
+        .to_numpy(dtype=np.float64)
+        .reshape(items.shape)
+    )
     future = ~(born <= pd.Timestamp(at).timestamp())  # unknown items (NaN) go too
     items = np.where(future | (items < 0), -1, items)
     order = np.argsort(items < 0, axis=1, kind="stable")
@@ -277,7 +363,11 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
 
     layout = layout_for(settings, n_categories_of(settings))
     names = layout.names
-    cands = candidate_rows(settings, layout, users, at, params.n_candidates)
+    model = candidates.SourceModel.load(candidate_model_path(settings, "train"))
+    merged = merged_candidates(
+        settings, users, at, model, params.quotas, params.ann_depth, interactions
+    )
+    cands = candidate_rows(settings, layout, users, at, merged)
     y = labels_for(cands, labels)
 
     # Queries without a positive candidate carry no ranking signal for lambdarank.
@@ -286,7 +376,7 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     if len(useful) < 2:
         raise UserError(
             f"only {len(useful)} validation users have a clicked/bought item among their "
-            f"{params.n_candidates} candidates: too little to train a ranker"
+            f"{params.quotas.total} candidates: too little to train a ranker"
         )
     holdout = rng.random(len(useful)) < params.holdout_fraction
     if holdout.all() or not holdout.any():
@@ -314,8 +404,17 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     best = booster.best_iteration or params.num_trees
     holdout_ndcg = float(booster.best_score["holdout"][f"ndcg@{params.eval_at}"])
 
-    # Candidate recall: the share of validation positives the retrieval put in the lists.
+    # Candidate recall: the share of validation positives the sources put in the lists.
     n_pos = len(labels[labels["user_id"].isin(users)])
+    warnings = []
+    if len(useful) < params.min_queries_warning:
+        warnings.append(
+            f"the ranker learned from only {len(useful)} queries with a positive candidate "
+            f"({len(train_q)} for training): small data, its ranking is noisy. Lengthen "
+            "the validation window (recstack train --val-days) or add data."
+        )
+    for w in warnings:
+        log.warning("ranker: %s", w)
     gain = booster.feature_importance("gain", iteration=best)
     top = sorted(zip(names, gain.tolist(), strict=True), key=lambda t: -t[1])[:10]
     stats = {
@@ -332,11 +431,14 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "top_features_by_gain": [[n, round(g, 1)] for n, g in top],
+        "warnings": warnings,
     }
     manifest = {
         "feature_names": names,
         "layout": layout.to_json(),
-        "n_candidates": params.n_candidates,
+        "n_candidates": params.quotas.total,
+        "ann_depth": params.ann_depth,
+        "quotas": params.quotas.to_json(),
         "labels": LABELS,
         "params": asdict(params),
         "lightgbm_params": params.lightgbm(settings.seed),

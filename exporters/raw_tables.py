@@ -161,7 +161,11 @@ def _iso(ts: pd.Timestamp) -> str:
 
 
 def _meta(
-    tables: dict[str, pa.Table], source: str, start: pd.Timestamp | None, end: pd.Timestamp | None
+    tables: dict[str, pa.Table],
+    source: str,
+    start: pd.Timestamp | None,
+    end: pd.Timestamp | None,
+    extra: dict[str, object] | None = None,
 ) -> dict[str, object]:
     inter = tables["interactions"]
     ts = inter["timestamp"]
@@ -185,6 +189,7 @@ def _meta(
         "n_interactions": inter.num_rows,
         "events": {e: int(events.get(e, 0)) for e in EVENTS},
         "cardinalities": {c: card(n, c) for n, cols in CODE_COLUMNS.items() for c in cols},
+        **(extra or {}),
     }
 
 
@@ -194,6 +199,7 @@ def write_raw(
     source: str,
     start: pd.Timestamp | None = None,
     end: pd.Timestamp | None = None,
+    extra_meta: dict[str, object] | None = None,
 ) -> Path:
     """Write the tables and ``meta.json`` into ``settings.raw_dir`` atomically.
 
@@ -214,7 +220,7 @@ def write_raw(
         # Read back what is on disk: the snapshot describes the files, not our memory.
         written = {name: pq.read_table(tmp / f"{name}.parquet") for name in TABLES}
         validate(written)
-        meta = _meta(written, source, start, end)
+        meta = _meta(written, source, start, end, extra_meta)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _swap_in(tmp, raw)
     except BaseException:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 INDEX_FILES = ("index.faiss", "index_item_ids.npy")
+# The item-to-item and popular sources built from every event (exporters/candidates.py).
+CANDIDATES_FILE = "candidates.npz"
 
 # Triton model -> the work/ artifacts that make one version of it.
 MODEL_ARTIFACTS: dict[str, tuple[str, ...]] = {
@@ -34,6 +36,8 @@ MODEL_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "ranker": ("checkpoint.tl", "model.so"),
     "rank": (),  # the ensemble: an empty version folder
 }
+TOWER_FILES = ("user_tower.onnx", "item_tower.onnx")
+REFIT_DIR = "refit"  # exporters/two_tower.py REFIT_DIR
 # Name each artifact takes inside the version folder (what config.pbtxt names).
 VERSION_FILE_NAMES = {
     "user_tower.onnx": "model.onnx",
@@ -79,30 +83,89 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def publish(settings: Settings) -> int:
-    """Publish the artifacts in ``work/`` as new model versions and a new release; return
-    its id. Model versions are validated by ``exporters.model_repo`` before they appear."""
-    from exporters.model_repo import publish_version
+class QualityGateFailed(UserError):
+    """The evaluation says the pipeline does not beat the baselines: nothing is published."""
 
+
+def check_gate(report: dict[str, Any], force_reason: str | None) -> dict[str, Any]:
+    """The report's quality gate, or :class:`QualityGateFailed` when it failed and no
+    ``force_reason`` is given. Returns what the manifest records about it."""
+    gate = report.get("gate")
+    if gate is None:
+        raise UserError("the evaluation report has no quality gate: re-run `recstack evaluate`")
+    record = {**gate, "forced": False}
+    if gate["passed"]:
+        return record
+    summary = (
+        f"pipeline NDCG@10 {gate['pipeline_ndcg@10']:.4f} does not beat the best baseline "
+        f"({gate['best_baseline']}: {gate['best_baseline_ndcg@10']:.4f}, margin "
+        f"{gate['margin']:.0%})"
+    )
+    if not force_reason:
+        raise QualityGateFailed(
+            f"release refused by the quality gate: {summary}. See the report "
+            "(data/reports/report.md); publish anyway with `recstack release publish "
+            "--force --reason '...'` (the reason is recorded in the manifest)."
+        )
+    log.warning("quality gate failed but forced (%s): %s", force_reason, summary)
+    return {**record, "forced": True, "force_reason": force_reason}
+
+
+def publish(settings: Settings, force_reason: str | None = None) -> int:
+    """Publish the artifacts in ``work/`` as new model versions and a new release; return
+    its id. Model versions are validated by ``exporters.model_repo`` before they appear.
+    A release whose evaluation loses to the baselines is refused unless ``force_reason``
+    (or ``RECSTACK_FORCE_RELEASE``) says why it should go out anyway."""
+    from exporters.model_repo import publish_version
+    from exporters.ranker_train import candidate_model_path
+
+    force_reason = force_reason or settings.force_release or None
     work = settings.work_dir
-    for names in MODEL_ARTIFACTS.values():
-        for name in names:
-            if not (work / name).exists():
-                raise UserError(f"{work / name} is missing: run `recstack train` first")
+    # The towers and index refit on every event (pipeline step refit) when present; the
+    # ranker and the feature assembly come from work/ (they were chosen on validation).
+    refit = work / REFIT_DIR
+    towers = (
+        refit
+        if (refit / "tower_parity.json").exists() and (refit / "index.json").exists()
+        else work
+    )
+    source = {
+        name: (towers if name in TOWER_FILES else work)
+        for names in MODEL_ARTIFACTS.values()
+        for name in names
+    }
+    for name, folder in source.items():
+        if not (folder / name).exists():
+            raise UserError(f"{folder / name} is missing: run `recstack train` first")
 
     meta = _read_json(settings.raw_dir / "meta.json")
-    index = _read_json(work / "index.json")
+    index = _read_json(towers / "index.json")
     manifest: dict[str, Any] = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "data_snapshot": meta,
         "models": {},
         "index": {**index, "file": INDEX_FILES[0], "item_ids": INDEX_FILES[1]},
         "ranker": _read_json(work / "ranker.json"),
+        "towers": {
+            "from": "refit on all events" if towers == refit else "selection run",
+            "training": _read_json(towers / "two_tower.json")
+            if (towers / "two_tower.json").exists()
+            else None,
+        },
         "parity": {
-            "towers": _read_json(work / "tower_parity.json"),
+            "towers": _read_json(towers / "tower_parity.json"),
             "ranker": _read_json(work / "ranker_parity.json"),
         },
         "metrics": _read_json(settings.reports_dir / "report.json"),
+    }
+    manifest["quality_gate"] = check_gate(manifest["metrics"], force_reason)
+    candidates_src = candidate_model_path(settings, "all")
+    if not candidates_src.exists():
+        raise UserError(f"{candidates_src} is missing: run `recstack train` first")
+    manifest["candidates"] = {
+        "file": CANDIDATES_FILE,
+        "quotas": manifest["ranker"].get("quotas"),
+        "ann_depth": manifest["ranker"].get("ann_depth"),
     }
 
     settings.releases_dir.mkdir(parents=True, exist_ok=True)
@@ -111,12 +174,14 @@ def publish(settings: Settings) -> int:
     staged = Path(tempfile.mkdtemp(dir=staging_root))
     try:
         for name in INDEX_FILES:
-            shutil.copy2(work / name, staged / name)
+            shutil.copy2(towers / name, staged / name)
         _validate_index(staged, manifest["index"])
+        shutil.copy2(candidates_src, staged / CANDIDATES_FILE)
+        manifest["candidates"].update(_validate_candidates(staged, manifest["index"]))
         # Models last: once versions exist in the repository they are loadable, and the
         # release that names them must follow right away.
         for model, names in MODEL_ARTIFACTS.items():
-            files = {VERSION_FILE_NAMES[n]: work / n for n in names}
+            files = {VERSION_FILE_NAMES[n]: source[n] / n for n in names}
             manifest["models"][model] = publish_version(settings, model, files)
         release_id = max(release_ids(settings), default=0) + 1
         manifest["release_id"] = release_id
@@ -145,6 +210,21 @@ def _validate_index(folder: Path, index: dict[str, Any]) -> None:
         raise ValueError(f"index dim {idx.d} != index.json dim {index['dim']}")
 
 
+def _validate_candidates(folder: Path, index: dict[str, Any]) -> dict[str, Any]:
+    """The candidate sources load and cover exactly the index's rows; returns their info."""
+    import numpy as np
+
+    from exporters.candidates import SourceModel
+
+    model = SourceModel.load(folder / CANDIDATES_FILE)
+    ids = np.load(folder / INDEX_FILES[1])
+    if not np.array_equal(model.item_ids, ids):
+        raise ValueError("candidate sources are not built over the index's item rows")
+    if len(ids) != int(index["n_items"]):
+        raise ValueError(f"candidate sources cover {len(ids)} items, index {index['n_items']}")
+    return dict(model.info)
+
+
 def cli_list(args: argparse.Namespace) -> int:
     """``recstack release list``."""
     settings = get_settings()
@@ -157,6 +237,15 @@ def cli_list(args: argparse.Namespace) -> int:
         ndcg = m.get("metrics", {}).get("pipeline", {}).get("ndcg@10")
         models = " ".join(f"{k}:{v}" for k, v in m["models"].items())
         print(f"{rid:4d}  {m['created_at']}  ndcg@10={ndcg}  {models}")
+    return 0
+
+
+def cli_publish(args: argparse.Namespace) -> int:
+    """``recstack release publish [--force --reason R]``."""
+    if args.force and not args.reason:
+        raise UserError("--force needs --reason: it is recorded in the release manifest")
+    release_id = publish(get_settings(), force_reason=args.reason if args.force else None)
+    print(f"published release {release_id}")
     return 0
 
 

@@ -64,9 +64,20 @@ class HParams:
     out_dim: int = 64
     temperature: float = 0.05
     lr: float = 3e-3
-    weight_decay: float = 0.0
+    # Regularisation for sparse data: decoupled weight decay on the dense layers, dropout
+    # before each tower's MLP, and an L2 penalty on the id-embedding rows a batch uses
+    # (SparseAdam has no weight decay of its own).
+    weight_decay: float = 1e-4
+    dropout: float = 0.1
+    id_l2: float = 1e-6
     batch_size: int = 1024
-    epochs: int = 5
+    # Early stopping: at most ``epochs``; stop when the validation loss has not improved
+    # for ``patience`` epochs and keep the best epoch's weights.
+    epochs: int = 12
+    patience: int = 2
+    # Validation loss above this × training loss (at the best epoch) is reported as
+    # over-fitting.
+    overfit_ratio: float = 1.5
     # Hash buckets for ids: the id range when it is smaller (no collisions), else this cap.
     max_id_buckets: int = 1 << 18
     # Cap on training examples (most recent kept); None = all train positives.
@@ -127,8 +138,11 @@ class HashEmbedding(nn.Module):
         return self.emb(torch.remainder(x, self.buckets))
 
 
-def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+def _mlp(d_in: int, hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequential:
+    # Dropout is the identity in eval mode, so the exported ONNX graph has none.
+    return nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out)
+    )
 
 
 class ItemTower(nn.Module):
@@ -142,7 +156,7 @@ class ItemTower(nn.Module):
         # log1p(price), log1p(age_days) standardised with training statistics.
         self.register_buffer("num_mean", torch.zeros(2))
         self.register_buffer("num_std", torch.ones(2))
-        self.mlp = _mlp(hp.id_dim + 2 * hp.cat_dim + 2, hp.hidden, hp.out_dim)
+        self.mlp = _mlp(hp.id_dim + 2 * hp.cat_dim + 2, hp.hidden, hp.out_dim, hp.dropout)
 
     def numeric(self, price: torch.Tensor, age_days: torch.Tensor) -> torch.Tensor:
         x = torch.cat([price, age_days], dim=1).clamp(min=0.0)
@@ -178,7 +192,7 @@ class UserTower(nn.Module):
         self.age_bucket = CodeEmbedding(vocab.age_bucket, hp.demo_dim)
         self.country = CodeEmbedding(vocab.country, hp.demo_dim)
         self.item_ids = item_ids
-        self.mlp = _mlp(2 * hp.id_dim + 2 * hp.demo_dim, hp.hidden, hp.out_dim)
+        self.mlp = _mlp(2 * hp.id_dim + 2 * hp.demo_dim, hp.hidden, hp.out_dim, hp.dropout)
 
     def forward(
         self,
@@ -225,7 +239,7 @@ class Optimizer:
         dense = [p for p in model.parameters() if id(p) not in ids]
         self.opts = [
             torch.optim.SparseAdam(sparse, lr=hp.lr),
-            torch.optim.Adam(dense, lr=hp.lr, weight_decay=hp.weight_decay),
+            torch.optim.AdamW(dense, lr=hp.lr, weight_decay=hp.weight_decay),
         ]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -260,6 +274,9 @@ class TrainResult:
     n_train: int
     n_val: int
     epoch_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based; the weights kept
+    warnings: list[str] = field(default_factory=list)
 
 
 def resolve_device(settings: Settings) -> torch.device:
@@ -320,7 +337,13 @@ def batch_loss(
     duplicate.fill_diagonal_(False)
     logits = logits.masked_fill(duplicate, float("-inf"))
     target = torch.arange(len(ids), device=ids.device)
-    return F.cross_entropy(logits, target)
+    loss = F.cross_entropy(logits, target)
+    if model.training and model.hp.id_l2 > 0:
+        item_rows = model.item.item_ids(ids)
+        user_rows = model.user.user_ids(users["user_id"][:, 0])
+        penalty = item_rows.pow(2).sum() + user_rows.pow(2).sum()
+        loss = loss + model.hp.id_l2 * penalty / len(ids)
+    return loss
 
 
 def _numeric_stats(items: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,10 +368,19 @@ def _check_contract(settings: Settings, hp: HParams) -> None:
 
 
 def fit(
-    settings: Settings, hp: HParams | None = None, *, progress: bool = True
+    settings: Settings,
+    hp: HParams | None = None,
+    *,
+    progress: bool = True,
+    refit_epochs: int | None = None,
 ) -> tuple[TwoTower, TrainResult, dict[str, Any]]:
-    """Train on the train split of ``settings``' raw tables; returns the model (eval mode,
-    CPU), what was measured, and the checkpoint metadata."""
+    """Train on the train split of ``settings``' raw tables, early-stopped on the
+    validation split; returns the model (eval mode, CPU), what was measured, and the
+    checkpoint metadata.
+
+    ``refit_epochs``: instead, train for exactly that many epochs on every event of the
+    snapshot (train, validation and test): the released towers, with the epoch count
+    chosen by the early-stopped run."""
     hp = hp or HParams()
     _check_contract(settings, hp)
     t0 = time.perf_counter()
@@ -361,8 +393,12 @@ def fit(
     split = load_split(settings)
     history = recent_items_table(tables.interactions)
     pos = positive_events(tables.interactions)
-    train_pos = split.train(pos).sort_values("timestamp", kind="stable")
-    val_pos = split.val(pos)
+    if refit_epochs is None:
+        train_pos = split.train(pos).sort_values("timestamp", kind="stable")
+        val_pos = split.val(pos)
+    else:
+        train_pos = pos.sort_values("timestamp", kind="stable")
+        val_pos = pos.iloc[:0]
     if hp.max_examples is not None and len(train_pos) > hp.max_examples:
         train_pos = train_pos.iloc[-hp.max_examples :]
     if len(train_pos) < 2:
@@ -381,31 +417,42 @@ def fit(
     if device.type == "cpu":
         torch.set_num_threads(hp.cpu_threads)
     try:
-        epoch_losses = _run_epochs(model, hp, train_ex, device, rng, progress)
+        val = val_ex if len(val_ex) >= 2 else None
+        epochs = refit_epochs if refit_epochs is not None else hp.epochs
+        epoch_losses, val_losses, best_epoch = _run_epochs(
+            model, hp, train_ex, val, epochs, device, rng, progress
+        )
         model.eval()
-        bs = min(hp.batch_size, len(train_ex))
-        val_loss = evaluate_loss(model, val_ex, bs, device) if len(val_ex) >= 2 else None
     finally:
         torch.set_num_threads(threads)
     model.to("cpu")
+    best = best_epoch - 1
+    val_loss = val_losses[best] if val_losses else None
+    warnings = _warnings(hp, epoch_losses[best], val_loss, tables, train_pos, split, refit_epochs)
+    for w in warnings:
+        log.warning("two-tower: %s", w)
     result = TrainResult(
-        train_loss=epoch_losses[-1],
+        train_loss=epoch_losses[best],
         val_loss=val_loss,
         seconds=time.perf_counter() - t0,
         cpu_seconds=time.process_time() - cpu0,
         n_train=len(train_ex),
         n_val=len(val_ex),
         epoch_losses=epoch_losses,
+        val_losses=val_losses,
+        best_epoch=best_epoch,
+        warnings=warnings,
     )
     meta = {
         "hparams": asdict(hp),
         "vocab": asdict(model.vocab),
         "seed": settings.seed,
-        "train_end": str(split.train_end),
+        "train_end": str(split.train_end) if refit_epochs is None else "all events",
         "metrics": asdict(result),
     }
     log.info(
-        "two-tower: train loss %.4f, val loss %s, %.1f s",
+        "two-tower: best epoch %d, train loss %.4f, val loss %s, %.1f s",
+        best_epoch,
         result.train_loss,
         f"{val_loss:.4f}" if val_loss is not None else "-",
         result.seconds,
@@ -413,26 +460,62 @@ def fit(
     return model, result, meta
 
 
+def _warnings(
+    hp: HParams,
+    train_loss: float,
+    val_loss: float | None,
+    tables: RawTables,
+    train_pos: pd.DataFrame,
+    split: Any,
+    refit_epochs: int | None,
+) -> list[str]:
+    """What a user should know about this training run (also in the report)."""
+    out = []
+    if val_loss is not None and val_loss > hp.overfit_ratio * train_loss:
+        out.append(
+            f"the towers over-fit: validation loss {val_loss:.2f} vs training loss "
+            f"{train_loss:.2f} at the best epoch (more data, or stronger regularisation)"
+        )
+    if refit_epochs is None:
+        later = split.val(tables.interactions)["user_id"].unique()
+        trained = train_pos["user_id"].unique()
+        untrained = int((~np.isin(later, trained)).sum())
+        if untrained:
+            out.append(
+                f"{untrained} of {len(later)} users active in the validation window have no "
+                "training event before it: their id embeddings are untrained in the "
+                "selection run (the released towers are refit on all events)"
+            )
+    return out
+
+
 def _run_epochs(
     model: TwoTower,
     hp: HParams,
     ex: Examples,
+    val: Examples | None,
+    epochs: int,
     device: torch.device,
     rng: np.random.Generator,
     progress: bool,
-) -> list[float]:
-    """The optimisation loop; returns the mean training loss of each epoch."""
+) -> tuple[list[float], list[float], int]:
+    """The optimisation loop. Returns the mean training loss of each epoch, the
+    validation loss after each epoch (empty without ``val``) and the 1-based epoch whose
+    weights the model holds at the end (the best validation loss; the last without)."""
     opt = Optimizer(model, hp)
     n = len(ex)
     bs = min(hp.batch_size, n)
     steps = n // bs  # drop the ragged tail: in-batch negatives need full batches
-    log.info("two-tower: %d examples, %d steps x %d epochs on %s", n, steps, hp.epochs, device)
+    log.info("two-tower: %d examples, %d steps x ≤%d epochs on %s", n, steps, epochs, device)
     users_t = _to_torch(ex.users, torch.device("cpu"))
     items_t = _to_torch(ex.items, torch.device("cpu"))
     logq_t = torch.from_numpy(ex.log_q)
     epoch_losses: list[float] = []
-    bar = tqdm(total=steps * hp.epochs, desc="two-tower", unit="batch", disable=not progress)
-    for _epoch in range(hp.epochs):
+    val_losses: list[float] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch, stale = epochs, 0
+    bar = tqdm(total=steps * epochs, desc="two-tower", unit="batch", disable=not progress)
+    for epoch in range(1, epochs + 1):
         model.train()
         perm = torch.from_numpy(rng.permutation(n))
         total = 0.0
@@ -452,8 +535,25 @@ def _run_epochs(
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         epoch_losses.append(total / max(steps, 1))
+        if val is None:
+            continue
+        model.eval()
+        val_losses.append(evaluate_loss(model, val, bs, device))
+        bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", val=f"{val_losses[-1]:.3f}")
+        if val_losses[-1] <= min(val_losses):
+            best_epoch, stale = epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= hp.patience:
+                log.info("two-tower: early stop after epoch %d (best %d)", epoch, best_epoch)
+                break
     bar.close()
-    return epoch_losses
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    elif val is None:
+        best_epoch = len(epoch_losses)
+    return epoch_losses, val_losses, best_epoch
 
 
 @torch.no_grad()
@@ -498,8 +598,39 @@ def load(path: Path) -> tuple[TwoTower, dict[str, Any]]:
     return model, meta
 
 
+METRICS_FILE = "two_tower.json"
+REFIT_DIR = "refit"
+
+
 def train(settings: Settings) -> None:
-    """Pipeline step ``two_tower``: train and write ``work/two_tower.pt``."""
-    model, _result, meta = fit(settings)
+    """Pipeline step ``two_tower``: train (early-stopped on validation) and write
+    ``work/two_tower.pt`` and ``work/two_tower.json`` (metrics and warnings)."""
+    model, result, meta = fit(settings)
     save(model, meta, settings.work_dir / CHECKPOINT)
+    _write_metrics(settings.work_dir / METRICS_FILE, result)
     log.info("wrote %s: %s", settings.work_dir / CHECKPOINT, json.dumps(meta["metrics"]))
+
+
+def refit(settings: Settings) -> None:
+    """Pipeline step ``refit``: the released towers, the catalog index built from them,
+    trained on every event of the snapshot for the epoch count the early-stopped run
+    chose, into ``work/refit/`` (what ``exporters/release.py`` publishes). The selection
+    run's towers stay in ``work/``: the ranker and the evaluation were made with them."""
+    from exporters import index_build, onnx_export
+
+    chosen = json.loads((settings.work_dir / METRICS_FILE).read_text())
+    epochs = max(int(chosen["best_epoch"]), 1)
+    out = settings.work_dir / REFIT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    model, result, meta = fit(settings, refit_epochs=epochs)
+    save(model, meta, out / CHECKPOINT)
+    _write_metrics(out / METRICS_FILE, result)
+    onnx_export.export_towers(settings, work=out)
+    index_build.build(settings, work=out)
+    log.info("refit: %d epochs on %d examples -> %s", epochs, result.n_train, out)
+
+
+def _write_metrics(path: Path, result: TrainResult) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    os.replace(tmp, path)

@@ -7,6 +7,8 @@ outside this folder because ``feast apply`` imports every ``.py`` file in it.
 Two feature services are the contracts readers ask for by name:
 
 - ``retrieval``: what the user tower needs (profile codes + recent items);
+- ``filtering``: the user's seen items (never recommended again; the item-to-item
+  candidate source's history);
 - ``ranking``: user activity statistics (ending with the category affinity vector), then
   item profile, then item statistics. Its order (service order, then each view's schema
   order) is the ranker's feature order; only append to it, and bump the ranker's layout
@@ -50,12 +52,15 @@ def _file(name: str) -> FileSource:
 user_profile_source = _file("user_profile")
 user_activity_source = _file("user_activity")
 user_recent_items_source = _file("user_recent_items")
+user_seen_items_source = _file("user_seen_items")
 item_profile_source = _file("item_profile")
 item_statistics_source = _file("item_statistics")
 
 # Real-time user events: the orchestrator pushes a user's new recent-items row here after
 # a click or purchase (orchestrator/online_features.py: push_event).
 user_events_push = PushSource(name="user_events_push", batch_source=user_recent_items_source)
+# ... and its new seen-items row after any seen event (exporters/seen.py).
+user_seen_push = PushSource(name="user_seen_push", batch_source=user_seen_items_source)
 
 user_profile = FeatureView(
     name="user_profile",
@@ -104,6 +109,21 @@ user_recent_items = FeatureView(
     description="exporters/history.py; batch rows per event, real-time rows by push",
 )
 
+user_seen_items = FeatureView(
+    name="user_seen_items",
+    entities=[user],
+    ttl=FOREVER,
+    schema=[
+        Field(
+            name="seen_items",
+            dtype=Array(Int64),
+            description="every distinct item of a seen event, newest first (capped)",
+        )
+    ],
+    source=user_seen_push,
+    description="exporters/seen.py; serving-side state (latest row per user), real-time push",
+)
+
 item_profile = FeatureView(
     name="item_profile",
     entities=[item],
@@ -140,6 +160,12 @@ retrieval = FeatureService(
     name="retrieval",
     features=[user_profile, user_recent_items],
     description="user tower inputs",
+)
+
+filtering = FeatureService(
+    name="filtering",
+    features=[user_seen_items],
+    description="what serving must never recommend again (seen items)",
 )
 
 ranking = FeatureService(

@@ -46,6 +46,7 @@ from exporters.feast_ops import ServiceFeature
 from exporters.feature_tables import decode_vector, default_value
 from exporters.raw_tables import read_meta
 from exporters.schema import EVENTS
+from exporters.seen import seen_events, update_seen
 from orchestrator.id_index import IdIndex
 from recstack.errors import UserError
 from recstack.settings import Settings
@@ -54,9 +55,13 @@ log = logging.getLogger(__name__)
 
 RETRIEVAL_SERVICE = "retrieval"
 RANKING_SERVICE = "ranking"
+FILTERING_SERVICE = "filtering"
 PUSH_SOURCE = "user_events_push"
+SEEN_PUSH_SOURCE = "user_seen_push"
 RECENT_ITEMS = "recent_items"
 RECENT_VIEW = "user_recent_items"
+SEEN_ITEMS = "seen_items"
+SEEN_VIEW = "user_seen_items"
 USER_KEY, ITEM_KEY = "user_id", "item_id"
 # Item features with a role of their own in the feature assembly.
 CATEGORY, CREATED_AT = "category", "created_at"
@@ -98,6 +103,9 @@ class UserFeatures:
     scalar_names: tuple[str, ...]
     scalars: np.ndarray  # float32 [U]
     category_affinity: np.ndarray  # float32 [C] (zeros when unknown)
+    # Every item of a seen event, newest first (exporters/seen.py); empty when the
+    # registry has no ``filtering`` service (a repository older than seen items).
+    seen_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def scalar(self, name: str) -> float:
         return float(self.scalars[self.scalar_names.index(name)])
@@ -273,7 +281,10 @@ class OnlineFeatures:
         self._user_refs: list[str] = []
         self._user_reader: EntityRowReader | None = None
         self._recent_reader: EntityRowReader | None = None
+        self._seen_reader: EntityRowReader | None = None
         self._push_views: list[FeatureView] = []
+        self._seen_push_views: list[FeatureView] = []
+        self._seen_events: tuple[str, ...] = seen_events({}, settings.seen_events)
         self._user_scalars: tuple[str, ...] = ()
         self._vector: str | None = None
         self._n_categories = 0
@@ -292,8 +303,10 @@ class OnlineFeatures:
         self.store.refresh_registry()
         ranking = feast_ops.service_features(self.store, RANKING_SERVICE)
         retrieval = feast_ops.service_features(self.store, RETRIEVAL_SERVICE)
-        user = [f for f in [*retrieval, *ranking] if f.entity_key == USER_KEY]
+        filtering = _optional_service(self.store, FILTERING_SERVICE)
+        user = [f for f in [*retrieval, *ranking, *filtering] if f.entity_key == USER_KEY]
         self._user_refs = [f"{f.view}:{f.name}" for f in user]
+        self._seen_events = _data_seen_events(self.settings)
         self._user_reader = EntityRowReader(self.store, USER_KEY, self._user_refs)
         self._recent_reader = EntityRowReader(
             self.store, USER_KEY, [f"{RECENT_VIEW}:{RECENT_ITEMS}"]
@@ -307,6 +320,13 @@ class OnlineFeatures:
         ]
         if not self._push_views:
             raise UserError(f"no feature view is fed by the push source {PUSH_SOURCE!r}")
+        self._seen_push_views = [
+            v
+            for v in self.store.list_feature_views()
+            if isinstance(v.stream_source, PushSource) and v.stream_source.name == SEEN_PUSH_SOURCE
+        ]
+        if self._seen_push_views:
+            self._seen_reader = EntityRowReader(self.store, USER_KEY, [f"{SEEN_VIEW}:{SEEN_ITEMS}"])
         ranking_user = [f for f in ranking if f.entity_key == USER_KEY]
         self._user_scalars = tuple(f.name for f in ranking_user if not f.dtype.startswith("Array"))
         vectors = [f.name for f in ranking_user if f.dtype.startswith("Array")]
@@ -386,6 +406,7 @@ class OnlineFeatures:
             scalar_names=self._user_scalars,
             scalars=scalars,
             category_affinity=affinity,
+            seen_items=np.asarray(values.get(SEEN_ITEMS) or [], dtype=np.int64),
         )
 
     def items(self, item_ids: np.ndarray) -> ItemFeatures:
@@ -440,28 +461,59 @@ class OnlineFeatures:
         self, user_id: int, item_id: int, event: str, ts: datetime | None = None
     ) -> list[int] | None:
         """Record a user event in the online store: :func:`push_event`'s rule and rows,
-        written without the SDK's per-call registry work.
+        written without the SDK's per-call registry work, plus the user's seen items
+        (``exporters.seen.update_seen``) when ``event`` is a seen event. Returns the new
+        recent-items list (None when the event does not change it).
 
         ``FeatureStore.push`` re-reads every feature view and service from the registry
         on each call (~22 ms of CPU per event on the 1M preset, mostly typeguard checks
-        while decoding protos). Here the views fed by the push source are found once at
-        :meth:`load`, the current list is read with :class:`EntityRowReader`, and the new
-        row goes through the provider's ``ingest_df`` — the call ``push`` itself ends in."""
-        if not _changes_history(event):
+        while decoding protos). Here the views fed by the push sources are found once at
+        :meth:`load`, the current lists are read with :class:`EntityRowReader`, and the
+        new rows go through the provider's ``ingest_df`` — the call ``push`` itself ends
+        in."""
+        changes_recent = _changes_history(event)
+        changes_seen = self._seen_reader is not None and event in self._seen_events
+        if not (changes_recent or changes_seen):
             return None
         if self._recent_reader is None:
             raise RuntimeError("OnlineFeatures.load() was not called")
         provider = self.store._get_provider()
+        new: list[int] | None = None
         with self._push_lock:
             try:
-                current = self._recent_reader.read(int(user_id))[RECENT_ITEMS]
-                new = history.update_recent(list(current or []), int(item_id))
-                frame = _push_frame(user_id, new, ts)
-                for view in self._push_views:
-                    provider.ingest_df(view, frame)
+                if changes_seen and self._seen_reader is not None:
+                    current = self._seen_reader.read(int(user_id))[SEEN_ITEMS]
+                    seen_now = update_seen(list(current or []), int(item_id))
+                    frame = _push_frame(user_id, seen_now, ts, SEEN_ITEMS)
+                    for view in self._seen_push_views:
+                        provider.ingest_df(view, frame)
+                if changes_recent:
+                    current = self._recent_reader.read(int(user_id))[RECENT_ITEMS]
+                    new = history.update_recent(list(current or []), int(item_id))
+                    frame = _push_frame(user_id, new, ts)
+                    for view in self._push_views:
+                        provider.ingest_df(view, frame)
             except _unavailable_errors() as e:
                 raise FeatureStoreUnavailable(self.settings.online_store, e) from e
         return new
+
+
+def _optional_service(store: FeatureStore, name: str) -> list[ServiceFeature]:
+    """A feature service's features, or none when the registry predates it."""
+    try:
+        return feast_ops.service_features(store, name)
+    except UserError:
+        log.warning("the Feast registry has no %r feature service: seen items not served", name)
+        return []
+
+
+def _data_seen_events(settings: Settings) -> tuple[str, ...]:
+    """The seen events of the data the store was loaded from (settings override first)."""
+    try:
+        meta = read_meta(settings)
+    except (UserError, OSError, ValueError):
+        meta = {}
+    return seen_events(meta, settings.seen_events)
 
 
 def _n_categories(settings: Settings, snapshot: ItemSnapshot) -> int:
@@ -492,13 +544,15 @@ def _changes_history(event: str) -> bool:
     return event in history.HISTORY_EVENTS
 
 
-def _push_frame(user_id: int, recent: list[int], ts: datetime | None) -> pd.DataFrame:
-    """The one-row frame the push source takes (its schema: feature_repo/definitions.py)."""
+def _push_frame(
+    user_id: int, items: list[int], ts: datetime | None, column: str = RECENT_ITEMS
+) -> pd.DataFrame:
+    """The one-row frame a push source takes (its schema: feature_repo/definitions.py)."""
     return pd.DataFrame(
         {
             USER_KEY: np.array([int(user_id)], dtype=np.int64),
             "event_timestamp": [_utc(ts or datetime.now(UTC))],
-            RECENT_ITEMS: [np.array(recent, dtype=np.int64)],
+            column: [np.array(items, dtype=np.int64)],
         }
     )
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from exporters.candidates import gather, source_names
 from orchestrator import metrics
 from orchestrator.budget import BudgetConfig, RequestClock
 from orchestrator.catalog import Catalog, Fallbacks
@@ -73,10 +74,16 @@ class ServiceConfig:
 class RecommendService:
     """Serves one release; thread-safe (state is read-only after construction)."""
 
-    def __init__(self, release: ServingRelease, cfg: ServiceConfig | None = None) -> None:
+    def __init__(
+        self,
+        release: ServingRelease,
+        cfg: ServiceConfig | None = None,
+        clock_lead_days: float = 7.0,
+    ) -> None:
         self.release = release
         self.cfg = cfg or ServiceConfig()
         self.pool = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="recommend")
+        self.clock_lead_s = clock_lead_days * 86_400.0
         metrics.set_release(self.release_name)
 
     @classmethod
@@ -89,7 +96,7 @@ class RecommendService:
         except TritonError as e:
             # Serve anyway (degraded) rather than refuse to start: Triton may come later.
             log.warning("warm-up failed, starting degraded: %s", e)
-        return cls(release, cfg)
+        return cls(release, cfg, settings.max_clock_lead_days)
 
     @property
     def release_name(self) -> str:
@@ -140,6 +147,14 @@ class RecommendService:
             raise ServiceUnavailable("the feature store did not accept the event in time") from None
         metrics.EVENTS.labels(e.event).inc()
 
+    def feature_time(self, q: RecommendQuery) -> float:
+        """The clock of time-relative features (item age, recency) and of "not yet
+        created": the request's time, but never later than the release's data end plus
+        ``max_clock_lead_days`` — a release trained on 1998 data asked in 2026 (a replay,
+        a stale deployment) scores as of its data, not 10,000 days later. Clients that
+        replay history pass the request's ``timestamp``."""
+        return min(q.timestamp.timestamp(), self.release.data_end + self.clock_lead_s)
+
     # ----------------------------------------------------------------- the pipeline
     def _recommend(self, q: RecommendQuery, clock: RequestClock) -> RecommendResult:
         if clock.remaining() <= 0:
@@ -147,8 +162,8 @@ class RecommendService:
             # spending model time on a reply nobody can use; the backlog drains faster.
             return self._fallback(q, clock, ["load_shed"], None)
         degraded: list[str] = []
-        now = q.timestamp.timestamp()
         rel = self.release
+        now = self.feature_time(q)
 
         with clock.stage("user_features"):
             try:
@@ -173,26 +188,34 @@ class RecommendService:
             return self._fallback(q, clock, degraded, user)
 
         with clock.stage("retrieval"):
-            scores, ids = rel.index.search(
+            _, ids = rel.index.search(
                 np.asarray(embedding, dtype=np.float32), self.cfg.n_candidates
             )
-            ids, scores = ids[0], scores[0]
-            valid = ids >= 0
-            rows, known = self.catalog.rows(ids[valid])
-            scores = scores[valid][known]
-            rows = rows[known]
+            ids = ids[0]
+            ann_rows, known = self.catalog.rows(ids[ids >= 0])
+            ann_rows = ann_rows[known]
         with clock.stage("filter"):
-            seen = np.asarray(user.recent_items, dtype=np.int64)
-            keep = self.catalog.allowed(rows, q.filters, seen)
-            keep &= self.catalog.created_at[rows] <= now
-            rows, scores = rows[keep], scores[keep]
-            rows, scores = rows[: self.cfg.n_ranked], scores[: self.cfg.n_ranked]
+            seen = user.seen_items
+            created = self.catalog.created_at
+
+            def allowed(rows: np.ndarray) -> np.ndarray:
+                return self.catalog.allowed(rows, q.filters, seen) & (created[rows] <= now)
+
+            if rel.sources is not None:
+                seen_rows, seen_known = self.catalog.rows(seen)
+                seen_rows = np.where(seen_known, seen_rows, -1)
+                rows, source_feats = gather(rel.sources, rel.quotas, ann_rows, seen_rows, allowed)
+                sources = source_names(source_feats)
+            else:  # a release from before multi-source candidates: the ANN alone
+                rows = ann_rows[allowed(ann_rows)][: self.cfg.n_ranked]
+                source_feats = None
+                sources = np.full(len(rows), "retrieval", dtype=object)
         if len(rows) == 0:
             degraded.append("no_retrieval_candidates")
             return self._fallback(q, clock, degraded, user)
 
-        final_scores = scores.astype(np.float64)
-        source = "retrieval"
+        # Without the ranker: the merged order (ANN first, then the other sources).
+        final_scores = -np.arange(len(rows), dtype=np.float64)
         with clock.stage("item_features"):
             item_ids = self.catalog.item_ids[rows]
             items = rel.features.items(item_ids)
@@ -201,7 +224,9 @@ class RecommendService:
             if budget <= 0.001:
                 degraded.append("ranking_skipped")
             else:
-                inputs = user.rank_inputs(embedding, items, self.catalog.embeddings[rows], now)
+                inputs = user.rank_inputs(
+                    embedding, items, self.catalog.embeddings[rows], now, source_feats
+                )
                 try:
                     final_scores = rel.triton.rank(inputs, timeout_s=budget).astype(np.float64)
                 except TritonError as e:
@@ -214,7 +239,7 @@ class RecommendService:
                 final_scores,
                 self.catalog.category[rows],
                 self.catalog.created_at[rows],
-                np.full(len(rows), source, dtype=object),
+                sources,
             )
             result = self._finish(q, cands, user, now)
         result.timings = clock.timings
@@ -245,8 +270,8 @@ class RecommendService:
     ) -> RecommendResult:
         """Popular and fresh items (filtered), leaning to the user's categories if known."""
         t0 = time.perf_counter()
-        now = q.timestamp.timestamp()
-        seen = np.asarray(user.recent_items if user is not None else [], dtype=np.int64)
+        now = self.feature_time(q)
+        seen = user.seen_items if user is not None else np.zeros(0, dtype=np.int64)
         rows, scores, sources = self.fallbacks.candidates(
             self.catalog, q.filters, seen, max(4 * q.k, 50), now
         )

@@ -11,7 +11,9 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pandas as pd
 
+from exporters.candidates import Quotas, SourceModel, gather
 from exporters.history import PAD
 from exporters.model_config import input_names
 from exporters.rank_layout import Layout
@@ -49,6 +51,15 @@ class UserView:
         return [int(i) for i in self.features.recent_items if i != PAD]
 
     @property
+    def seen_items(self) -> np.ndarray:
+        """Everything never to recommend again: the seen items (newest first), then any
+        recent item not among them (a push of either list may be the newer)."""
+        seen = self.features.seen_items
+        recent = np.asarray(self.recent_items, dtype=np.int64)
+        extra = recent[~np.isin(recent, seen)] if len(recent) else recent
+        return np.concatenate([extra, seen]) if len(extra) else seen
+
+    @property
     def affinity(self) -> np.ndarray:
         """Category affinity with the release's width (zeros for users without events)."""
         aff = np.zeros(self.layout.n_categories, dtype=np.float32)
@@ -66,17 +77,28 @@ class UserView:
         return out
 
     def rank_inputs(
-        self, embedding: np.ndarray, items: ItemFeatures, item_embeddings: np.ndarray, now: float
+        self,
+        embedding: np.ndarray,
+        items: ItemFeatures,
+        item_embeddings: np.ndarray,
+        now: float,
+        source_features: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """The rank ensemble's inputs (model_repository/rank/config.pbtxt), feature
-        columns in the order the release's ranker was trained with."""
+        columns in the order the release's ranker was trained with: the item's Feast
+        features, then its candidate-source features when the release has them."""
         names = self.features.scalar_names
         user = self.features.scalars[[names.index(n) for n in self.layout.user_features]]
+        per_item = items.columns(self.layout.item_features)
+        if self.layout.candidate_features:
+            if source_features is None or len(source_features) != len(per_item):
+                raise ValueError("this release's ranker needs the candidates' source features")
+            per_item = np.concatenate([per_item, source_features], axis=1)
         return {
             "user_features": user.reshape(1, -1).astype(np.float32),
             "user_category_affinity": self.affinity.reshape(1, -1),
             "user_embedding": np.asarray(embedding, dtype=np.float32).reshape(1, -1),
-            "item_features": np.ascontiguousarray(items.columns(self.layout.item_features)),
+            "item_features": np.ascontiguousarray(per_item, dtype=np.float32),
             "item_category": items.category.astype(np.int64),
             "item_created_at": items.created_at.astype(np.float64),
             "item_embedding": np.ascontiguousarray(item_embeddings, dtype=np.float32),
@@ -134,6 +156,13 @@ class ServingRelease:
     features: ReleaseFeatures
     triton: TritonClient
     user_embeddings: EmbeddingCache = field(default_factory=lambda: EmbeddingCache(0))
+    # Item-to-item and popular sources over the catalog rows (None: a release made before
+    # multi-source candidates, served from the ANN alone).
+    sources: SourceModel | None = None
+    quotas: Quotas = field(default_factory=Quotas)
+    # Where the release's data ends (unix s): the clock of time-relative features is
+    # capped at data_end + max_clock_lead (settings), see RecommendService.
+    data_end: float = float("inf")
 
     def user_embedding(self, user: UserView, timeout_s: float) -> np.ndarray:
         """The user tower's output for ``user``: from this release's cache, else Triton
@@ -173,6 +202,14 @@ class ServingRelease:
             popularity=-snap.columns([POPULARITY_RANK])[:, 0].astype(np.float64),
             embeddings=_index_vectors(index),
         )
+        sources = None
+        quotas = Quotas()
+        if "candidates" in manifest:
+            sources = SourceModel.load(folder / manifest["candidates"]["file"])
+            if not np.array_equal(sources.item_ids, index.item_ids):
+                raise ValueError(f"release {rid}: candidate sources do not match the index rows")
+            quotas = Quotas.from_json(manifest["candidates"].get("quotas"))
+        data_end = pd.Timestamp(str(manifest["data_snapshot"]["end"])).timestamp()
         versions = {str(k): int(v) for k, v in manifest["models"].items()}
         triton = TritonClient.from_settings(settings, versions=versions)
         tower_inputs = tuple(input_names(USER_TOWER, settings.model_repository))
@@ -202,6 +239,9 @@ class ServingRelease:
             ReleaseFeatures(online, tower_inputs, layout),
             triton,
             EmbeddingCache(settings.user_embedding_cache),
+            sources,
+            quotas,
+            data_end,
         )
 
     def warm_up(self, n_items: int, rounds: int = 3) -> None:
@@ -210,10 +250,19 @@ class ServingRelease:
         user = self.features.user(0)
         rows = np.arange(min(n_items, len(self.catalog)))
         items = self.features.items(self.catalog.item_ids[rows])
+        source_feats = None
+        if self.sources is not None:
+            # A heavy user's worth of history: warms the item-to-item path as well.
+            rows, source_feats = gather(
+                self.sources, self.quotas, rows, rows[:200], lambda r: np.ones(len(r), bool)
+            )
+            items = self.features.items(self.catalog.item_ids[rows])
         for _ in range(rounds):
             embedding = self.triton.user_embedding(user.tower_inputs(), timeout_s=30)
             self.index.search(np.asarray(embedding, dtype=np.float32), n_items)
-            inputs = user.rank_inputs(embedding, items, self.catalog.embeddings[rows], time.time())
+            inputs = user.rank_inputs(
+                embedding, items, self.catalog.embeddings[rows], time.time(), source_feats
+            )
             self.triton.rank(inputs, timeout_s=30)
 
     def close(self) -> None:

@@ -39,12 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cmd", required=True
     )
     p = _cmd(data, "generate", "exporters.data_generate:cli", "synthetic marketplace data")
-    p.add_argument("--preset", choices=["small", "demo", "large"], default="demo")
+    p.add_argument("--preset", choices=["small", "demo", "large", "sparse"], default="demo")
     p.add_argument("--seed", type=int, default=None, help="default: settings.seed")
     p = _cmd(data, "import", "exporters.data_import:cli", "import real data (CSV or parquet)")
     p.add_argument("--interactions", required=True, help="user_id,item_id,timestamp,event|rating")
     p.add_argument("--items", help="item_id[,category,brand,price,created_at]")
     p.add_argument("--users", help="user_id[,age_bucket,country,signup_at]")
+    p.add_argument(
+        "--map",
+        action="append",
+        metavar="FILE:COLUMN=FIELD",
+        help="use an extra column as a schema field, e.g. users:occupation=country (repeatable)",
+    )
 
     # --- features -----------------------------------------------------------------------
     feats = groups.add_parser("features", help="feature tables and Feast").add_subparsers(
@@ -60,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-step", help="re-run from this step (default: resume)")
     p.add_argument("--only", help="run just this step")
     p.add_argument("--list-steps", action="store_true")
+    p.add_argument(
+        "--force-release",
+        metavar="REASON",
+        help="publish even if the evaluation loses to the baselines (recorded in the manifest)",
+    )
     p = _cmd(groups, "evaluate", "exporters.evaluate:cli", "offline report on the test split")
     p.add_argument("--out", help="directory for report.md / report.json")
 
@@ -80,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cmd(rel, "list", "exporters.release:cli_list", "list releases")
     _cmd(rel, "show", "exporters.release:cli_show", "show a manifest").add_argument("release_id")
+    p = _cmd(rel, "publish", "exporters.release:cli_publish", "publish work/ as a release")
+    p.add_argument("--force", action="store_true", help="publish although the gate fails")
+    p.add_argument("--reason", help="why (required with --force; kept in the manifest)")
 
     # --- servers --------------------------------------------------------------------------
     serve = groups.add_parser("serve", help="run a server").add_subparsers(
@@ -137,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- the demo ---------------------------------------------------------------------------
     p = _cmd(groups, "demo", "recstack.demo:cli", "data -> train -> serve -> recommendations")
-    p.add_argument("--preset", choices=["small", "demo", "large"], default="demo")
+    p.add_argument("--preset", choices=["small", "demo", "large", "sparse"], default="demo")
     return parser
 
 

@@ -52,6 +52,22 @@ class Settings(BaseSettings):
     # ~0.5 kB each. See orchestrator/embedding_cache.py.
     user_embedding_cache: int = Field(default=50_000, ge=0)
 
+    # Quality and time (exporters/seen.py, orchestrator/service.py). Event types that make
+    # an item "seen" (comma-separated; empty: what the data's meta.json says).
+    seen_events_csv: str = Field(default="", alias="RECSTACK_SEEN_EVENTS")
+    # Time-relative features are computed against min(request time, the release's data
+    # end + this many days): a release never scores with a clock far outside its data.
+    max_clock_lead_days: float = Field(default=7.0, ge=0)
+    # Publish a release although its evaluation loses to the baselines; the reason is
+    # recorded in the manifest (`recstack train --force-release REASON`).
+    force_release: str = ""
+
+    @property
+    def seen_events(self) -> tuple[str, ...] | None:
+        """The ``RECSTACK_SEEN_EVENTS`` override, or None (use the data's own)."""
+        names = tuple(e.strip() for e in self.seen_events_csv.split(",") if e.strip())
+        return names or None
+
     @property
     def raw_dir(self) -> Path:
         """Canonical raw tables (see exporters/schema.py)."""

@@ -128,3 +128,100 @@ def test_unknown_preset_is_a_user_error(settings: Settings) -> None:
     with pytest.raises(UserError, match="unknown preset"):
         generate(settings, preset="huge")
     assert not settings.raw_dir.exists()
+
+
+# --- the `sparse` preset: explicit ratings resembling public rating data -------------------
+
+
+@pytest.fixture(scope="module")
+def sparse_world():
+    from exporters.data_generate import build_ratings
+
+    return build_ratings(PRESETS["sparse"], 42)
+
+
+def test_sparse_preset_resembles_public_rating_data(sparse_world) -> None:
+    r = sparse_world.ratings
+    per_user = r["user_id"].value_counts()
+    per_item = r["item_id"].value_counts()
+    assert 900 <= r["user_id"].nunique() <= 1_000
+    assert 1_600 <= r["item_id"].nunique() <= 1_700
+    assert 90_000 <= len(r) <= 110_000
+    assert not r.duplicated(["user_id", "item_id"]).any()
+    # Heavy-tailed activity: 20 to ~700 ratings per user, median ~60.
+    assert per_user.min() >= 20 and 500 <= per_user.max() <= 737
+    assert 45 <= per_user.median() <= 85
+    # Popularity skew: the top item rated by about half the users, a long tail of 1-5.
+    n_users = r["user_id"].nunique()
+    assert 0.4 <= per_item.iloc[0] / n_users <= 0.8
+    assert (per_item <= 5).sum() >= 50
+    shares = r["rating"].value_counts(normalize=True).sort_index()
+    assert list(shares.index) == [1, 2, 3, 4, 5]
+    assert 0.45 <= shares[[4, 5]].sum() <= 0.65
+    # ~7 months, in bursts: most users rate within a few sessions.
+    ts = r["timestamp"]
+    assert pd.Timedelta(days=180) <= ts.max() - ts.min() <= pd.Timedelta(days=215)
+    days_active = r.groupby("user_id")["timestamp"].agg(lambda t: t.dt.floor("D").nunique())
+    assert days_active.median() <= 4
+
+
+def test_sparse_preset_item_item_beats_popularity(sparse_world) -> None:
+    """Leave-last-5-out by time, positives = rating ≥ 4: EASE beats most-popular by
+    ~1.5-2x, the gap the sparse preset exists to show (docs/quality.md)."""
+    from exporters.baselines import ease_weights, interaction_matrix, popularity_scores
+
+    r = sparse_world.ratings.sort_values(["user_id", "timestamp"], kind="stable")
+    last = r.groupby("user_id").cumcount(ascending=False) < 5
+    train, test = r[~last], r[last & (r["rating"] >= 4)]
+    items = np.sort(r["item_id"].unique())
+    X, users = interaction_matrix(train, items)
+    seen = X.toarray() > 0
+    positives = test.groupby("user_id")["item_id"].apply(set)
+    scores = {"pop": np.tile(popularity_scores(X), (len(users), 1))}
+    scores["ease"] = np.asarray(X @ ease_weights(X, lam=250.0))
+    ndcg = {}
+    for name, s in scores.items():
+        s = np.where(seen, -np.inf, s)
+        top = items[np.argsort(-s, axis=1)[:, :10]]
+        vals = []
+        for row, u in enumerate(users):
+            pos = positives.get(u)
+            if not pos:
+                continue
+            gain = np.isin(top[row], list(pos)) / np.log2(np.arange(2, 12))
+            ideal = (1 / np.log2(np.arange(2, 2 + min(10, len(pos))))).sum()
+            vals.append(gain.sum() / ideal)
+        ndcg[name] = float(np.mean(vals))
+    assert 0.03 < ndcg["pop"] < 0.1
+    assert 1.4 * ndcg["pop"] < ndcg["ease"] < 2.5 * ndcg["pop"]
+
+
+def test_sparse_preset_equals_importing_its_csv(sparse_world, settings: Settings, tmp_path) -> None:
+    """`data generate --preset sparse` writes what `data import` makes of the same ratings:
+    the importer's rating → event mapping and its defaults (brand 0, price 0, country 0,
+    created/signup at the first rating)."""
+    from exporters.data_generate import ratings_to_raw, write_ratings_csv
+    from exporters.data_import import import_data
+
+    files = write_ratings_csv(sparse_world, tmp_path / "csv")
+    import_data(settings, files["interactions"], files["items"], files["users"])
+    imported = read_raw(settings)
+    generated = ratings_to_raw(sparse_world)
+    for name in TABLES:
+        pd.testing.assert_frame_equal(
+            getattr(imported, name).reset_index(drop=True),
+            getattr(generated, name).reset_index(drop=True),
+            check_dtype=False,
+            check_categorical=False,
+        )
+
+
+def test_sparse_preset_generates_canonical_tables(settings: Settings) -> None:
+    generate(settings, preset="sparse", seed=3)
+    meta = read_meta(settings)
+    raw = read_raw(settings)
+    assert "preset=sparse" in str(meta["source"])
+    assert set(raw.interactions["event"]) == set(EVENTS)
+    assert (raw.items["brand"] == 0).all() and (raw.items["price"] == 0).all()
+    assert (raw.users["country"] == 0).all()
+    assert raw.items["category"].min() >= 1

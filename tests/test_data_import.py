@@ -317,3 +317,36 @@ def test_failed_write_leaves_previous_raw_data_and_no_temp_folder(
         rt.write_raw(settings, tables, source="test")
     assert _state(settings.data_dir) == before
     assert sorted(p.name for p in settings.data_dir.iterdir()) == ["raw"]
+
+
+def test_extra_columns_are_reported_or_mapped(settings: Settings, tmp_path: Path) -> None:
+    """A ratings file with user attributes outside the schema: each extra column is named
+    as ignored in meta.json, or used through --map; ratings make every event "seen"."""
+    inter = _write(
+        tmp_path / "ratings.csv",
+        "user_id,item_id,rating,timestamp\n1,10,5,2026-07-01\n2,11,2,2026-07-02\n",
+    )
+    users = _write(
+        tmp_path / "users.csv", "user_id,age,gender,occupation\n1,24,M,writer\n2,53,F,doctor\n"
+    )
+    import_data(settings, inter, users=users)
+    cols = read_meta(settings)["import_columns"]["users"]  # type: ignore[index]
+    assert cols["ignored"] == ["age", "gender", "occupation"]
+    assert cols["defaulted"] == ["age_bucket", "country", "signup_at"]
+    assert read_meta(settings)["seen_events"] == ["view", "click", "purchase"]
+
+    from exporters.data_import import parse_column_maps
+
+    maps = parse_column_maps(["users:occupation=country", "users:gender=age_bucket"])
+    import_data(settings, inter, users=users, column_maps=maps)
+    cols = read_meta(settings)["import_columns"]["users"]  # type: ignore[index]
+    assert cols["mapped"] == {"occupation": "country", "gender": "age_bucket"}
+    assert cols["ignored"] == ["age"]
+    countries = read_raw(settings).users.set_index("user_id")["country"]
+    assert countries[1] != countries[2] and min(countries) >= 1  # labels became codes 1, 2
+    with pytest.raises(UserError, match="no column 'zip'"):
+        import_data(
+            settings, inter, users=users, column_maps=parse_column_maps(["users:zip=country"])
+        )
+    with pytest.raises(UserError, match="not a column of users"):
+        parse_column_maps(["users:age=height"])

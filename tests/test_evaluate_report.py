@@ -56,39 +56,61 @@ def test_graded_labels_keep_the_best_event() -> None:
     assert got == [[1, 10, 2], [2, 11, 1]]
 
 
-def test_markdown_states_the_comparison() -> None:
-    m = {"recall@10": 0.3, "ndcg@10": 0.2}
+def _lists(pipeline: float, pop: float, i2i: float) -> dict[str, dict[str, float]]:
+    return {
+        "pipeline": {"recall@10": 0.3, "ndcg@10": pipeline},
+        "retrieval": {"recall@10": 0.25, "ndcg@10": 0.15},
+        "item_to_item": {"recall@10": 0.2, "ndcg@10": i2i},
+        "popularity": {"recall@10": 0.1, "ndcg@10": pop},
+    }
+
+
+def test_markdown_states_the_gate_and_every_baseline() -> None:
     report = {
         "request_time": "2026-01-01T00:00:00+00:00",
         "evaluated_users": 3,
         "test_users": 3,
         "n_catalog": 9,
         "ranker_candidates": 50,
-        "retrieval": {"recall@10": 0.25, "recall@100": 0.5, "ndcg@10": 0.15},
-        "pipeline": m,
-        "popularity": {"recall@10": 0.1, "recall@100": 0.4, "ndcg@10": 0.05},
-        "pipeline_vs_popularity": {"ndcg@10_ratio": 4.0, "ndcg@10_absolute": 0.15},
+        "quotas": {"ann": 30, "i2i": 15, "popular": 5},
+        "lists": _lists(0.2, 0.05, 0.25),
+        "gate": {
+            "passed": False,
+            "margin": 0.0,
+            "best_baseline": "item_to_item",
+            "best_baseline_ndcg@10": 0.25,
+            "pipeline_ndcg@10": 0.2,
+            "ndcg@10_vs_popularity": 4.0,
+            "ndcg@10_vs_item_to_item": 0.8,
+        },
+        "warnings": ["the ranker learned from only 12 queries"],
     }
     text = evaluate.markdown(report)
-    assert "4.00× popularity's (0.2000 vs 0.0500, +0.1500 absolute)" in text
-    assert "| recall@100 | — | 0.5000 | 0.4000 |" in text
+    assert "Quality gate FAILS" in text
+    assert "vs_item_to_item 0.80×" in text and "vs_popularity 4.00×" in text
+    assert "| ndcg@10 | 0.2000 | 0.1500 | 0.2500 | 0.0500 |" in text
+    assert "- the ranker learned from only 12 queries" in text
 
 
 @pytest.mark.slow
 def test_small_pipeline_beats_popularity(trained_settings: Settings) -> None:
+    """On the small synthetic preset the pipeline beats both gate baselines, so the
+    release was published with a passing gate."""
     report = json.loads((trained_settings.reports_dir / "report.json").read_text())
-    pipe, pop = report["pipeline"]["ndcg@10"], report["popularity"]["ndcg@10"]
-    assert pipe > pop, report
-    assert report["pipeline_vs_popularity"]["ndcg@10_ratio"] > 1.0
-    # The pipeline only reorders the retrieved candidates (the first ranker_candidates of
-    # up to 500): its top 10 cannot hold more relevant items than retrieval's top 500. A
-    # ranking path that leaked other items, or a recall computed differently, breaks it.
-    assert report["ranker_candidates"] <= 500
-    assert report["pipeline"]["recall@10"] <= report["retrieval"]["recall@500"] + 1e-12
-    # Retrieval is far from random: a random 100-item list has expected recall
-    # 100/n_catalog; tower embeddings misaligned with item ids fall to about that.
-    random_recall = 100 / report["n_catalog"]
-    assert report["retrieval"]["recall@100"] > 1.5 * random_recall, report["retrieval"]
+    pipe = report["pipeline"]["ndcg@10"]
+    for name in ("popularity", "item_to_item"):
+        assert pipe > report["lists"][name]["ndcg@10"], (name, report["lists"])
+    assert report["gate"]["passed"] is True
+    # The ranker only reorders the merged candidates: its top 10 cannot hold more relevant
+    # items than all of them. A ranking path that leaked other items, or a recall computed
+    # differently, breaks it.
+    width = report["ranker_candidates"]
+    candidate_recall = report["pipeline"][f"candidate_recall@{width}"]
+    assert report["pipeline"]["recall@10"] <= candidate_recall + 1e-9, report["pipeline"]
+    # Retrieval alone is far from random: a random 10-item list has expected recall
+    # 10/n_catalog; tower embeddings misaligned with item ids fall to about that.
+    random_recall = 10 / report["n_catalog"]
+    assert report["lists"]["retrieval"]["recall@10"] > 1.5 * random_recall, report["lists"]
     assert (trained_settings.reports_dir / "report.md").read_text().startswith("# recstack")
 
 

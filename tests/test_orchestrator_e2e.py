@@ -191,6 +191,34 @@ def test_record_event_removes_bought_item(
     assert status == 200 and body == {"accepted": True}
 
 
+def test_no_seen_item_is_ever_served(
+    stack: dict[str, Any], tables: dict[str, pd.DataFrame]
+) -> None:
+    """Every item a user clicked or bought is filtered, not only the 20 most recent:
+    the heaviest users, asked for the longest list the API allows."""
+    inter = tables["interactions"]
+    pos = inter[inter["event"].isin(["click", "purchase"])]
+    heavy = pos.groupby("user_id")["item_id"].nunique().sort_values(ascending=False)
+    assert heavy.iloc[0] > 40  # more than the 20 recent items the tower sees
+    for user in heavy.index[:5]:
+        seen = set(pos.loc[pos["user_id"] == user, "item_id"].tolist())
+        reply = _recommend(stack, tables, str(int(user)), k=200)
+        served = {i.item_id for i in reply.items}
+        assert len(served) > 50 and list(reply.degraded) == []
+        assert not served & seen, (user, sorted(served & seen)[:10])
+
+
+def test_candidates_come_from_several_sources(
+    stack: dict[str, Any], tables: dict[str, pd.DataFrame]
+) -> None:
+    inter = tables["interactions"]
+    users = inter.loc[inter["event"] == "purchase", "user_id"].value_counts().index[:20]
+    sources: set[str] = set()
+    for user in users:
+        sources |= {i.source for i in _recommend(stack, tables, str(int(user)), k=50).items}
+    assert {"retrieval", "item_to_item"} <= sources, sources
+
+
 @pytest.mark.parametrize(
     ("kw", "needle"),
     [

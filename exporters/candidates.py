@@ -1,0 +1,270 @@
+"""Candidate sources beside the two-tower ANN, their merge, and the per-candidate source
+features the ranker sees: one module for training and serving (the orchestrator imports
+it), so candidates are generated and described the same way on both sides.
+
+Sources (DESIGN.md "Request path", step 4), each in catalog rows (= the release index's
+row order):
+
+- ``ann``: the FAISS search over the item tower (computed by the caller);
+- ``i2i``: item-to-item neighbours of the user's seen items. Score of item j for a user
+  = Σ over the user's newest :data:`exporters.seen.I2I_HISTORY` seen items i of
+  ``weights[i, k]`` where ``neighbours[i, k] == j``: an EASE model (Steck 2019) for
+  catalogs up to ``baselines.EASE_MAX_ITEMS`` items, cosine co-visitation beyond, cut to
+  sparse top-N lists so the cost is O(history × N) per request whatever the catalog;
+- ``popular``: the most consumed items before the model's cut-off.
+
+The merged list keeps the ANN's order, then the item-to-item list, then popular items,
+each cut to its :class:`Quotas` share after the caller's filters, without duplicates.
+Every merged candidate carries :data:`CANDIDATE_FEATURES` (ranks in each source, the
+item-to-item score, the item's long-term popularity), which the ranker is trained on
+point-in-time: the model used for training candidates is built from events before the
+training request time only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from exporters import baselines
+from exporters.seen import I2I_HISTORY
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_FEATURES: tuple[str, ...] = (
+    "c_ann_rank",  # position in the (filtered) ANN list, ABSENT_RANK if not there
+    "c_i2i_rank",  # position in the (filtered) item-to-item list, ABSENT_RANK if not there
+    "c_i2i_score",  # item-to-item score (0: no neighbour of the user's history)
+    "c_pop_rank",  # rank by consumption count before the cut-off (0 = most consumed)
+    "c_pop_log_count",  # log1p(consumption count before the cut-off)
+)
+ABSENT_RANK = 10_000.0
+MODEL_FILE = "candidates.npz"
+EASE_LAMBDA = 250.0
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """How many filtered candidates each source contributes (before de-duplication)."""
+
+    ann: int = 250
+    i2i: int = 100
+    popular: int = 50
+
+    @property
+    def total(self) -> int:
+        return self.ann + self.i2i + self.popular
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Quotas:
+        return cls(**(data or {}))
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """The non-ANN sources of one cut-off, in catalog rows (``item_ids`` order)."""
+
+    item_ids: np.ndarray  # int64 [n]: row -> item id (the index's order)
+    neighbours: np.ndarray  # int32 [n, N]: rows, best first, -1 padded
+    weights: np.ndarray  # float32 [n, N]
+    pop_count: np.ndarray  # float32 [n]: consumption count before the cut-off
+    pop_rank: np.ndarray  # float32 [n]: 0 = most consumed (ties by row)
+    popular_rows: np.ndarray  # int64: rows, most consumed first (the top of pop_rank)
+    info: dict[str, Any]  # method, cut-off, sizes (for the manifest)
+
+    @property
+    def n_neighbours(self) -> int:
+        return int(self.neighbours.shape[1])
+
+    def save(self, path: Path) -> None:
+        """Write atomically (a reader sees the old file or the new one)."""
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with tmp.open("wb") as f:
+            np.savez(
+                f,
+                item_ids=self.item_ids,
+                neighbours=self.neighbours,
+                weights=self.weights,
+                pop_count=self.pop_count,
+                info=np.array(json.dumps(self.info)),
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> SourceModel:
+        with np.load(path, allow_pickle=False) as z:
+            return cls.from_arrays(
+                z["item_ids"],
+                z["neighbours"],
+                z["weights"],
+                z["pop_count"],
+                json.loads(str(z["info"])),
+            )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        item_ids: np.ndarray,
+        neighbours: np.ndarray,
+        weights: np.ndarray,
+        pop_count: np.ndarray,
+        info: dict[str, Any],
+        popular_depth: int = 2000,
+    ) -> SourceModel:
+        n = len(item_ids)
+        if neighbours.shape != weights.shape or neighbours.shape[0] != n or len(pop_count) != n:
+            raise ValueError(
+                f"candidate model arrays disagree: {n} items, neighbours {neighbours.shape}, "
+                f"weights {weights.shape}, popularity {len(pop_count)}"
+            )
+        order = np.lexsort((np.arange(n), -np.asarray(pop_count, dtype=np.float64)))
+        rank = np.empty(n, dtype=np.float32)
+        rank[order] = np.arange(n, dtype=np.float32)
+        return cls(
+            np.asarray(item_ids, dtype=np.int64),
+            np.ascontiguousarray(neighbours, dtype=np.int32),
+            np.ascontiguousarray(weights, dtype=np.float32),
+            np.asarray(pop_count, dtype=np.float32),
+            rank,
+            order[:popular_depth].astype(np.int64),
+            info,
+        )
+
+
+def default_top_n(n_items: int) -> int:
+    """Neighbours kept per item: the whole useful list on small catalogs, a bounded
+    memory (n × N × 8 bytes: 240 MB at 1M items) on large ones."""
+    if n_items <= 50_000:
+        return 100
+    return 30
+
+
+def build_model(
+    interactions: pd.DataFrame,
+    item_ids: np.ndarray,
+    events: Sequence[str],
+    before: pd.Timestamp | None,
+    top_n: int | None = None,
+    lam: float = EASE_LAMBDA,
+) -> SourceModel:
+    """The item-to-item and popularity sources from ``events`` strictly before ``before``
+    (all when None), over the catalog rows ``item_ids``."""
+    t0 = time.perf_counter()
+    df = interactions if before is None else interactions[interactions["timestamp"] < before]
+    X, _ = baselines.interaction_matrix(df, item_ids, events=events)
+    n = len(item_ids)
+    top_n = top_n or default_top_n(n)
+    if n <= baselines.EASE_MAX_ITEMS:
+        method = f"ease(lambda={lam:g})"
+        B: Any = baselines.ease_weights(X, lam=lam, dtype=np.float32 if n > 5000 else np.float64)
+    else:
+        method = "covisitation(cosine)"
+        B = baselines.covisitation_weights(X, top_n)
+    neighbours, weights = baselines.top_n_neighbours(B, top_n)
+    del B
+    info = {
+        "method": method,
+        "events": list(events),
+        "before": None if before is None else pd.Timestamp(before).isoformat(),
+        "users": int(X.shape[0]),
+        "interactions": int(X.nnz),
+        "top_n": int(top_n),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    log.info("candidate sources: %s", json.dumps(info))
+    return SourceModel.from_arrays(
+        item_ids, neighbours, weights, baselines.popularity_scores(X), info
+    )
+
+
+def i2i_scores(model: SourceModel, history_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row reachable from the user's newest seen items with its summed weight,
+    best first: ``(rows int64, scores float32)``. ``history_rows`` are catalog rows,
+    newest first; -1 (not in the catalog) is skipped."""
+    hist = np.asarray(history_rows, dtype=np.int64)[:I2I_HISTORY]
+    hist = hist[hist >= 0]
+    if len(hist) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    nb = model.neighbours[hist].ravel()
+    w = model.weights[hist].ravel()
+    ok = nb >= 0
+    rows, inverse = np.unique(nb[ok], return_inverse=True)
+    scores = np.bincount(inverse, weights=w[ok], minlength=len(rows)).astype(np.float32)
+    order = np.argsort(-scores, kind="stable")
+    return rows[order].astype(np.int64), scores[order]
+
+
+def gather(
+    model: SourceModel,
+    quotas: Quotas,
+    ann_rows: np.ndarray,
+    seen_rows: np.ndarray,
+    allowed: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The merged candidates of one request — training, evaluation and serving all call
+    this — as ``(rows int64 [M], features float32 [M, len(CANDIDATE_FEATURES)])``.
+
+    ``ann_rows``: the ANN result in catalog rows, best first, unfiltered; ``seen_rows``:
+    the user's seen items in catalog rows, newest first (-1 for items outside the
+    catalog); ``allowed(rows) -> bool mask``: the request's filters (seen items, request
+    filters, items not yet created). Each source is filtered, cut to its quota, and the
+    lists are merged without duplicates: ANN order, then item-to-item, then popular.
+    Only a bounded head of the item-to-item and popular lists is filtered (quota × 4 plus
+    the user's seen items), so the cost does not grow with the catalog."""
+    ann = np.asarray(ann_rows, dtype=np.int64)
+    ann = ann[allowed(ann)][: quotas.ann]
+    n_seen = int((np.asarray(seen_rows) >= 0).sum())
+    reach_rows, reach_scores = i2i_scores(model, seen_rows)
+    head = reach_rows[: 4 * quotas.i2i + n_seen]
+    i2i = head[allowed(head)]
+    head = model.popular_rows[: 4 * quotas.popular + n_seen]
+    pop = head[allowed(head)][: quotas.popular]
+    stacked = np.concatenate([ann, i2i[: quotas.i2i], pop])
+    _, first = np.unique(stacked, return_index=True)
+    rows = stacked[np.sort(first)]
+    feats = np.empty((len(rows), len(CANDIDATE_FEATURES)), dtype=np.float32)
+    feats[:, 0] = _positions(ann, rows)
+    feats[:, 1] = _positions(i2i, rows)
+    # The score of every candidate, also of those found by another source.
+    pos = _positions(reach_rows, rows)
+    found = pos < ABSENT_RANK
+    feats[:, 2] = 0.0
+    feats[found, 2] = reach_scores[pos[found].astype(np.int64)]
+    feats[:, 3] = model.pop_rank[rows]
+    feats[:, 4] = np.log1p(model.pop_count[rows])
+    return rows, feats
+
+
+def _positions(source: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Position of each of ``rows`` in ``source`` (unique values), ABSENT_RANK if absent."""
+    out = np.full(len(rows), ABSENT_RANK, dtype=np.float32)
+    if len(source) == 0 or len(rows) == 0:
+        return out
+    order = np.argsort(source, kind="stable")
+    sorted_src = source[order]
+    pos = np.searchsorted(sorted_src, rows)
+    pos_c = np.minimum(pos, len(sorted_src) - 1)
+    hit = sorted_src[pos_c] == rows
+    out[hit] = order[pos_c[hit]].astype(np.float32)
+    return out
+
+
+def source_names(features: np.ndarray) -> np.ndarray:
+    """The first source that found each merged candidate (for the response's ``source``):
+    ``retrieval`` (ANN), ``item_to_item`` or ``popular``."""
+    out = np.full(len(features), "popular", dtype=object)
+    out[features[:, 1] < ABSENT_RANK] = "item_to_item"
+    out[features[:, 0] < ABSENT_RANK] = "retrieval"
+    return out

@@ -1,0 +1,120 @@
+"""The multi-source candidates (exporters/candidates.py) and seen items (exporters/seen.py):
+planted item-to-item neighbours are found, seen items never come back whatever the
+history, and the batch seen lists equal the real-time rule folded over the events."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from exporters import candidates, seen
+from exporters.candidates import ABSENT_RANK, CANDIDATE_FEATURES, Quotas
+
+
+def _planted(n_users: int = 400, n_pairs: int = 30, seed: int = 0) -> pd.DataFrame:
+    """Items 2k and 2k+1 are consumed together; every user also consumes random noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    for u in range(n_users):
+        for k in rng.choice(n_pairs, size=3, replace=False):
+            rows += [(u, 2 * k), (u, 2 * k + 1)]
+        rows += [(u, int(i)) for i in rng.integers(0, 2 * n_pairs, size=2)]
+    df = pd.DataFrame(rows, columns=["user_id", "item_id"])
+    df["timestamp"] = t0 + pd.to_timedelta(np.arange(len(df)), unit="s")
+    df["event"] = "click"
+    return df
+
+
+@pytest.mark.parametrize("covisit", [False, True])
+def test_item_to_item_finds_planted_neighbours(covisit: bool, monkeypatch) -> None:
+    events = _planted()
+    item_ids = np.arange(60, dtype=np.int64)
+    if covisit:  # the large-catalog method, forced on a small case
+        monkeypatch.setattr(candidates.baselines, "EASE_MAX_ITEMS", 10)
+    model = candidates.build_model(events, item_ids, ["click"], before=None, top_n=5)
+    assert ("covisitation" in model.info["method"]) == covisit
+    for k in range(30):
+        assert model.neighbours[2 * k, 0] == 2 * k + 1
+        assert model.neighbours[2 * k + 1, 0] == 2 * k
+    # A user who consumed only item 10 gets item 11 first from the source.
+    rows, scores = candidates.i2i_scores(model, np.array([10]))
+    assert rows[0] == 11 and scores[0] > 0
+
+
+def test_before_cut_uses_only_earlier_events() -> None:
+    events = _planted()
+    cut = events["timestamp"].iloc[len(events) // 2]
+    model = candidates.build_model(events, np.arange(60), ["click"], before=cut, top_n=5)
+    early = events[events["timestamp"] < cut]
+    assert model.info["interactions"] == len(early.drop_duplicates(["user_id", "item_id"]))
+
+
+def test_seen_items_never_come_back_property() -> None:
+    """Random catalogs, models and histories: no merged candidate is ever a seen item, no
+    candidate repeats, and the features say which source found each one."""
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        n = int(rng.integers(5, 400))
+        top_n = int(rng.integers(1, 20))
+        neighbours = rng.integers(-1, n, size=(n, top_n)).astype(np.int32)
+        weights = rng.random((n, top_n)).astype(np.float32)
+        model = candidates.SourceModel.from_arrays(
+            np.arange(n) * 3 + 1, neighbours, weights, rng.integers(0, 50, n), {}
+        )
+        quotas = Quotas(
+            ann=int(rng.integers(0, 50)),
+            i2i=int(rng.integers(0, 50)),
+            popular=int(rng.integers(0, 20)),
+        )
+        history = rng.integers(-1, n, size=int(rng.integers(0, 3 * n)))
+        blocked = history[history >= 0]
+        extra = rng.random(n) < rng.random() * 0.5  # request filters, not-yet-created items
+
+        def allowed(rows: np.ndarray, blocked: np.ndarray = blocked, extra=extra) -> np.ndarray:
+            return ~np.isin(rows, blocked) & ~extra[rows]
+
+        ann = rng.permutation(n)[: int(rng.integers(0, n + 1))]
+        rows, feats = candidates.gather(model, quotas, ann, history, allowed)
+        assert not np.isin(rows, blocked).any(), trial
+        assert not extra[rows].any(), trial
+        assert len(np.unique(rows)) == len(rows), trial
+        assert len(rows) <= quotas.total
+        assert feats.shape == (len(rows), len(CANDIDATE_FEATURES))
+        found_any = (feats[:, 0] < ABSENT_RANK) | (feats[:, 1] < ABSENT_RANK)
+        assert (found_any | np.isin(rows, model.popular_rows)).all()
+
+
+def test_seen_table_equals_the_real_time_rule() -> None:
+    rng = np.random.default_rng(2)
+    n = 3000
+    df = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 40, n),
+            "item_id": rng.integers(0, 60, n),
+            "timestamp": pd.Timestamp("2026-01-01", tz="UTC")
+            + pd.to_timedelta(rng.integers(0, 10_000, n), unit="s"),
+            "event": rng.choice(["view", "click", "purchase"], n),
+        }
+    ).sort_values("timestamp", kind="stable")
+    events = ("click", "purchase")
+    table = seen.seen_table(df, events, cap=25)
+    got = dict(zip(table["user_id"], [list(x) for x in table["seen_items"]], strict=True))
+    for u, g in df[df["event"].isin(events)].groupby("user_id"):
+        folded: list[int] = []
+        for item in g["item_id"]:
+            folded = seen.update_seen(folded, int(item), cap=25)
+        assert got[u] == folded
+
+
+def test_seen_events_come_from_the_data_unless_overridden() -> None:
+    assert seen.seen_events({}) == ("click", "purchase")
+    assert seen.seen_events({"seen_events": ["view", "click", "purchase"]}) == (
+        "view",
+        "click",
+        "purchase",
+    )
+    assert seen.seen_events({"seen_events": ["view"]}, ("purchase",)) == ("purchase",)
+    with pytest.raises(ValueError):
+        seen.seen_events({}, ("rated",))
