@@ -93,8 +93,9 @@ def test_user_tower_open_loop(triton: Settings) -> None:
     # from the intended send includes the generator's lag, and the client's mean latency
     # includes Triton's own queue + compute time for the same requests.
     lat, from_send = doc["latency_ms"], doc["latency_from_send_ms"]
-    # (1 ms of slack: the loop may fire a timer tick early, a slightly negative lag)
-    assert lat["p50"] >= from_send["p50"] - 1.0 and lat["max"] >= from_send["max"] - 1.0
+    # (slack: the loop may fire a timer tick early, and HDR percentiles keep 3 digits)
+    for key in ("p50", "max"):
+        assert lat[key] >= from_send[key] - (1.0 + 2e-3 * from_send[key]), (lat, from_send)
     server_ms = _triton_mean_request_ms(triton, "user_tower")
     assert 0 < server_ms <= from_send["mean"], (server_ms, from_send)
     # A model that is not loaded is a clear error before any load is sent.
