@@ -331,7 +331,8 @@ def cli_check(args: argparse.Namespace) -> int:
         folder = settings.model_repository
         ids = release.release_ids(settings)
         errors = []
-        for versions in [release.model_versions(settings, r) for r in ids] or [None]:
+        releases: list[dict[str, int] | None] = [release.model_versions(settings, r) for r in ids]
+        for versions in releases or [None]:
             pinned = {m: [v] for m, v in versions.items()} if versions else None
             errors += [e for e in check_repository(folder, pinned) if e not in errors]
     for line in errors:
