@@ -277,3 +277,25 @@ def test_repository_walk_reports_missing_versions_and_names(tmp_path: Path) -> N
     errors = check_repository(tmp_path)
     assert any("names versions [3] with no folder" in e for e in errors)
     assert any("step model" in e and "not in the repository" in e for e in errors)
+
+
+@pytest.mark.slow
+def test_the_trained_release_makes_loadable_repositories(trained_settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The real exporters' artifacts (towers with F.normalize, the feature assembly, the
+    float32 ranker) of the pipeline's release: the production repository written for it
+    passes every backend rule, and so does the embedded repository as the release loads it."""
+    from exporters import release
+    from exporters.triton_configs import write_configs
+
+    out = tmp_path / "production"
+    write_configs(trained_settings, "production", out)  # raises on any problem
+    assert check_repository(out) == []
+    rank_features = load_config_from(out / "rank_features" / "config.pbtxt")
+    assert all(-1 not in list(t.dims)[1:] for t in rank_features.input)  # widths filled
+    versions = release.model_versions(trained_settings)
+    pinned = {m: [v] for m, v in versions.items()}
+    assert check_repository(trained_settings.model_repository, pinned) == []
+
+
+def load_config_from(path: Path) -> model_config_pb2.ModelConfig:
+    return _config(path.read_text())
