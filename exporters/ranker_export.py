@@ -28,7 +28,8 @@ row to the same leaf of every tree as the float64 one; (3) the float32 checkpoin
 library against LightGBM within :func:`float32_tolerance`: the only differences left are
 the rounding of each leaf value (at most u·|leaf|, u = 2^-24) and float32 summation over
 the trees (at most (n-1)·u·Σ|leaf|, in any order), so the bound is
-2·(n_trees+1)·u·Σ_t max|leaf_t| (twice the first-order bound, for the second-order terms).
+2·(n_trees+1)·u·Σ_t max|leaf_t| (twice the first-order bound, for the second-order terms),
+or ``ExportParams.tolerance`` when that is larger.
 """
 
 from __future__ import annotations
