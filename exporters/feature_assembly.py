@@ -340,9 +340,15 @@ def export_onnx(
             f"match RankFeatures.forward {expected}"
         )
     sample = example_inputs(layout, 7, seed=1)
-    dynamic = {"item_features": {0: "n"}, "item_category": {0: "n"}}
-    dynamic |= {"item_created_at": {0: "n"}, "item_embedding": {0: "n"}}
-    dynamic[names_out[0]] = {0: "n"}
+    # The candidate axis N is the graph's only dynamic axis, named "n": every tensor whose
+    # config.pbtxt dims start with -1 (max_batch_size 0, so dim 0 is N). The other -1s of
+    # the config are widths the layout fixes; the graph keeps them fixed, and the
+    # production config takes them from the graph (exporters/triton_configs.py), as
+    # NVIDIA's onnxruntime backend requires every fixed model dim to equal the config's.
+    config = model_config.load_config(MODEL_NAME, repository)
+    dynamic = {
+        t.name: {0: "n"} for t in (*config.input, *config.output) if list(t.dims[:1]) == [-1]
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -357,6 +363,9 @@ def export_onnx(
             opset_version=opset,
             dynamo=False,
         )
+    from exporters.onnx_export import declare_config_dims
+
+    declare_config_dims(tmp, MODEL_NAME, repository)
     try:
         record = check_onnx_parity(tmp, layout, tolerance=tolerance)
     except AssemblyParityError:

@@ -30,22 +30,6 @@ log = logging.getLogger(__name__)
 
 SHIMS_DIR = "_shims"
 
-# Triton data types of config.pbtxt -> numpy, and onnxruntime's type strings -> numpy.
-_TRITON_NUMPY = {
-    "TYPE_FP32": np.float32,
-    "TYPE_FP64": np.float64,
-    "TYPE_INT64": np.int64,
-    "TYPE_INT32": np.int32,
-    "TYPE_BOOL": np.bool_,
-}
-_ORT_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-}
-
 
 def list_versions(settings: Settings, model: str) -> list[int]:
     """Published versions of ``model``, ascending (numeric folders only)."""
@@ -153,38 +137,27 @@ def validate_version(settings: Settings, model: str, folder: Path) -> None:
 
 
 def _validate_onnx(model: str, config, path: Path) -> None:  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
+    """The graph against the committed config as the embedded shim runs it, and against
+    the production config derived from it as NVIDIA's onnxruntime backend validates it
+    (``exporters.repo_check``): a version that the container would refuse is not
+    published."""
+    from exporters.repo_check import (
+        fixed_widths,
+        graph_signature,
+        onnxruntime_backend_errors,
+        shim_errors,
+    )
+    from exporters.triton_configs import production_config
 
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # any load failure is an invalid artifact
-        raise UserError(f"{model}: {path.name} does not load in onnxruntime: {e}") from e
-    batch_dims = 1 if config.max_batch_size > 0 else 0
-    for kind, declared, actual in (
-        ("input", config.input, session.get_inputs()),
-        ("output", config.output, session.get_outputs()),
-    ):
-        by_name = {t.name: t for t in actual}
-        for tensor in declared:
-            name = tensor.name
-            if name not in by_name:
-                raise UserError(
-                    f"{model}: {kind} {name!r} of config.pbtxt is not in {path.name} "
-                    f"(it has {sorted(by_name)})"
-                )
-            want = _TRITON_NUMPY.get(model_data_type(tensor.data_type))
-            got = _ORT_NUMPY.get(by_name[name].type)
-            if want is None or got != want:
-                raise UserError(
-                    f"{model}: {kind} {name!r} is {by_name[name].type} in {path.name} but "
-                    f"{model_data_type(tensor.data_type)} in config.pbtxt"
-                )
-            rank = len(tensor.dims) + batch_dims
-            if len(by_name[name].shape) != rank:
-                raise UserError(
-                    f"{model}: {kind} {name!r} has rank {len(by_name[name].shape)} in "
-                    f"{path.name}, config.pbtxt implies {rank}"
-                )
+    graph = graph_signature(path)
+    errors = shim_errors(config, graph)
+    if not errors:
+        native = production_config(
+            config, gpu=False, num_features=None, widths=fixed_widths(config, graph)
+        )
+        errors = [f"production: {e}" for e in onnxruntime_backend_errors(native, graph)]
+    if errors:
+        raise UserError(f"{model}: {path.name} does not fit config.pbtxt: " + "; ".join(errors))
 
 
 def _validate_ranker(model: str, config, checkpoint: Path, library: Path) -> None:  # type: ignore[no-untyped-def]
@@ -204,13 +177,24 @@ def _validate_ranker(model: str, config, checkpoint: Path, library: Path) -> Non
             f"{model}: {library.name} takes {predictor.num_feature} features, "
             f"{checkpoint.name} {tree_model.num_feature}: not compiled from this checkpoint"
         )
+    # Production serves this checkpoint with FIL: its config (derived from this one) and
+    # the checkpoint must pass FIL's rules, float32 parameters included.
+    from exporters.repo_check import fil_errors
+    from exporters.triton_configs import production_config
+
+    native = production_config(config, gpu=False, num_features=tree_model.num_feature)
+    errors = fil_errors(native, checkpoint)
+    if errors:
+        raise UserError(f"{model}: not servable by FIL: " + "; ".join(errors))
     (width,) = config.input[0].dims
     if width not in (-1, tree_model.num_feature):
         raise UserError(
             f"{model}: config.pbtxt input width {width} != checkpoint's {tree_model.num_feature}"
         )
     # The compiled library must score like the checkpoint it claims to come from.
+    # Rows in the library's own type (tl2cgen 1.0.0 cannot convert under NumPy 2).
     rows = np.random.default_rng(0).normal(size=(64, tree_model.num_feature))
+    rows = rows.astype(predictor.threshold_type)
     expected = treelite.gtil.predict(tree_model, rows, pred_margin=True).reshape(64, -1)
     got = predictor.predict(
         tl2cgen.DMatrix(rows, dtype=predictor.threshold_type), pred_margin=True

@@ -138,6 +138,40 @@ def export_onnx(
                 opset_version=OPSET,
                 dynamo=False,
             )
+    declare_config_dims(path, tower, repository)
+
+
+def declare_config_dims(path: Path, model: str, repository: Path) -> list[str]:
+    """Write the sizes that ``model``'s config.pbtxt fixes into the graph's output shapes
+    where the exporter left a symbolic dim (``F.normalize`` divides by an ``Expand`` whose
+    shape is computed at run time, so the legacy exporter names the width
+    ``Div_..._dim_1``). onnxruntime reports such a dim as -1, and NVIDIA's onnxruntime
+    backend compares outputs exactly: ``[-1,-1]`` against the config's ``[-1,64]`` fails
+    the load ("the model expects 2 dimensions (shape [-1,-1]) but the model configuration
+    specifies ... [-1,64]", onnxruntime_backend ``CompareDimsSupported``). The batch axis
+    stays dynamic. The parity checks that follow compare the real output shapes with
+    PyTorch's. Returns the tensors changed."""
+    import onnx
+
+    config = load_config(model, repository)
+    skip = 1 if config.max_batch_size > 0 else 0
+    fixed = {t.name: list(t.dims) for t in config.output}
+    graph = onnx.load(str(path))
+    changed = []
+    for value in graph.graph.output:
+        dims = fixed.get(value.name)
+        shape = value.type.tensor_type.shape.dim
+        if dims is None or len(shape) != len(dims) + skip:
+            continue  # a rank mismatch is the repository check's to report
+        for dim, size in zip(list(shape)[skip:], dims, strict=True):
+            if size >= 0 and not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = size
+                changed.append(value.name)
+    if changed:
+        onnx.checker.check_model(graph)
+        onnx.save(graph, str(path))
+    return sorted(set(changed))
 
 
 def session(path: Path | str) -> ort.InferenceSession:

@@ -11,6 +11,25 @@ raised and none of the final files is written or replaced (and an older
 Both artifacts are compared with LightGBM's raw scores on real ranker rows (a sample saved
 by ``exporters/ranker_train.py``) plus random rows with missing values. Rows are float32,
 as Triton sends them (``input__0`` is TYPE_FP32).
+
+**float32.** Production serves the checkpoint with Triton's FIL backend, which "exclusively
+uses 32-bit precision. 64-bit model parameters are rounded to 32-bit values"
+(fil_backend docs/model_config.md). LightGBM's thresholds and leaf values are float64, so
+a checkpoint taken as it is would be scored by FIL with thresholds other than the ones the
+gate checked, and a row whose value falls between a threshold and its rounding would take
+another branch. So the export casts the checkpoint to float32 itself
+(:func:`float32_model`) and ships only that: each threshold is rounded *toward the side
+that keeps every float32 input on its branch* (down for ``<=``/``>``, up for ``<``/``>=``),
+which is exact for float32 rows, the only rows Triton sends; leaf values are rounded to
+nearest. FIL then has nothing left to round, and the embedded runtime's library is
+compiled from the same checkpoint. The gate checks (1) the float64 conversion against
+LightGBM at ``ExportParams.tolerance``; (2) that the float32 checkpoint sends every parity
+row to the same leaf of every tree as the float64 one; (3) the float32 checkpoint and the
+library against LightGBM within :func:`float32_tolerance`: the only differences left are
+the rounding of each leaf value (at most u·|leaf|, u = 2^-24) and float32 summation over
+the trees (at most (n-1)·u·Σ|leaf|, in any order), so the bound is
+2·(n_trees+1)·u·Σ_t max|leaf_t| (twice the first-order bound, for the second-order terms),
+or ``ExportParams.tolerance`` when that is larger.
 """
 
 from __future__ import annotations
@@ -156,6 +175,139 @@ def check_ranker_parity(
     return record
 
 
+def _round_threshold(threshold: float, op: str) -> float:
+    """The float32 threshold that decides every float32 input as ``threshold`` does in
+    float64: for ``x <= t`` (and ``x > t``) the largest float32 <= t, since no float32 lies
+    in (that, t]; for ``x < t`` (and ``x >= t``) the smallest float32 >= t."""
+    f = np.float32(threshold)
+    if op in ("<=", ">") and float(f) > threshold:
+        f = np.nextafter(f, np.float32(-np.inf))
+    elif op in ("<", ">=") and float(f) < threshold:
+        f = np.nextafter(f, np.float32(np.inf))
+    return float(f)
+
+
+# Treelite 4 enums (include/treelite/enum/*.h): TaskType, Operator, TreeNodeType.
+_TASK_TYPES = {0: "kBinaryClf", 1: "kRegressor", 2: "kMultiClf", 3: "kLearningToRank",
+               4: "kIsolationForest"}  # fmt: skip
+_OPERATORS = {2: "<", 3: "<=", 4: ">", 5: ">="}
+_LEAF, _NUMERICAL, _CATEGORICAL = 0, 1, 2
+
+
+def float32_model(model: Any) -> Any:
+    """``model`` (a Treelite model, e.g. float64 from LightGBM) rebuilt with float32
+    thresholds and leaf values (see the module doc for the rounding). Every node keeps its
+    id, so ``treelite.gtil.predict_leaf`` of both models can be compared. Read through the
+    field accessors: the JSON dump writes an infinite threshold (LightGBM's 1e300) as
+    nothing."""
+    from treelite import model_builder as mb
+
+    if (model.input_type, model.output_type) == ("float32", "float32"):
+        return model
+    head = model.get_header_accessor()
+
+    def ints(name: str) -> list[int]:
+        return [int(v) for v in head.get_field(name)]
+
+    if ints("leaf_vector_shape") != [1, 1]:
+        raise UserError("float32_model handles one output per leaf (a ranker/regressor)")
+    builder = mb.ModelBuilder(
+        threshold_type="float32",
+        leaf_output_type="float32",
+        metadata=mb.Metadata(
+            num_feature=ints("num_feature")[0],
+            task_type=_TASK_TYPES[ints("task_type")[0]],
+            average_tree_output=bool(ints("average_tree_output")[0]),
+            num_target=ints("num_target")[0],
+            num_class=ints("num_class"),
+            leaf_vector_shape=(1, 1),
+        ),
+        tree_annotation=mb.TreeAnnotation(
+            num_tree=model.num_tree, target_id=ints("target_id"), class_id=ints("class_id")
+        ),
+        postprocessor=mb.PostProcessorFunc(
+            str(head.get_field("postprocessor")),
+            sigmoid_alpha=float(head.get_field("sigmoid_alpha")[0]),
+            ratio_c=float(head.get_field("ratio_c")[0]),
+        ),
+        base_scores=[float(v) for v in head.get_field("base_scores")],
+        attributes=json.loads(str(head.get_field("attributes")) or "{}"),
+    )
+    for i in range(model.num_tree):
+        tree = model.get_tree_accessor(i)
+        f = {name: tree.get_field(name) for name in (
+            "node_type", "cleft", "cright", "split_index", "default_left", "leaf_value",
+            "threshold", "cmp", "category_list", "category_list_begin", "category_list_end",
+            "category_list_right_child",
+        )}  # fmt: skip
+        builder.start_tree()
+        for node in range(int(tree.get_field("num_nodes")[0])):
+            builder.start_node(node)
+            kind = int(f["node_type"][node])
+            children = {
+                "left_child_key": int(f["cleft"][node]),
+                "right_child_key": int(f["cright"][node]),
+            }
+            if kind == _LEAF:
+                builder.leaf(float(np.float32(f["leaf_value"][node])))
+            elif kind == _NUMERICAL:
+                op = _OPERATORS[int(f["cmp"][node])]
+                builder.numerical_test(
+                    int(f["split_index"][node]),
+                    _round_threshold(float(f["threshold"][node]), op),
+                    default_left=bool(f["default_left"][node]),
+                    opname=op,
+                    **children,
+                )
+            elif kind == _CATEGORICAL:  # no floating-point parameter to round
+                begin, end = f["category_list_begin"][node], f["category_list_end"][node]
+                builder.categorical_test(
+                    int(f["split_index"][node]),
+                    default_left=bool(f["default_left"][node]),
+                    category_list=[int(c) for c in f["category_list"][begin:end]],
+                    category_list_right_child=bool(f["category_list_right_child"][node]),
+                    **children,
+                )
+            else:
+                raise UserError(f"tree {i} node {node}: unknown Treelite node type {kind}")
+            builder.end_node()
+        builder.end_tree()
+    return builder.commit()
+
+
+def float32_tolerance(model: Any, floor: float = 0.0) -> float:
+    """Largest |float32 score - float64 score| a float32 evaluation of ``model`` can show
+    when every row takes the same branches (module doc): 2·(n+1)·2^-24·Σ_t max|leaf_t|."""
+    total = 0.0
+    for i in range(model.num_tree):
+        tree = model.get_tree_accessor(i)
+        leaves = tree.get_field("leaf_value")[tree.get_field("node_type") == _LEAF]
+        total += float(np.max(np.abs(leaves), initial=0.0))
+    bound = 2.0 * (model.num_tree + 1) * 2.0**-24 * total
+    return max(bound, floor)
+
+
+def check_same_leaves(reference: Any, candidate: Any, rows: np.ndarray, name: Path) -> int:
+    """Every row reaches the same leaf of every tree in both models (treelite.gtil);
+    raises :class:`RankerParityError` naming the first row and tree that differ."""
+    import treelite
+
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    want = treelite.gtil.predict_leaf(reference, rows, nthread=1)
+    got = treelite.gtil.predict_leaf(candidate, rows, nthread=1)
+    if got.shape != want.shape:
+        raise RankerParityError(name, f"leaf matrix {got.shape}, expected {want.shape}")
+    diff = np.argwhere(got != want)
+    if len(diff):
+        row, tree = diff[0]
+        raise RankerParityError(
+            name,
+            f"{len(diff)} (row, tree) decisions differ from the float64 model, first row "
+            f"{row} tree {tree}",
+        )
+    return int(want.size)
+
+
 def parity_rows(sample: np.ndarray, n_random: int = 256, seed: int = 0) -> np.ndarray:
     """Real rows plus random rows drawn per column from the real values, with ~5% missing
     (NaN), so default (missing-value) branches are exercised too."""
@@ -248,8 +400,18 @@ def export(settings: Settings, params: ExportParams | None = None) -> None:
         onnx_record = feature_assembly.export_onnx(
             stage / ASSEMBLY_ONNX, layout, settings.model_repository, tolerance=params.tolerance
         )
-        model = treelite.frontend.from_lightgbm(booster)
+        # (1) the conversion itself, at full precision
+        model64 = treelite.frontend.from_lightgbm(booster)
+        model64.serialize(str(stage / "checkpoint64.tl"))
+        parity64 = check_ranker_parity(
+            booster, rows, checkpoint=stage / "checkpoint64.tl", tolerance=params.tolerance
+        )
+        # (2) the float32 checkpoint FIL will serve takes the same branches
+        model = float32_model(model64)
         model.serialize(str(stage / CHECKPOINT))
+        decisions = check_same_leaves(model64, model, rows, stage / CHECKPOINT)
+        # (3) its scores and the library's, within the float32 bound
+        tolerance = float32_tolerance(model, floor=params.tolerance)
         log.info("compiling %d trees with tl2cgen (quantize=%d)", model.num_tree, params.quantize)
         compile_s = compile_library(model, stage / LIBRARY, params, params.quantize)
         parity = check_ranker_parity(
@@ -257,15 +419,22 @@ def export(settings: Settings, params: ExportParams | None = None) -> None:
             rows,
             checkpoint=stage / CHECKPOINT,
             library=stage / LIBRARY,
-            tolerance=params.tolerance,
+            tolerance=tolerance,
         )
+        parity["float64_checkpoint"] = parity64["checkpoint"] | {"tolerance": params.tolerance}
+        parity["float32"] = {
+            "thresholds": "rounded toward the branch each float32 input takes in float64",
+            "same_leaf_decisions": decisions,
+            "tolerance": tolerance,
+            "tolerance_rule": "2*(n_trees+1)*2^-24*sum_t max|leaf_t|",
+        }
         libraries = {params.quantize: stage / LIBRARY}
         if params.bench_other_variant:
             other = 1 - params.quantize
             other_lib = stage / f"bench_quantize{other}.so"
             compile_library(model, other_lib, params, other)
             # Timed only, but check it too: a fast wrong library is no option.
-            check_ranker_parity(booster, rows, library=other_lib, tolerance=params.tolerance)
+            check_ranker_parity(booster, rows, library=other_lib, tolerance=tolerance)
             libraries[other] = other_lib
         bench = np.resize(sample, (params.bench_rows, sample.shape[1])).astype(np.float32)
         timings = time_predictions(booster, libraries, bench, params.bench_repeats)

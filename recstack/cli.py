@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(repo, "configs", "exporters.triton_configs:cli", "write config.pbtxt files")
     p.add_argument("--runtime", choices=["embedded", "production"], default="embedded")
     p.add_argument("--out", help="repository folder (default: settings.model_repository)")
+    p.add_argument(
+        "--release", action="append", help="production: release(s) to serve (default: newest)"
+    )
+    p = _cmd(repo, "check", "exporters.triton_configs:cli_check", "check configs vs artifacts")
+    p.add_argument("dir", nargs="?", help="repository folder (default: settings.model_repository)")
     rel = groups.add_parser("release", help="model releases").add_subparsers(
         dest="cmd", required=True
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import make_settings
+from conftest import make_settings, require_redis_server
 
 from exporters.raw_tables import RawTables, write_raw
 from recstack.settings import PROJECT_ROOT, Settings
@@ -119,8 +119,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]
     """Our own redis-server on REDIS_TEST_PORT for the session (stopped afterwards)."""
     from orchestrator import redis_server as rs
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (make setup installs it)")
+    require_redis_server()
     s = make_settings(tmp_path_factory.mktemp("redis"), redis_port=REDIS_TEST_PORT)
     proc = rs.start(s)
     try:

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.model_config import input_names, output_names
+from exporters.model_config import input_names, load_config, output_names
 from exporters.model_repo import publish_version
-from recstack.settings import Settings
+from exporters.onnx_export import declare_config_dims
+from exporters.ranker_export import float32_model
+from recstack.settings import PROJECT_ROOT, Settings
 
 EMB = 64
 N_USERS, N_ITEMS, N_AGE, N_COUNTRY, N_CAT, N_BRAND = 100, 300, 6, 5, 5, 7
@@ -159,6 +161,7 @@ def _export(torch, model: str, module, sample: dict[str, np.ndarray], path: Path
         dynamic_axes={n: {0: "batch"} for n in names + output_names(model)},
         dynamo=False,
     )
+    declare_config_dims(path, model, PROJECT_ROOT / "model_repository")  # as the exporter does
 
 
 def build_artifacts(folder: Path, seed: int = 0) -> Artifacts:
@@ -188,13 +191,12 @@ def build_artifacts(folder: Path, seed: int = 0) -> Artifacts:
         str(path),
         input_names=names,
         output_names=output_names("rank_features"),
-        # Widths are fixed by the export (as the real exporter's are); N is dynamic.
+        # Widths are fixed by the export (as the real exporter's are); N, the leading -1
+        # of config.pbtxt, is dynamic.
         dynamic_axes={
-            "item_features": {0: "n"},
-            "item_category": {0: "n"},
-            "item_created_at": {0: "n"},
-            "item_embedding": {0: "n"},
-            "rank_input": {0: "n"},
+            t.name: {0: "n"}
+            for t in (*load_config("rank_features").input, *load_config("rank_features").output)
+            if list(t.dims[:1]) == [-1]
         },
         dynamo=False,
     )
@@ -210,7 +212,8 @@ def build_artifacts(folder: Path, seed: int = 0) -> Artifacts:
     )
     booster_file = folder / "ranker.txt"
     booster.save_model(str(booster_file))
-    tl_model = treelite.frontend.from_lightgbm(booster)
+    # The float32 checkpoint the export ships (FIL computes in float32).
+    tl_model = float32_model(treelite.frontend.from_lightgbm(booster))
     checkpoint = folder / "checkpoint.tl"
     tl_model.serialize(str(checkpoint))
     library = folder / "model.so"

@@ -31,6 +31,26 @@ def make_settings(base: Path, **overrides: object) -> Settings:
     )
 
 
+def in_ci() -> bool:
+    """CI sets ``CI=true`` (GitHub Actions, GitLab, and ``.ci/run`` do)."""
+    import os
+
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_redis_server() -> None:
+    """Skip without ``redis-server`` on a developer's machine; fail under CI, where set-up
+    (``make setup``) installs it, so a broken install cannot pass as skipped tests."""
+    import shutil
+
+    if shutil.which("redis-server") is not None:
+        return
+    message = "redis-server is not installed (make setup installs it)"
+    if in_ci():
+        pytest.fail(f"{message}; CI=true, so the Redis tests must run, not skip")
+    pytest.skip(message)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Fresh settings rooted in a per-test temporary folder."""

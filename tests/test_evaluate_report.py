@@ -102,6 +102,16 @@ def test_small_pipeline_beats_popularity(trained_settings: Settings) -> None:
     for name in ("popularity", "item_to_item"):
         assert pipe > report["lists"][name]["ndcg@10"], (name, report["lists"])
     assert report["gate"]["passed"] is True
+    # The ranker only reorders the merged candidates: its top 10 cannot hold more relevant
+    # items than all of them. A ranking path that leaked other items, or a recall computed
+    # differently, breaks it.
+    width = report["ranker_candidates"]
+    candidate_recall = report["pipeline"][f"candidate_recall@{width}"]
+    assert report["pipeline"]["recall@10"] <= candidate_recall + 1e-9, report["pipeline"]
+    # Retrieval alone is far from random: a random 10-item list has expected recall
+    # 10/n_catalog; tower embeddings misaligned with item ids fall to about that.
+    random_recall = 10 / report["n_catalog"]
+    assert report["lists"]["retrieval"]["recall@10"] > 1.5 * random_recall, report["lists"]
     assert (trained_settings.reports_dir / "report.md").read_text().startswith("# recstack")
 
 
@@ -122,6 +132,10 @@ def test_small_pipeline_ranker_artifacts_agree(trained_settings: Settings) -> No
     out = sess.run(None, fa.example_inputs(layout, 5))[0]
     assert out.shape == (5, booster.num_feature())
     parity = json.loads((work / "ranker_parity.json").read_text())
-    assert parity["ranker"]["checkpoint"]["max_abs_diff"] < 1e-5
-    assert parity["ranker"]["library"]["max_abs_diff"] < 1e-5
+    # The float64 conversion matches LightGBM to 1e-5; the float32 checkpoint that FIL and
+    # the library serve stays within the stated float32 bound, on the same branches.
+    assert parity["ranker"]["float64_checkpoint"]["max_abs_diff"] < 1e-5
+    tolerance = parity["ranker"]["float32"]["tolerance"]
+    assert parity["ranker"]["checkpoint"]["max_abs_diff"] < tolerance
+    assert parity["ranker"]["library"]["max_abs_diff"] < tolerance
     assert np.isfinite(list(parity["timings_ms"].values())).all()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from _features_fixtures import free_port
-from conftest import make_settings
+from conftest import make_settings, require_redis_server
 
 from orchestrator import redis_server
 from orchestrator.processes import read_pid
@@ -16,8 +15,8 @@ from recstack.errors import UserError
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 def test_start_refuse_second_stop(tmp_path: Path) -> None:
+    require_redis_server()
     s = make_settings(tmp_path, redis_port=free_port())
     proc = redis_server.start(s)
     try:
@@ -30,3 +29,16 @@ def test_start_refuse_second_stop(tmp_path: Path) -> None:
     assert not redis_server.ping(s)
     assert read_pid(s, redis_server.process_name(s)) is None
     assert not redis_server.stop(s)  # nothing left to stop
+
+
+def test_missing_redis_server_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set-up installs redis-server, so under CI its absence is a failure, not a skip."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="must run, not skip"):
+        require_redis_server()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        require_redis_server()

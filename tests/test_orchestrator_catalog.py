@@ -42,6 +42,32 @@ def test_filters(catalog: Catalog) -> None:
     assert got.min() >= 50 and got.max() <= 500
 
 
+@pytest.mark.parametrize("how", ["exclude_item_ids", "seen"])
+def test_an_excluded_or_seen_item_that_passes_every_other_filter_is_dropped(
+    catalog: Catalog, how: str
+) -> None:
+    """Item 110 (category 1, price 11) passes the category and price filters, so only
+    the exclusion can remove it; and it removes nothing else."""
+    rows = np.arange(len(catalog))
+    target = 110
+    base = catalog.allowed(rows, build_filters([1, 2], [], [], 5.0, 50.0), seen=np.array([]))
+    assert target in catalog.item_ids[rows[base]]  # the control: allowed without exclusion
+    if how == "exclude_item_ids":
+        f, seen = build_filters([1, 2], [], [target], 5.0, 50.0), np.array([])
+    else:
+        f, seen = build_filters([1, 2], [], [], 5.0, 50.0), np.array([target])
+    mask = catalog.allowed(rows, f, seen=seen)
+    dropped = set(catalog.item_ids[rows[base & ~mask]].tolist())
+    assert dropped == {target}
+    assert not np.any(mask & ~base)  # excluding never lets anything else in
+
+
+def test_exclusion_without_other_filters(catalog: Catalog) -> None:
+    rows = np.arange(len(catalog))
+    mask = catalog.allowed(rows, build_filters([], [], [0, 990], 0, 0), seen=np.array([]))
+    assert sorted(catalog.item_ids[rows[~mask]].tolist()) == [0, 990]
+
+
 def test_fallbacks_mix_fresh_and_popular(catalog: Catalog) -> None:
     fb = Fallbacks.build(catalog)
     rows, scores, sources = fb.candidates(

@@ -113,6 +113,15 @@ def test_export_writes_checked_artifacts(settings: Settings, artifacts: dict) ->
     assert all((work / f).exists() for f in FINAL)
     rec = json.loads((work / "ranker_parity.json").read_text())
     assert rec["ranker"]["library"]["max_abs_diff"] < 1e-5
+    # FIL computes in float32: the shipped checkpoint is float32 and was gated as such
+    import treelite
+
+    shipped = treelite.Model.deserialize(str(work / "checkpoint.tl"))
+    assert (shipped.input_type, shipped.output_type) == ("float32", "float32")
+    f32 = rec["ranker"]["float32"]
+    assert f32["same_leaf_decisions"] == N_TREES * (200 + 256)
+    assert rec["ranker"]["checkpoint"]["max_abs_diff"] < f32["tolerance"] < 1e-3
+    assert rec["ranker"]["float64_checkpoint"]["max_abs_diff"] < 1e-5
     assert rec["rank_features_onnx"]["max_abs_diff"] < 1e-5
     assert rec["num_features"] == LAYOUT.n_features
     assert set(rec["timings_ms"]) == {
@@ -144,3 +153,51 @@ def test_export_writes_nothing_when_the_library_is_wrong(
         ranker_export.export(settings, PARAMS)
     assert not any((work / f).exists() for f in FINAL)
     assert not list(work.glob(".ranker_export*"))  # the staging folder is gone too
+
+
+def _threshold_rows(model: object, base: np.ndarray) -> np.ndarray:
+    """Rows that put one feature on each finite threshold's float32 neighbours: the
+    values where rounding a float64 threshold to float32 can change a branch."""
+    rows = []
+    for i in range(model.num_tree):  # type: ignore[attr-defined]
+        tree = model.get_tree_accessor(i)  # type: ignore[attr-defined]
+        numerical = tree.get_field("node_type") == 1
+        for f, t in zip(
+            tree.get_field("split_index")[numerical],
+            tree.get_field("threshold")[numerical],
+            strict=True,
+        ):
+            if not np.isfinite(t) or abs(t) < 1e-30:  # LightGBM's zero sentinel: not ours
+                continue
+            t32 = np.float32(t)
+            for v in (np.nextafter(t32, np.float32(-np.inf)), t32, np.nextafter(t32, np.inf)):
+                row = base.copy()
+                row[f] = v
+                rows.append(row)
+    return np.asarray(rows, dtype=np.float32)
+
+
+def test_float32_checkpoint_keeps_every_decision(
+    artifacts: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FIL computes with float32 parameters. The exported float32 checkpoint takes the
+    same branch as LightGBM's float64 thresholds for every float32 row, also on the
+    thresholds themselves; plain round-to-nearest (what FIL does to a float64 checkpoint)
+    does not, and the gate's leaf check catches it."""
+    import treelite
+
+    booster = _booster(_rows(2000, 5), n_trees=40)
+    model64 = treelite.frontend.from_lightgbm(booster)
+    edge = _threshold_rows(model64, np.nan_to_num(artifacts["rows"][0]))
+    model32 = ranker_export.float32_model(model64)
+    assert (model32.input_type, model32.output_type) == ("float32", "float32")
+    assert ranker_export.check_same_leaves(model64, model32, edge, Path("f32")) == len(edge) * 40
+    tolerance = ranker_export.float32_tolerance(model32)
+    got = treelite.gtil.predict(model32, edge, pred_margin=True).reshape(-1)
+    want = booster.predict(edge, raw_score=True)
+    assert np.max(np.abs(got - want)) < tolerance
+
+    monkeypatch.setattr(ranker_export, "_round_threshold", lambda t, op: float(np.float32(t)))
+    nearest = ranker_export.float32_model(model64)
+    with pytest.raises(RankerParityError, match="decisions differ"):
+        ranker_export.check_same_leaves(model64, nearest, edge, Path("nearest"))
