@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coverage-k", type=int, default=200, help="a k=N pass: coverage (0: off)")
     p.add_argument("--keep-up", action="store_true", help="leave the servers running")
 
+    p = _cmd(bench, "candidates", "loadtest.candidates_bench:cli", "CPU of the non-ANN sources")
+    p.add_argument("--items", type=int, nargs="+", default=[1_677, 10_000, 1_000_000])
+    p.add_argument("--requests", type=int, default=2000)
     p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=30)

@@ -124,13 +124,11 @@ def test_export_writes_checked_artifacts(settings: Settings, artifacts: dict) ->
     assert rec["ranker"]["float64_checkpoint"]["max_abs_diff"] < 1e-5
     assert rec["rank_features_onnx"]["max_abs_diff"] < 1e-5
     assert rec["num_features"] == LAYOUT.n_features
-    assert set(rec["timings_ms"]) == {
-        "lightgbm_1thread_ms",
-        "tl2cgen_1thread_ms",
-        "tl2cgen_2thread_ms",
-        "tl2cgen_quantized_1thread_ms",
-        "tl2cgen_quantized_2thread_ms",
-    }
+    # 2-thread timings are skipped when an earlier test (FAISS) capped OpenMP in this
+    # process at one thread; the 1-thread ones choose the library and must be there.
+    one = {"lightgbm_1thread_ms", "tl2cgen_1thread_ms", "tl2cgen_quantized_1thread_ms"}
+    two = {"tl2cgen_2thread_ms", "tl2cgen_quantized_2thread_ms"}
+    assert one <= set(rec["timings_ms"]) <= one | two
     assert rec["library_quantize"] in (0, 1)
     # whichever variant was installed, the final model.so still matches LightGBM
     check_ranker_parity(artifacts["booster"], artifacts["rows"], library=work / "model.so")
