@@ -17,6 +17,7 @@ overrides both.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -31,8 +32,8 @@ DEFAULT_SEEN_EVENTS: tuple[str, ...] = ("click", "purchase")
 def seen_events(meta: dict[str, object], override: Sequence[str] | None = None) -> tuple[str, ...]:
     """The event types that make an item "seen": ``override`` (settings), else the data's
     ``meta.json`` ``seen_events``, else clicks and purchases."""
-    chosen = override or meta.get("seen_events") or DEFAULT_SEEN_EVENTS
-    events = tuple(str(e) for e in chosen)  # type: ignore[union-attr]
+    chosen = cast(Sequence[str], override or meta.get("seen_events") or DEFAULT_SEEN_EVENTS)
+    events = tuple(str(e) for e in chosen)
     unknown = [e for e in events if e not in EVENTS]
     if unknown:
         raise ValueError(f"seen events {unknown} are not among {EVENTS}")
