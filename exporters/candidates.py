@@ -46,6 +46,8 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     "c_i2i_score",  # item-to-item score (0: no neighbour of the user's history)
     "c_pop_rank",  # rank by consumption count before the cut-off (0 = most consumed)
     "c_pop_log_count",  # log1p(consumption count before the cut-off)
+    "c_catpop_rank",  # position in the popular list of the user's main category, or ABSENT
+    "c_fresh_rank",  # position in the newest-items list (at the request), or ABSENT
 )
 ABSENT_RANK = 10_000.0
 MODEL_FILE = "candidates.npz"
@@ -67,10 +69,12 @@ class Quotas:
     ann: int = 250
     i2i: int = 100
     popular: int = 50
+    category_popular: int = 30  # popular in the user's most consumed category
+    fresh: int = 20  # the newest items
 
     @property
     def total(self) -> int:
-        return self.ann + self.i2i + self.popular
+        return self.ann + self.i2i + self.popular + self.category_popular + self.fresh
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
@@ -92,6 +96,13 @@ class SourceModel:
     popular_rows: np.ndarray  # int64: rows, most consumed first (the top of pop_rank)
     info: dict[str, Any]  # method, cut-off, sizes (for the manifest)
     dense: np.ndarray | None = None  # float32 [n, n] EASE weights (small catalogs)
+    category: np.ndarray | None = None  # int64 [n] (-1 unknown)
+    created_at: np.ndarray | None = None  # float64 [n], unix seconds
+    # Derived (from_arrays): rows by category then popularity, and by age.
+    category_rows: np.ndarray | None = None  # int64 [n]
+    category_start: np.ndarray | None = None  # int64 [C + 1] offsets into category_rows
+    newest_rows: np.ndarray | None = None  # int64 [n], newest first
+    newest_created: np.ndarray | None = None  # float64 [n], created_at of newest_rows
 
     @property
     def n_neighbours(self) -> int:
@@ -109,20 +120,29 @@ class SourceModel:
                 pop_count=self.pop_count,
                 info=np.array(json.dumps(self.info)),
                 dense=self.dense if self.dense is not None else np.zeros((0, 0), np.float32),
+                category=self.category if self.category is not None else np.zeros(0, np.int64),
+                created_at=self.created_at
+                if self.created_at is not None
+                else np.zeros(0, np.float64),
             )
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> SourceModel:
         with np.load(path, allow_pickle=False) as z:
-            dense = z["dense"] if "dense" in z.files and z["dense"].size else None
+
+            def optional(name: str) -> np.ndarray | None:
+                return z[name] if name in z.files and z[name].size else None
+
             return cls.from_arrays(
                 z["item_ids"],
                 z["neighbours"],
                 z["weights"],
                 z["pop_count"],
                 json.loads(str(z["info"])),
-                dense=dense,
+                dense=optional("dense"),
+                category=optional("category"),
+                created_at=optional("created_at"),
             )
 
     @classmethod
@@ -135,6 +155,8 @@ class SourceModel:
         info: dict[str, Any],
         popular_depth: int = 2000,
         dense: np.ndarray | None = None,
+        category: np.ndarray | None = None,
+        created_at: np.ndarray | None = None,
     ) -> SourceModel:
         n = len(item_ids)
         if neighbours.shape != weights.shape or neighbours.shape[0] != n or len(pop_count) != n:
@@ -145,6 +167,20 @@ class SourceModel:
         order = np.lexsort((np.arange(n), -np.asarray(pop_count, dtype=np.float64)))
         rank = np.empty(n, dtype=np.float32)
         rank[order] = np.arange(n, dtype=np.float32)
+        by_cat = start = newest = newest_at = None
+        if category is not None and len(category) == n:
+            category = np.asarray(category, dtype=np.int64)
+            by_cat = np.lexsort((rank, category))  # category, then most popular first
+            n_cat = int(category.max()) + 1 if n else 0
+            start = np.searchsorted(category[by_cat], np.arange(n_cat + 1)).astype(np.int64)
+        else:
+            category = None
+        if created_at is not None and len(created_at) == n:
+            created_at = np.asarray(created_at, dtype=np.float64)
+            newest = np.argsort(-created_at, kind="stable").astype(np.int64)
+            newest_at = created_at[newest]
+        else:
+            created_at = None
         return cls(
             np.asarray(item_ids, dtype=np.int64),
             np.ascontiguousarray(neighbours, dtype=np.int32),
@@ -154,6 +190,12 @@ class SourceModel:
             order[:popular_depth].astype(np.int64),
             info,
             None if dense is None else np.ascontiguousarray(dense, dtype=np.float32),
+            category,
+            created_at,
+            by_cat,
+            start,
+            newest,
+            newest_at,
         )
 
 
@@ -173,10 +215,12 @@ def build_model(
     top_n: int | None = None,
     lam: float = EASE_LAMBDA,
     cut: str = "",
+    items: pd.DataFrame | None = None,
 ) -> SourceModel:
     """The item-to-item and popularity sources from ``events`` strictly before ``before``
     (all when None; callers may also pass only the rows they may know), over the catalog
-    rows ``item_ids``. ``cut`` names the cut-off in the model's info."""
+    rows ``item_ids``. ``cut`` names the cut-off in the model's info. ``items``
+    (``item_id, category, created_at``) enables the category-popular and fresh sources."""
     t0 = time.perf_counter()
     df = interactions if before is None else interactions[interactions["timestamp"] < before]
     X, _ = baselines.interaction_matrix(df, item_ids, events=events)
@@ -207,8 +251,23 @@ def build_model(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log.info("candidate sources: %s", json.dumps(info))
+    category = created = None
+    if items is not None:
+        table = items.set_index("item_id").reindex(np.asarray(item_ids, dtype=np.int64))
+        category = table["category"].fillna(-1).to_numpy(np.int64)
+        epoch = pd.Timestamp(0, tz="UTC")
+        created = (
+            (pd.to_datetime(table["created_at"], utc=True) - epoch).dt.total_seconds().fillna(0.0)
+        ).to_numpy(np.float64)
     return SourceModel.from_arrays(
-        item_ids, neighbours, weights, baselines.popularity_scores(X), info, dense=dense
+        item_ids,
+        neighbours,
+        weights,
+        baselines.popularity_scores(X),
+        info,
+        dense=dense,
+        category=category,
+        created_at=created,
     )
 
 
@@ -240,6 +299,7 @@ def gather(
     ann_rows: np.ndarray,
     seen_rows: np.ndarray,
     allowed: Callable[[np.ndarray], np.ndarray],
+    now: float = float("inf"),
 ) -> tuple[np.ndarray, np.ndarray]:
     """The merged candidates of one request — training, evaluation and serving all call
     this — as ``(rows int64 [M], features float32 [M, len(CANDIDATE_FEATURES)])``.
@@ -247,10 +307,12 @@ def gather(
     ``ann_rows``: the ANN result in catalog rows, best first, unfiltered; ``seen_rows``:
     the user's seen items in catalog rows, newest first (-1 for items outside the
     catalog); ``allowed(rows) -> bool mask``: the request's filters (seen items, request
-    filters, items not yet created). Each source is filtered, cut to its quota, and the
-    lists are merged without duplicates: ANN order, then item-to-item, then popular.
-    Only a bounded head of the item-to-item and popular lists is filtered (quota × 4 plus
-    the user's seen items), so the cost does not grow with the catalog."""
+    filters, items not yet created); ``now``: the request's time (unix s), where the
+    newest-items list starts. Each source is filtered, cut to its quota, and the lists are
+    merged without duplicates: ANN order, then item-to-item, popular, popular in the
+    user's most consumed category (of their newest seen items), newest. Only a bounded
+    head of each list is filtered (quota × 4 plus the user's seen items), so the cost does
+    not grow with the catalog."""
     ann = np.asarray(ann_rows, dtype=np.int64)
     ann = ann[allowed(ann)][: quotas.ann]
     n_seen = int((np.asarray(seen_rows) >= 0).sum())
@@ -259,7 +321,15 @@ def gather(
     i2i = head[allowed(head)]
     head = model.popular_rows[: 4 * quotas.popular + n_seen]
     pop = head[allowed(head)][: quotas.popular]
-    stacked = np.concatenate([ann, i2i[: quotas.i2i], pop])
+    catpop = _category_popular(model, seen_rows, 4 * quotas.category_popular + n_seen)
+    catpop = catpop[allowed(catpop)][: quotas.category_popular]
+    fresh = np.zeros(0, dtype=np.int64)
+    if model.newest_rows is not None and model.newest_created is not None:
+        # newest_created is descending: the items created at or before now start here.
+        first_ok = int(np.searchsorted(-model.newest_created, -now, side="left"))
+        head = model.newest_rows[first_ok : first_ok + 4 * quotas.fresh + n_seen]
+        fresh = head[allowed(head)][: quotas.fresh]
+    stacked = np.concatenate([ann, i2i[: quotas.i2i], pop, catpop, fresh])
     _, first = np.unique(stacked, return_index=True)
     rows = stacked[np.sort(first)]
     feats = np.empty((len(rows), len(CANDIDATE_FEATURES)), dtype=np.float32)
@@ -272,7 +342,27 @@ def gather(
     feats[found, 2] = reach_scores[pos[found].astype(np.int64)]
     feats[:, 3] = model.pop_rank[rows]
     feats[:, 4] = np.log1p(model.pop_count[rows])
+    feats[:, 5] = _positions(catpop, rows)
+    feats[:, 6] = _positions(fresh, rows)
     return rows, feats
+
+
+CATEGORY_HISTORY = 50  # the newest seen items that pick the user's main category
+
+
+def _category_popular(model: SourceModel, seen_rows: np.ndarray, depth: int) -> np.ndarray:
+    """The most popular rows of the category most frequent among the user's newest seen
+    items (empty without categories or history)."""
+    if model.category is None or model.category_rows is None or model.category_start is None:
+        return np.zeros(0, dtype=np.int64)
+    hist = np.asarray(seen_rows, dtype=np.int64)[:CATEGORY_HISTORY]
+    cats = model.category[hist[hist >= 0]]
+    cats = cats[(cats >= 0) & (cats < len(model.category_start) - 1)]
+    if len(cats) == 0:
+        return np.zeros(0, dtype=np.int64)
+    main = int(np.bincount(cats).argmax())
+    lo, hi = model.category_start[main], model.category_start[main + 1]
+    return model.category_rows[lo : min(hi, lo + depth)]
 
 
 def _positions(source: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -291,8 +381,12 @@ def _positions(source: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def source_names(features: np.ndarray) -> np.ndarray:
     """The first source that found each merged candidate (for the response's ``source``):
-    ``retrieval`` (ANN), ``item_to_item`` or ``popular``."""
+    ``retrieval`` (ANN), ``item_to_item``, ``popular`` or ``fresh``."""
     out = np.full(len(features), "popular", dtype=object)
+    if features.shape[1] > 6:
+        only_fresh = features[:, 6] < ABSENT_RANK
+        out[only_fresh] = "fresh"
+        out[features[:, 5] < ABSENT_RANK] = "popular"
     out[features[:, 1] < ABSENT_RANK] = "item_to_item"
     out[features[:, 0] < ABSENT_RANK] = "retrieval"
     return out

@@ -232,7 +232,9 @@ class RecommendService:
             if rel.sources is not None:
                 seen_rows, seen_known = self.catalog.rows(seen)
                 seen_rows = np.where(seen_known, seen_rows, -1)
-                rows, source_feats = gather(rel.sources, rel.quotas, ann_rows, seen_rows, allowed)
+                rows, source_feats = gather(
+                    rel.sources, rel.quotas, ann_rows, seen_rows, allowed, now
+                )
                 sources = source_names(source_feats)
             else:  # a release from before multi-source candidates: the ANN alone
                 rows = ann_rows[allowed(ann_rows)][: self.cfg.n_ranked]

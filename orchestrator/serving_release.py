@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from exporters.candidates import Quotas, SourceModel, gather
+from exporters.candidates import CANDIDATE_FEATURES, Quotas, SourceModel, gather
 from exporters.history import PAD
 from exporters.model_config import input_names
 from exporters.rank_layout import Layout
@@ -94,7 +94,10 @@ class UserView:
         if self.layout.candidate_features:
             if source_features is None or len(source_features) != len(per_item):
                 raise ValueError("this release's ranker needs the candidates' source features")
-            per_item = np.concatenate([per_item, source_features], axis=1)
+            # The columns this release's ranker was trained with, by name (a release may
+            # predate a source).
+            cols = [CANDIDATE_FEATURES.index(n) for n in self.layout.candidate_features]
+            per_item = np.concatenate([per_item, source_features[:, cols]], axis=1)
         return {
             "user_features": user.reshape(1, -1).astype(np.float32),
             "user_category_affinity": self.affinity.reshape(1, -1),

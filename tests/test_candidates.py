@@ -61,12 +61,20 @@ def test_seen_items_never_come_back_property() -> None:
         neighbours = rng.integers(-1, n, size=(n, top_n)).astype(np.int32)
         weights = rng.random((n, top_n)).astype(np.float32)
         model = candidates.SourceModel.from_arrays(
-            np.arange(n) * 3 + 1, neighbours, weights, rng.integers(0, 50, n), {}
+            np.arange(n) * 3 + 1,
+            neighbours,
+            weights,
+            rng.integers(0, 50, n),
+            {},
+            category=rng.integers(-1, 6, n),
+            created_at=rng.uniform(0, 100, n),
         )
         quotas = Quotas(
             ann=int(rng.integers(0, 50)),
             i2i=int(rng.integers(0, 50)),
             popular=int(rng.integers(0, 20)),
+            category_popular=int(rng.integers(0, 20)),
+            fresh=int(rng.integers(0, 20)),
         )
         history = rng.integers(-1, n, size=int(rng.integers(0, 3 * n)))
         blocked = history[history >= 0]
@@ -76,14 +84,47 @@ def test_seen_items_never_come_back_property() -> None:
             return ~np.isin(rows, blocked) & ~extra[rows]
 
         ann = rng.permutation(n)[: int(rng.integers(0, n + 1))]
-        rows, feats = candidates.gather(model, quotas, ann, history, allowed)
+        now = float(rng.uniform(0, 120))
+        rows, feats = candidates.gather(model, quotas, ann, history, allowed, now)
         assert not np.isin(rows, blocked).any(), trial
         assert not extra[rows].any(), trial
         assert len(np.unique(rows)) == len(rows), trial
         assert len(rows) <= quotas.total
         assert feats.shape == (len(rows), len(CANDIDATE_FEATURES))
-        found_any = (feats[:, 0] < ABSENT_RANK) | (feats[:, 1] < ABSENT_RANK)
+        found_any = (feats[:, [0, 1, 5, 6]] < ABSENT_RANK).any(axis=1)
         assert (found_any | np.isin(rows, model.popular_rows)).all()
+        fresh = feats[:, 6] < ABSENT_RANK
+        assert (model.created_at[rows[fresh]] <= now).all()
+
+
+def test_category_popular_and_fresh_sources() -> None:
+    """The user's main category (of their newest seen items) brings its most popular
+    unseen items; the newest items created by the request time come too."""
+    n = 12
+    category = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+    pop = np.array([9, 8, 7, 1, 2, 3, 4, 50, 40, 30, 20, 10], dtype=float)
+    created = np.arange(n, dtype=float)  # row 11 is the newest
+    model = candidates.SourceModel.from_arrays(
+        np.arange(n),
+        np.full((n, 1), -1, np.int32),
+        np.zeros((n, 1), np.float32),
+        pop,
+        {},
+        category=category,
+        created_at=created,
+    )
+    quotas = Quotas(ann=0, i2i=0, popular=0, category_popular=2, fresh=2)
+    seen = np.array([3, 4, 0])  # mostly category 1
+
+    def allowed(rows: np.ndarray) -> np.ndarray:
+        return ~np.isin(rows, seen) & (created[rows] <= 9.5)
+
+    rows, feats = candidates.gather(model, quotas, np.array([], np.int64), seen, allowed, 9.5)
+    catpop = rows[feats[:, 5] < ABSENT_RANK].tolist()
+    fresh = rows[feats[:, 6] < ABSENT_RANK].tolist()
+    assert catpop == [6, 5]  # category 1, most popular first, seen 3 and 4 skipped
+    assert fresh == [9, 8]  # the newest created by 9.5
+    assert candidates.source_names(feats).tolist() == ["popular", "popular", "fresh", "fresh"]
 
 
 def test_seen_table_equals_the_real_time_rule() -> None:
