@@ -102,7 +102,8 @@ class SourceModel:
     category_rows: np.ndarray | None = None  # int64 [n]
     category_start: np.ndarray | None = None  # int64 [C + 1] offsets into category_rows
     newest_rows: np.ndarray | None = None  # int64 [n], newest first
-    newest_created: np.ndarray | None = None  # float64 [n], created_at of newest_rows
+    # -created_at of newest_rows (ascending, so a request's cut is one searchsorted).
+    newest_neg_created: np.ndarray | None = None
 
     @property
     def n_neighbours(self) -> int:
@@ -178,7 +179,7 @@ class SourceModel:
         if created_at is not None and len(created_at) == n:
             created_at = np.asarray(created_at, dtype=np.float64)
             newest = np.argsort(-created_at, kind="stable").astype(np.int64)
-            newest_at = created_at[newest]
+            newest_at = -created_at[newest]
         else:
             created_at = None
         return cls(
@@ -324,9 +325,9 @@ def gather(
     catpop = _category_popular(model, seen_rows, 4 * quotas.category_popular + n_seen)
     catpop = catpop[allowed(catpop)][: quotas.category_popular]
     fresh = np.zeros(0, dtype=np.int64)
-    if model.newest_rows is not None and model.newest_created is not None:
-        # newest_created is descending: the items created at or before now start here.
-        first_ok = int(np.searchsorted(-model.newest_created, -now, side="left"))
+    if model.newest_rows is not None and model.newest_neg_created is not None:
+        # The items created at or before now start here.
+        first_ok = int(np.searchsorted(model.newest_neg_created, -now, side="left"))
         head = model.newest_rows[first_ok : first_ok + 4 * quotas.fresh + n_seen]
         fresh = head[allowed(head)][: quotas.fresh]
     stacked = np.concatenate([ann, i2i[: quotas.i2i], pop, catpop, fresh])

@@ -38,6 +38,8 @@ def _model(n: int, rng: np.random.Generator) -> SourceModel:
         pop,
         {},
         dense=dense,
+        category=rng.integers(0, 50, n),
+        created_at=rng.uniform(0.0, 1.0, n),
     )
 
 
@@ -80,7 +82,7 @@ def run(n_items: int, n_requests: int, seed: int = 0) -> dict[str, float]:
             return catalog.allowed(rows, filters, seen) & (catalog.created_at[rows] <= 1.0)
 
         seen_rows, known = catalog.rows(seen)
-        gather(model, quotas, ann, np.where(known, seen_rows, -1), allowed)
+        gather(model, quotas, ann, np.where(known, seen_rows, -1), allowed, 1.0)
 
     def ann_only() -> None:
         seen, ann = next(it)
