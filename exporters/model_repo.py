@@ -24,11 +24,24 @@ import numpy as np
 
 from exporters.model_config import load_config
 from recstack.errors import UserError
-from recstack.settings import Settings
+from recstack.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
 SHIMS_DIR = "_shims"
+
+
+def copy_committed_repository(dest: Path) -> Path:
+    """A model repository of its own at ``dest`` (a test, a benchmark workspace): the
+    committed configs and shims without version folders, which its runs then write.
+    Left as it is when ``dest`` exists."""
+    if not dest.exists():
+        shutil.copytree(
+            PROJECT_ROOT / "model_repository",
+            dest,
+            ignore=shutil.ignore_patterns("[0-9]*", "__pycache__"),
+        )
+    return dest
 
 
 def list_versions(settings: Settings, model: str) -> list[int]:

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from exporters.model_repo import copy_committed_repository
 from recstack.errors import UserError
 from recstack.settings import PROJECT_ROOT, Settings
 
@@ -236,13 +236,7 @@ def workspace_env(ws: Path, port_base: int) -> dict[str, str]:
 
 def _model_repository(ws: Path) -> None:
     """The committed configs and shims, without version folders (those the run writes)."""
-    repo = ws / "model_repository"
-    if not repo.exists():
-        shutil.copytree(
-            PROJECT_ROOT / "model_repository",
-            repo,
-            ignore=shutil.ignore_patterns("[0-9]*", "__pycache__"),
-        )
+    copy_committed_repository(ws / "model_repository")
 
 
 class _Run:

@@ -7,21 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from recstack.settings import PROJECT_ROOT, Settings
+from recstack.settings import Settings
 
 
 def make_settings(base: Path, **overrides: object) -> Settings:
     """Settings whose writable paths all live under ``base`` (the repo's committed
     model_repository configs are copied there so version folders stay in the tmp dir)."""
-    import shutil
+    from exporters.model_repo import copy_committed_repository
 
-    repo = base / "model_repository"
-    if not repo.exists():
-        shutil.copytree(
-            PROJECT_ROOT / "model_repository",
-            repo,
-            ignore=shutil.ignore_patterns("[0-9]*", "__pycache__"),
-        )
+    repo = copy_committed_repository(base / "model_repository")
     return Settings(
         data_dir=base / "data",
         model_repository=repo,
