@@ -99,7 +99,8 @@ class ServiceConfig:
 
 
 class RecommendService:
-    """Serves one release; thread-safe (state is read-only after construction)."""
+    """Serves one release; thread-safe: after construction only the release's item state
+    changes, replaced whole by :meth:`refresh_features`, and a request reads it once."""
 
     def __init__(
         self,
