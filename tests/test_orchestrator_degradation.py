@@ -7,6 +7,9 @@ exclusive lock held on the online store, a worker pool busy with other work, fil
 nothing passes. Two are injected through the release's own state (a NaN embedding in
 its user-embedding cache, an item snapshot without a ranker feature), as a bad model
 answer or a bad materialisation would leave them.
+
+Also here, over the same release: the item snapshot's refresh swaps the snapshot, the
+catalog popularity and the popular list together, after a real Feast materialisation.
 """
 
 from __future__ import annotations
@@ -292,3 +295,57 @@ def test_refresh_swaps_snapshot_catalog_and_fallbacks_together(
     finally:
         rel.features.online = online
         rel.items = state
+
+
+def test_a_new_materialisation_reaches_the_catalog_and_fallbacks(
+    serving: Settings, tmp_path: Path
+) -> None:
+    """The real path: new item statistics land in the offline table, Feast materialises
+    them, and one refresh later the serving release's popularity and popular list are
+    the new ones (on a copy of the data: the session's store stays as it was)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from exporters import feast_ops
+    from orchestrator.serving_release import ServingRelease
+
+    s = serving.model_copy(update={"data_dir": tmp_path / "data"})
+    shutil.copytree(serving.data_dir, s.data_dir)
+    feast_ops.apply(s)  # the copy's sources point at the copy's tables
+    feast_ops.materialize(s)
+    rel = ServingRelease.load(s)
+    svc = RecommendService(rel, ServiceConfig(workers=1))
+    try:
+        assert svc.refresh_features() is False  # nothing new yet
+        old = rel.items
+        table_path = s.features_dir / "item_statistics.parquet"
+        table = pq.read_table(table_path)
+        df = table.to_pandas()
+        newest = df.sort_values("event_timestamp").drop_duplicates("item_id", keep="last")
+        newest = newest.sort_values("item_popularity_rank", kind="stable").copy()
+        # A day later the ranking is upside down: the least popular item is now first.
+        newest["item_popularity_rank"] = np.arange(len(newest), 0, -1)
+        newest["event_timestamp"] = df["event_timestamp"].max() + pd.Timedelta(days=1)
+        pq.write_table(
+            pa.Table.from_pandas(
+                pd.concat([df, newest]), schema=table.schema, preserve_index=False
+            ),
+            table_path,
+        )
+        assert svc.refresh_features() is False  # written, not yet materialised
+        feast_ops.materialize(s, incremental=True)
+        assert svc.refresh_features() is True
+        new = rel.items
+        assert new is not old and new.catalog.embeddings is old.catalog.embeddings
+        rank = dict(zip(newest["item_id"], newest["item_popularity_rank"], strict=True))
+        expected = [-float(rank.get(int(i), np.nan)) for i in new.catalog.item_ids]
+        known = ~np.isnan(expected)
+        np.testing.assert_array_equal(new.catalog.popularity[known], np.array(expected)[known])
+        first = int(new.catalog.item_ids[new.fallbacks.popular_rows[0]])
+        assert rank[first] == 1
+        assert new.fallbacks.popular_rows[0] != old.fallbacks.popular_rows[0]
+        assert svc._snapshot_age() < 60
+        assert svc.refresh_features() is False  # and only once
+    finally:
+        svc.pool.shutdown()
+        rel.close()
