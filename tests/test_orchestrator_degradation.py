@@ -311,6 +311,9 @@ def test_a_new_materialisation_reaches_the_catalog_and_fallbacks(
 
     s = serving.model_copy(update={"data_dir": tmp_path / "data"})
     shutil.copytree(serving.data_dir, s.data_dir)
+    # A Feast repository of its own: a copied registry would still name the session's
+    # online tables (Feast's infra objects), and applying over it would drop them.
+    shutil.rmtree(s.data_dir / "feast")
     feast_ops.apply(s)  # the copy's sources point at the copy's tables
     feast_ops.materialize(s)
     rel = ServingRelease.load(s)
