@@ -40,7 +40,9 @@ def stack(trained_settings: Settings) -> Iterator[dict[str, Any]]:
     triton = start_triton(s, release.model_versions(s))
     procs: dict[str, ManagedProcess] = {"triton": triton}
     try:
-        procs["orchestrator"] = start_orchestrator(s)
+        # The item snapshot's refresh checks the registry every second here (60 s by
+        # default), so it runs beside the requests of every test in this module.
+        procs["orchestrator"] = start_orchestrator(s.model_copy(update={"feature_refresh_s": 1.0}))
         channel = grpc.insecure_channel(f"127.0.0.1:{s.orchestrator_grpc_port}")
         yield {
             "settings": s,
@@ -334,6 +336,17 @@ def test_health_reflection_and_metrics(stack: dict[str, Any]) -> None:
     assert 'recstack_stage_seconds_bucket{le="0.001",stage="retrieval"}' in text
     assert 'recstack_requests_total{code="INVALID_ARGUMENT",method="Recommend"}' in text
     assert "recstack_release_info{release=" in text
+    age = _metric(stack, "recstack_item_snapshot_age_seconds")
+    assert 0 < age < 3600, age
+    assert _metric(stack, "recstack_item_snapshot_materialized_timestamp_seconds") > 0
+    # The refresh loop runs (nothing was materialised meanwhile: nothing reloaded).
+    name = "recstack_item_snapshot_refreshes_total"
+    until = time.monotonic() + 10
+    while _metric(stack, name, result="unchanged") < 2 and time.monotonic() < until:
+        time.sleep(0.2)
+    assert _metric(stack, name, result="unchanged") >= 2
+    assert _metric(stack, name, result="reloaded") == 0
+    assert _metric(stack, "recstack_item_snapshot_refreshes_total", result="failed") == 0
 
 
 def _fresh_user(tables: dict[str, pd.DataFrame]) -> str:
