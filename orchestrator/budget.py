@@ -43,6 +43,9 @@ class RequestClock:
         self.end = self.start + total
         self.timings: dict[str, float] = {}
         self.cpu_timings: dict[str, float] = {}
+        # perf_counter() when a worker thread picked the request up; None while it waits
+        # in the queue (tells a shed request from one whose work overran the deadline).
+        self.worker_started: float | None = None
 
     def remaining(self) -> float:
         """Seconds left before the deadline, less the reserve."""

@@ -53,6 +53,21 @@ EVENT_FAILURES = Counter(
     ["reason"],  # unavailable (store down or locked), timeout, error
 )
 
+ITEM_SNAPSHOT_AGE = Gauge(
+    "recstack_item_snapshot_age_seconds",
+    "Seconds since the item feature snapshot (and the catalog popularity and popular/fresh"
+    " lists built from it) was loaded",
+)
+ITEM_SNAPSHOT_MATERIALIZED = Gauge(
+    "recstack_item_snapshot_materialized_timestamp_seconds",
+    "Newest Feast materialisation end (unix s) the item snapshot reflects",
+)
+ITEM_SNAPSHOT_REFRESHES = Counter(
+    "recstack_item_snapshot_refreshes_total",
+    "Item snapshot refresh checks by result",
+    ["result"],  # reloaded, unchanged, failed
+)
+
 
 _served: list[str] = []
 

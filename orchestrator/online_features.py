@@ -11,9 +11,10 @@ Why two paths: Feast's ``get_online_features`` costs ~0.4 ms for one user but ~2
   each item feature view with ``event_timestamp <=`` that view's last materialisation end
   (read from the Feast registry), taken from the view's batch source — exactly the row
   Feast's (full-from-the-start) materialisation wrote into the online store. It is
-  refreshed by :meth:`OnlineFeatures.refresh`, which the orchestrator calls after a
-  materialisation or periodically (it reloads only when the registry says something new
-  was materialised). Freshness: as of the last materialisation, like the online store.
+  refreshed by :meth:`OnlineFeatures.refresh`, which the orchestrator calls every
+  ``RECSTACK_FEATURE_REFRESH_S`` seconds (it reloads only when the registry says
+  something new was materialised; orchestrator/service.py). Freshness: as of the last
+  materialisation, like the online store.
 
 Feature lists, dtypes and sources come from the Feast registry (the ``ranking`` and
 ``retrieval`` services); nothing here repeats them. Unknown ids get the defaults in
@@ -278,6 +279,7 @@ class OnlineFeatures:
         self.settings = settings
         self._store = store
         self._snapshot: ItemSnapshot | None = None
+        self._item_features: list[ServiceFeature] = []
         self._user_refs: list[str] = []
         self._user_reader: EntityRowReader | None = None
         self._recent_reader: EntityRowReader | None = None
@@ -331,21 +333,31 @@ class OnlineFeatures:
         self._user_scalars = tuple(f.name for f in ranking_user if not f.dtype.startswith("Array"))
         vectors = [f.name for f in ranking_user if f.dtype.startswith("Array")]
         self._vector = vectors[0] if vectors else None
-        items = [f for f in ranking if f.entity_key == ITEM_KEY]
-        t0 = time.perf_counter()
-        self._snapshot = load_item_snapshot(self.store, items)
-        self._n_categories = _n_categories(self.settings, self._snapshot)
-        log.info(
-            "item snapshot: %d items × %d features in %.2f s (as of %s)",
-            len(self._snapshot.ids),
-            len(items),
-            time.perf_counter() - t0,
-            self._snapshot.as_of,
-        )
+        self._item_features = [f for f in ranking if f.entity_key == ITEM_KEY]
+        snapshot = self._load_snapshot()
+        self._n_categories = _n_categories(self.settings, snapshot)
+        self._snapshot = snapshot
         return self
 
+    def _load_snapshot(self) -> ItemSnapshot:
+        t0 = time.perf_counter()
+        snapshot = load_item_snapshot(self.store, self._item_features)
+        log.info(
+            "item snapshot: %d items × %d features in %.2f s (as of %s)",
+            len(snapshot.ids),
+            len(self._item_features),
+            time.perf_counter() - t0,
+            snapshot.as_of,
+        )
+        return snapshot
+
     def refresh(self) -> bool:
-        """Reload the snapshot if a materialisation happened since; True if reloaded."""
+        """Reload the item snapshot if a materialisation happened since; True if reloaded.
+
+        Only the snapshot is rebuilt (services, readers and the affinity width stay as
+        :meth:`load` found them: the serving release was checked against those), and it
+        replaces the old one in a single assignment: a lookup sees the old or the new
+        snapshot, never a mix. Safe to call from a background thread while serving."""
         with self._refresh_lock:
             if self._snapshot is None:
                 self.load()
@@ -354,8 +366,13 @@ class OnlineFeatures:
             current = {v: _materialized_end(self.store, v) for v in self._snapshot.as_of}
             if current == self._snapshot.as_of:
                 return False
-            self.load()
+            self._snapshot = self._load_snapshot()
             return True
+
+    @property
+    def snapshot(self) -> ItemSnapshot:
+        """The current item snapshot (replaced whole by :meth:`refresh`)."""
+        return self._require_snapshot()
 
     @property
     def item_feature_names(self) -> tuple[str, ...]:
@@ -436,14 +453,11 @@ class OnlineFeatures:
             ids, snap.names, matrix.astype(np.float32), np.asarray(cat, np.int64), created, known
         )
 
-    def _item_features(self) -> list[ServiceFeature]:
-        ranking = feast_ops.service_features(self.store, RANKING_SERVICE)
-        return [f for f in ranking if f.entity_key == ITEM_KEY]
-
     @property
     def item_feature_refs(self) -> list[str]:
         """``view:feature`` references of the item features (for SDK calls)."""
-        return [f"{f.view}:{f.name}" for f in self._item_features()]
+        ranking = feast_ops.service_features(self.store, RANKING_SERVICE)
+        return [f"{f.view}:{f.name}" for f in ranking if f.entity_key == ITEM_KEY]
 
     @property
     def known_item_ids(self) -> np.ndarray:

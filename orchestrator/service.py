@@ -6,17 +6,29 @@ on a worker thread (FAISS, numpy and the gRPC clients release the GIL), so the a
 that serves gRPC and HTTP never blocks; the loop waits for it at most until the deadline
 and answers with popular items if it does not finish in time.
 
-Degradation, always flagged in the response and counted in metrics:
+Degradation, always flagged in the response and counted in metrics
+(``recstack_degraded_total{reason}``); an error in a stage is one log line, never INTERNAL:
 - Feast down: the user is served as cold start (``features_unavailable``);
-- user_tower failed or over budget: popular items in the user's categories
-  (``retrieval_unavailable``);
-- rank ensemble failed or no budget left: retrieval order (``ranking_skipped``);
-- whole request over the deadline: popular items (``deadline_exceeded``).
+- user_tower failed or over budget, or retrieval/filtering raised (e.g. a NaN embedding):
+  popular items in the user's categories (``retrieval_unavailable``);
+- the filters left no candidate: fallbacks under the same filters
+  (``no_retrieval_candidates``);
+- item features or the rank ensemble failed, or no budget left: retrieval order
+  (``ranking_skipped``);
+- the work overran the deadline: popular items (``deadline_exceeded``);
+- the request waited in the queue past its deadline (overload): popular items, and the
+  queued work is dropped (``load_shed``);
+- anything else raised below the stages' own handlers: popular items (``internal_error``).
+
+The item side (snapshot, catalog, fallbacks) is refreshed in the background every
+``feature_refresh_s`` after a Feast materialisation; each request reads it once
+(``release.items``), so it sees one snapshot throughout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +44,7 @@ from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.online_features import FeatureStoreUnavailable
 from orchestrator.postprocess import Candidates, reasons, select
 from orchestrator.request import EventQuery, RecommendQuery
-from orchestrator.serving_release import ServingRelease, UserView
-from orchestrator.triton_client import TritonError
+from orchestrator.serving_release import ItemState, ServingRelease, UserView
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +99,8 @@ class ServiceConfig:
 
 
 class RecommendService:
-    """Serves one release; thread-safe (state is read-only after construction)."""
+    """Serves one release; thread-safe: after construction only the release's item state
+    changes, replaced whole by :meth:`refresh_features`, and a request reads it once."""
 
     def __init__(
         self,
@@ -100,19 +112,26 @@ class RecommendService:
         self.cfg = cfg or ServiceConfig()
         self.pool = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="recommend")
         self.clock_lead_s = clock_lead_days * 86_400.0
+        self._refresh_task: asyncio.Task[None] | None = None
         metrics.set_release(self.release_name)
+        metrics.ITEM_SNAPSHOT_AGE.set_function(self._snapshot_age)
+        self._export_snapshot_time()
 
     @classmethod
     async def create(cls, settings: Any, cfg: ServiceConfig | None = None) -> RecommendService:
-        """Load the newest release (index, catalog, clients) off the event loop."""
+        """Load the newest release (index, catalog, clients) off the event loop and start
+        the item snapshot's refresh (every ``settings.feature_refresh_s``; 0: never)."""
         cfg = cfg or ServiceConfig(workers=settings.orchestrator_workers)
         release = await asyncio.to_thread(ServingRelease.load, settings)
         try:
             await asyncio.to_thread(release.warm_up, cfg.n_ranked)
-        except TritonError as e:
-            # Serve anyway (degraded) rather than refuse to start: Triton may come later.
-            log.warning("warm-up failed, starting degraded: %s", e)
-        return cls(release, cfg, settings.max_clock_lead_days)
+        except Exception as e:  # Triton or Feast down, locked, slow ...
+            # Serve anyway (degraded) rather than refuse to start: each request degrades
+            # on its own until the dependency is back.
+            log.warning("warm-up failed, starting degraded: %s: %s", type(e).__name__, e)
+        svc = cls(release, cfg, settings.max_clock_lead_days)
+        svc.start_refresh(settings.feature_refresh_s)
+        return svc
 
     @property
     def release_name(self) -> str:
@@ -127,8 +146,52 @@ class RecommendService:
         return self.release.fallbacks
 
     async def close(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh_task
+            self._refresh_task = None
         self.pool.shutdown(wait=True, cancel_futures=False)
         self.release.close()
+
+    # ----------------------------------------------------------------- item snapshot refresh
+    def refresh_features(self) -> bool:
+        """Swap in a new item snapshot (with its catalog and fallbacks) if Feast materialised
+        since the current one; True if swapped. A failure keeps the old snapshot (one log
+        line, counted): serving must not depend on the refresh."""
+        try:
+            changed = self.release.refresh_items()
+        except Exception as e:
+            metrics.ITEM_SNAPSHOT_REFRESHES.labels("failed").inc()
+            log.warning(
+                "item snapshot refresh failed, keeping the old one: %s: %s", type(e).__name__, e
+            )
+            return False
+        metrics.ITEM_SNAPSHOT_REFRESHES.labels("reloaded" if changed else "unchanged").inc()
+        self._export_snapshot_time()
+        return changed
+
+    def start_refresh(self, interval_s: float) -> None:
+        """Check for a new materialisation every ``interval_s`` seconds on a background
+        task of the running loop (the reload itself runs on a thread); 0 disables it."""
+        if interval_s > 0 and self._refresh_task is None:
+            self._refresh_task = asyncio.get_running_loop().create_task(
+                self._refresh_every(interval_s), name="item-snapshot-refresh"
+            )
+
+    async def _refresh_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await asyncio.to_thread(self.refresh_features)
+
+    def _snapshot_age(self) -> float:
+        items: ItemState | None = getattr(self.release, "items", None)
+        return time.time() - items.loaded_at if items is not None else float("nan")
+
+    def _export_snapshot_time(self) -> None:
+        items: ItemState | None = getattr(self.release, "items", None)
+        if items is not None:
+            metrics.ITEM_SNAPSHOT_MATERIALIZED.set(items.materialized_until)
 
     # ----------------------------------------------------------------- async entry points
     async def recommend(self, q: RecommendQuery, deadline_s: float | None) -> RecommendResult:
@@ -140,7 +203,17 @@ class RecommendService:
             wait = max(clock.remaining(), 0.0) + clock.cfg.reserve_ms / 2000
             result = await asyncio.wait_for(asyncio.shield(fut), timeout=wait)
         except TimeoutError:
-            result = self._fallback(q, clock, ["deadline_exceeded"], None)
+            if clock.worker_started is None:
+                # Still queued behind other requests (overload): take it off the queue, so
+                # the backlog drains instead of doing work nobody will read.
+                fut.cancel()
+                reason = "load_shed"
+            else:
+                reason = "deadline_exceeded"
+            result = self._fallback(q, clock, [reason], None, self.release.items)
+        except Exception as e:  # a failure outside the stages' own handlers
+            log.warning("recommend failed, answering fallbacks: %s: %s", type(e).__name__, e)
+            result = self._fallback(q, clock, ["internal_error"], None, self.release.items)
         else:  # the worker is done with the clock: its CPU times are final
             for stage, ms in clock.cpu_timings.items():
                 metrics.STAGE_CPU_SECONDS.labels(stage).observe(ms / 1000)
@@ -185,12 +258,15 @@ class RecommendService:
 
     # ----------------------------------------------------------------- the pipeline
     def _recommend(self, q: RecommendQuery, clock: RequestClock) -> RecommendResult:
+        clock.worker_started = time.perf_counter()
+        state = self.release.items  # one snapshot for the whole request
         if clock.remaining() <= 0:
             # Waited in the queue past its deadline (overload): answer cheaply instead of
             # spending model time on a reply nobody can use; the backlog drains faster.
-            return self._fallback(q, clock, ["load_shed"], None)
+            return self._fallback(q, clock, ["load_shed"], None, state)
         degraded: list[str] = []
         rel = self.release
+        catalog = state.catalog
         now = self.feature_time(q)
 
         with clock.stage("user_features"):
@@ -201,7 +277,7 @@ class RecommendService:
                 degraded.append("features_unavailable")
                 user = None
         if user is None or not user.known:
-            return self._fallback(q, clock, degraded, user, cold_start=True)
+            return self._fallback(q, clock, degraded, user, state, cold_start=True)
 
         with clock.stage("user_tower"):
             budget = clock.budget("user_tower")
@@ -209,80 +285,107 @@ class RecommendService:
             if budget > 0:
                 try:
                     embedding = rel.user_embedding(user, timeout_s=budget)
-                except TritonError as e:
-                    log.warning("user_tower failed: %s", e)
+                except Exception as e:  # TritonError, or a bad answer
+                    log.warning("user_tower failed: %s: %s", type(e).__name__, e)
         if embedding is None:
             degraded.append("retrieval_unavailable")
-            return self._fallback(q, clock, degraded, user)
+            return self._fallback(q, clock, degraded, user, state)
 
-        with clock.stage("retrieval"):
-            _, ids = rel.index.search(
-                np.asarray(embedding, dtype=np.float32), self.cfg.n_candidates
-            )
-            ids = ids[0]
-            ann_rows, known = self.catalog.rows(ids[ids >= 0])
-            ann_rows = ann_rows[known]
-        with clock.stage("filter"):
-            seen = user.seen_items
-            created = self.catalog.created_at
-
-            def allowed(rows: np.ndarray) -> np.ndarray:
-                return self.catalog.allowed(rows, q.filters, seen) & (created[rows] <= now)
-
-            if rel.sources is not None:
-                seen_rows, seen_known = self.catalog.rows(seen)
-                seen_rows = np.where(seen_known, seen_rows, -1)
-                rows, source_feats = gather(
-                    rel.sources, rel.quotas, ann_rows, seen_rows, allowed, now
-                )
-                sources = source_names(source_feats)
-            else:  # a release from before multi-source candidates: the ANN alone
-                rows = ann_rows[allowed(ann_rows)][: self.cfg.n_ranked]
-                source_feats = None
-                sources = np.full(len(rows), "retrieval", dtype=object)
+        try:
+            rows, source_feats, sources = self._candidates(q, clock, state, user, embedding, now)
+        except Exception as e:  # e.g. FAISS refusing a NaN embedding (ValueError)
+            log.warning("retrieval failed: %s: %s", type(e).__name__, e)
+            degraded.append("retrieval_unavailable")
+            return self._fallback(q, clock, degraded, user, state)
         if len(rows) == 0:
             degraded.append("no_retrieval_candidates")
-            return self._fallback(q, clock, degraded, user)
+            return self._fallback(q, clock, degraded, user, state)
 
         # Without the ranker: the merged order (ANN first, then the other sources).
         final_scores = -np.arange(len(rows), dtype=np.float64)
-        with clock.stage("item_features"):
-            item_ids = self.catalog.item_ids[rows]
-            items = rel.features.items(item_ids)
-        with clock.stage("ranking"):
-            budget = clock.budget("ranking")
-            if budget <= 0.001:
-                degraded.append("ranking_skipped")
-            else:
-                inputs = user.rank_inputs(
-                    embedding, items, self.catalog.embeddings[rows], now, source_feats
-                )
-                try:
-                    final_scores = rel.triton.rank(inputs, timeout_s=budget).astype(np.float64)
-                except TritonError as e:
-                    log.warning("rank failed: %s", e)
+        item_ids = catalog.item_ids[rows]
+        try:
+            with clock.stage("item_features"):
+                items = state.snapshot.lookup(item_ids)
+            with clock.stage("ranking"):
+                budget = clock.budget("ranking")
+                if budget <= 0.001:
                     degraded.append("ranking_skipped")
+                else:
+                    inputs = user.rank_inputs(
+                        embedding, items, catalog.embeddings[rows], now, source_feats
+                    )
+                    scores = rel.triton.rank(inputs, timeout_s=budget).astype(np.float64)
+                    if scores.shape != (len(rows),) or not np.isfinite(scores).all():
+                        raise ValueError(f"ranker answered {scores.shape}, non-finite or short")
+                    final_scores = scores
+        except Exception as e:  # TritonError, bad item features, a bad ranker answer
+            log.warning("ranking failed: %s: %s", type(e).__name__, e)
+            degraded.append("ranking_skipped")
 
         with clock.stage("postprocess"):
             cands = Candidates(
                 item_ids,
                 final_scores,
-                self.catalog.category[rows],
-                self.catalog.created_at[rows],
+                catalog.category[rows],
+                catalog.created_at[rows],
                 sources,
             )
-            result = self._finish(q, cands, user, now)
+            result = self._finish(q, cands, user, now, catalog)
         result.timings = clock.timings
         result.degraded = degraded
         return result
 
+    def _candidates(
+        self,
+        q: RecommendQuery,
+        clock: RequestClock,
+        state: ItemState,
+        user: UserView,
+        embedding: np.ndarray,
+        now: float,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(catalog rows, their source features or None, source names) that pass the
+        filters: the ANN's neighbours of ``embedding`` merged with the other sources."""
+        rel = self.release
+        catalog = state.catalog
+        with clock.stage("retrieval"):
+            _, ids = rel.index.search(
+                np.asarray(embedding, dtype=np.float32), self.cfg.n_candidates
+            )
+            ids = ids[0]
+            ann_rows, known = catalog.rows(ids[ids >= 0])
+            ann_rows = ann_rows[known]
+        with clock.stage("filter"):
+            seen = user.seen_items
+            created = catalog.created_at
+
+            def allowed(rows: np.ndarray) -> np.ndarray:
+                return catalog.allowed(rows, q.filters, seen) & (created[rows] <= now)
+
+            if rel.sources is not None:
+                seen_rows, seen_known = catalog.rows(seen)
+                seen_rows = np.where(seen_known, seen_rows, -1)
+                rows, source_feats = gather(
+                    rel.sources, rel.quotas, ann_rows, seen_rows, allowed, now
+                )
+                return rows, source_feats, source_names(source_feats)
+            # A release from before multi-source candidates: the ANN alone.
+            rows = ann_rows[allowed(ann_rows)][: self.cfg.n_ranked]
+            return rows, None, np.full(len(rows), "retrieval", dtype=object)
+
     def _finish(
-        self, q: RecommendQuery, cands: Candidates, user: UserView | None, now: float
+        self,
+        q: RecommendQuery,
+        cands: Candidates,
+        user: UserView | None,
+        now: float,
+        catalog: Catalog,
     ) -> RecommendResult:
         top, final = select(cands, q.k, now, self.release.post)
         recent = list(user.recent_items) if user is not None else []
-        rrows, rknown = self.catalog.rows(np.asarray(recent, dtype=np.int64))
-        recent_cats = np.where(rknown, self.catalog.category[rrows], -1).tolist()
+        rrows, rknown = catalog.rows(np.asarray(recent, dtype=np.int64))
+        recent_cats = np.where(rknown, catalog.category[rrows], -1).tolist()
         why = reasons(top, recent, recent_cats)
         items = [
             RecItem(int(i), float(s), r + 1, why[r], str(src))
@@ -296,28 +399,30 @@ class RecommendService:
         clock: RequestClock,
         degraded: list[str],
         user: UserView | None,
+        state: ItemState,
         cold_start: bool = False,
     ) -> RecommendResult:
         """Popular and fresh items (filtered), leaning to the user's categories if known."""
         t0 = time.perf_counter()
         now = self.feature_time(q)
+        catalog = state.catalog
         seen = user.seen_items if user is not None else np.zeros(0, dtype=np.int64)
-        rows, scores, sources = self.fallbacks.candidates(
-            self.catalog, q.filters, seen, max(4 * q.k, 50), now
+        rows, scores, sources = state.fallbacks.candidates(
+            catalog, q.filters, seen, max(4 * q.k, 50), now
         )
         if user is not None and user.affinity is not None and len(user.affinity):
             # Known user without a model answer: prefer the categories they engage with.
             aff = np.asarray(user.affinity, dtype=np.float64)
-            cats = self.catalog.category[rows]
+            cats = catalog.category[rows]
             scores = scores + np.where(cats < len(aff), aff[np.minimum(cats, len(aff) - 1)], 0)
         cands = Candidates(
-            self.catalog.item_ids[rows],
+            catalog.item_ids[rows],
             scores,
-            self.catalog.category[rows],
-            self.catalog.created_at[rows],
+            catalog.category[rows],
+            catalog.created_at[rows],
             sources,
         )
-        result = self._finish(q, cands, user, now)
+        result = self._finish(q, cands, user, now, catalog)
         result.timings = dict(clock.timings)
         result.timings["fallback"] = (time.perf_counter() - t0) * 1000
         result.degraded = degraded

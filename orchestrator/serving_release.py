@@ -5,6 +5,7 @@ with the item snapshot, and the catalog arrays built from them."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from exporters.release import load_manifest, release_dir
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.faiss_index import FaissIndex
-from orchestrator.online_features import ItemFeatures, OnlineFeatures, UserFeatures
+from orchestrator.online_features import ItemFeatures, ItemSnapshot, OnlineFeatures, UserFeatures
 from orchestrator.postprocess import PostprocessConfig
 from orchestrator.request import EventQuery
 from orchestrator.triton_client import TritonClient
@@ -150,13 +151,51 @@ def _index_vectors(index: FaissIndex) -> np.ndarray:
     return np.asarray(cpu.reconstruct_n(0, cpu.ntotal), dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class ItemState:
+    """The item side of a release built from one item-feature snapshot: the snapshot (item
+    features for the ranker), the catalog (category, price, popularity ...) and the
+    popular/fresh fallback lists derived from it. Replaced as a whole on refresh, so a
+    request that reads ``release.items`` once sees one snapshot throughout."""
+
+    snapshot: ItemSnapshot
+    catalog: Catalog
+    fallbacks: Fallbacks
+    loaded_at: float  # unix s, when this state was built
+
+    @classmethod
+    def build(
+        cls, snapshot: ItemSnapshot, item_ids: np.ndarray, embeddings: np.ndarray
+    ) -> ItemState:
+        """Catalog rows follow ``item_ids`` (the index's rows) and ``embeddings``."""
+        snap = snapshot.lookup(item_ids)
+        if not snap.known.all():
+            log.warning(
+                "%d indexed items have no online features (defaults used)", (~snap.known).sum()
+            )
+        catalog = Catalog.build(
+            item_ids=item_ids,
+            category=snap.category,
+            price=snap.columns([PRICE])[:, 0],
+            created_at=snap.created_at,
+            popularity=-snap.columns([POPULARITY_RANK])[:, 0].astype(np.float64),
+            embeddings=embeddings,
+        )
+        return cls(snapshot, catalog, Fallbacks.build(catalog), time.time())
+
+    @property
+    def materialized_until(self) -> float:
+        """Unix time of the newest materialisation end the snapshot reflects (0: none)."""
+        ends = [end.timestamp() for end in self.snapshot.as_of.values() if end is not None]
+        return max(ends, default=0.0)
+
+
 @dataclass
 class ServingRelease:
     release_id: int
     manifest: dict[str, Any]
     index: FaissIndex
-    catalog: Catalog
-    fallbacks: Fallbacks
+    items: ItemState  # swapped whole by refresh_items(); read it once per request
     features: ReleaseFeatures
     triton: TritonClient
     user_embeddings: EmbeddingCache = field(default_factory=lambda: EmbeddingCache(0))
@@ -168,6 +207,35 @@ class ServingRelease:
     # Where the release's data ends (unix s): the clock of time-relative features is
     # capped at data_end + max_clock_lead (settings), see RecommendService.
     data_end: float = float("inf")
+    _refresh_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def catalog(self) -> Catalog:
+        """The current catalog (a request that needs several parts reads ``items``)."""
+        return self.items.catalog
+
+    @property
+    def fallbacks(self) -> Fallbacks:
+        return self.items.fallbacks
+
+    def refresh_items(self) -> bool:
+        """Reload the item snapshot if Feast materialised since, then rebuild the catalog
+        and fallbacks from it and swap all three at once; True if swapped. Index rows,
+        item vectors and models do not change: they belong to the release."""
+        with self._refresh_lock:
+            online = self.features.online
+            if not online.refresh():
+                return False
+            old = self.items
+            self.items = ItemState.build(
+                online.snapshot, old.catalog.item_ids, old.catalog.embeddings
+            )
+            log.info(
+                "item snapshot refreshed: %d items (as of %s)",
+                len(self.items.snapshot.ids),
+                self.items.snapshot.as_of,
+            )
+            return True
 
     def user_embedding(self, user: UserView, timeout_s: float) -> np.ndarray:
         """The user tower's output for ``user``: from this release's cache, else Triton
@@ -194,19 +262,8 @@ class ServingRelease:
             device=settings.device,
         )
         online = OnlineFeatures(settings).load()
-        snap = online.items(index.item_ids)
-        if not snap.known.all():
-            log.warning(
-                "%d indexed items have no online features (defaults used)", (~snap.known).sum()
-            )
-        catalog = Catalog.build(
-            item_ids=index.item_ids,
-            category=snap.category,
-            price=snap.columns([PRICE])[:, 0],
-            created_at=snap.created_at,
-            popularity=-snap.columns([POPULARITY_RANK])[:, 0].astype(np.float64),
-            embeddings=_index_vectors(index),
-        )
+        items = ItemState.build(online.snapshot, index.item_ids, _index_vectors(index))
+        catalog = items.catalog
         sources = None
         quotas = Quotas()
         if "candidates" in manifest:
@@ -239,8 +296,7 @@ class ServingRelease:
             rid,
             manifest,
             index,
-            catalog,
-            Fallbacks.build(catalog),
+            items,
             ReleaseFeatures(online, tower_inputs, layout),
             triton,
             EmbeddingCache(settings.user_embedding_cache),

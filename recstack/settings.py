@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # User-tower outputs kept per release, keyed by the tower's inputs (0 disables it);
     # ~0.5 kB each. See orchestrator/embedding_cache.py.
     user_embedding_cache: int = Field(default=50_000, ge=0)
+    # Every this many seconds the orchestrator asks the Feast registry whether item
+    # features were materialised since its snapshot and, if so, reloads the snapshot and
+    # the catalog popularity and popular/fresh lists built from it (0 disables it).
+    feature_refresh_s: float = Field(default=60.0, ge=0)
 
     # RecordEvent timestamps: at most this far ahead of the server's clock (client clock
     # skew) and at most this far behind it (late delivery); others are INVALID_ARGUMENT.

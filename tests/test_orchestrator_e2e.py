@@ -40,7 +40,9 @@ def stack(trained_settings: Settings) -> Iterator[dict[str, Any]]:
     triton = start_triton(s, release.model_versions(s))
     procs: dict[str, ManagedProcess] = {"triton": triton}
     try:
-        procs["orchestrator"] = start_orchestrator(s)
+        # The item snapshot's refresh checks the registry every second here (60 s by
+        # default), so it runs beside the requests of every test in this module.
+        procs["orchestrator"] = start_orchestrator(s.model_copy(update={"feature_refresh_s": 1.0}))
         channel = grpc.insecure_channel(f"127.0.0.1:{s.orchestrator_grpc_port}")
         yield {
             "settings": s,
@@ -182,16 +184,52 @@ def test_cold_start_user_gets_popular_and_fresh(
     assert {i.source for i in reply.items} <= {"popular", "fresh"}
 
 
+def _metric(stack: dict[str, Any], name: str, **labels: str) -> float:
+    """One sample of the orchestrator's /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = stack["settings"].orchestrator_metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def _cache(stack: dict[str, Any]) -> tuple[float, float]:
+    """(hits, misses) of the orchestrator's user-embedding cache so far."""
+    name = "recstack_user_embedding_cache_total"
+    return _metric(stack, name, result="hit"), _metric(stack, name, result="miss")
+
+
 def test_record_event_removes_bought_item(
     stack: dict[str, Any], tables: dict[str, pd.DataFrame]
 ) -> None:
+    """The bought item leaves the list, and not only through the seen filter: the user
+    tower's inputs (recent items) now hold it, so the embedding is computed anew — a
+    cache keyed on anything staler (the user id, the old inputs) would serve the old
+    embedding and fail the cache check below."""
+    from exporters import feast_ops
+    from orchestrator.online_features import RECENT_ITEMS, RECENT_VIEW, USER_KEY
+
     user = _active_user(tables)
     top = _recommend(stack, tables, user, k=10).items[0].item_id
+    hits, misses = _cache(stack)
+    _recommend(stack, tables, user, k=10)  # same inputs: the cached embedding
+    assert _cache(stack) == (hits + 1, misses)
     stack["stub"].RecordEvent(
         pb.RecordEventRequest(user_id=user, item_id=top, event=pb.PURCHASE), timeout=2
     )
-    after = [i.item_id for i in _recommend(stack, tables, user, k=10).items]
-    assert top not in after
+    store = feast_ops.feature_store(stack["settings"])
+    recent = store.get_online_features(
+        features=[f"{RECENT_VIEW}:{RECENT_ITEMS}"], entity_rows=[{USER_KEY: int(user)}]
+    ).to_dict()[RECENT_ITEMS][0]
+    assert recent[0] == top  # the tower's input changed ...
+    reply = _recommend(stack, tables, user, k=10)
+    assert _cache(stack) == (hits + 1, misses + 1)  # ... so the tower ran on the new one
+    after = [i.item_id for i in reply.items]
+    assert top not in after and list(reply.degraded) == []
     status, body = _http(stack, "/v1/events", {"user_id": user, "item_id": 3, "event": "click"})
     assert status == 200 and body == {"accepted": True}
 
@@ -298,27 +336,66 @@ def test_health_reflection_and_metrics(stack: dict[str, Any]) -> None:
     assert 'recstack_stage_seconds_bucket{le="0.001",stage="retrieval"}' in text
     assert 'recstack_requests_total{code="INVALID_ARGUMENT",method="Recommend"}' in text
     assert "recstack_release_info{release=" in text
+    age = _metric(stack, "recstack_item_snapshot_age_seconds")
+    assert 0 < age < 3600, age
+    assert _metric(stack, "recstack_item_snapshot_materialized_timestamp_seconds") > 0
+    # The refresh loop runs (nothing was materialised meanwhile: nothing reloaded).
+    name = "recstack_item_snapshot_refreshes_total"
+    until = time.monotonic() + 10
+    while _metric(stack, name, result="unchanged") < 2 and time.monotonic() < until:
+        time.sleep(0.2)
+    assert _metric(stack, name, result="unchanged") >= 2
+    assert _metric(stack, name, result="reloaded") == 0
+    assert _metric(stack, "recstack_item_snapshot_refreshes_total", result="failed") == 0
+
+
+def _fresh_user(tables: dict[str, pd.DataFrame]) -> str:
+    """A user with history whom no other test here asks for (nothing cached for them)."""
+    inter = tables["interactions"]
+    pos = inter[inter["event"].isin(["click", "purchase"])]
+    return str(int(pos["user_id"].value_counts().index[100]))
 
 
 def test_triton_down_degrades_within_deadline_then_recovers(
     stack: dict[str, Any], tables: dict[str, pd.DataFrame]
 ) -> None:
-    """Runs last in this module: it stops and restarts Triton."""
+    """Runs last in this module: it stops and restarts Triton.
+
+    With Triton gone, the user tower gives up within its share of the deadline
+    (budget.DEFAULT_SHARES: a quarter) and the answer is popular items for the user's
+    categories, flagged ``retrieval_unavailable``; a user whose embedding is cached still
+    gets retrieval, flagged ``ranking_skipped``. Answers must come well inside the
+    client's deadline: half of it here, so a service that spends the deadline fails
+    the check instead of hitting the client's DEADLINE_EXCEEDED."""
+    from orchestrator.budget import DEFAULT_SHARES
+
     s = stack["settings"]
-    user = _active_user(tables)
+    deadline = 0.5
+    fresh, cached = _fresh_user(tables), _active_user(tables)
+    _recommend(stack, tables, cached, k=10)  # its embedding is in the cache now
+    before = _metric(stack, "recstack_degraded_total", reason="retrieval_unavailable")
     stack["procs"]["triton"].stop()
     latencies = []
     for _ in range(5):
         t0 = time.perf_counter()
-        reply = _recommend(stack, tables, user, k=10, timeout=0.5)
+        reply = _recommend(stack, tables, fresh, k=10, timeout=deadline)
         latencies.append(time.perf_counter() - t0)
-        assert reply.degraded, "Triton is down but the answer claims full service"
+        assert list(reply.degraded) == ["retrieval_unavailable"]
+        assert len(reply.items) == 10 and not reply.cold_start
+        assert {i.source for i in reply.items} <= {"popular", "fresh"}
+        tower_ms = {t.stage: t.ms for t in reply.timings}["user_tower"]
+        assert tower_ms <= DEFAULT_SHARES["user_tower"] * deadline * 1000 + 20, tower_ms
+        reply = _recommend(stack, tables, cached, k=10, timeout=deadline)
+        assert list(reply.degraded) == ["ranking_skipped"]
         assert len(reply.items) == 10
-    assert max(latencies) < 0.5
+        assert "retrieval" in {i.source for i in reply.items}  # the fallbacks have none
+    assert max(latencies) < deadline / 2, latencies
+    after = _metric(stack, "recstack_degraded_total", reason="retrieval_unavailable")
+    assert after == before + 5
     stack["procs"]["triton"] = start_triton(s, release.model_versions(s))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        reply = _recommend(stack, tables, user, k=10)
+    until = time.monotonic() + 30
+    while time.monotonic() < until:
+        reply = _recommend(stack, tables, fresh, k=10)
         if not reply.degraded:
             break
         time.sleep(0.5)

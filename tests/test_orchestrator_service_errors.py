@@ -1,0 +1,71 @@
+"""A failure outside every stage's own handler still gets an answer: popular items flagged
+``internal_error`` (counted), never an exception out of ``recommend`` (gRPC INTERNAL).
+The per-stage failures, over a real release, are in test_orchestrator_degradation.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from orchestrator import metrics
+from orchestrator.online_features import ItemSnapshot
+from orchestrator.postprocess import PostprocessConfig
+from orchestrator.request import RecommendQuery
+from orchestrator.service import RecommendService
+from orchestrator.serving_release import ItemState
+
+
+class BrokenUser:
+    """A known user whose recent items cannot be read (a bug below the stages)."""
+
+    known = True
+    seen_items = np.zeros(0, np.int64)
+    affinity = None
+
+    @property
+    def recent_items(self) -> list[int]:
+        raise RuntimeError("recent items decoder broke")
+
+
+def release() -> SimpleNamespace:
+    ids = np.arange(1, 21, dtype=np.int64)
+    snapshot = ItemSnapshot(
+        names=("price", "item_popularity_rank"),
+        ids=ids,
+        matrix=np.stack([np.ones(20), np.arange(1, 21)], axis=1).astype(np.float32),
+        category=ids % 4,
+        created_at=np.zeros(20),
+    )
+
+    def no_tower(user: object, timeout_s: float) -> np.ndarray:
+        raise ConnectionError("Triton is down")
+
+    return SimpleNamespace(
+        release_id="r-test",
+        items=ItemState.build(snapshot, ids, np.zeros((20, 2), np.float32)),
+        features=SimpleNamespace(user=lambda user_id: BrokenUser()),
+        user_embedding=no_tower,
+        post=PostprocessConfig(),
+        data_end=float("inf"),
+        close=lambda: None,
+    )
+
+
+def test_an_unexpected_error_is_a_degraded_answer(caplog: pytest.LogCaptureFixture) -> None:
+    svc = RecommendService(release())  # type: ignore[arg-type]
+    q = RecommendQuery(user_id=1, k=5, timestamp=datetime(2026, 1, 1, tzinfo=UTC))
+    before = metrics.DEGRADED.labels("internal_error")._value.get()
+    with caplog.at_level(logging.WARNING):
+        result = asyncio.run(svc.recommend(q, 2.0))
+    svc.pool.shutdown()
+    assert result.degraded == ["internal_error"]
+    assert len(result.items) == 5
+    assert {i.source for i in result.items} <= {"popular", "fresh"}
+    assert metrics.DEGRADED.labels("internal_error")._value.get() == before + 1
+    assert "recent items decoder broke" in caplog.text
+    assert all(not r.exc_info for r in caplog.records)  # one line each, no traceback
