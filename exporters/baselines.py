@@ -72,8 +72,8 @@ def interaction_matrix(
             raise ValueError(f"user_ids must be 1-d, got shape {rows_users.shape}")
         if np.unique(rows_users).size != rows_users.size:
             raise ValueError("user_ids has duplicates")
-    rows = _positions(rows_users, u)
-    cols = _positions(item_ids, i)
+    rows = positions(rows_users, u)
+    cols = positions(item_ids, i)
     ok = (rows >= 0) & (cols >= 0)
     X = sp.csr_matrix(
         (np.ones(int(ok.sum()), np.float32), (rows[ok], cols[ok])),
@@ -84,13 +84,15 @@ def interaction_matrix(
     return X, rows_users
 
 
-def _positions(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+def positions(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Index of each of ``values`` in ``ids`` (any order), -1 where absent."""
+    if ids.size == 0:
+        return np.full(np.shape(values), -1, dtype=np.int64)
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     pos = np.searchsorted(sorted_ids, values)
-    pos_c = np.minimum(pos, max(sorted_ids.size - 1, 0))
-    found = (pos < sorted_ids.size) & (sorted_ids[pos_c] == values) if ids.size else pos < 0
+    pos_c = np.minimum(pos, sorted_ids.size - 1)
+    found = (pos < sorted_ids.size) & (sorted_ids[pos_c] == values)
     return np.where(found, order[pos_c], -1).astype(np.int64)
 
 

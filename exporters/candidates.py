@@ -11,14 +11,16 @@ row order):
   ``weights[i, k]`` where ``neighbours[i, k] == j``: an EASE model (Steck 2019) for
   catalogs up to ``baselines.EASE_MAX_ITEMS`` items, cosine co-visitation beyond, cut to
   sparse top-N lists so the cost is O(history × N) per request whatever the catalog;
-- ``popular``: the most consumed items before the model's cut-off.
+- ``popular``: the most consumed items before the model's cut-off;
+- ``category_popular``: the same within the user's most consumed category;
+- ``fresh``: the newest items created by the request's time.
 
-The merged list keeps the ANN's order, then the item-to-item list, then popular items,
-each cut to its :class:`Quotas` share after the caller's filters, without duplicates.
-Every merged candidate carries :data:`CANDIDATE_FEATURES` (ranks in each source, the
-item-to-item score, the item's long-term popularity), which the ranker is trained on
-point-in-time: the model used for training candidates is built from events before the
-training request time only.
+The merged list keeps the ANN's order, then item-to-item, popular, category-popular and
+fresh items, each cut to its :class:`Quotas` share after the caller's filters, without
+duplicates (:func:`gather`). Every merged candidate carries :data:`CANDIDATE_FEATURES`
+(ranks in each source, the item-to-item score, the item's long-term popularity), which
+the ranker is trained on point-in-time: the model used for training candidates is built
+from the events its requests may know only.
 """
 
 from __future__ import annotations
@@ -254,12 +256,10 @@ def build_model(
     log.info("candidate sources: %s", json.dumps(info))
     category = created = None
     if items is not None:
-        table = items.set_index("item_id").reindex(np.asarray(item_ids, dtype=np.int64))
-        category = table["category"].fillna(-1).to_numpy(np.int64)
-        epoch = pd.Timestamp(0, tz="UTC")
-        created = (
-            (pd.to_datetime(table["created_at"], utc=True) - epoch).dt.total_seconds().fillna(0.0)
-        ).to_numpy(np.float64)
+        ids = np.asarray(item_ids, dtype=np.int64)
+        category = items.set_index("item_id")["category"].reindex(ids).fillna(-1)
+        category = category.to_numpy(np.int64)
+        created = created_seconds(items).reindex(ids).fillna(0.0).to_numpy(np.float64)
     return SourceModel.from_arrays(
         item_ids,
         neighbours,
@@ -270,6 +270,14 @@ def build_model(
         category=category,
         created_at=created,
     )
+
+
+def created_seconds(items: pd.DataFrame) -> pd.Series:
+    """Item id -> creation time in unix seconds (NaN where unknown), from an items table
+    with ``item_id`` and ``created_at``."""
+    epoch = pd.Timestamp(0, tz="UTC")
+    seconds = (pd.to_datetime(items["created_at"], utc=True) - epoch).dt.total_seconds()
+    return pd.Series(seconds.to_numpy(), index=items["item_id"].to_numpy())
 
 
 def i2i_scores(model: SourceModel, history_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -368,26 +376,16 @@ def _category_popular(model: SourceModel, seen_rows: np.ndarray, depth: int) -> 
 
 def _positions(source: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Position of each of ``rows`` in ``source`` (unique values), ABSENT_RANK if absent."""
-    out = np.full(len(rows), ABSENT_RANK, dtype=np.float32)
-    if len(source) == 0 or len(rows) == 0:
-        return out
-    order = np.argsort(source, kind="stable")
-    sorted_src = source[order]
-    pos = np.searchsorted(sorted_src, rows)
-    pos_c = np.minimum(pos, len(sorted_src) - 1)
-    hit = sorted_src[pos_c] == rows
-    out[hit] = order[pos_c[hit]].astype(np.float32)
-    return out
+    pos = baselines.positions(source, rows)
+    return np.where(pos >= 0, pos, ABSENT_RANK).astype(np.float32)
 
 
 def source_names(features: np.ndarray) -> np.ndarray:
     """The first source that found each merged candidate (for the response's ``source``):
     ``retrieval`` (ANN), ``item_to_item``, ``popular`` or ``fresh``."""
     out = np.full(len(features), "popular", dtype=object)
-    if features.shape[1] > 6:
-        only_fresh = features[:, 6] < ABSENT_RANK
-        out[only_fresh] = "fresh"
-        out[features[:, 5] < ABSENT_RANK] = "popular"
+    out[features[:, 6] < ABSENT_RANK] = "fresh"
+    out[features[:, 5] < ABSENT_RANK] = "popular"
     out[features[:, 1] < ABSENT_RANK] = "item_to_item"
     out[features[:, 0] < ABSENT_RANK] = "retrieval"
     return out

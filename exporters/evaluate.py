@@ -45,6 +45,7 @@ from exporters.ranker_train import (
     load_booster,
     load_manifest,
     merged_candidates,
+    unix_seconds,
 )
 from exporters.raw_tables import read_meta, read_table
 from exporters.split import load_split
@@ -146,13 +147,12 @@ def served_lists(
     """Top-10 of each request after the release's post-processing (freshness boost,
     category cap: orchestrator/postprocess.py ``select``), exactly as the orchestrator
     answers."""
-    catalog = items.set_index("item_id")
-    epoch = pd.Timestamp(0, tz="UTC")
-    created = (pd.to_datetime(catalog["created_at"], utc=True) - epoch).dt.total_seconds()
     row_items = cands.row_items
-    row_cat = catalog["category"].reindex(row_items).fillna(-1).to_numpy(np.int64)
+    category = items.set_index("item_id")["category"]
+    row_cat = category.reindex(row_items).fillna(-1).to_numpy(np.int64)
+    created = candidates.created_seconds(items)
     row_created = created.reindex(row_items).fillna(0.0).to_numpy(np.float64)
-    now = times.as_unit("us").asi8.astype(np.float64) / 1e6
+    now = unix_seconds(times)
     out = np.full((len(cands.user_ids), TOP_K), -1, dtype=np.int64)
     order = np.argsort(cands.query, kind="stable")
     bounds = np.searchsorted(cands.query[order], np.arange(len(cands.user_ids) + 1))

@@ -177,9 +177,9 @@ class CandidateRows:
 
 
 def candidate_model_path(settings: Settings, cut: str) -> Path:
-    """The candidate-source model built from events before a cut-off of the split:
-    ``train`` (ranker training requests at train_end), ``eval`` (evaluation requests at
-    val_end) or ``all`` (the release: every event)."""
+    """The candidate-source model built from the events a split's requests may know:
+    ``train`` (ranker training requests: the training window), ``eval`` (evaluation
+    requests: all but the test window) or ``all`` (the release: every event)."""
     return settings.work_dir / f"candidates_{cut}.npz"
 
 
@@ -215,19 +215,19 @@ def merged_candidates(
     """The candidates serving would merge for each user at ``at``: ANN (``ann_depth``
     retrieved), item-to-item of the user's seen items before ``at`` and popular items,
     each without the user's seen items or items created after ``at``, merged by
-    :func:`exporters.candidates.merge`. Returns ``(items [Q, K] -1 padded,
+    :func:`exporters.candidates.gather`. Returns ``(items [Q, K] -1 padded,
     features [Q, K, S])``."""
     user_ids = np.asarray(user_ids, dtype=np.int64)
     times = _per_query(at, len(user_ids))
     if interactions is None:
         interactions = read_table(settings, "interactions")
-    ann_items, ann_scores = retrieval.retrieve(settings, user_ids, times, ann_depth)
-    ann_items, _ = existing_only(
-        settings, np.asarray(ann_items, dtype=np.int64), np.asarray(ann_scores), times
-    )
+    # Items not yet created at a request (the offline index holds the whole catalog) are
+    # dropped by gather's filter, like every source's.
+    ann_items, _ = retrieval.retrieve(settings, user_ids, times, ann_depth)
+    ann_items = np.asarray(ann_items, dtype=np.int64)
     catalog = pd.Index(model.item_ids)
     born = _created_seconds(settings).reindex(model.item_ids).to_numpy(np.float64)
-    seconds = _unix(times)
+    seconds = unix_seconds(times)
     events = seen_events(read_meta(settings), settings.seen_events)
     seen = seen_lists(interactions, user_ids, events, before=times)
     out_rows: list[np.ndarray] = []
@@ -306,7 +306,7 @@ def candidate_rows(
         user_features=user_feats,
         user_category_affinity=affinity,
         user_embedding=user_emb,
-        request_time=_unix(times),
+        request_time=unix_seconds(times),
         item_features=per_row,
         item_category=category[row_feature],
         item_created_at=created[row_feature],
@@ -327,36 +327,16 @@ def _per_query(at: pd.Timestamp | pd.DatetimeIndex, n: int) -> pd.DatetimeIndex:
     return pd.DatetimeIndex([t] * n)
 
 
-def _unix(times: pd.DatetimeIndex) -> np.ndarray:
+def unix_seconds(times: pd.DatetimeIndex) -> np.ndarray:
     """Unix seconds (float64) of each time."""
     return times.as_unit("us").asi8.astype(np.float64) / 1e6
 
 
 def _created_seconds(settings: Settings) -> pd.Series:
     """Item id -> creation time (unix seconds)."""
-    catalog = read_table(settings, "items", columns=["item_id", "created_at"])
-    epoch = pd.Timestamp(0, tz="UTC")
-    seconds = (pd.to_datetime(catalog["created_at"], utc=True) - epoch).dt.total_seconds()
-    return pd.Series(seconds.to_numpy(), index=catalog["item_id"].to_numpy())
-
-
-def existing_only(
-    settings: Settings, items: np.ndarray, scores: np.ndarray, at: pd.Timestamp
-) -> tuple[np.ndarray, np.ndarray]:
-    """Drop retrieved items created after ``at`` (the offline index holds the whole
-    catalog; serving's index at ``at`` would not have them), keeping each list's order
-    and moving the -1 padding to the end."""
-    born = (
-        _created_seconds(settings)
-        .reindex(items.ravel())
-        .to_numpy(dtype=np.float64)
-        .reshape(items.shape)
+    return candidates.created_seconds(
+        read_table(settings, "items", columns=["item_id", "created_at"])
     )
-    limit = _unix(_per_query(at, len(items)))[:, None] if len(items) else np.zeros((0, 1))
-    future = ~(born <= limit)  # unknown items (NaN) go too
-    items = np.where(future | (items < 0), -1, items)
-    order = np.argsort(items < 0, axis=1, kind="stable")
-    return np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
 
 
 def _index_items_at(settings: Settings) -> pd.Timestamp:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from exporters.schema import EVENTS
+from exporters.tower_inputs import epoch_us
 
 SEEN_CAP = 5000
 I2I_HISTORY = 200
@@ -73,7 +74,7 @@ def seen_table(
     order = np.lexsort(
         (
             -np.arange(len(df)),
-            -_epoch_us(df["timestamp"]),
+            -epoch_us(df["timestamp"]),
             df["user_id"].to_numpy(),
         )
     )
@@ -91,12 +92,6 @@ def seen_table(
             "seen_items": lists,
         }
     )
-
-
-def _epoch_us(ts: pd.Series) -> np.ndarray:
-    """Microseconds since the epoch (UTC) as int64, for any datetime dtype."""
-    s = pd.to_datetime(ts, utc=True)
-    return np.asarray(s.dt.tz_localize(None).astype("datetime64[us]").to_numpy()).view(np.int64)
 
 
 def seen_lists(

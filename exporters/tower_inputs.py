@@ -120,11 +120,11 @@ def item_inputs(
     known = pos >= 0
     price = np.zeros(len(item_ids), dtype=np.float64)
     price[known] = items["price"].to_numpy(dtype=np.float64)[pos[known]]
-    created = _epoch_us(items["created_at"])
+    created = epoch_us(items["created_at"])
     if isinstance(at, pd.Timestamp):
         at_us = np.full(len(item_ids), _ts_us(at), dtype=np.int64)
     else:
-        at_us = _epoch_us(pd.Series(at))
+        at_us = epoch_us(pd.Series(at))
     age = np.zeros(len(item_ids), dtype=np.float64)
     age[known] = (at_us[known] - created[pos[known]]) / 1e6 / SECONDS_PER_DAY
     return {
@@ -136,7 +136,7 @@ def item_inputs(
     }
 
 
-def _epoch_us(ts: pd.Series) -> np.ndarray:
+def epoch_us(ts: pd.Series) -> np.ndarray:
     """Microseconds since the epoch (UTC) as int64."""
     return _as_utc_us(ts).dt.tz_localize(None).to_numpy().astype(np.int64)
 
