@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import make_settings, require_redis_server
+from conftest import make_settings, port, require_redis_server
 
 from exporters.raw_tables import RawTables, write_raw
 from recstack.settings import PROJECT_ROOT, Settings
 
-REDIS_TEST_PORT = 6391
+REDIS_TEST_PORT = port(6391)
 N_CATEGORIES = 3
 
 

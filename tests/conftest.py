@@ -10,6 +10,14 @@ import pytest
 from recstack.settings import Settings
 
 
+def port(n: int) -> int:
+    """A fixed test port shifted by ``RECSTACK_TEST_PORT_OFFSET``, so two test runs on one
+    machine (two checkouts) do not answer each other's requests."""
+    import os
+
+    return n + int(os.environ.get("RECSTACK_TEST_PORT_OFFSET", "0"))
+
+
 def make_settings(base: Path, **overrides: object) -> Settings:
     """Settings whose writable paths all live under ``base`` (the repo's committed
     model_repository configs are copied there so version folders stay in the tmp dir)."""
@@ -70,12 +78,12 @@ def trained_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
     s = make_settings(
         tmp_path_factory.mktemp("trained"),
-        triton_http_port=18100,
-        triton_grpc_port=18101,
-        triton_metrics_port=18102,
-        orchestrator_grpc_port=18150,
-        orchestrator_http_port=18151,
-        orchestrator_metrics_port=18152,
+        triton_http_port=port(18100),
+        triton_grpc_port=port(18101),
+        triton_metrics_port=port(18102),
+        orchestrator_grpc_port=port(18150),
+        orchestrator_http_port=port(18151),
+        orchestrator_metrics_port=port(18152),
     )
     generate(s, preset="small", seed=11)
     pipeline.run(s, progress=lambda _: None)

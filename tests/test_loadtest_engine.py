@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import port
 
 from loadtest.report import write_run, write_sweep
 from loadtest.runner import run_scenario
@@ -58,14 +59,14 @@ def stub(request: pytest.FixtureRequest) -> Iterator[StubServer]:
         yield s
 
 
-@pytest.mark.parametrize("stub", [(StubConfig(degraded_every=5), 19050, None)], indirect=True)
+@pytest.mark.parametrize("stub", [(StubConfig(degraded_every=5), port(19050), None)], indirect=True)
 def test_reports_known_delay(stub: StubServer, settings: Settings) -> None:
     """The 20 ms service time is a floor under every latency; above it, the excess is
     bounded by what the same test measured at zero delay plus the generator's own send
     lag (both grow together on a busy host, so the bound is a ratio, not fixed ms)."""
-    base = run_scenario(scenario(19050), settings)
-    with StubServer(StubConfig(delay_ms=20), grpc_port=19051):
-        doc = run_scenario(scenario(19051), settings)
+    base = run_scenario(scenario(port(19050)), settings)
+    with StubServer(StubConfig(delay_ms=20), grpc_port=port(19051)):
+        doc = run_scenario(scenario(port(19051)), settings)
     overhead = base["latency_ms"]["p50"]
     p50 = doc["latency_ms"]["p50"]
     assert doc["latency_from_send_ms"]["p50"] >= 20, doc["latency_from_send_ms"]
@@ -84,13 +85,13 @@ def test_reports_known_delay(stub: StubServer, settings: Settings) -> None:
 
 
 @pytest.mark.parametrize(
-    "stub", [(StubConfig(delay_ms=50, concurrency=1), 19052, None)], indirect=True
+    "stub", [(StubConfig(delay_ms=50, concurrency=1), port(19052), None)], indirect=True
 )
 def test_does_not_slow_down_to_match_a_slow_server(stub: StubServer, settings: Settings) -> None:
     """A serialised 50 ms handler serves 20/s; offered 40/s, the generator keeps sending at
     40/s and latency (from the intended send time) grows with the queue."""
     sc = scenario(
-        19052,
+        port(19052),
         load={"rate": 40, "duration": 2.5, "warmup": 0.5},
         target={"timeout": 10},
         traffic={"event_share": 0},
@@ -114,11 +115,11 @@ def test_does_not_slow_down_to_match_a_slow_server(stub: StubServer, settings: S
 
 
 @pytest.mark.parametrize(
-    "stub", [(StubConfig(delay_ms=50, concurrency=1), 19053, None)], indirect=True
+    "stub", [(StubConfig(delay_ms=50, concurrency=1), port(19053), None)], indirect=True
 )
 def test_in_flight_overflow_is_dropped_not_waited_for(stub: StubServer, settings: Settings) -> None:
     sc = scenario(
-        19053,
+        port(19053),
         load={"rate": 40, "duration": 2, "warmup": 0.2, "max_in_flight": 5},
         target={"timeout": 5},
     )
@@ -130,13 +131,13 @@ def test_in_flight_overflow_is_dropped_not_waited_for(stub: StubServer, settings
 
 
 @pytest.mark.parametrize(
-    "stub", [(StubConfig(delay_ms=20, concurrency=1), 19054, None)], indirect=True
+    "stub", [(StubConfig(delay_ms=20, concurrency=1), port(19054), None)], indirect=True
 )
 def test_sweep_finds_the_knee(stub: StubServer, settings: Settings, tmp_path: Path) -> None:
     """Serialised 20 ms handler: capacity 50/s (somewhat less with per-request overhead on
     a busy machine). Below it latency stays near 20 ms; above it the queue grows."""
     sc = scenario(
-        19054,
+        port(19054),
         load={"rate": 10, "duration": 2},
         traffic={"event_share": 0},
         target={"timeout": 5},
@@ -165,11 +166,13 @@ def test_sweep_finds_the_knee(stub: StubServer, settings: Settings, tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    "stub", [(StubConfig(delay_ms=1, degraded_every=4, fail_every=10), 19055, 19056)], indirect=True
+    "stub",
+    [(StubConfig(delay_ms=1, degraded_every=4, fail_every=10), port(19055), port(19056))],
+    indirect=True,
 )
 def test_http_target_and_errors_by_code(stub: StubServer, settings: Settings) -> None:
     sc = scenario(
-        19056,
+        port(19056),
         kind="http",
         load={"rate": 100, "duration": 2, "warmup": 0.2},
         target={"health_path": "/healthz"},
@@ -181,16 +184,16 @@ def test_http_target_and_errors_by_code(stub: StubServer, settings: Settings) ->
     assert doc["errors"] == {"HTTP_503": pytest.approx(18, abs=2)}
     assert doc["error_share"] == pytest.approx(0.1, abs=0.015)
     assert doc["degraded_share"] > 0.15
-    grpc_doc = run_scenario(scenario(19055, load={"rate": 100, "duration": 1.2}), settings)
+    grpc_doc = run_scenario(scenario(port(19055), load={"rate": 100, "duration": 1.2}), settings)
     assert set(grpc_doc["errors"]) == {"UNAVAILABLE"}
 
 
 def test_unreachable_http_target_is_a_user_error(settings: Settings) -> None:
     with pytest.raises(UserError, match="not reachable"):
-        run_scenario(scenario(19059, kind="http"), settings)
+        run_scenario(scenario(port(19059), kind="http"), settings)
 
 
-@pytest.mark.parametrize("stub", [(StubConfig(delay_ms=2), 19058, None)], indirect=True)
+@pytest.mark.parametrize("stub", [(StubConfig(delay_ms=2), port(19058), None)], indirect=True)
 def test_cli_run_two_workers_with_action_and_compare(
     stub: StubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -200,7 +203,7 @@ def test_cli_run_two_workers_with_action_and_compare(
     path = tmp_path / "sc.yaml"
     path.write_text(
         "name: withaction\n"
-        "target: {kind: grpc, address: '127.0.0.1:19058'}\n"
+        f"target: {{kind: grpc, address: '127.0.0.1:{port(19058)}'}}\n"
         "load: {arrival: poisson, rate: 80, duration: 2s, warmup: 500ms}\n"
         "traffic: {user_range: [1, 500], cold_start_share: 0.5}\n"
         f"actions: [{{at: 1s, run: 'echo promoted > {marker}', label: promote}}]\n"
@@ -229,9 +232,9 @@ def test_cli_run_two_workers_with_action_and_compare(
 
 def test_write_run_has_no_nan(settings: Settings, tmp_path: Path) -> None:
     """A run where nothing answered still writes valid JSON, Markdown and a plot."""
-    with StubServer(StubConfig(delay_ms=300, concurrency=1), grpc_port=19060):
+    with StubServer(StubConfig(delay_ms=300, concurrency=1), grpc_port=port(19060)):
         sc = scenario(
-            19060, load={"rate": 20, "duration": 1, "warmup": 0.1}, target={"timeout": 0.05}
+            port(19060), load={"rate": 20, "duration": 1, "warmup": 0.1}, target={"timeout": 0.05}
         )
         doc = run_scenario(sc, settings)
     assert set(doc["errors"]) == {"DEADLINE_EXCEEDED"}

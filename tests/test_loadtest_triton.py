@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from _triton_fixtures import N_USERS, shared_artifacts
-from conftest import make_settings
+from conftest import make_settings, port
 
 from loadtest.runner import run_scenario
 from loadtest.scenario import Target, validate_scenario
@@ -17,7 +17,11 @@ from loadtest.targets import TritonModel
 from recstack.errors import UserError
 from recstack.settings import Settings
 
-PORTS = {"triton_http_port": 19070, "triton_grpc_port": 19071, "triton_metrics_port": 19072}
+PORTS = {
+    "triton_http_port": port(19070),
+    "triton_grpc_port": port(19071),
+    "triton_metrics_port": port(19072),
+}
 
 
 def test_inputs_follow_config_pbtxt(settings: Settings) -> None:
@@ -89,7 +93,11 @@ def test_user_tower_open_loop(triton: Settings) -> None:
     before = _triton_success(triton, "user_tower")
     doc = run_scenario(sc, triton)
     after = _triton_success(triton, "user_tower")
-    assert doc["target"] == {"kind": "triton", "address": "127.0.0.1:19071", "model": "user_tower"}
+    assert doc["target"] == {
+        "kind": "triton",
+        "address": f"127.0.0.1:{port(19071)}",
+        "model": "user_tower",
+    }
     assert doc["errors"] == {}, doc["errors"]
     assert doc["requests"]["ok"] == doc["requests"]["scheduled"] > 100
     # Ordering, not fixed milliseconds (a busy host moves those): the client's latency

@@ -30,7 +30,7 @@ from _triton_fixtures import (
     shared_artifacts,
     user_inputs,
 )
-from conftest import make_settings
+from conftest import make_settings, port
 from tritonclient.utils import InferenceServerException
 
 from exporters.model_repo import publish_version
@@ -46,7 +46,11 @@ from recstack.settings import PROJECT_ROOT, Settings
 
 pytestmark = pytest.mark.integration
 
-PORTS = {"triton_http_port": 18000, "triton_grpc_port": 18001, "triton_metrics_port": 18002}
+PORTS = {
+    "triton_http_port": port(18000),
+    "triton_grpc_port": port(18001),
+    "triton_metrics_port": port(18002),
+}
 
 
 @dataclass
@@ -250,7 +254,7 @@ def test_typed_client_errors(served: Served) -> None:
         with pytest.raises(TritonInvalidInput, match="10"):
             client.infer("ranker", {"input__0": np.zeros((2, 4), np.float32)})
         assert client.ready() and client.ready("rank")
-    down = Settings(**{**served.settings.model_dump(), "triton_grpc_port": 18009})
+    down = Settings(**{**served.settings.model_dump(), "triton_grpc_port": port(18009)})
     with TritonClient.from_settings(down, timeout_s=0.5) as client:
         assert not client.ready()
         with pytest.raises(TritonUnavailable):
