@@ -187,6 +187,7 @@ def publish(settings: Settings, force_reason: str | None = None) -> int:
             manifest["models"][model] = publish_version(settings, model, files)
         release_id = max(release_ids(settings), default=0) + 1
         manifest["release_id"] = release_id
+        manifest["checksums"] = _checksums(settings, manifest, staged)
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         staged.rename(release_dir(settings, release_id))
     except BaseException:
@@ -194,6 +195,15 @@ def publish(settings: Settings, force_reason: str | None = None) -> int:
         raise
     log.info("release %d: %s", release_id, manifest["models"])
     return release_id
+
+
+def _checksums(settings: Settings, manifest: dict[str, Any], staged: Path) -> dict[str, str]:
+    """sha256 of every served artifact (``recstack release validate`` re-checks them)."""
+    from exporters.release_validate import artifact_paths, sha256
+
+    paths = artifact_paths(settings, manifest)
+    folder = release_dir(settings, int(manifest["release_id"]))
+    return {k: sha256(staged / p.name if p.parent == folder else p) for k, p in paths.items()}
 
 
 def _validate_index(folder: Path, index: dict[str, Any]) -> None:
@@ -225,21 +235,6 @@ def _validate_candidates(folder: Path, index: dict[str, Any]) -> dict[str, Any]:
     if len(ids) != int(index["n_items"]):
         raise ValueError(f"candidate sources cover {len(ids)} items, index {index['n_items']}")
     return dict(model.info)
-
-
-def cli_list(args: argparse.Namespace) -> int:
-    """``recstack release list``."""
-    settings = get_settings()
-    ids = release_ids(settings)
-    if not ids:
-        print(f"no releases in {settings.releases_dir}")
-        return 0
-    for rid in ids:
-        m = load_manifest(settings, rid)
-        ndcg = m.get("metrics", {}).get("pipeline", {}).get("ndcg@10")
-        models = " ".join(f"{k}:{v}" for k, v in m["models"].items())
-        print(f"{rid:4d}  {m['created_at']}  ndcg@10={ndcg}  {models}")
-    return 0
 
 
 def cli_publish(args: argparse.Namespace) -> int:

@@ -217,7 +217,7 @@ def leave_last_out(parsed: pd.DataFrame, n: int) -> np.ndarray:
 
 def workspace_env(ws: Path, port_base: int) -> dict[str, str]:
     """RECSTACK_* variables that put every path and port of a run in ``ws`` and above
-    ``port_base`` (Triton +0/+1/+2, orchestrator gRPC +51, HTTP +80, metrics +100, Redis
+    ``port_base`` (Triton +0/+1/+2, orchestrator gRPC +51, HTTP +80, metrics +100, admin +101, Redis
     +90: the layout of loadtest/bench_large.sh)."""
     return {
         "RECSTACK_DATA_DIR": str(ws / "data"),
@@ -230,6 +230,7 @@ def workspace_env(ws: Path, port_base: int) -> dict[str, str]:
         "RECSTACK_ORCHESTRATOR_GRPC_PORT": str(port_base + 51),
         "RECSTACK_ORCHESTRATOR_HTTP_PORT": str(port_base + 80),
         "RECSTACK_ORCHESTRATOR_METRICS_PORT": str(port_base + 100),
+        "RECSTACK_ORCHESTRATOR_ADMIN_PORT": str(port_base + 101),
         "RECSTACK_REDIS_PORT": str(port_base + 90),
     }
 

@@ -25,8 +25,12 @@ _BUCKETS = (
     1.0,
 )
 
+# Per-request metrics carry the release that served the request (the A/B arm).
 STAGE_SECONDS = Histogram(
-    "recstack_stage_seconds", "Time spent per request stage", ["stage"], buckets=_BUCKETS
+    "recstack_stage_seconds",
+    "Time spent per request stage",
+    ["stage", "release"],
+    buckets=_BUCKETS,
 )
 STAGE_CPU_SECONDS = Histogram(
     "recstack_stage_cpu_seconds",
@@ -40,9 +44,25 @@ REQUEST_SECONDS = Histogram(
 REQUESTS = Counter(
     "recstack_requests_total", "Requests by method and status code", ["method", "code"]
 )
-DEGRADED = Counter("recstack_degraded_total", "Degraded answers by reason", ["reason"])
-RELEASE = Gauge("recstack_release_info", "The release being served (value 1)", ["release"])
-COLD_START = Counter("recstack_cold_start_total", "Requests for users without history")
+DEGRADED = Counter("recstack_degraded_total", "Degraded answers by reason", ["reason", "release"])
+RELEASE = Gauge(
+    "recstack_release_info", "Releases served, value = share of users routed to each", ["release"]
+)
+RECOMMENDATIONS = Counter(
+    "recstack_recommendations_total",
+    "Recommend answers by the release that served them",
+    ["release"],
+)
+COLD_START = Counter("recstack_cold_start_total", "Requests for users without history", ["release"])
+RELEASE_CHANGES = Counter(
+    "recstack_release_changes_total",
+    "Release state changes the orchestrator applied or refused",
+    ["result"],  # done, refused (memory, bad release), failed
+)
+TRITON_REPINS = Counter(
+    "recstack_triton_repins_total",
+    "Times a pinned model version was found missing in Triton and loaded again",
+)
 EMBEDDING_CACHE = Counter(
     "recstack_user_embedding_cache_total", "User-tower cache look-ups by result", ["result"]
 )
@@ -72,9 +92,10 @@ ITEM_SNAPSHOT_REFRESHES = Counter(
 _served: list[str] = []
 
 
-def set_release(release: str) -> None:
-    """Expose exactly one served release."""
+def set_releases(shares: dict[str, float]) -> None:
+    """Expose exactly the served releases, each with its share of users."""
     for old in _served:
         RELEASE.remove(old)
-    _served[:] = [release]
-    RELEASE.labels(release=release).set(1)
+    _served[:] = list(shares)
+    for release, share in shares.items():
+        RELEASE.labels(release=release).set(share)

@@ -323,11 +323,12 @@ def http_app(
         return await handle("http.RecordEvent", parse, call)
 
     async def health(request: web.Request) -> web.Response:
-        if drain.started:
-            return web.json_response(
-                {"status": "NOT_SERVING", "release": service.release_name}, status=503
-            )
-        return web.json_response({"status": "SERVING", "release": service.release_name})
+        body = {
+            "status": "NOT_SERVING" if drain.started else "SERVING",
+            "release": service.release_name,
+            "releases": service.router.describe(),
+        }
+        return web.json_response(body, status=503 if drain.started else 200)
 
     @web.middleware
     async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -344,6 +345,26 @@ def http_app(
     app.router.add_get("/v1/recommendations", recommendations)
     app.router.add_post("/v1/events", events)
     app.router.add_get("/healthz", health)
+    return app
+
+
+def admin_app(service: RecommendService) -> web.Application:
+    """The admin API (its own port, loopback by default; never the public one):
+    ``GET /admin/releases`` — what serves (revision, arms, loaded releases, requests in
+    flight per release, the last change and its outcome); ``POST /admin/reload`` — apply
+    the release state now and answer with the same document once the change is done or
+    refused (the `recstack release` commands call it; the state file is watched anyway)."""
+
+    async def releases(request: web.Request) -> web.Response:
+        return web.json_response(service.router.describe())
+
+    async def reload(request: web.Request) -> web.Response:
+        await service.sync_releases()
+        return web.json_response(service.router.describe())
+
+    app = web.Application()
+    app.router.add_get("/admin/releases", releases)
+    app.router.add_post("/admin/reload", reload)
     return app
 
 
@@ -431,6 +452,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     site = web.TCPSite(runner, host, settings.orchestrator_http_port)
     await site.start()
     start_http_server(settings.orchestrator_metrics_port, addr=host)
+    admin = web.AppRunner(admin_app(service), access_log=None)
+    await admin.setup()
+    await web.TCPSite(
+        admin, settings.orchestrator_admin_host, settings.orchestrator_admin_port
+    ).start()
     # Start-up garbage (Feast, FAISS, the release) is long-lived: freeze it so the collector
     # does not walk it on every request (DESIGN.md: most p99 spikes came from GC).
     gc.collect()
@@ -465,6 +491,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     await _drain(DRAIN_SECONDS)
     await server.stop(grace=5)
     await runner.cleanup()
+    await admin.cleanup()
     await service.close()
 
 

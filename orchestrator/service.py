@@ -20,6 +20,11 @@ Degradation, always flagged in the response and counted in metrics
   queued work is dropped (``load_shed``);
 - anything else raised below the stages' own handlers: popular items (``internal_error``).
 
+Releases: the service holds a :class:`ReleaseRouter` that follows the release state
+(live release, A/B arms). Each request picks its release once, by a stable hash of the
+user id, and every stage of it uses that release (``rel``) — never a user tower of one
+release with the index or ranker of another.
+
 The item side (snapshot, catalog, fallbacks) is refreshed in the background every
 ``feature_refresh_s`` after a Feast materialisation; each request reads it once
 (``release.items``), so it sees one snapshot throughout.
@@ -43,6 +48,7 @@ from orchestrator.budget import BudgetConfig, RequestClock
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.online_features import FeatureStoreUnavailable
 from orchestrator.postprocess import Candidates, reasons, select
+from orchestrator.release_router import ReleaseRouter
 from orchestrator.request import EventQuery, RecommendQuery
 from orchestrator.serving_release import ItemState, ServingRelease, UserView
 
@@ -99,39 +105,43 @@ class ServiceConfig:
 
 
 class RecommendService:
-    """Serves one release; thread-safe: after construction only the release's item state
-    changes, replaced whole by :meth:`refresh_features`, and a request reads it once."""
+    """Serves the releases of its router; thread-safe: a request reads the routing table
+    once and its release's item state once (both are replaced whole, never mutated)."""
 
     def __init__(
         self,
-        release: ServingRelease,
+        release: ServingRelease | ReleaseRouter,
         cfg: ServiceConfig | None = None,
         clock_lead_days: float = 7.0,
     ) -> None:
-        self.release = release
+        # A bare release (tests, benchmarks) is served alone, with no state to follow.
+        self.router = (
+            release if isinstance(release, ReleaseRouter) else ReleaseRouter.fixed(release)
+        )
         self.cfg = cfg or ServiceConfig()
         self.pool = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="recommend")
         self.clock_lead_s = clock_lead_days * 86_400.0
-        self._refresh_task: asyncio.Task[None] | None = None
-        metrics.set_release(self.release_name)
+        self._tasks: list[asyncio.Task[None]] = []
         metrics.ITEM_SNAPSHOT_AGE.set_function(self._snapshot_age)
         self._export_snapshot_time()
 
     @classmethod
     async def create(cls, settings: Any, cfg: ServiceConfig | None = None) -> RecommendService:
-        """Load the newest release (index, catalog, clients) off the event loop and start
-        the item snapshot's refresh (every ``settings.feature_refresh_s``; 0: never)."""
+        """Load the releases the release state serves (index, catalog, clients; warmed up)
+        off the event loop, then follow the state, watch Triton's pinned versions and
+        refresh the item snapshot in the background."""
         cfg = cfg or ServiceConfig(workers=settings.orchestrator_workers)
-        release = await asyncio.to_thread(ServingRelease.load, settings)
-        try:
-            await asyncio.to_thread(release.warm_up, cfg.n_ranked)
-        except Exception as e:  # Triton or Feast down, locked, slow ...
-            # Serve anyway (degraded) rather than refuse to start: each request degrades
-            # on its own until the dependency is back.
-            log.warning("warm-up failed, starting degraded: %s: %s", type(e).__name__, e)
-        svc = cls(release, cfg, settings.max_clock_lead_days)
+        router = ReleaseRouter(settings, warm_rows=cfg.n_ranked)
+        await router.sync()  # raises UserError when nothing can be served
+        svc = cls(router, cfg, settings.max_clock_lead_days)
         svc.start_refresh(settings.feature_refresh_s)
+        svc.start_watch(settings.release_watch_s, settings.triton_watch_s)
         return svc
+
+    @property
+    def release(self) -> ServingRelease:
+        """The live release (A/B arms aside): events, health and fallbacks of last resort."""
+        return self.router.live
 
     @property
     def release_name(self) -> str:
@@ -146,21 +156,65 @@ class RecommendService:
         return self.release.fallbacks
 
     async def close(self) -> None:
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh_task
-            self._refresh_task = None
+                await task
+        self._tasks.clear()
         self.pool.shutdown(wait=True, cancel_futures=False)
-        self.release.close()
+        for rel in self.router.served():
+            rel.close()
+
+    # ----------------------------------------------------------------- release changes
+    def start_watch(self, state_every_s: float, triton_every_s: float) -> None:
+        """Follow the release state file (a change is applied within ``state_every_s``)
+        and re-pin Triton models that went missing (every ``triton_every_s``; 0: never)."""
+        if not self.router.follows_state:
+            return
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._watch_state(state_every_s), name="state"))
+        if triton_every_s > 0:
+            self._tasks.append(
+                loop.create_task(self._watch_triton(triton_every_s), name="triton-pins")
+            )
+
+    async def _watch_state(self, every_s: float) -> None:
+        from exporters.release_state import state_mtime
+
+        settings = self.router.settings
+        seen = state_mtime(settings)
+        while True:
+            await asyncio.sleep(every_s)
+            mtime = await asyncio.to_thread(state_mtime, settings)
+            if mtime != seen:
+                seen = mtime
+                await self.sync_releases()
+
+    async def sync_releases(self) -> bool:
+        """Apply the release state now (the admin API's reload); True if it changed."""
+        try:
+            return await self.router.sync()
+        except Exception as e:  # never take the watcher down
+            log.error("release sync failed: %s: %s", type(e).__name__, e)
+            return False
+
+    async def _watch_triton(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await asyncio.to_thread(self.router.check_triton)
+            except Exception as e:
+                log.warning("Triton pin check failed: %s: %s", type(e).__name__, e)
 
     # ----------------------------------------------------------------- item snapshot refresh
     def refresh_features(self) -> bool:
-        """Swap in a new item snapshot (with its catalog and fallbacks) if Feast materialised
-        since the current one; True if swapped. A failure keeps the old snapshot (one log
-        line, counted): serving must not depend on the refresh."""
+        """Swap in a new item snapshot (with its catalog and fallbacks) in every served
+        release if Feast materialised since the current one; True if swapped. A failure
+        keeps the old snapshot (one log line, counted): serving must not depend on it."""
         try:
-            changed = self.release.refresh_items()
+            changed = False
+            for rel in self.router.served():
+                changed = rel.refresh_items() or changed
         except Exception as e:
             metrics.ITEM_SNAPSHOT_REFRESHES.labels("failed").inc()
             log.warning(
@@ -174,9 +228,11 @@ class RecommendService:
     def start_refresh(self, interval_s: float) -> None:
         """Check for a new materialisation every ``interval_s`` seconds on a background
         task of the running loop (the reload itself runs on a thread); 0 disables it."""
-        if interval_s > 0 and self._refresh_task is None:
-            self._refresh_task = asyncio.get_running_loop().create_task(
-                self._refresh_every(interval_s), name="item-snapshot-refresh"
+        if interval_s > 0:
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(
+                    self._refresh_every(interval_s), name="item-snapshot-refresh"
+                )
             )
 
     async def _refresh_every(self, interval_s: float) -> None:
@@ -184,12 +240,15 @@ class RecommendService:
             await asyncio.sleep(interval_s)
             await asyncio.to_thread(self.refresh_features)
 
+    def _live_items(self) -> ItemState | None:
+        return getattr(self.release, "items", None) if self.router.table is not None else None
+
     def _snapshot_age(self) -> float:
-        items: ItemState | None = getattr(self.release, "items", None)
+        items = self._live_items()
         return time.time() - items.loaded_at if items is not None else float("nan")
 
     def _export_snapshot_time(self) -> None:
-        items: ItemState | None = getattr(self.release, "items", None)
+        items = self._live_items()
         if items is not None:
             metrics.ITEM_SNAPSHOT_MATERIALIZED.set(items.materialized_until)
 
@@ -197,8 +256,16 @@ class RecommendService:
     async def recommend(self, q: RecommendQuery, deadline_s: float | None) -> RecommendResult:
         """Answer within the deadline, degrading rather than failing."""
         clock = RequestClock(deadline_s, self.cfg.budget)
+        rel = self.router.acquire(str(q.user_id))  # this request's release, end to end
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.pool, self._recommend, q, clock)
+        try:
+            fut = loop.run_in_executor(self.pool, self._recommend, q, clock, rel)
+        except BaseException:
+            self.router.done(rel)
+            raise
+        # Counted in flight until the worker is done with it (also after a timeout): the
+        # router closes a retired release only when nothing uses it.
+        fut.add_done_callback(lambda _: self.router.done(rel))
         try:
             wait = max(clock.remaining(), 0.0) + clock.cfg.reserve_ms / 2000
             result = await asyncio.wait_for(asyncio.shield(fut), timeout=wait)
@@ -210,19 +277,21 @@ class RecommendService:
                 reason = "load_shed"
             else:
                 reason = "deadline_exceeded"
-            result = self._fallback(q, clock, [reason], None, self.release.items)
+            result = self._fallback(q, clock, [reason], None, rel.items, rel)
         except Exception as e:  # a failure outside the stages' own handlers
             log.warning("recommend failed, answering fallbacks: %s: %s", type(e).__name__, e)
-            result = self._fallback(q, clock, ["internal_error"], None, self.release.items)
+            result = self._fallback(q, clock, ["internal_error"], None, rel.items, rel)
         else:  # the worker is done with the clock: its CPU times are final
             for stage, ms in clock.cpu_timings.items():
                 metrics.STAGE_CPU_SECONDS.labels(stage).observe(ms / 1000)
+        name = result.release
+        metrics.RECOMMENDATIONS.labels(name).inc()
         for stage, ms in result.timings.items():
-            metrics.STAGE_SECONDS.labels(stage).observe(ms / 1000)
+            metrics.STAGE_SECONDS.labels(stage, name).observe(ms / 1000)
         for reason in result.degraded:
-            metrics.DEGRADED.labels(reason).inc()
+            metrics.DEGRADED.labels(reason, name).inc()
         if result.cold_start:
-            metrics.COLD_START.inc()
+            metrics.COLD_START.labels(name).inc()
         return result
 
     async def record_event(self, e: EventQuery, deadline_s: float | None) -> None:
@@ -231,8 +300,8 @@ class RecommendService:
         Raises :class:`UnknownItem` for an item outside the serving catalog and
         :class:`ServiceUnavailable` when the store fails, times out or is down (one log
         line each, counted in ``recstack_event_failures_total``; no traceback)."""
-        _, known = self.catalog.rows(np.asarray([e.item_id], dtype=np.int64))
-        if not known[0]:
+        item = np.asarray([e.item_id], dtype=np.int64)
+        if not any(rel.catalog.rows(item)[1][0] for rel in self.router.served()):
             raise UnknownItem(f"item_id {e.item_id} is not in the serving catalog")
         timeout = 2.0 if deadline_s is None else max(deadline_s, 0.0)
         loop = asyncio.get_running_loop()
@@ -248,26 +317,28 @@ class RecommendService:
             ) from None
         metrics.EVENTS.labels(e.event).inc()
 
-    def feature_time(self, q: RecommendQuery) -> float:
+    def feature_time(self, q: RecommendQuery, rel: ServingRelease | None = None) -> float:
         """The clock of time-relative features (item age, recency) and of "not yet
         created": the request's time, but never later than the release's data end plus
         ``max_clock_lead_days`` — a release trained on 1998 data asked in 2026 (a replay,
         a stale deployment) scores as of its data, not 10,000 days later. Clients that
         replay history pass the request's ``timestamp``."""
-        return min(q.timestamp.timestamp(), self.release.data_end + self.clock_lead_s)
+        rel = rel or self.release
+        return min(q.timestamp.timestamp(), rel.data_end + self.clock_lead_s)
 
     # ----------------------------------------------------------------- the pipeline
-    def _recommend(self, q: RecommendQuery, clock: RequestClock) -> RecommendResult:
+    def _recommend(
+        self, q: RecommendQuery, clock: RequestClock, rel: ServingRelease
+    ) -> RecommendResult:
         clock.worker_started = time.perf_counter()
-        state = self.release.items  # one snapshot for the whole request
+        state = rel.items  # one snapshot for the whole request
         if clock.remaining() <= 0:
             # Waited in the queue past its deadline (overload): answer cheaply instead of
             # spending model time on a reply nobody can use; the backlog drains faster.
-            return self._fallback(q, clock, ["load_shed"], None, state)
+            return self._fallback(q, clock, ["load_shed"], None, state, rel)
         degraded: list[str] = []
-        rel = self.release
         catalog = state.catalog
-        now = self.feature_time(q)
+        now = self.feature_time(q, rel)
 
         with clock.stage("user_features"):
             try:
@@ -277,7 +348,7 @@ class RecommendService:
                 degraded.append("features_unavailable")
                 user = None
         if user is None or not user.known:
-            return self._fallback(q, clock, degraded, user, state, cold_start=True)
+            return self._fallback(q, clock, degraded, user, state, rel, cold_start=True)
 
         with clock.stage("user_tower"):
             budget = clock.budget("user_tower")
@@ -289,17 +360,19 @@ class RecommendService:
                     log.warning("user_tower failed: %s: %s", type(e).__name__, e)
         if embedding is None:
             degraded.append("retrieval_unavailable")
-            return self._fallback(q, clock, degraded, user, state)
+            return self._fallback(q, clock, degraded, user, state, rel)
 
         try:
-            rows, source_feats, sources = self._candidates(q, clock, state, user, embedding, now)
+            rows, source_feats, sources = self._candidates(
+                q, clock, rel, state, user, embedding, now
+            )
         except Exception as e:  # e.g. FAISS refusing a NaN embedding (ValueError)
             log.warning("retrieval failed: %s: %s", type(e).__name__, e)
             degraded.append("retrieval_unavailable")
-            return self._fallback(q, clock, degraded, user, state)
+            return self._fallback(q, clock, degraded, user, state, rel)
         if len(rows) == 0:
             degraded.append("no_retrieval_candidates")
-            return self._fallback(q, clock, degraded, user, state)
+            return self._fallback(q, clock, degraded, user, state, rel)
 
         # Without the ranker: the merged order (ANN first, then the other sources).
         final_scores = -np.arange(len(rows), dtype=np.float64)
@@ -331,7 +404,7 @@ class RecommendService:
                 catalog.created_at[rows],
                 sources,
             )
-            result = self._finish(q, cands, user, now, catalog)
+            result = self._finish(q, cands, user, now, catalog, rel)
         result.timings = clock.timings
         result.degraded = degraded
         return result
@@ -340,6 +413,7 @@ class RecommendService:
         self,
         q: RecommendQuery,
         clock: RequestClock,
+        rel: ServingRelease,
         state: ItemState,
         user: UserView,
         embedding: np.ndarray,
@@ -347,7 +421,6 @@ class RecommendService:
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """(catalog rows, their source features or None, source names) that pass the
         filters: the ANN's neighbours of ``embedding`` merged with the other sources."""
-        rel = self.release
         catalog = state.catalog
         with clock.stage("retrieval"):
             _, ids = rel.index.search(
@@ -381,8 +454,9 @@ class RecommendService:
         user: UserView | None,
         now: float,
         catalog: Catalog,
+        rel: ServingRelease,
     ) -> RecommendResult:
-        top, final = select(cands, q.k, now, self.release.post)
+        top, final = select(cands, q.k, now, rel.post)
         recent = list(user.recent_items) if user is not None else []
         rrows, rknown = catalog.rows(np.asarray(recent, dtype=np.int64))
         recent_cats = np.where(rknown, catalog.category[rrows], -1).tolist()
@@ -391,7 +465,7 @@ class RecommendService:
             RecItem(int(i), float(s), r + 1, why[r], str(src))
             for r, (i, s, src) in enumerate(zip(top.item_ids, final, top.sources, strict=True))
         ]
-        return RecommendResult(items=items, release=self.release_name)
+        return RecommendResult(items=items, release=str(rel.release_id))
 
     def _fallback(
         self,
@@ -400,11 +474,12 @@ class RecommendService:
         degraded: list[str],
         user: UserView | None,
         state: ItemState,
+        rel: ServingRelease,
         cold_start: bool = False,
     ) -> RecommendResult:
         """Popular and fresh items (filtered), leaning to the user's categories if known."""
         t0 = time.perf_counter()
-        now = self.feature_time(q)
+        now = self.feature_time(q, rel)
         catalog = state.catalog
         seen = user.seen_items if user is not None else np.zeros(0, dtype=np.int64)
         rows, scores, sources = state.fallbacks.candidates(
@@ -422,7 +497,7 @@ class RecommendService:
             catalog.created_at[rows],
             sources,
         )
-        result = self._finish(q, cands, user, now, catalog)
+        result = self._finish(q, cands, user, now, catalog, rel)
         result.timings = dict(clock.timings)
         result.timings["fallback"] = (time.perf_counter() - t0) * 1000
         result.degraded = degraded

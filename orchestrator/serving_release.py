@@ -26,6 +26,7 @@ from orchestrator.online_features import ItemFeatures, ItemSnapshot, OnlineFeatu
 from orchestrator.postprocess import PostprocessConfig
 from orchestrator.request import EventQuery
 from orchestrator.triton_client import TritonClient
+from orchestrator.triton_server import ENSEMBLE, ENSEMBLE_VERSION, ensemble_name
 from recstack.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,13 @@ class ServingRelease:
             quotas = Quotas.from_json(manifest["candidates"].get("quotas"))
         data_end = pd.Timestamp(str(manifest["data_snapshot"]["end"])).timestamp()
         versions = {str(k): int(v) for k, v in manifest["models"].items()}
-        triton = TritonClient.from_settings(settings, versions=versions)
+        # The release's own rank ensemble (steps pinned to its versions), never plain
+        # `rank`: see orchestrator/triton_server.py.
+        versions.pop(ENSEMBLE, None)
+        versions[ensemble_name(rid)] = ENSEMBLE_VERSION
+        triton = TritonClient.from_settings(
+            settings, versions=versions, ensemble=ensemble_name(rid)
+        )
         tower_inputs = tuple(input_names(USER_TOWER, settings.model_repository))
         layout = Layout.from_json(manifest["ranker"]["layout"])
         missing = sorted(set(layout.user_features) - set(online.user_feature_names)) + sorted(
@@ -326,6 +333,10 @@ class ServingRelease:
                 embedding, items, self.catalog.embeddings[rows], time.time(), source_feats
             )
             self.triton.rank(inputs, timeout_s=30)
+
+    def missing_models(self) -> list[str]:
+        """Pinned models Triton does not have ready ("user_tower v3"); [] when all are."""
+        return [f"{m} v{v}" for m, v in self.triton.versions.items() if not self.triton.ready(m)]
 
     def close(self) -> None:
         self.triton.close()

@@ -111,10 +111,14 @@ class TritonClient:
         repository: Path,
         versions: Mapping[str, int] | None = None,
         timeout_s: float = 1.0,
+        ensemble: str = RANK,
     ) -> None:
         self.url = url
         self.repository = repository
         self.versions = dict(versions or {})
+        # The rank ensemble this client calls: a release's own (``rank_r<id>``, loaded from
+        # rank/config.pbtxt with pinned steps) has rank's tensors.
+        self.ensemble = ensemble
         self.timeout_s = timeout_s
         # Unlimited message sizes, as tritonclient sets them: 500 candidates x 64 floats.
         self._channel = grpc.insecure_channel(
@@ -126,19 +130,25 @@ class TritonClient:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, versions: Mapping[str, int] | None = None, timeout_s: float = 1.0
+        cls,
+        settings: Settings,
+        versions: Mapping[str, int] | None = None,
+        timeout_s: float = 1.0,
+        ensemble: str = RANK,
     ) -> TritonClient:
         return cls(
             f"{settings.triton_host}:{settings.triton_grpc_port}",
             settings.model_repository,
             versions,
             timeout_s,
+            ensemble,
         )
 
     def spec(self, model: str) -> ModelSpec:
         if model not in self._specs:
             try:
-                self._specs[model] = model_spec(model, self.repository)
+                config = RANK if model == self.ensemble else model
+                self._specs[model] = model_spec(config, self.repository)
             except ValueError as e:
                 raise TritonModelNotFound(f"no config for model {model!r}: {e}") from e
         return self._specs[model]
@@ -221,8 +231,8 @@ class TritonClient:
 
     def rank(self, inputs: Mapping[str, np.ndarray], **kw: object) -> np.ndarray:
         """rank ensemble: one user and N candidates -> N scores (1-D)."""
-        out = self.infer(RANK, inputs, **kw)  # type: ignore[arg-type]
-        return out[self.spec(RANK).outputs[0].name].reshape(-1)
+        out = self.infer(self.ensemble, inputs, **kw)  # type: ignore[arg-type]
+        return out[self.spec(self.ensemble).outputs[0].name].reshape(-1)
 
     def close(self) -> None:
         self._channel.close()

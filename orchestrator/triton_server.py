@@ -14,6 +14,8 @@ and unloaded while the server runs."""
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -101,18 +104,6 @@ def composing_models(settings: Settings, model: str) -> list[str]:
     """The models an ensemble's steps call (empty for a non-ensemble)."""
     config = load_config(model, settings.model_repository)
     return [step.model_name for step in config.ensemble_scheduling.step]
-
-
-def default_models(settings: Settings) -> dict[str, int]:
-    """The newest published version of every model that has one (used until a release
-    names its own versions)."""
-    models = {}
-    for folder in sorted(settings.model_repository.iterdir()):
-        if (folder / "config.pbtxt").exists():
-            versions = list_versions(settings, folder.name)
-            if versions:
-                models[folder.name] = versions[-1]
-    return models
 
 
 def _http(
@@ -196,6 +187,182 @@ def load_models(settings: Settings, models: Mapping[str, int | Sequence[int]]) -
             load_model(settings, model, versions)
 
 
+# --------------------------------------------------------------------------- releases
+# Every request is served by one release end to end, so each release gets its own rank
+# ensemble, loaded through the repository API from rank/config.pbtxt (the contract) with
+# its steps pinned to the release's rank_features and ranker versions. One model config
+# holds for all versions of a model in Triton, so "a version of `rank` per release" cannot
+# pin different steps; a model per release can, and two releases' ensembles then serve
+# side by side. The plain `rank` model is never loaded for releases: its steps'
+# `model_version: -1` would follow whichever version of the ranker is newest.
+ENSEMBLE_VERSION = 1
+
+
+def ensemble_name(release_id: int) -> str:
+    return f"{ENSEMBLE}_r{int(release_id)}"
+
+
+def release_pins(settings: Settings, release_ids: Sequence[int]) -> dict[str, list[int]]:
+    """Non-ensemble model -> the sorted union of the versions ``release_ids`` pin."""
+    from exporters.release import model_versions
+
+    pins: dict[str, set[int]] = {}
+    for rid in release_ids:
+        for model, version in model_versions(settings, rid).items():
+            if model != ENSEMBLE:
+                pins.setdefault(model, set()).add(int(version))
+    return {m: sorted(v) for m, v in sorted(pins.items())}
+
+
+def ensemble_config(settings: Settings, release_id: int) -> dict:
+    """rank/config.pbtxt as a load-API config named for the release, steps pinned."""
+    from exporters.release import model_versions
+
+    versions = model_versions(settings, release_id)
+    config = model_config_dict(settings, ENSEMBLE)
+    config["name"] = ensemble_name(release_id)
+    for step in config["ensemble_scheduling"]["step"]:
+        step["model_version"] = str(versions[step["model_name"]])
+    config["version_policy"] = {"specific": {"versions": [ENSEMBLE_VERSION]}}
+    return config
+
+
+def load_release_ensemble(settings: Settings, release_id: int, timeout: float = 60.0) -> None:
+    """Load ``rank_r<id>`` with its steps pinned (its composing models must be loaded)."""
+    config = ensemble_config(settings, release_id)
+    note = f"ensemble of release {release_id}; config from {ENSEMBLE}/config.pbtxt\n"
+    status, text = _http(
+        settings,
+        "POST",
+        f"/v2/repository/models/{config['name']}/load",
+        {
+            "parameters": {
+                "config": json.dumps(config),
+                # Files given with the request replace the repository folder; an ensemble
+                # needs a version folder, this file makes one.
+                f"file:{ENSEMBLE_VERSION}/README": base64.b64encode(note.encode()).decode(),
+            }
+        },
+        timeout=timeout,
+    )
+    if status != 200:
+        raise RuntimeError(f"Triton could not load {config['name']}: {text}")
+    log.info("loaded %s (steps %s)", config["name"], _steps(config))
+
+
+def _steps(config: dict) -> dict[str, str]:
+    return {s["model_name"]: s["model_version"] for s in config["ensemble_scheduling"]["step"]}
+
+
+def loaded_models(settings: Settings) -> set[tuple[str, int]]:
+    """(model, version) pairs Triton has ready, ensembles loaded by request included (the
+    repository index does not list those; the statistics endpoint does)."""
+    status, text = _http(settings, "GET", "/v2/models/stats", timeout=5.0)
+    if status != 200:
+        raise RuntimeError(f"Triton statistics unavailable: {status} {text[:200]}")
+    out = set()
+    for m in json.loads(text).get("model_stats", []):
+        with contextlib.suppress(ValueError):
+            out.add((m["name"], int(m["version"])))
+    return out
+
+
+def missing_for(settings: Settings, release_ids: Sequence[int]) -> list[str]:
+    """What ``release_ids`` need that Triton does not have ready ("model vN"); raises
+    RuntimeError when Triton cannot be asked."""
+    loaded = loaded_models(settings)
+    need = [(m, v) for m, vs in release_pins(settings, release_ids).items() for v in vs]
+    need += [(ensemble_name(r), ENSEMBLE_VERSION) for r in release_ids]
+    return [f"{m} v{v}" for m, v in need if (m, v) not in loaded]
+
+
+def load_releases(settings: Settings, release_ids: Sequence[int], keep: bool = True) -> None:
+    """Make Triton serve ``release_ids`` side by side: every model with the union of the
+    versions they pin, then each release's ensemble. With ``keep`` (a transition), the
+    versions loaded now stay too, so requests of the current releases never miss a
+    model; call :func:`prune_releases` once nothing uses them. Idempotent."""
+    pins = release_pins(settings, release_ids)
+    loaded = loaded_models(settings) if keep else set()
+    final: dict[str, list[int]] = {}
+    todo: dict[str, list[int]] = {}
+    for model, versions in pins.items():
+        wanted = sorted(set(versions) | ({v for m, v in loaded if m == model} if keep else set()))
+        final[model] = wanted
+        if all((model, v) in loaded for v in wanted) and keep:
+            continue  # already served exactly as needed
+        missing = sorted(set(versions) - set(list_versions(settings, model)))
+        if missing:
+            raise UserError(f"{model} has no version(s) {missing} in {settings.model_repository}")
+        todo[model] = wanted
+    # Models load in parallel (Triton loads with several threads; each Python-backend
+    # version starts its own stub process, seconds each).
+    with ThreadPoolExecutor(max(1, len(todo))) as pool:
+        for future in [pool.submit(load_model, settings, m, v) for m, v in todo.items()]:
+            future.result()
+    for rid in release_ids:
+        if (ensemble_name(rid), ENSEMBLE_VERSION) not in loaded:
+            _load_ensemble_pinned(settings, rid, final)
+
+
+def _load_ensemble_pinned(
+    settings: Settings, release_id: int, final: Mapping[str, Sequence[int]], attempts: int = 3
+) -> None:
+    """Load a release's ensemble, then make sure its steps still hold ``final`` versions.
+
+    Triton 2.51 sometimes reloads an ensemble's composing models from their on-disk
+    configs (version policy "latest") while it loads the ensemble — seen on a fresh
+    server, not reproducible at will — which drops the pinned versions and fails the
+    ensemble ("required version N is not loaded"). Then the pins are loaded again and the
+    ensemble retried."""
+    steps = composing_models(settings, ENSEMBLE)
+    for attempt in range(1, attempts + 1):
+        error: RuntimeError | None = None
+        try:
+            load_release_ensemble(settings, release_id)
+        except RuntimeError as e:
+            if "is not loaded" not in str(e) or attempt == attempts:
+                raise
+            error = e
+        loaded = loaded_models(settings)
+        drifted = [m for m in steps if {v for n, v in loaded if n == m} != set(final[m])]
+        if error is None and not drifted:
+            return
+        log.warning(
+            "Triton replaced the pinned versions of %s while loading %s (%s); re-pinning",
+            drifted or steps,
+            ensemble_name(release_id),
+            error or "loaded",
+        )
+        for model in drifted or steps:
+            load_model(settings, model, list(final[model]))
+        if error is None:
+            return
+
+
+def prune_releases(settings: Settings, release_ids: Sequence[int]) -> list[str]:
+    """Unload what no release in ``release_ids`` needs (older ensembles, and model versions
+    beyond the union); returns what was unloaded."""
+    pins = release_pins(settings, release_ids)
+    keep_ensembles = {ensemble_name(r) for r in release_ids}
+    loaded = loaded_models(settings)
+    dropped = []
+    for name in sorted({m for m, _ in loaded}):
+        if name.startswith(f"{ENSEMBLE}_r") and name not in keep_ensembles:
+            unload_model(settings, name)
+            dropped.append(name)
+        elif name == ENSEMBLE:
+            unload_model(settings, name)  # never used by releases (see above)
+            dropped.append(name)
+    for model, versions in pins.items():
+        extra = sorted(v for m, v in loaded if m == model and v not in versions)
+        if extra:
+            load_model(settings, model, versions)  # Triton unloads the versions not named
+            dropped += [f"{model} v{v}" for v in extra]
+    if dropped:
+        log.info("unloaded from Triton: %s", dropped)
+    return dropped
+
+
 def triton_argv(settings: Settings, backend_dir: Path, site_packages: Path) -> list[str]:
     return [
         str(tritonserver_binary(site_packages)),
@@ -220,16 +387,19 @@ def start_triton(
     settings: Settings,
     models: Mapping[str, int | Sequence[int]] | None = None,
     timeout: float = 60.0,
+    releases: Sequence[int] | None = None,
 ) -> ManagedProcess:
-    """Start tritonserver, load ``models`` (model -> version(s); default: the newest
-    version of every published model) and return once every one of them is ready."""
-    if models is None:
-        models = default_models(settings)
-        if not models:
-            raise UserError(
-                f"no model versions in {settings.model_repository}; run `recstack train` first"
-            )
-    for model, versions in models.items():
+    """Start tritonserver and return once what it must serve is ready: ``models`` (model ->
+    pinned version(s)) when given, else ``releases`` side by side (each with its own rank
+    ensemble), by default the releases the release state serves (live and A/B arms)."""
+    if models is None and releases is None:
+        from exporters.release_state import ensure_state
+
+        releases = ensure_state(settings).serving
+        if not releases:
+            raise UserError(f"no release in {settings.releases_dir}; run `recstack train` first")
+    check = dict(models) if models is not None else release_pins(settings, releases or [])
+    for model, versions in check.items():
         pinned = [versions] if isinstance(versions, int) else list(versions)
         missing = sorted(set(pinned) - set(list_versions(settings, model)))
         if missing:
@@ -246,11 +416,18 @@ def start_triton(
         cwd=settings.run_dir,
     )
     try:
-        load_models(settings, models)
+        if models is not None:
+            load_models(settings, models)
+        else:
+            load_releases(settings, list(releases or []), keep=False)
+    except RuntimeError as e:  # Triton refused a model: its message, no traceback
+        proc.stop()
+        raise UserError(f"{e}; log {proc.log_path}") from e
     except BaseException:
         proc.stop()
         raise
-    log.info("triton serves %s; log %s", dict(models), proc.log_path)
+    what = dict(models) if models is not None else {"releases": list(releases or [])}
+    log.info("triton serves %s; log %s", what, proc.log_path)
     return proc
 
 
@@ -278,28 +455,17 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def release_models(settings: Settings, release_id: str) -> dict[str, int]:
-    """The model -> version map of a release (owned by ``exporters.release``)."""
-    try:
-        from exporters import release
-    except ImportError as e:
-        raise UserError(f"releases are not available yet ({e})") from e
-    versions = getattr(release, "model_versions", None)
-    if versions is None:
-        raise UserError("exporters.release has no model_versions(settings, release_id)")
-    return dict(versions(settings, release_id))
-
-
 def cli(args: argparse.Namespace) -> int:
-    """``recstack serve triton [--detach] [--release ID]``: foreground mode serves until
-    SIGINT/SIGTERM, then stops Triton and its stubs."""
+    """``recstack serve triton [--detach] [--release ID]``: serves the release state's
+    releases (or just ``--release``); foreground mode serves until SIGINT/SIGTERM, then
+    stops Triton and its stubs."""
     settings = get_settings()
-    models = release_models(settings, args.release) if args.release else None
+    releases = [int(args.release)] if args.release else None
     # SIGTERM behaves like Ctrl-C, also while the server is still starting.
     signal.signal(signal.SIGTERM, _interrupt)
     running_before = read_pid(settings, NAME)
     try:
-        proc = start_triton(settings, models)
+        proc = start_triton(settings, releases=releases)
     except BaseException:
         if running_before is None:
             stop_process(settings, NAME)  # interrupted mid-start: leave nothing behind

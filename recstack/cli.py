@@ -28,6 +28,13 @@ def _cmd(sub: Any, name: str, spec: str, help_: str) -> argparse.ArgumentParser:
     return p
 
 
+def _force_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reason", help="why (recorded in the release history)")
+    p.add_argument(
+        "--force", action="store_true", help="override failed soft checks (needs --reason)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their options."""
     parser = argparse.ArgumentParser(prog="recstack", description=__doc__)
@@ -100,11 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
     rel = groups.add_parser("release", help="model releases").add_subparsers(
         dest="cmd", required=True
     )
-    _cmd(rel, "list", "exporters.release:cli_list", "list releases")
+    _cmd(rel, "list", "exporters.release_ops:cli_list", "releases: status, metrics, validation")
     _cmd(rel, "show", "exporters.release:cli_show", "show a manifest").add_argument("release_id")
     p = _cmd(rel, "publish", "exporters.release:cli_publish", "publish work/ as a release")
     p.add_argument("--force", action="store_true", help="publish although the gate fails")
     p.add_argument("--reason", help="why (required with --force; kept in the manifest)")
+    p = _cmd(rel, "validate", "exporters.release_ops:cli_validate", "is a release fit to serve")
+    p.add_argument("release_id")
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton load check")
+    _force_args(p)
+    p = _cmd(rel, "promote", "exporters.release_ops:cli_promote", "make a release live")
+    p.add_argument("release_id")
+    _force_args(p)
+    p = _cmd(rel, "rollback", "exporters.release_ops:cli_rollback", "back to the previous live")
+    p.add_argument("--reason", help="why (recorded in the history)")
+    p = _cmd(
+        rel, "ab", "exporters.release_ops:cli_ab", "A/B: ab R1 R2 --split 90/10 | stop | report"
+    )
+    p.add_argument("args", nargs="+", help="two or more release ids, or `stop`, or `report`")
+    p.add_argument("--split", default="50/50", help="percent per arm, e.g. 90/10")
+    p.add_argument("--since", help="report: only log entries from this time (ISO 8601)")
+    p.add_argument("--json", action="store_true", help="report: JSON instead of a table")
+    _force_args(p)
+    p = _cmd(rel, "history", "exporters.release_ops:cli_history", "who changed what, when, why")
+    p.add_argument("--last", type=int, default=20)
 
     # --- servers --------------------------------------------------------------------------
     serve = groups.add_parser("serve", help="run a server").add_subparsers(
@@ -112,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = _cmd(serve, "triton", "orchestrator.triton_server:cli", "the embedded tritonserver")
     p.add_argument("--detach", action="store_true", help="start, wait for ready, return")
-    p.add_argument("--release", help="release to load (default: the newest)")
+    p.add_argument("--release", help="serve just this release (default: the release state's)")
     p = _cmd(serve, "redis", "orchestrator.redis_server:cli", "redis-server on loopback")
     p.add_argument("--detach", action="store_true")
     p = _cmd(serve, "orchestrator", "orchestrator.server:cli", "the gRPC/HTTP recommender")

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     orchestrator_grpc_port: int = 50051
     orchestrator_http_port: int = 8080
     orchestrator_metrics_port: int = 9100
+    # Admin API (GET /admin/releases, POST /admin/reload): not the public API; loopback by
+    # default like Triton's repository API (docs/releases.md says how to protect both).
+    orchestrator_admin_host: str = "127.0.0.1"
+    orchestrator_admin_port: int = 9101
     # Recommend calls worked on at once (threads); see orchestrator/service.py.
     orchestrator_workers: int = Field(default=4, ge=1, le=64)
     # User-tower outputs kept per release, keyed by the tower's inputs (0 disables it);
@@ -58,6 +62,17 @@ class Settings(BaseSettings):
     # features were materialised since its snapshot and, if so, reloads the snapshot and
     # the catalog popularity and popular/fresh lists built from it (0 disables it).
     feature_refresh_s: float = Field(default=60.0, ge=0)
+    # Release changes (exporters/release_state.py): the orchestrator polls the state file
+    # this often (a `recstack release` command also tells it at once through the admin
+    # API), and checks as often that Triton still has every pinned model version ready.
+    release_watch_s: float = Field(default=1.0, gt=0)
+    triton_watch_s: float = Field(default=2.0, ge=0)
+    # After a change the orchestrator unloads from Triton what no served release needs.
+    # Turn off where several orchestrators share one Triton and a promotion job prunes.
+    orchestrator_prunes_triton: bool = True
+    # A new release is loaded beside the served ones only if its estimated size fits in
+    # MemAvailable minus this headroom (MB); else the change is refused.
+    release_memory_headroom_mb: int = Field(default=512, ge=0)
 
     # RecordEvent timestamps: at most this far ahead of the server's clock (client clock
     # skew) and at most this far behind it (late delivery); others are INVALID_ARGUMENT.

@@ -84,6 +84,7 @@ def trained_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         orchestrator_grpc_port=port(18150),
         orchestrator_http_port=port(18151),
         orchestrator_metrics_port=port(18152),
+        orchestrator_admin_port=port(18153),
     )
     generate(s, preset="small", seed=11)
     pipeline.run(s, progress=lambda _: None)

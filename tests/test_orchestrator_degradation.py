@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from exporters import release
 from orchestrator import metrics
 from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.online_features import ItemSnapshot
@@ -51,7 +50,7 @@ def cache_lookups() -> float:
 
 @pytest.fixture(scope="module")
 def triton(trained_settings: Settings) -> Iterator[ManagedProcess]:
-    proc = start_triton(trained_settings, release.model_versions(trained_settings))
+    proc = start_triton(trained_settings)
     yield proc
     proc.stop()
 

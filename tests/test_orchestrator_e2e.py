@@ -37,7 +37,7 @@ COLD_USER = "987654321"
 @pytest.fixture(scope="module")
 def stack(trained_settings: Settings) -> Iterator[dict[str, Any]]:
     s = trained_settings
-    triton = start_triton(s, release.model_versions(s))
+    triton = start_triton(s)
     procs: dict[str, ManagedProcess] = {"triton": triton}
     try:
         # The item snapshot's refresh checks the registry every second here (60 s by
@@ -392,7 +392,7 @@ def test_triton_down_degrades_within_deadline_then_recovers(
     assert max(latencies) < deadline / 2, latencies
     after = _metric(stack, "recstack_degraded_total", reason="retrieval_unavailable")
     assert after == before + 5
-    stack["procs"]["triton"] = start_triton(s, release.model_versions(s))
+    stack["procs"]["triton"] = start_triton(s)
     until = time.monotonic() + 30
     while time.monotonic() < until:
         reply = _recommend(stack, tables, fresh, k=10)

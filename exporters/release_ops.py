@@ -1,0 +1,329 @@
+"""Release changes on a running stack: ``recstack release validate/promote/rollback/ab``.
+
+Every change follows one order, so that a crash at any point leaves either the old
+release serving or the new one fully (never a mix), and the next command or restart
+completes it:
+
+1. take the state lock (``flock``: released by the kernel if this process dies);
+2. validate the release(s) (exporters/release_validate.py) — a refusal changes nothing;
+3. estimate memory, and refuse a change that would not fit beside the served releases;
+4. load the new release's models into Triton next to the served ones (if Triton runs);
+5. write the new state atomically — the commit point;
+6. ask the orchestrator to apply it now (``POST /admin/reload``; it also watches the
+   file) and wait for its answer: done, or refused (then the state is put back);
+7. the orchestrator closes the old release once no request uses it and unloads from
+   Triton what no served release needs (without an orchestrator, this command does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import urllib.error
+import urllib.request
+from typing import Any
+
+from exporters.release import load_manifest, release_ids
+from exporters.release_state import (
+    Arm,
+    ReleaseState,
+    ensure_state,
+    load_state,
+    locked_state,
+    parse_split,
+    save_state,
+)
+from exporters.release_validate import format_report, release_memory_mb, validate
+from recstack.errors import UserError
+from recstack.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+RELOAD_TIMEOUT_S = 600.0  # a 1M-item release loads and warms in ~1-2 min
+
+
+def _admin(settings: Settings, method: str, path: str, timeout: float) -> dict[str, Any] | None:
+    """The orchestrator's admin API; None when no orchestrator listens."""
+    url = f"http://{settings.orchestrator_admin_host}:{settings.orchestrator_admin_port}{path}"
+    request = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # loopback
+            doc: dict[str, Any] = json.loads(response.read())
+            return doc
+    except urllib.error.HTTPError as e:
+        raise UserError(f"orchestrator admin API {path}: HTTP {e.code} {e.read()[:200]!r}") from e
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return None
+
+
+def _triton_up(settings: Settings) -> bool:
+    from orchestrator.triton_server import server_ready
+
+    return server_ready(settings)
+
+
+def _memory_check(settings: Settings, new: list[int], running: dict[str, Any] | None) -> None:
+    """Refuse a change whose new releases would not fit beside the loaded ones (checked
+    here when the orchestrator runs on this machine; it checks again itself)."""
+    from orchestrator.release_router import available_memory_mb
+
+    if running is None:
+        return
+    loaded = set(running.get("loaded") or [])
+    fresh = [r for r in new if r not in loaded]
+    if not fresh:
+        return
+    need = sum(release_memory_mb(settings, r) for r in fresh)
+    free = available_memory_mb() - settings.release_memory_headroom_mb
+    if need > free:
+        raise UserError(
+            f"release(s) {fresh} need ~{need:.0f} MB beside the served ones; {max(free, 0):.0f}"
+            f" MB available after {settings.release_memory_headroom_mb} MB headroom. Refused, "
+            "nothing changed: free memory, or stop the A/B test first."
+        )
+    print(f"memory: ~{need:.0f} MB for {fresh} during the transition; {free:.0f} MB available")
+
+
+def _apply(
+    settings: Settings,
+    state: ReleaseState,
+    before: ReleaseState,
+    new: list[int],
+    running: dict[str, Any] | None,
+) -> ReleaseState:
+    """Steps 4-7 for an already validated ``state`` (the lock is held by the caller)."""
+    if _triton_up(settings):
+        from orchestrator.triton_server import load_releases
+
+        try:
+            load_releases(settings, sorted({*before.serving, *state.serving}), keep=True)
+        except Exception as e:
+            raise UserError(f"Triton could not load the release: {e}. Nothing changed.") from e
+    save_state(settings, state)  # the commit point
+    print(f"state revision {state.revision}: {describe_routing(state)}")
+    if running is None:
+        print("no orchestrator answers on the admin port: it serves this state when it starts")
+        if _triton_up(settings):
+            from orchestrator.triton_server import prune_releases
+
+            prune_releases(settings, state.serving)
+        return state
+    doc = _admin(settings, "POST", "/admin/reload", RELOAD_TIMEOUT_S)
+    last = (doc or {}).get("last_change") or {}
+    if doc is None:
+        print("the orchestrator stopped answering; it applies the state when it is back")
+    elif doc.get("revision") == state.revision:
+        print(f"orchestrator serves revision {state.revision} ({last.get('seconds')} s)")
+    elif last.get("revision") == state.revision and last.get("status") in ("refused", "failed"):
+        # Keep the state true to what serves: put the previous routing back.
+        reverted = ReleaseState.from_json(before.to_json())
+        reverted.history = state.history
+        reverted.revision = state.revision
+        reverted.record("revert", reason=f"orchestrator {last['status']}: {last.get('detail')}")
+        save_state(settings, reverted)
+        raise UserError(
+            f"the orchestrator {last['status']} the change: {last.get('detail')}. "
+            f"The state is back to {describe_routing(reverted)}."
+        )
+    return state
+
+
+def describe_routing(state: ReleaseState) -> str:
+    if state.arms:
+        arms = " / ".join(f"release {a.release} {a.share:.0%}" for a in state.arms)
+        return f"A/B {arms} (live {state.live})"
+    return f"live release {state.live}"
+
+
+def promote(
+    settings: Settings, release_id: int, reason: str | None, force_reason: str | None = None
+) -> ReleaseState:
+    """Make ``release_id`` the live release (ends any A/B test)."""
+    ensure_state(settings)
+    with locked_state(settings) as state:
+        before = ReleaseState.from_json(state.to_json())
+        if state.live == release_id and not state.arms:
+            print(f"release {release_id} is already live")
+            return state
+        report = validate(
+            settings,
+            release_id,
+            live=state.live,
+            force_reason=force_reason,
+        )
+        print(format_report(report))
+        running = _admin(settings, "GET", "/admin/releases", 5.0)
+        _memory_check(settings, [release_id], running)
+        if state.live is not None and state.live != release_id:
+            state.previous.append(state.live)
+        old = state.live
+        state.live = release_id
+        state.arms = []
+        state.record(
+            "promote",
+            reason,
+            release=release_id,
+            previous=old,
+            **({"forced": force_reason} if report.get("forced") else {}),
+        )
+        return _apply(settings, state, before, [release_id], running)
+
+
+def rollback(settings: Settings, reason: str | None) -> ReleaseState:
+    """Serve the previous live release again (ends any A/B test)."""
+    ensure_state(settings)
+    with locked_state(settings) as state:
+        before = ReleaseState.from_json(state.to_json())
+        if not state.previous:
+            raise UserError("nothing to roll back to: no earlier live release in the history")
+        target = state.previous[-1]
+        report = validate(
+            settings,
+            target,
+            compare_live=False,  # it was live before: only its artifacts are re-checked
+        )
+        print(format_report(report))
+        running = _admin(settings, "GET", "/admin/releases", 5.0)
+        _memory_check(settings, [target], running)
+        state.previous.pop()
+        old = state.live
+        state.live = target
+        state.arms = []
+        state.record("rollback", reason, release=target, previous=old)
+        return _apply(settings, state, before, [target], running)
+
+
+def ab_start(
+    settings: Settings,
+    releases: list[int],
+    split: str,
+    reason: str | None,
+    force_reason: str | None = None,
+    salt: str | None = None,
+) -> ReleaseState:
+    """Split users over ``releases`` by a stable hash of their id (``--split 90/10``)."""
+    if len(set(releases)) != len(releases) or len(releases) < 2:
+        raise UserError("an A/B test needs two or more different releases")
+    shares = parse_split(split, len(releases))
+    ensure_state(settings)
+    with locked_state(settings) as state:
+        before = ReleaseState.from_json(state.to_json())
+        for rid in releases:
+            report = validate(
+                settings,
+                rid,
+                live=state.live,
+                force_reason=force_reason,
+                compare_live=rid != state.live,
+            )
+            print(format_report(report))
+        running = _admin(settings, "GET", "/admin/releases", 5.0)
+        _memory_check(settings, releases, running)
+        state.arms = [Arm(r, s) for r, s in zip(releases, shares, strict=True)]
+        state.salt = salt or secrets.token_hex(4)
+        state.record("ab_start", reason, arms=[[a.release, a.share] for a in state.arms])
+        return _apply(settings, state, before, releases, running)
+
+
+def ab_stop(settings: Settings, reason: str | None) -> ReleaseState:
+    """End the A/B test: the live release serves everyone again."""
+    ensure_state(settings)
+    with locked_state(settings) as state:
+        before = ReleaseState.from_json(state.to_json())
+        if not state.arms:
+            raise UserError("no A/B test is running")
+        state.arms = []
+        state.record("ab_stop", reason, release=state.live)
+        running = _admin(settings, "GET", "/admin/releases", 5.0)
+        return _apply(settings, state, before, [], running)
+
+
+# ------------------------------------------------------------------------- CLI
+def cli_list(args: argparse.Namespace) -> int:
+    """``recstack release list``: status, key metrics and validation of every release."""
+    settings = get_settings()
+    ids = release_ids(settings)
+    if not ids:
+        print(f"no releases in {settings.releases_dir}")
+        return 0
+    state = load_state(settings)
+    print(f"{'id':>4}  {'status':18s} {'created':25s} {'ndcg@10':>8s} {'vs best':>8s}  validated")
+    for rid in ids:
+        m = load_manifest(settings, rid)
+        gate = m.get("quality_gate") or {}
+        ndcg = m.get("metrics", {}).get("pipeline", {}).get("ndcg@10")
+        best = gate.get("best_baseline_ndcg@10")
+        ratio = f"{ndcg / best:.2f}x" if ndcg and best else "-"
+        vfile = settings.releases_dir / str(rid) / "validation.json"
+        validated = "-"
+        if vfile.exists():
+            v = json.loads(vfile.read_text())
+            validated = ("passed" if v["passed"] else "FAILED") + f" {v['at']}"
+        ndcg_text = f"{ndcg:.4f}" if ndcg is not None else "-"
+        print(
+            f"{rid:4d}  {state.status(rid):18s} {m['created_at']:25s} {ndcg_text:>8s} "
+            f"{ratio:>8s}  {validated}"
+        )
+    print(f"serving: {describe_routing(state)} (revision {state.revision})")
+    return 0
+
+
+def cli_validate(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    state = load_state(settings)
+    report = validate(
+        settings,
+        int(args.release_id),
+        live=state.live,
+        force_reason=_force(args),
+        triton=not args.no_triton,
+    )
+    print(format_report(report))
+    return 0
+
+
+def _force(args: argparse.Namespace) -> str | None:
+    if getattr(args, "force", False):
+        if not args.reason:
+            raise UserError("--force needs --reason: it is recorded in the release history")
+        return str(args.reason)
+    return None
+
+
+def cli_promote(args: argparse.Namespace) -> int:
+    promote(get_settings(), int(args.release_id), args.reason, _force(args))
+    return 0
+
+
+def cli_rollback(args: argparse.Namespace) -> int:
+    rollback(get_settings(), args.reason)
+    return 0
+
+
+def cli_ab(args: argparse.Namespace) -> int:
+    """``recstack release ab R1 R2 --split 90/10 | ab stop | ab report``."""
+    settings = get_settings()
+    if args.args == ["stop"]:
+        ab_stop(settings, args.reason)
+    elif args.args == ["report"]:
+        from exporters.ab_report import cli_report
+
+        return int(cli_report(settings, since=args.since, as_json=args.json) or 0)
+    else:
+        if not all(a.isdigit() for a in args.args):
+            raise UserError(
+                f"release ab: expected release ids, `stop` or `report`, got {args.args}"
+            )
+        ab_start(settings, [int(r) for r in args.args], args.split, args.reason, _force(args))
+    return 0
+
+
+def cli_history(args: argparse.Namespace) -> int:
+    """``recstack release history``: every change with who, when and why."""
+    state = load_state(get_settings())
+    for h in state.history[-args.last :]:
+        print(json.dumps(h))
+    print(f"serving: {describe_routing(state)} (revision {state.revision})")
+    return 0
