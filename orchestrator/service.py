@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ from exporters.candidates import gather, source_names
 from orchestrator import metrics
 from orchestrator.budget import BudgetConfig, RequestClock
 from orchestrator.catalog import Catalog, Fallbacks
+from orchestrator.event_log import EventLog
 from orchestrator.online_features import FeatureStoreUnavailable
 from orchestrator.postprocess import Candidates, reasons, select
 from orchestrator.request import EventQuery, RecommendQuery
@@ -85,6 +87,8 @@ class RecommendResult:
     timings: dict[str, float] = field(default_factory=dict)
     degraded: list[str] = field(default_factory=list)
     cold_start: bool = False
+    # Names this answer in the event log; clients send it back with their events.
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,10 @@ class RecommendService:
         release: ServingRelease,
         cfg: ServiceConfig | None = None,
         clock_lead_days: float = 7.0,
+        event_log: EventLog | None = None,
     ) -> None:
         self.release = release
+        self.event_log = event_log or EventLog(None)  # what was served / done (disabled: None)
         self.cfg = cfg or ServiceConfig()
         self.pool = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="recommend")
         self.clock_lead_s = clock_lead_days * 86_400.0
@@ -129,7 +135,7 @@ class RecommendService:
             # Serve anyway (degraded) rather than refuse to start: each request degrades
             # on its own until the dependency is back.
             log.warning("warm-up failed, starting degraded: %s: %s", type(e).__name__, e)
-        svc = cls(release, cfg, settings.max_clock_lead_days)
+        svc = cls(release, cfg, settings.max_clock_lead_days, EventLog.from_settings(settings))
         svc.start_refresh(settings.feature_refresh_s)
         return svc
 
@@ -152,6 +158,7 @@ class RecommendService:
                 await self._refresh_task
             self._refresh_task = None
         self.pool.shutdown(wait=True, cancel_futures=False)
+        self.event_log.close()
         self.release.close()
 
     # ----------------------------------------------------------------- item snapshot refresh
@@ -223,6 +230,7 @@ class RecommendService:
             metrics.DEGRADED.labels(reason).inc()
         if result.cold_start:
             metrics.COLD_START.inc()
+        self.event_log.served(q, result)
         return result
 
     async def record_event(self, e: EventQuery, deadline_s: float | None) -> None:
@@ -247,6 +255,7 @@ class RecommendService:
                 f"the feature store did not take the event ({reason}); retry later"
             ) from None
         metrics.EVENTS.labels(e.event).inc()
+        self.event_log.event(e)
 
     def feature_time(self, q: RecommendQuery) -> float:
         """The clock of time-relative features (item age, recency) and of "not yet
