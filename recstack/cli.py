@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE:COLUMN=FIELD",
         help="use an extra column as a schema field, e.g. users:occupation=country (repeatable)",
     )
+    p = _cmd(
+        data,
+        "import-events",
+        "exporters.event_import:cli",
+        "append the event log's RecordEvents to the raw interactions (for `recstack train`)",
+    )
+    p.add_argument("--since", help="ISO-8601 time or a duration back from now (30m, 24h, 7d)")
 
     # --- features -----------------------------------------------------------------------
     feats = groups.add_parser("features", help="feature tables and Feast").add_subparsers(
@@ -105,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(rel, "publish", "exporters.release:cli_publish", "publish work/ as a release")
     p.add_argument("--force", action="store_true", help="publish although the gate fails")
     p.add_argument("--reason", help="why (required with --force; kept in the manifest)")
+    p = _cmd(
+        rel,
+        "ab-report",
+        "exporters.ab_report:cli",
+        "A/B report from the event log: CTR and conversion per release, z-test, verdict",
+    )
+    p.add_argument("--since", help="ISO-8601 time or a duration back from now (30m, 24h, 7d)")
+    p.add_argument("--arms", nargs=2, metavar=("A", "B"), help="releases to compare")
+    p.add_argument("--min-impressions", type=int, help="per arm for a verdict (default 1000)")
+    p.add_argument("--window-minutes", type=float, help="attribution without request_id (30)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     # --- servers --------------------------------------------------------------------------
     serve = groups.add_parser("serve", help="run a server").add_subparsers(
