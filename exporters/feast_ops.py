@@ -248,10 +248,52 @@ def write_latest(store: FeatureStore, view_name: str, end: datetime) -> int:
     table = pq.read_table(path, columns=[*keys, ts, *(f.name for f in view.features)])
     table = table.filter(pc.less_equal(table[ts], pc.cast(end, table[ts].type)))
     df = table.to_pandas().sort_values(ts, kind="stable").drop_duplicates(keys, keep="last")
-    if len(df):
-        store.write_to_online_store(view_name, df=df.reset_index(drop=True))
-    log.info("%s: wrote the newest row of %d entities", view_name, len(df))
-    return len(df)
+    df = df.reset_index(drop=True)
+    newer = _not_older_than_stored(store, view, df, keys, ts)
+    if newer.any():
+        store.write_to_online_store(view_name, df=df[newer].reset_index(drop=True))
+    log.info(
+        "%s: wrote the newest row of %d entities (%d kept a newer pushed row)",
+        view_name,
+        int(newer.sum()),
+        int((~newer).sum()),
+    )
+    return int(newer.sum())
+
+
+STORED_READ_CHUNK = 5_000  # entity keys per online_read while comparing event times
+
+
+def _not_older_than_stored(
+    store: FeatureStore, view: Any, df: pd.DataFrame, keys: list[str], ts: str
+) -> np.ndarray:
+    """Per row of ``df``: True unless the online store holds a newer row for its entity.
+
+    RecordEvent pushes recent/seen items with the event's time; the feature tables were
+    built earlier, so their rows are older. Feast's Redis store skips a write older than
+    what it holds, its SQLite store upserts unconditionally, so without this a full (or
+    incremental) materialisation put back the lists of the last import."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    keep = np.ones(len(df), dtype=bool)
+    if len(keys) != 1 or not len(df):
+        return keep  # recstack's views written here have one int64 key (user_id)
+    provider = store._get_provider()
+    ids = df[keys[0]].to_numpy(np.int64)
+    row_us = pd.to_datetime(df[ts], utc=True).to_numpy("datetime64[us]").view(np.int64)
+    for lo in range(0, len(ids), STORED_READ_CHUNK):
+        chunk = ids[lo : lo + STORED_READ_CHUNK]
+        entity_keys = [
+            EntityKey(join_keys=keys, entity_values=[Value(int64_val=int(v))]) for v in chunk
+        ]
+        stored = provider.online_read(store.config, view, entity_keys)
+        for j, (when, _) in enumerate(stored):
+            if when is not None:
+                t = pd.Timestamp(when)
+                t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+                keep[lo + j] = row_us[lo + j] >= t.value // 1000
+    return keep
 
 
 def service_features(store: FeatureStore, service_name: str) -> list[ServiceFeature]:
