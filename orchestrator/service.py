@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +41,7 @@ from exporters.candidates import gather, source_names
 from orchestrator import metrics
 from orchestrator.budget import BudgetConfig, RequestClock
 from orchestrator.catalog import Catalog, Fallbacks
-from orchestrator.event_log import EventLog
+from orchestrator.event_log import EventLog, new_request_id
 from orchestrator.online_features import FeatureStoreUnavailable
 from orchestrator.postprocess import Candidates, reasons, select
 from orchestrator.request import EventQuery, RecommendQuery
@@ -88,7 +87,7 @@ class RecommendResult:
     degraded: list[str] = field(default_factory=list)
     cold_start: bool = False
     # Names this answer in the event log; clients send it back with their events.
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_request_id)
 
 
 @dataclass(frozen=True)
