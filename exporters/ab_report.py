@@ -183,6 +183,8 @@ def build_report(
     for arm in stats.values():
         arm.finish()
     ordered = sorted(stats.values(), key=lambda s: (-s.impressions, s.release))
+    a: str | None
+    b: str | None
     if arms is not None:
         missing = [r for r in arms if r not in stats]
         for r in missing:

@@ -176,6 +176,7 @@ class EventLog:
             return
         cfg.folder.mkdir(parents=True, exist_ok=True)
         recover_open_segments(cfg.folder)
+        enforce_retention(cfg.folder, cfg.max_bytes)  # the limit may have been lowered
         self._queue = queue.Queue(cfg.queue_size)
         QUEUE_DEPTH.set_function(self._queue.qsize)
         self._thread = threading.Thread(target=self._run, name="event-log", daemon=True)
@@ -244,9 +245,11 @@ class EventLog:
 
     def _write(self, batch: list[tuple[str, int, Any, Any]]) -> None:
         """Append the batch, rotating whenever the segment passes ``segment_bytes``, then
-        flush and fsync; an I/O error drops the batch's unwritten rest (counted)."""
+        flush and fsync. Records count as written once fsynced; on an I/O error the rest
+        of the batch is dropped and counted."""
         assert self.cfg is not None
-        written = 0
+        durable = 0  # records of this batch already fsynced (in a closed segment)
+        pending: list[str] = []  # kinds written since
         try:
             for kind, at_us, a, b in batch:
                 rec = served_record(at_us, a, b) if kind == "served" else event_record(at_us, a)
@@ -255,18 +258,27 @@ class EventLog:
                     self._open_segment()
                 self._file.write(line)
                 self._size += len(line)
-                written += 1
-                RECORDS.labels(kind).inc()
+                pending.append(kind)
                 if self._size >= self.cfg.segment_bytes:
-                    self._close_segment()
+                    self._close_segment(strict=True)
+                    durable += len(pending)
+                    self._count(pending)
                     enforce_retention(self.cfg.folder, self.cfg.max_bytes)
             if self._file is not None:
                 self._file.flush()
                 os.fsync(self._file.fileno())
+            self._count(pending)
         except OSError as e:  # disk full, folder removed ...: count, keep serving
-            DROPPED.labels("write_error").inc(len(batch) - written)
-            log.warning("event log: %d records not written: %s", len(batch) - written, e)
+            lost = len(batch) - durable
+            DROPPED.labels("write_error").inc(lost)
+            log.warning("event log: %d records not written: %s", lost, e)
             self._abandon_segment()
+
+    @staticmethod
+    def _count(kinds: list[str]) -> None:
+        for kind in kinds:
+            RECORDS.labels(kind).inc()
+        kinds.clear()
 
     def _open_segment(self) -> None:
         assert self.cfg is not None
@@ -276,8 +288,10 @@ class EventLog:
         _OPEN_HERE.add(self._path)
         self._size = 0
 
-    def _close_segment(self) -> None:
-        """fsync and rename the open segment to its closed name (readers may rely on it)."""
+    def _close_segment(self, strict: bool = False) -> None:
+        """fsync and rename the open segment to its closed name (readers may rely on it);
+        ``strict``: an I/O error propagates (the caller counts the loss), else it is
+        logged."""
         if self._file is None or self._path is None:
             return
         try:
@@ -287,6 +301,8 @@ class EventLog:
             os.rename(self._path, closed_name(self._path))
             _fsync_dir(self._path.parent)
         except OSError as e:
+            if strict:
+                raise
             log.warning("event log: cannot close segment %s: %s", self._path, e)
         _OPEN_HERE.discard(self._path)
         self._file = self._path = None

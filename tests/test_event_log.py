@@ -171,3 +171,26 @@ def test_unreadable_lines_are_skipped(tmp_path: Path, line: bytes) -> None:
     (seg,) = el.closed_segments(tmp_path)
     seg.write_bytes(line + seg.read_bytes())
     assert [r["user_id"] for r in read_records(tmp_path)] == [1]
+
+
+def test_a_write_error_drops_and_counts_then_logging_resumes(tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "events"
+    before = el.DROPPED.labels("write_error")._value.get()
+    log = EventLog(LogConfig(folder, flush_ms=10, segment_bytes=4096, max_bytes=1 << 20))
+    for n in range(30):  # ~340 bytes each: the segment rotates at least once
+        log.served(*served(n, list(range(20))))
+    assert log.flush()
+    log.served(*served(999, list(range(20))))
+    assert log.flush()  # the current segment holds record 999 only after rotation ...
+    shutil.rmtree(folder)  # ... and then the folder disappears (a wiped disk, an operator)
+    for n in range(100, 120):
+        log.served(*served(n, list(range(20))))
+    assert log.flush()
+    lost = el.DROPPED.labels("write_error")._value.get() - before
+    assert lost > 0  # the rotation failed (counted), no exception reached the caller
+    folder.mkdir()
+    log.served(*served(500, [1]))
+    log.close()
+    assert [r["user_id"] for r in read_records(folder)] == [500]

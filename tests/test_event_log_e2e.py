@@ -155,6 +155,15 @@ def test_served_lists_and_events_reach_the_log_report_and_training(
     assert report.attributed == {"request_id": 3, "window": 1}
     assert report.verdict.startswith("not enough data")  # one arm
 
+    # the writer's counters, on the orchestrator's /metrics
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{s.orchestrator_metrics_port}/metrics", timeout=5
+    ) as r:
+        text = r.read().decode()
+    assert 'recstack_event_log_records_total{kind="served"} 7.0' in text
+    assert 'recstack_event_log_records_total{kind="event"} 5.0' in text
+    assert "recstack_event_log_queue_depth 0.0" in text
+
     # SIGTERM closes the open segment (renamed *.jsonl)
     loop["orch"].stop()
     assert closed_segments(s.events_dir) and not list(s.events_dir.glob("*.open"))
