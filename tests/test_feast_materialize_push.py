@@ -8,11 +8,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from _features_fixtures import build_env, redis_server  # noqa: F401 - fixture
+from _features_fixtures import build_env, redis_server, timeline, ts  # noqa: F401 - fixture
 
-from exporters import feast_ops
+from exporters import feast_ops, feature_tables
 from exporters.history import PAD
+from exporters.raw_tables import RawTables, write_raw
 from orchestrator.online_features import OnlineFeatures
 
 pytestmark = pytest.mark.integration
@@ -43,3 +45,30 @@ def test_materialize_keeps_newer_pushed_rows(
     assert online.user(1).recent_items[0] == (13 if store == "sqlite" else 10)
     feast_ops.materialize(env.settings)
     assert online.user(1).recent_items[:3].tolist() == [10, 12, 11]
+
+
+def test_a_replaced_older_data_set_still_replaces_the_lists(tmp_path: Path) -> None:
+    """Rows newer than the batch but written by an earlier materialisation (another data
+    set) are not pushes: the new data's lists replace them (SQLite)."""
+    env = build_env(tmp_path, "sqlite")
+    online = OnlineFeatures(env.settings).load()
+    assert online.user(1).recent_items[:3].tolist() == [10, 12, 11]
+    # A year earlier, and user 1 only ever clicked item 11.
+    year = pd.Timedelta(days=365)
+    t = timeline()
+    older = RawTables(
+        interactions=pd.DataFrame(
+            {
+                "user_id": [1, 2],
+                "item_id": [11, 11],
+                "timestamp": [ts("03-02 15:00") - year, ts("03-02 15:05") - year],
+                "event": ["click", "click"],
+            }
+        ),
+        items=t.items.assign(created_at=t.items["created_at"] - year),
+        users=t.users.assign(signup_at=t.users["signup_at"] - year),
+    )
+    write_raw(env.settings, older, source="test:older")
+    feature_tables.build(env.settings)
+    feast_ops.materialize(env.settings)
+    assert online.user(1).recent_items[:2].tolist() == [11, PAD]
