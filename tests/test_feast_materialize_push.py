@@ -5,19 +5,48 @@ Feast's Redis store does itself). A batch row newer than the stored one still wi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from _features_fixtures import build_env, redis_server, timeline, ts  # noqa: F401 - fixture
+from _features_fixtures import FeastEnv, timeline, timeline_settings, ts
+from conftest import make_settings, port, require_redis_server
 
 from exporters import feast_ops, feature_tables
 from exporters.history import PAD
 from exporters.raw_tables import RawTables, write_raw
 from orchestrator.online_features import OnlineFeatures
+from recstack.settings import Settings
 
 pytestmark = pytest.mark.integration
+
+# A redis-server of this module's own: the session one of _features_fixtures belongs to
+# test_feast_repo.py (a fixture imported into two modules is two fixtures, two servers).
+REDIS_PORT = port(6392)
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    from orchestrator import redis_server as rs
+
+    require_redis_server()
+    s = make_settings(tmp_path_factory.mktemp("redis_push"), redis_port=REDIS_PORT)
+    proc = rs.start(s)
+    try:
+        yield s
+    finally:
+        proc.stop()
+
+
+def build_env(base: Path, store: str) -> FeastEnv:
+    """_features_fixtures.build_env, on this module's Redis port."""
+    s = timeline_settings(base, store).model_copy(update={"redis_port": REDIS_PORT})
+    feature_tables.build(s)
+    feast_ops.apply(s)
+    feast_ops.materialize(s)
+    return FeastEnv(s, store)
 
 
 @pytest.mark.parametrize("store", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
@@ -25,7 +54,7 @@ def test_materialize_keeps_newer_pushed_rows(
     store: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     if store == "redis":
-        request.getfixturevalue("redis_server")
+        request.getfixturevalue("own_redis")
     env = build_env(tmp_path, store)
     online = OnlineFeatures(env.settings).load()
     assert online.user(2).recent_items[:2].tolist() == [11, PAD]
