@@ -224,20 +224,30 @@ def materialize(settings: Settings, incremental: bool = False) -> None:
     end = materialization_end(settings)
     views = [v.name for v in store.list_feature_views() if v.online]
     by_feast = [v for v in views if v not in DIRECT_VIEWS]
+    # Rows stored with a later time than this were pushed (RecordEvent) since the last
+    # materialisation: write_latest keeps them when they are newer than the batch row.
+    previous = max(
+        (end for v in by_feast for _, end in store.get_feature_view(v).materialization_intervals),
+        default=None,
+    )
     if incremental:
         store.materialize_incremental(end_date=end, feature_views=by_feast)
     else:
         store.materialize(start_date=EPOCH, end_date=end, feature_views=by_feast)
     for view in DIRECT_VIEWS:
         if view in views:
-            write_latest(store, view, end)
+            write_latest(store, view, end, pushed_after=previous)
     log.info("materialized into %s up to %s", settings.online_store, end.isoformat())
 
 
-def write_latest(store: FeatureStore, view_name: str, end: datetime) -> int:
+def write_latest(
+    store: FeatureStore, view_name: str, end: datetime, pushed_after: datetime | None = None
+) -> int:
     """What ``materialize`` does for one view — the newest batch row per entity with
     ``event_timestamp <= end`` into the online store — without Feast's dask reader (see
-    DIRECT_VIEWS). Returns the number of rows written."""
+    DIRECT_VIEWS), except for entities whose stored row was pushed after ``pushed_after``
+    (the previous materialisation's end) and is newer than the batch row: those keep
+    theirs. Returns the number of rows written."""
     view = store.get_feature_view(view_name)
     source = view.batch_source
     path = Path(source.path)
@@ -248,10 +258,71 @@ def write_latest(store: FeatureStore, view_name: str, end: datetime) -> int:
     table = pq.read_table(path, columns=[*keys, ts, *(f.name for f in view.features)])
     table = table.filter(pc.less_equal(table[ts], pc.cast(end, table[ts].type)))
     df = table.to_pandas().sort_values(ts, kind="stable").drop_duplicates(keys, keep="last")
-    if len(df):
-        store.write_to_online_store(view_name, df=df.reset_index(drop=True))
-    log.info("%s: wrote the newest row of %d entities", view_name, len(df))
-    return len(df)
+    df = df.reset_index(drop=True)
+    newer = _not_older_than_stored(store, view, df, keys, ts, pushed_after)
+    if newer.any():
+        store.write_to_online_store(view_name, df=df[newer].reset_index(drop=True))
+    log.info(
+        "%s: wrote the newest row of %d entities (%d kept a newer pushed row)",
+        view_name,
+        int(newer.sum()),
+        int((~newer).sum()),
+    )
+    return int(newer.sum())
+
+
+STORED_READ_CHUNK = 5_000  # entity keys per online_read while comparing event times
+
+
+def _not_older_than_stored(
+    store: FeatureStore,
+    view: Any,
+    df: pd.DataFrame,
+    keys: list[str],
+    ts: str,
+    pushed_after: datetime | None,
+) -> np.ndarray:
+    """Per row of ``df``: False where the online store holds a row for its entity that
+    is at least as new (to the second) and dates from after ``pushed_after``, i.e. was
+    pushed since the previous materialisation; True elsewhere.
+
+    RecordEvent pushes recent/seen items with the event's time; the feature tables were
+    built earlier, so their rows are older. Feast's SQLite store upserts unconditionally,
+    so without this a full (or incremental) materialisation put back the lists of the
+    last import. Only rows pushed since the previous materialisation are kept: a newer
+    row left by an earlier data set (say 2026 data replaced by 1998 ratings) is
+    overwritten as before. (Feast's Redis store skips any write older than what it holds,
+    so on Redis such leftovers stay; clear the store when changing data sets.)"""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    keep = np.ones(len(df), dtype=bool)
+    if pushed_after is None or len(keys) != 1 or not len(df):
+        # Nothing materialised before: nothing pushed to keep. recstack's views written
+        # here have one int64 key (user_id).
+        return keep
+    t = pd.Timestamp(pushed_after)
+    after_us = (t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")).value // 1000
+    # The SQLite store keeps event times to the second (rounded down): compare with both
+    # sides floored, so a push in the same second as the previous end still counts.
+    after_s = after_us - after_us % 1_000_000
+    provider = store._get_provider()
+    ids = df[keys[0]].to_numpy(np.int64)
+    row_us = pd.to_datetime(df[ts], utc=True).to_numpy("datetime64[us]").view(np.int64)
+    row_s = row_us - row_us % 1_000_000
+    for lo in range(0, len(ids), STORED_READ_CHUNK):
+        chunk = ids[lo : lo + STORED_READ_CHUNK]
+        entity_keys = [
+            EntityKey(join_keys=keys, entity_values=[Value(int64_val=int(v))]) for v in chunk
+        ]
+        stored = provider.online_read(store.config, view, entity_keys)
+        for j, (when, _) in enumerate(stored):
+            if when is not None:
+                t = pd.Timestamp(when)
+                t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+                stored_us = t.value // 1000
+                keep[lo + j] = not (stored_us >= row_s[lo + j] and stored_us >= after_s)
+    return keep
 
 
 def service_features(store: FeatureStore, service_name: str) -> list[ServiceFeature]:

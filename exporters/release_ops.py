@@ -308,9 +308,13 @@ def cli_ab(args: argparse.Namespace) -> int:
     if args.args == ["stop"]:
         ab_stop(settings, args.reason)
     elif args.args == ["report"]:
-        from exporters.ab_report import cli_report
+        from exporters import ab_report
 
-        return int(cli_report(settings, since=args.since, as_json=args.json) or 0)
+        if not args.arms:  # the running (or last) A/B test's arms, from the state
+            state = load_state(settings)
+            arms = [a.release for a in state.arms] or _last_ab_arms(state)
+            args.arms = [str(a) for a in arms[:2]] if len(arms) >= 2 else None
+        return ab_report.cli(args)
     else:
         if not all(a.isdigit() for a in args.args):
             raise UserError(
@@ -318,6 +322,13 @@ def cli_ab(args: argparse.Namespace) -> int:
             )
         ab_start(settings, [int(r) for r in args.args], args.split, args.reason, _force(args))
     return 0
+
+
+def _last_ab_arms(state: ReleaseState) -> list[int]:
+    for h in reversed(state.history):
+        if h.get("action") == "ab_start":
+            return [int(a[0]) for a in h.get("arms", [])]
+    return []
 
 
 def cli_history(args: argparse.Namespace) -> int:

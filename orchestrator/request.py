@@ -13,6 +13,8 @@ One set of rules for both fronts (documented in docs/architecture.md, "Bad input
   range as ``recstack data import``); HTTP takes ISO-8601, naive times are UTC;
 - an event's timestamp at most ``event_max_future_s`` ahead of the server's clock and at
   most ``event_max_age_s`` behind it (settings, see :class:`EventWindow`);
+- an event's optional ``request_id`` (the served list it came from): at most 64
+  characters of ``A-Z a-z 0-9 . _ : -``;
 - HTTP: only the documented query parameters / JSON fields, each at most once.
 
 Sizes are checked before anything is parsed or allocated (string lengths, element
@@ -46,6 +48,7 @@ TIME_MAX = datetime(2262, 1, 1, tzinfo=UTC)  # exclusive
 MAX_TIMESTAMP_CHARS = 64
 MAX_EVENT_BODY_BYTES = 64 * 1024  # a POST /v1/events body; real ones are < 200 bytes
 MAX_PRICE_CHARS = 32
+MAX_REQUEST_ID = 64
 
 EVENT_NAMES = {pb.VIEW: "view", pb.CLICK: "click", pb.PURCHASE: "purchase"}
 HTTP_PARAMS = (
@@ -60,10 +63,11 @@ HTTP_PARAMS = (
     "price_min",
     "price_max",
 )
-EVENT_FIELDS = ("user_id", "item_id", "event", "timestamp")
+EVENT_FIELDS = ("user_id", "item_id", "event", "timestamp", "request_id")
 
 _ID_LIST = re.compile(r"[0-9]{1,19}(?:,[0-9]{1,19})*", re.ASCII)
 _PRICE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]*", re.ASCII)
 
 
 class InvalidRequest(ValueError):
@@ -99,6 +103,7 @@ class EventQuery:
     item_id: int
     event: str
     timestamp: datetime
+    request_id: str = ""  # the served list it came from (RecommendResponse.request_id)
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,19 @@ def check_k(k: int) -> int:
     if not K_MIN <= k <= K_MAX:
         raise InvalidRequest(f"k must be in {K_MIN}..{K_MAX}, got {k}")
     return k
+
+
+def check_request_id(raw: object) -> str:
+    """An event's optional ``request_id``: "" or up to 64 characters of A-Z a-z 0-9 . _ : -
+    (it is written to the event log and joined on, so no spaces or control characters)."""
+    if not isinstance(raw, str):
+        raise InvalidRequest("request_id must be a string")
+    if len(raw) > MAX_REQUEST_ID or not _REQUEST_ID.fullmatch(raw):
+        raise InvalidRequest(
+            f"request_id must be at most {MAX_REQUEST_ID} characters of A-Z a-z 0-9 . _ : -,"
+            f" got {_show(raw)}"
+        )
+    return raw
 
 
 def _text(value: str, name: str) -> str:
@@ -308,7 +326,8 @@ def event_from_grpc(
     when = now
     if req.HasField("timestamp"):
         when = window.check(_proto_time(req.timestamp, "timestamp"), now)
-    return EventQuery(user_id, int(req.item_id), EVENT_NAMES[req.event], when)
+    request_id = check_request_id(req.request_id)
+    return EventQuery(user_id, int(req.item_id), EVENT_NAMES[req.event], when, request_id)
 
 
 # ---------------------------------------------------------------------------------- HTTP
@@ -410,7 +429,8 @@ def parse_json_body(raw: bytes, limit: int = MAX_EVENT_BODY_BYTES) -> Any:
 def event_from_http(body: Any, window: EventWindow, now: datetime | None = None) -> EventQuery:
     """Validate a ``POST /v1/events`` JSON body (already decoded by
     :func:`parse_json_body`): ``user_id`` a digit string, ``item_id`` a JSON integer,
-    ``event`` view/click/purchase (any case), optional ISO-8601 ``timestamp``."""
+    ``event`` view/click/purchase (any case), optional ISO-8601 ``timestamp`` and
+    ``request_id``."""
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object")
     unknown = [k for k in body if k not in EVENT_FIELDS]
@@ -429,4 +449,6 @@ def event_from_http(body: Any, window: EventWindow, now: datetime | None = None)
     when = now
     if body.get("timestamp") is not None:
         when = window.check(_iso_time(body["timestamp"], "timestamp"), now)
-    return EventQuery(user_id, item_id, event.lower(), when)
+    raw_id = body.get("request_id")
+    request_id = check_request_id("" if raw_id is None else raw_id)
+    return EventQuery(user_id, item_id, event.lower(), when, request_id)

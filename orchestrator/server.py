@@ -64,6 +64,7 @@ def to_proto(result: RecommendResult) -> pb.RecommendResponse:
         timings=[pb.StageTiming(stage=s, ms=ms) for s, ms in result.timings.items()],
         degraded=result.degraded,
         cold_start=result.cold_start,
+        request_id=result.request_id,
     )
 
 
@@ -84,6 +85,7 @@ def to_json(result: RecommendResult) -> dict[str, Any]:
         "timings": [{"stage": s, "ms": round(ms, 3)} for s, ms in result.timings.items()],
         "degraded": result.degraded,
         "cold_start": result.cold_start,
+        "request_id": result.request_id,
     }
 
 

@@ -46,6 +46,7 @@ from exporters.candidates import gather, source_names
 from orchestrator import metrics
 from orchestrator.budget import BudgetConfig, RequestClock
 from orchestrator.catalog import Catalog, Fallbacks
+from orchestrator.event_log import EventLog, new_request_id
 from orchestrator.online_features import FeatureStoreUnavailable
 from orchestrator.postprocess import Candidates, reasons, select
 from orchestrator.release_router import ReleaseRouter
@@ -91,6 +92,8 @@ class RecommendResult:
     timings: dict[str, float] = field(default_factory=dict)
     degraded: list[str] = field(default_factory=list)
     cold_start: bool = False
+    # Names this answer in the event log; clients send it back with their events.
+    request_id: str = field(default_factory=new_request_id)
 
 
 @dataclass(frozen=True)
@@ -113,11 +116,13 @@ class RecommendService:
         release: ServingRelease | ReleaseRouter,
         cfg: ServiceConfig | None = None,
         clock_lead_days: float = 7.0,
+        event_log: EventLog | None = None,
     ) -> None:
         # A bare release (tests, benchmarks) is served alone, with no state to follow.
         self.router = (
             release if isinstance(release, ReleaseRouter) else ReleaseRouter.fixed(release)
         )
+        self.event_log = event_log or EventLog(None)  # what was served / done (disabled: None)
         self.cfg = cfg or ServiceConfig()
         self.pool = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="recommend")
         self.clock_lead_s = clock_lead_days * 86_400.0
@@ -133,7 +138,7 @@ class RecommendService:
         cfg = cfg or ServiceConfig(workers=settings.orchestrator_workers)
         router = ReleaseRouter(settings, warm_rows=cfg.n_ranked)
         await router.sync()  # raises UserError when nothing can be served
-        svc = cls(router, cfg, settings.max_clock_lead_days)
+        svc = cls(router, cfg, settings.max_clock_lead_days, EventLog.from_settings(settings))
         svc.start_refresh(settings.feature_refresh_s)
         svc.start_watch(settings.release_watch_s, settings.triton_watch_s)
         return svc
@@ -162,6 +167,7 @@ class RecommendService:
                 await task
         self._tasks.clear()
         self.pool.shutdown(wait=True, cancel_futures=False)
+        self.event_log.close()
         for rel in self.router.served():
             rel.close()
 
@@ -292,6 +298,7 @@ class RecommendService:
             metrics.DEGRADED.labels(reason, name).inc()
         if result.cold_start:
             metrics.COLD_START.labels(name).inc()
+        self.event_log.served(q, result)
         return result
 
     async def record_event(self, e: EventQuery, deadline_s: float | None) -> None:
@@ -316,6 +323,7 @@ class RecommendService:
                 f"the feature store did not take the event ({reason}); retry later"
             ) from None
         metrics.EVENTS.labels(e.event).inc()
+        self.event_log.event(e)
 
     def feature_time(self, q: RecommendQuery, rel: ServingRelease | None = None) -> float:
         """The clock of time-relative features (item age, recency) and of "not yet

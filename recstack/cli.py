@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE:COLUMN=FIELD",
         help="use an extra column as a schema field, e.g. users:occupation=country (repeatable)",
     )
+    p = _cmd(
+        data,
+        "import-events",
+        "exporters.event_import:cli",
+        "append the event log's RecordEvents to the raw interactions (for `recstack train`)",
+    )
+    p.add_argument("--since", help="ISO-8601 time or a duration back from now (30m, 24h, 7d)")
 
     # --- features -----------------------------------------------------------------------
     feats = groups.add_parser("features", help="feature tables and Feast").add_subparsers(
@@ -126,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("args", nargs="+", help="two or more release ids, or `stop`, or `report`")
     p.add_argument("--split", default="50/50", help="percent per arm, e.g. 90/10")
-    p.add_argument("--since", help="report: only log entries from this time (ISO 8601)")
+    p.add_argument("--since", help="report: ISO-8601 time or a duration back (30m, 24h, 7d)")
+    p.add_argument(
+        "--arms", nargs=2, metavar=("A", "B"), help="report: releases (default: the A/B state's)"
+    )
+    p.add_argument("--min-impressions", type=int, help="report: per arm for a verdict (1000)")
+    p.add_argument("--window-minutes", type=float, help="report: attribution without request_id")
     p.add_argument("--json", action="store_true", help="report: JSON instead of a table")
     _force_args(p)
     p = _cmd(rel, "history", "exporters.release_ops:cli_history", "who changed what, when, why")

@@ -91,6 +91,21 @@ class Settings(BaseSettings):
     # HTTP: a request body must arrive within this many seconds (408 otherwise).
     http_body_timeout_s: float = Field(default=10.0, gt=0)
 
+    # The event log (orchestrator/event_log.py, docs/events.md): what was served and every
+    # accepted RecordEvent, as JSON lines in rotating segments under ``events_dir``
+    # (default <data_dir>/events). A background thread writes them: a request never
+    # waits; a full queue drops records (counted), a crash loses at most the records of
+    # the last ``event_log_flush_ms`` (plus what sat in the queue).
+    event_log: bool = True
+    events_dir_path: Path | None = Field(default=None, alias="RECSTACK_EVENTS_DIR")
+    event_log_flush_ms: float = Field(default=200.0, gt=0, le=60_000)
+    event_log_flush_records: int = Field(default=1_000, ge=1)
+    event_log_queue: int = Field(default=100_000, ge=1)
+    # A segment is closed (renamed to *.jsonl) past this size; the oldest closed segments
+    # are deleted while all of them together exceed the total.
+    event_log_segment_bytes: int = Field(default=64 << 20, ge=4096)
+    event_log_max_bytes: int = Field(default=2 << 30, ge=4096)
+
     # Quality and time (exporters/seen.py, orchestrator/service.py). Event types that make
     # an item "seen" (comma-separated; empty: what the data's meta.json says).
     seen_events_csv: str = Field(default="", alias="RECSTACK_SEEN_EVENTS")
@@ -132,6 +147,11 @@ class Settings(BaseSettings):
     def work_dir(self) -> Path:
         """Intermediate training outputs (checkpoints, candidates); resumable steps."""
         return self.data_dir / "work"
+
+    @property
+    def events_dir(self) -> Path:
+        """The event log's folder (``RECSTACK_EVENTS_DIR``, default <data_dir>/events)."""
+        return self.events_dir_path or self.data_dir / "events"
 
     @property
     def reports_dir(self) -> Path:

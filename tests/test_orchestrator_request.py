@@ -109,6 +109,40 @@ def test_events_are_validated() -> None:
             event_from_http(body, WINDOW)
 
 
+@pytest.mark.parametrize(
+    ("raw", "ok"),
+    [
+        ("", True),
+        ("0123456789abcdef0123456789abcdef", True),  # what the service hands out
+        ("client-7:list_3.a", True),
+        ("x" * 64, True),
+        ("x" * 65, False),
+        ("has space", False),
+        ("tab\there", False),
+        ("ünï", False),
+        ('{"a":1}', False),
+    ],
+)
+def test_event_request_ids_are_bounded_and_plain(raw: str, ok: bool) -> None:
+    req = pb.RecordEventRequest(user_id="3", item_id=9, event=pb.CLICK, request_id=raw)
+    body = {"user_id": "3", "item_id": 9, "event": "click", "request_id": raw}
+    if ok:
+        assert event_from_grpc(req, WINDOW).request_id == raw
+        assert event_from_http(body, WINDOW).request_id == raw
+    else:
+        with pytest.raises(InvalidRequest, match="request_id must be at most 64"):
+            event_from_grpc(req, WINDOW)
+        with pytest.raises(InvalidRequest, match="request_id must be at most 64"):
+            event_from_http(body, WINDOW)
+
+
+def test_event_request_id_over_http_is_a_string_or_null() -> None:
+    body = {"user_id": "3", "item_id": 9, "event": "click"}
+    assert event_from_http({**body, "request_id": None}, WINDOW).request_id == ""
+    with pytest.raises(InvalidRequest, match="request_id must be a string"):
+        event_from_http({**body, "request_id": 12}, WINDOW)
+
+
 # ------------------------------------------------------------------------ ids
 
 
