@@ -323,11 +323,15 @@ def http_app(
         return await handle("http.RecordEvent", parse, call)
 
     async def health(request: web.Request) -> web.Response:
+        detail = service.health_detail()
         if drain.started:
             return web.json_response(
-                {"status": "NOT_SERVING", "release": service.release_name}, status=503
+                {"status": "NOT_SERVING", "release": service.release_name, "detail": detail},
+                status=503,
             )
-        return web.json_response({"status": "SERVING", "release": service.release_name})
+        return web.json_response(
+            {"status": "SERVING", "release": service.release_name, "detail": detail}
+        )
 
     @web.middleware
     async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
