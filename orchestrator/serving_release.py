@@ -28,7 +28,7 @@ from orchestrator.online_features import ItemFeatures, ItemSnapshot, OnlineFeatu
 from orchestrator.postprocess import PostprocessConfig
 from orchestrator.request import EventQuery
 from orchestrator.store_watch import StoreWatch
-from orchestrator.triton_client import TritonClient
+from orchestrator.triton_client import RANK, TritonClient
 from recstack.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,14 @@ class ServingRelease:
         data_end = pd.Timestamp(str(manifest["data_snapshot"]["end"])).timestamp()
         versions = {str(k): int(v) for k, v in manifest["models"].items()}
         triton = TritonClient.from_settings(settings, versions=versions)
+        # The merged candidates go to the rank ensemble in one request: they must fit the
+        # rows its config allows (the client refuses more per request, TritonClient.infer).
+        cap = triton.max_rows(RANK)
+        if sources is not None and cap is not None and quotas.total > cap:
+            raise ValueError(
+                f"release {rid}: its candidate quotas add up to {quotas.total} rows, more "
+                f"than the rank ensemble takes ({cap}, {triton.spec(RANK).max_rows_from})"
+            )
         tower_inputs = tuple(input_names(USER_TOWER, settings.model_repository))
         layout = Layout.from_json(manifest["ranker"]["layout"])
         watch = StoreWatch(_release_users(folder, manifest))
