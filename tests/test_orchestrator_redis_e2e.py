@@ -20,6 +20,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -151,6 +152,44 @@ def test_accepted_events_survive_kill_9_of_redis(
             break
         time.sleep(0.2)
     assert all(list(r.degraded) == [] and not r.cold_start for r in replies)
+
+
+def test_event_times_outside_the_window_are_refused_and_the_rest_all_stored(
+    stack: dict[str, Any], users: list[str], catalog_items: list[int]
+) -> None:
+    """The skew window at the front door (INVALID_ARGUMENT, nothing stored), and inside
+    it every accepted event lands, in arrival order, whatever its time."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    s = stack["settings"]
+    user = users[9]
+
+    def stamp(when: datetime) -> Timestamp:
+        ts = Timestamp()
+        ts.FromDatetime(when)
+        return ts
+
+    def send(item: int, when: datetime) -> None:
+        stack["stub"].RecordEvent(
+            pb.RecordEventRequest(
+                user_id=user, item_id=item, event=pb.CLICK, timestamp=stamp(when)
+            ),
+            timeout=5,
+        )
+
+    before = recent(s, user)
+    now = datetime.now(UTC)
+    for when in (now + timedelta(days=365 * 74), now - timedelta(days=30)):
+        with pytest.raises(grpc.RpcError) as err:
+            send(catalog_items[20], when)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "RECSTACK_EVENT_MAX_" in (err.value.details() or "")
+    assert recent(s, user) == before
+    a, b, c = catalog_items[21:24]
+    send(a, now + timedelta(minutes=4))  # a client clock 4 minutes fast
+    send(b, now)  # not newer than the stored row: stored all the same
+    send(c, now - timedelta(hours=1))  # delivered an hour late
+    assert recent(s, user)[:3] == [c, b, a]
 
 
 def test_a_wiped_store_is_flagged_not_a_silent_cold_start(
