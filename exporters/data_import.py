@@ -43,6 +43,12 @@ _INT_RE = r"^\s*\d{1,18}\s*$"
 _NUM_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 _NAT = np.iinfo(np.int64).min  # "no timestamp" in int64 µs arrays
 _TS_HINT = "expected ISO-8601 (e.g. 2026-07-01T12:00:00Z) or unix seconds"
+# Accepted timestamps: after the feature tables' baseline rows (1970-01-02, which must come
+# before every real row) and at most a day past the import's clock — a row in the future
+# stretches the split's windows over empty time and stamps online rows past every real
+# event. Unix seconds 0 (a common "unknown") is refused by the same rule.
+TIME_MIN = pd.Timestamp("1970-01-03", tz="UTC")
+TIME_MAX_AHEAD = pd.Timedelta(days=1)
 
 
 @dataclass
@@ -337,7 +343,9 @@ def _timestamps(src: _Source, col: str, allow_null: bool = False) -> np.ndarray:
         tz = None if pa.types.is_date(t) else t.tz
         # The instant is the same in any zone; sub-microsecond digits are dropped.
         us = pc.cast(pc.cast(arr, pa.timestamp("us", tz=tz), safe=False), pa.int64())
-        return pc.fill_null(us, _NAT).to_numpy()
+        native = pc.fill_null(us, _NAT).to_numpy()
+        _in_range(src, col, native)
+        return native
     if not (_is_text(arr) or pa.types.is_integer(t) or pa.types.is_floating(t)):
         raise UserError(f"{src.path}: column {col!r} has type {t}; expected timestamps")
     is_num = ~null if not _is_text(arr) else _matches(arr, _NUM_RE)
@@ -356,7 +364,31 @@ def _timestamps(src: _Source, col: str, allow_null: bool = False) -> np.ndarray:
     if rest.size:
         text = pc.utf8_trim_whitespace(pc.take(arr, pa.array(rest)))
         us[rest] = _iso_us(src, col, text, rest)
+    _in_range(src, col, us)
     return us
+
+
+def time_range(now: pd.Timestamp | None = None) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """The accepted timestamps, inclusive: TIME_MIN .. ``now`` + TIME_MAX_AHEAD."""
+    now = now if now is not None else pd.Timestamp.now(tz="UTC")
+    return TIME_MIN, now + TIME_MAX_AHEAD
+
+
+def _in_range(src: _Source, col: str, us: np.ndarray, now: pd.Timestamp | None = None) -> None:
+    """Refuse the first timestamp outside :func:`time_range`, naming its place."""
+    lo, hi = time_range(now)
+    lo_us, hi_us = lo.value // 1000, hi.value // 1000
+    bad = (us != _NAT) & ((us < lo_us) | (us > hi_us))
+    if bad.any():
+        pos = _first(bad)
+        when = pd.Timestamp(int(us[pos]), unit="us", tz="UTC").isoformat()
+        raise src.fail(
+            pos,
+            col,
+            f"{src.value(col, pos)!r} ({when}) is outside the accepted range "
+            f"{lo.date()} .. {hi.isoformat(timespec='seconds')} (UTC; up to a day ahead "
+            "of the import's clock)",
+        )
 
 
 def _iso_us(src: _Source, col: str, text: pa.Array, rows: np.ndarray) -> np.ndarray:

@@ -27,6 +27,10 @@ MANIFEST = "manifest.json"
 INDEX_FILES = ("index.faiss", "index_item_ids.npy")
 # The item-to-item and popular sources built from every event (exporters/candidates.py).
 CANDIDATES_FILE = "candidates.npz"
+# The ids of the users in the release's data (sorted int64): every one of them has a row
+# in the online store once materialised, so the orchestrator can tell a user the store
+# lost from a new one (the ``features_missing`` flag, orchestrator/serving_release.py).
+USERS_FILE = "users.npy"
 
 # Triton model -> the work/ artifacts that make one version of it.
 MODEL_ARTIFACTS: dict[str, tuple[str, ...]] = {
@@ -180,6 +184,7 @@ def publish(settings: Settings, force_reason: str | None = None) -> int:
         _validate_index(staged, manifest["index"])
         shutil.copy2(candidates_src, staged / CANDIDATES_FILE)
         manifest["candidates"].update(_validate_candidates(staged, manifest["index"]))
+        manifest["users"] = _write_users(settings, staged / USERS_FILE)
         # Models last: once versions exist in the repository they are loadable, and the
         # release that names them must follow right away.
         for model, names in MODEL_ARTIFACTS.items():
@@ -204,6 +209,18 @@ def _checksums(settings: Settings, manifest: dict[str, Any], staged: Path) -> di
     paths = artifact_paths(settings, manifest)
     folder = release_dir(settings, int(manifest["release_id"]))
     return {k: sha256(staged / p.name if p.parent == folder else p) for k, p in paths.items()}
+
+
+def _write_users(settings: Settings, path: Path) -> dict[str, Any]:
+    """The users table's ids, sorted and unique, as ``path``; returns the manifest entry.
+    8 bytes a user (100k users: 0.8 MB), exact, and a binary search per request."""
+    import numpy as np
+
+    from exporters.raw_tables import read_table
+
+    users = np.unique(read_table(settings, "users", ["user_id"])["user_id"].to_numpy(np.int64))
+    np.save(path, users)
+    return {"file": path.name, "n_users": len(users)}
 
 
 def _validate_index(folder: Path, index: dict[str, Any]) -> None:

@@ -215,8 +215,22 @@ def compute_split(
         )
     n_val = int(((ts >= train_end) & (ts < val_end)).sum())
     n_test = len(ts) - n_train - n_val
-    if n_val == 0 or n_test == 0:
-        log.warning("split leaves validation (%d rows) or test (%d rows) empty", n_val, n_test)
+    for name, n, start, end in (
+        ("validation", n_val, train_end, val_end),
+        ("test", n_test, val_end, hi),
+    ):
+        if n == 0:
+            # Models would be chosen (validation) or judged (test) on nothing: say so.
+            log.warning(
+                "split: the %s window %s .. %s holds no interactions; the data spans "
+                "%s .. %s (an outlying timestamp stretches the default windows: check the "
+                "data, or set RECSTACK_SPLIT_VAL_DAYS / RECSTACK_SPLIT_TEST_DAYS)",
+                name,
+                start,
+                end,
+                lo,
+                hi,
+            )
     log.info(
         "split: train < %s <= val < %s <= test (%d / %d / %d rows)",
         train_end,

@@ -73,6 +73,13 @@ EVENT_FAILURES = Counter(
     ["reason"],  # unavailable (store down or locked), timeout, error
 )
 
+ONLINE_STORE_MISSING = Gauge(
+    "recstack_online_store_missing_ratio",
+    "Share of the recent look-ups of the release's users that found no row in the online"
+    " store (answered features_missing; near 1: the store was emptied)",
+    ["release"],
+)
+
 ITEM_SNAPSHOT_AGE = Gauge(
     "recstack_item_snapshot_age_seconds",
     "Seconds since the item feature snapshot (and the catalog popularity and popular/fresh"

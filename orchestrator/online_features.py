@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -253,20 +253,29 @@ class EntityRowReader:
 
     def read(self, key: int) -> dict[str, Any]:
         """Feature name -> Python value (None when missing) for the entity ``key``."""
+        return self.read_row(key)[1]
+
+    def read_row(self, key: int) -> tuple[datetime | None, dict[str, Any]]:
+        """(the newest stored row's event timestamp over the views, or None when no view
+        has a row; feature name -> Python value, None when missing) for ``key``."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 
         value = python_values_to_proto_values([key], self._value_type)[0]
         entity_key = EntityKey(join_keys=[self.join_key], entity_values=[value])
         out: dict[str, Any] = {}  # Feast's Python values: int, float, list, ... or None
+        newest: datetime | None = None
         for view, names in self._views:
             # A fresh list per call: the Redis store mutates the one it is given.
             rows = self._provider.online_read(self._config, view, [entity_key], list(names))
-            values = rows[0][1] if rows else None
+            stamp, values = rows[0] if rows else (None, None)
+            if values and stamp is not None:
+                stamp = _utc(stamp).to_pydatetime()
+                newest = stamp if newest is None else max(newest, stamp)
             for name in names:
                 proto = values.get(name) if values else None
                 out[name] = None if proto is None else feast_value_type_to_python_type(proto)
-        return out
+        return newest, out
 
 
 class OnlineFeatures:
@@ -484,7 +493,13 @@ class OnlineFeatures:
         while decoding protos). Here the views fed by the push sources are found once at
         :meth:`load`, the current lists are read with :class:`EntityRowReader`, and the
         new rows go through the provider's ``ingest_df`` — the call ``push`` itself ends
-        in."""
+        in.
+
+        Every event taken is stored: the row is written at :func:`row_time` (the event's
+        time, or just after the stored row's when that is as new or newer), because Feast's
+        Redis store silently keeps a stored row that is not older than the one written.
+        The lists are in arrival order, newest first: a late event goes to the front (the
+        batch table orders by event time; the online list keeps no per-item times)."""
         changes_recent = _changes_history(event)
         changes_seen = self._seen_reader is not None and event in self._seen_events
         if not (changes_recent or changes_seen):
@@ -496,15 +511,15 @@ class OnlineFeatures:
         with self._push_lock:
             try:
                 if changes_seen and self._seen_reader is not None:
-                    current = self._seen_reader.read(int(user_id))[SEEN_ITEMS]
-                    seen_now = update_seen(list(current or []), int(item_id))
-                    frame = _push_frame(user_id, seen_now, ts, SEEN_ITEMS)
+                    stored, values = self._seen_reader.read_row(int(user_id))
+                    seen_now = update_seen(list(values[SEEN_ITEMS] or []), int(item_id))
+                    frame = _push_frame(user_id, seen_now, row_time(ts, stored), SEEN_ITEMS)
                     for view in self._seen_push_views:
                         provider.ingest_df(view, frame)
                 if changes_recent:
-                    current = self._recent_reader.read(int(user_id))[RECENT_ITEMS]
-                    new = history.update_recent(list(current or []), int(item_id))
-                    frame = _push_frame(user_id, new, ts)
+                    stored, values = self._recent_reader.read_row(int(user_id))
+                    new = history.update_recent(list(values[RECENT_ITEMS] or []), int(item_id))
+                    frame = _push_frame(user_id, new, row_time(ts, stored))
                     for view in self._push_views:
                         provider.ingest_df(view, frame)
             except _unavailable_errors() as e:
@@ -547,6 +562,28 @@ def _utc(when: datetime) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
+# How far past the stored row a pushed row is stamped when the event is not newer than it.
+# The Redis store hands timestamps back through a float (feast/infra/online_stores/redis.py,
+# seconds + nanos / 1e9): a millisecond is far above that rounding, and far below any
+# meaning the row's time has (no TTL, no point-in-time read on the online side).
+ROW_TIME_STEP = timedelta(milliseconds=1)
+
+
+def row_time(event_ts: datetime | None, stored: datetime | None) -> datetime:
+    """The event timestamp to write a pushed row with: the event's time (now when None),
+    or ``stored`` + :data:`ROW_TIME_STEP` when the stored row is as new or newer.
+
+    Feast's Redis store writes a row only if its timestamp is newer than the stored one's
+    (``online_write_batch`` skips ``new <= stored``, nanosecond precision), so a late
+    event, or any event after one stamped in the future, would be dropped without an
+    error. The row stands for "the lists after this event": always newer than the last."""
+    when = _utc(event_ts or datetime.now(UTC)).to_pydatetime()
+    if stored is None:
+        return when
+    last = _utc(stored).to_pydatetime()
+    return when if when > last else last + ROW_TIME_STEP
+
+
 def _or_default(value: object, name: str) -> float:
     return default_value(name) if value is None else float(value)  # type: ignore[arg-type]
 
@@ -583,10 +620,11 @@ def push_event(
     the ``user_events_push`` PushSource to the online store (visible to the next lookup).
 
     Reads the current list online, applies ``history.update_recent`` (the same rule as
-    the batch table), writes with ``ts`` (default: now). Other events (views) do not
-    change recent items: returns None; an unknown event raises ValueError. Concurrent
-    pushes for one user must be serialised by the caller (OnlineFeatures.push_event does):
-    it is a read-modify-write.
+    the batch table), writes at :func:`row_time` of ``ts`` (default: now) and the stored
+    row's time, so the write is never skipped. Other events (views) do not change recent
+    items: returns None; an unknown event raises ValueError. Concurrent pushes for one
+    user must be serialised by the caller (OnlineFeatures.push_event does): it is a
+    read-modify-write.
     """
     if not _changes_history(event):
         return None
@@ -596,11 +634,16 @@ def push_event(
     else:
         store = store_or_settings
     try:
-        current = store.get_online_features(
+        response = store.get_online_features(
             features=[f"{RECENT_VIEW}:{RECENT_ITEMS}"], entity_rows=[{USER_KEY: int(user_id)}]
-        ).to_dict()[RECENT_ITEMS][0]
+        )
+        current = response.to_dict()[RECENT_ITEMS][0]
+        # The stored row's time: the feature's timestamp in the response (0: no row).
+        stamp = response.proto.results[-1].event_timestamps[0]
+        stored = stamp.ToDatetime(tzinfo=UTC) if stamp.seconds or stamp.nanos else None
         new = history.update_recent(list(current or []), int(item_id))
-        store.push(PUSH_SOURCE, _push_frame(user_id, new, ts), to=PushMode.ONLINE)
+        frame = _push_frame(user_id, new, row_time(ts, stored))
+        store.push(PUSH_SOURCE, frame, to=PushMode.ONLINE)
     except _unavailable_errors() as e:
         raise FeatureStoreUnavailable(store_name, e) from e
     return new

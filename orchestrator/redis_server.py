@@ -1,9 +1,18 @@
 """Debian's ``redis-server`` as a process of our own (``recstack serve redis``).
 
 Service start-up is blocked on these machines, so the project starts redis-server itself
-on ``settings.redis_host:settings.redis_port`` with a config of its own: no persistence
-(the online store is rebuilt by materialisation), its working dir under
-``<run_dir>/redis-<port>``, and stops it by pid (orchestrator/processes.py).
+on ``settings.redis_host:settings.redis_port`` with a config of its own, and stops it by pid
+(orchestrator/processes.py).
+
+Persistence: the append-only file (AOF), fsynced once a second. Materialisation could
+rebuild the batch features, but not the events pushed in real time (RecordEvent): an event
+answered ``accepted`` must survive a restart. Redis appends each write to the AOF (a
+``write(2)`` into the kernel) before it replies, so a killed Redis (or a killed
+orchestrator) loses nothing it acknowledged; only a crash of the machine itself (kernel,
+power) can lose the writes of the last second or two not yet fsynced. ``appendfsync
+always`` would close that window at the cost of an fsync per write (docs/features.md).
+The data lives beside the Feast registry that records what was materialised into this
+store: ``<data_dir>/feast/redis/server-<port>`` (the run dir holds only the config).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import shutil
 import signal
 import socket
 import threading
+from pathlib import Path
 
 from orchestrator.processes import ManagedProcess, read_pid, start_process, stop_process
 from recstack.errors import UserError
@@ -38,8 +48,13 @@ def redis_binary() -> str:
     return path
 
 
+def data_dir(settings: Settings) -> Path:
+    """Where this server keeps its append-only file (next to the store's Feast registry)."""
+    return settings.data_dir / "feast" / "redis" / f"server-{settings.redis_port}"
+
+
 def _config(settings: Settings) -> str:
-    workdir = settings.run_dir / process_name(settings)
+    workdir = data_dir(settings)
     workdir.mkdir(parents=True, exist_ok=True)
     return "\n".join(
         [
@@ -47,8 +62,10 @@ def _config(settings: Settings) -> str:
             f"port {settings.redis_port}",
             "protected-mode yes",
             "daemonize no",
-            'save ""',  # no RDB snapshots: materialisation rebuilds the store
-            "appendonly no",
+            'save ""',  # no RDB snapshots: the AOF is the one durable copy
+            "appendonly yes",
+            # Written to the kernel before each reply, fsynced every second: see above.
+            "appendfsync everysec",
             f"dir {workdir}",
             "loglevel warning",
             'logfile ""',  # stdout, captured by processes.start_process

@@ -9,8 +9,8 @@ One set of rules for both fronts (documented in docs/architecture.md, "Bad input
   JSON ids must be JSON integers (not floats, booleans or strings);
 - ``k`` in 1..200; ``surface``/``device`` at most 128 characters;
 - at most 1,000 ids in each category list and 10,000 in ``exclude_item_ids``;
-- timestamps between 1678-01-01 and 2261-12-31 UTC (what datetime64[ns] holds, the same
-  range as ``recstack data import``); HTTP takes ISO-8601, naive times are UTC;
+- timestamps between 1678-01-01 and 2261-12-31 UTC (what datetime64[ns] holds; imported
+  data is held to a narrower range, docs/data.md); HTTP takes ISO-8601, naive times are UTC;
 - an event's timestamp at most ``event_max_future_s`` ahead of the server's clock and at
   most ``event_max_age_s`` behind it (settings, see :class:`EventWindow`);
 - an event's optional ``request_id`` (the served list it came from): at most 64
@@ -42,7 +42,7 @@ ID_MAX_DIGITS = len(str(ID_LIMIT - 1))  # 19
 MAX_CATEGORIES = 1_000  # per include/exclude list
 MAX_EXCLUDE_ITEMS = 10_000
 MAX_TEXT = 128  # surface, device
-# What datetime64[ns] (pandas, Feast) holds, whole years: the import's range too.
+# What datetime64[ns] (pandas, Feast) holds, whole years.
 TIME_MIN = datetime(1678, 1, 1, tzinfo=UTC)
 TIME_MAX = datetime(2262, 1, 1, tzinfo=UTC)  # exclusive
 MAX_TIMESTAMP_CHARS = 64

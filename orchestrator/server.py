@@ -329,6 +329,7 @@ def http_app(
             "status": "NOT_SERVING" if drain.started else "SERVING",
             "release": service.release_name,
             "releases": service.router.describe(),
+            "detail": service.health_detail(),
         }
         return web.json_response(body, status=503 if drain.started else 200)
 

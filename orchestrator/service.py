@@ -9,6 +9,8 @@ and answers with popular items if it does not finish in time.
 Degradation, always flagged in the response and counted in metrics
 (``recstack_degraded_total{reason}``); an error in a stage is one log line, never INTERNAL:
 - Feast down: the user is served as cold start (``features_unavailable``);
+- the store has no row for a user of the release's data (a wiped or restarted-empty
+  store): served as cold start, flagged (``features_missing``; orchestrator/store_watch.py);
 - user_tower failed or over budget, or retrieval/filtering raised (e.g. a NaN embedding):
   popular items in the user's categories (``retrieval_unavailable``);
 - the filters left no candidate: fallbacks under the same filters
@@ -325,6 +327,12 @@ class RecommendService:
         metrics.EVENTS.labels(e.event).inc()
         self.event_log.event(e)
 
+    def health_detail(self) -> dict[str, Any]:
+        """What the health endpoints report beside SERVING: whether the online store
+        still holds the live release's users (orchestrator/store_watch.py; every served
+        release's share is in ``recstack_online_store_missing_ratio{release}``)."""
+        return {"online_store": self.release.features.watch.detail()}
+
     def feature_time(self, q: RecommendQuery, rel: ServingRelease | None = None) -> float:
         """The clock of time-relative features (item age, recency) and of "not yet
         created": the request's time, but never later than the release's data end plus
@@ -356,6 +364,8 @@ class RecommendService:
                 degraded.append("features_unavailable")
                 user = None
         if user is None or not user.known:
+            if user is not None and user.missing:
+                degraded.append("features_missing")
             return self._fallback(q, clock, degraded, user, state, rel, cold_start=True)
 
         with clock.stage("user_tower"):

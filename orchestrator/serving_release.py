@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -19,12 +20,14 @@ from exporters.history import PAD
 from exporters.model_config import input_names
 from exporters.rank_layout import Layout
 from exporters.release import load_manifest, release_dir
+from orchestrator import metrics
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.faiss_index import FaissIndex
 from orchestrator.online_features import ItemFeatures, ItemSnapshot, OnlineFeatures, UserFeatures
 from orchestrator.postprocess import PostprocessConfig
 from orchestrator.request import EventQuery
+from orchestrator.store_watch import StoreWatch
 from orchestrator.triton_client import TritonClient
 from orchestrator.triton_server import ENSEMBLE, ENSEMBLE_VERSION, ensemble_name
 from recstack.settings import Settings
@@ -44,6 +47,9 @@ class UserView:
     features: UserFeatures
     tower_input_names: tuple[str, ...]
     layout: Layout  # the ranker's feature order, from the release manifest
+    # A user of the release's data for whom the store has no row: the store lost them
+    # (orchestrator/store_watch.py); served like a cold start, flagged features_missing.
+    missing: bool = False
 
     @property
     def known(self) -> bool:
@@ -113,23 +119,48 @@ class UserView:
 
 
 class ReleaseFeatures:
-    """The feature client as the service uses it (UserView out, events in)."""
+    """The feature client as the service uses it (UserView out, events in); every user
+    lookup is checked against the release's users (``watch``)."""
 
     def __init__(
-        self, online: OnlineFeatures, tower_inputs: tuple[str, ...], layout: Layout
+        self,
+        online: OnlineFeatures,
+        tower_inputs: tuple[str, ...],
+        layout: Layout,
+        watch: StoreWatch | None = None,
     ) -> None:
         self.online = online
         self.tower_inputs = tower_inputs
         self.layout = layout
+        self.watch = watch or StoreWatch(None)
 
     def user(self, user_id: int) -> UserView:
-        return UserView(self.online.user(user_id), self.tower_inputs, self.layout)
+        features = self.online.user(user_id)
+        missing = self.watch.record(user_id, features.known)
+        return UserView(features, self.tower_inputs, self.layout, missing)
 
     def items(self, item_ids: np.ndarray) -> ItemFeatures:
         return self.online.items(item_ids)
 
     def push_event(self, e: EventQuery) -> None:
         self.online.push_event(e.user_id, e.item_id, e.event, e.timestamp)
+
+
+def _release_users(folder: Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The release's user ids (exporters/release.py USERS_FILE), None for a release
+    written before them (its users are then not checked against the store)."""
+    entry = manifest.get("users")
+    if entry is None:
+        log.warning(
+            "release %s has no user list: lost users are not flagged", manifest["release_id"]
+        )
+        return None
+    users = np.load(folder / entry["file"])
+    if len(users) != int(entry["n_users"]):
+        raise ValueError(
+            f"{folder / entry['file']} holds {len(users)} users, the manifest {entry['n_users']}"
+        )
+    return users
 
 
 def _index_vectors(index: FaissIndex) -> np.ndarray:
@@ -281,8 +312,19 @@ class ServingRelease:
         triton = TritonClient.from_settings(
             settings, versions=versions, ensemble=ensemble_name(rid)
         )
+        # The merged candidates go to the rank ensemble in one request: they must fit the
+        # rows its config allows (the client refuses more per request, TritonClient.infer).
+        cap = triton.max_rows(triton.ensemble)
+        if sources is not None and cap is not None and quotas.total > cap:
+            raise ValueError(
+                f"release {rid}: its candidate quotas add up to {quotas.total} rows, more "
+                f"than the rank ensemble takes ({cap}, "
+                f"{triton.spec(triton.ensemble).max_rows_from})"
+            )
         tower_inputs = tuple(input_names(USER_TOWER, settings.model_repository))
         layout = Layout.from_json(manifest["ranker"]["layout"])
+        watch = StoreWatch(_release_users(folder, manifest))
+        metrics.ONLINE_STORE_MISSING.labels(str(rid)).set_function(watch.missing_ratio)
         missing = sorted(set(layout.user_features) - set(online.user_feature_names)) + sorted(
             set(layout.item_features) - set(online.item_feature_names)
         )
@@ -304,7 +346,7 @@ class ServingRelease:
             manifest,
             index,
             items,
-            ReleaseFeatures(online, tower_inputs, layout),
+            ReleaseFeatures(online, tower_inputs, layout, watch),
             triton,
             EmbeddingCache(settings.user_embedding_cache),
             sources,
@@ -313,9 +355,13 @@ class ServingRelease:
             data_end,
         )
 
-    def warm_up(self, n_items: int, rounds: int = 3) -> None:
+    def warm_up(self, n_items: int, rounds: int = 3, probe_users: int = 32) -> None:
         """Run each model once per round before taking traffic: the first calls pay for
-        channel set-up, onnxruntime/tl2cgen initialisation and Feast's first lookups."""
+        channel set-up, onnxruntime/tl2cgen initialisation and Feast's first lookups.
+        Also looks up ``probe_users`` of the release's users, so a store that lost them
+        shows in the health detail before the first request (orchestrator/store_watch.py)."""
+        for user_id in self.features.watch.probe_ids(probe_users):
+            self.features.user(int(user_id))
         user = self.features.user(0)
         rows = np.arange(min(n_items, len(self.catalog)))
         items = self.features.items(self.catalog.item_ids[rows])

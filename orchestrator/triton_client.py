@@ -71,6 +71,30 @@ class ModelSpec:
     batching: bool
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # The most rows one request may carry (None: no limit in the configs), and where that
+    # limit comes from; see :func:`row_limit`.
+    max_rows: int | None = None
+    max_rows_from: str = ""
+
+
+def row_limit(model: str, repository: Path) -> tuple[int | None, str]:
+    """The most rows a request to ``model`` may carry, read from the configs: a batching
+    model's ``max_batch_size``; for an ensemble, the smallest ``max_batch_size`` of its
+    batching steps — the rows of its variable leading dimension (the rank ensemble's
+    candidates) become their batch (``rank_input`` [N, F] is the ranker's batch of N).
+    Triton checks a step's limit only when that step runs, after the steps before it
+    (``rank_features``) did the work; checked here, before anything is sent."""
+    config = load_config(model, repository)
+    if config.max_batch_size > 0:
+        return int(config.max_batch_size), f"{model} max_batch_size"
+    if config.platform != "ensemble":
+        return None, ""
+    limits = []
+    for step in config.ensemble_scheduling.step:
+        limit, _ = row_limit(step.model_name, repository)
+        if limit is not None:
+            limits.append((limit, f"{step.model_name} max_batch_size, a step of {model}"))
+    return min(limits) if limits else (None, "")
 
 
 def model_spec(model: str, repository: Path) -> ModelSpec:
@@ -78,6 +102,7 @@ def model_spec(model: str, repository: Path) -> ModelSpec:
     from tritonclient.grpc import model_config_pb2
 
     config = load_config(model, repository)
+    max_rows, max_rows_from = row_limit(model, repository)
 
     def spec(t) -> TensorSpec:  # type: ignore[no-untyped-def]
         name = model_config_pb2.DataType.Name(t.data_type)
@@ -88,7 +113,21 @@ def model_spec(model: str, repository: Path) -> ModelSpec:
         config.max_batch_size > 0,
         tuple(spec(t) for t in config.input),
         tuple(spec(t) for t in config.output),
+        max_rows,
+        max_rows_from,
     )
+
+
+def _check_rows(model: str, spec: ModelSpec, t: TensorSpec, shape: tuple[int, ...]) -> None:
+    """Refuse more rows than the configs allow: the batch dimension of a batching model,
+    the variable leading dimension (-1) of an ensemble's inputs."""
+    if spec.max_rows is None or not shape:
+        return
+    if (spec.batching or (t.dims and t.dims[0] == -1)) and shape[0] > spec.max_rows:
+        raise TritonInvalidInput(
+            f"{model}: input {t.name!r} has {shape[0]} rows; config.pbtxt allows at most "
+            f"{spec.max_rows} ({spec.max_rows_from})"
+        )
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...], batching: bool) -> None:
@@ -202,6 +241,7 @@ class TritonClient:
                     )
                 array = array.astype(t.dtype)
             _check_shape(t, array.shape, spec.batching)
+            _check_rows(model, spec, t, array.shape)
             request.inputs.add(name=t.name, datatype=t.triton_type, shape=array.shape)
             request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
         for t in spec.outputs:
@@ -228,6 +268,10 @@ class TritonClient:
         """user_tower: a batch of users -> [batch, dim] embeddings."""
         out = self.infer(USER_TOWER, inputs, **kw)  # type: ignore[arg-type]
         return out[self.spec(USER_TOWER).outputs[0].name]
+
+    def max_rows(self, model: str) -> int | None:
+        """The most rows one request to ``model`` may carry (:func:`row_limit`)."""
+        return self.spec(model).max_rows
 
     def rank(self, inputs: Mapping[str, np.ndarray], **kw: object) -> np.ndarray:
         """rank ensemble: one user and N candidates -> N scores (1-D)."""

@@ -38,6 +38,9 @@ class FakeService:
         if self.fail is not None:
             raise self.fail
 
+    def health_detail(self) -> dict[str, Any]:
+        return {"online_store": {"release_users": None, "checked": False}}
+
 
 @dataclass
 class Fronts:

@@ -59,6 +59,42 @@ ERRORS = {
         {"inter.csv": _csv(["1,2,1782864000000000,view"])},
         ["inter.csv", "line 2", "column 'timestamp'", "unix seconds"],
     ),
+    "timestamp in the year 3000": (
+        {"inter.csv": _csv(["1,2,2026-07-01,view", "1,3,3000-01-01,view"])},
+        ["inter.csv", "line 3", "column 'timestamp'", "'3000-01-01'", "outside the accepted"],
+    ),
+    "timestamp a week ahead of the clock": (
+        {
+            "inter.csv": _csv(
+                [
+                    "1,2,2026-07-01,view",
+                    f"1,3,{(pd.Timestamp.now('UTC') + pd.Timedelta(days=7)).isoformat()},view",
+                ]
+            )
+        },
+        ["inter.csv", "line 3", "column 'timestamp'", "up to a day ahead"],
+    ),
+    "unix seconds zero": (
+        {"inter.csv": _csv(["1,2,1782864000,view", "1,3,0,view"])},
+        ["inter.csv", "line 3", "column 'timestamp'", "'0'", "1970-01-01T00:00:00", "1970-01-03"],
+    ),
+    "created_at before 1970": (
+        {"inter.csv": GOOD, "items.csv": "item_id,created_at\n10,2026-06-01\n11,1969-07-20\n"},
+        ["items.csv", "line 3", "column 'created_at'", "outside the accepted"],
+    ),
+    "parquet timestamp column in 2200": (
+        {
+            "inter.parquet": pd.DataFrame(
+                {
+                    "user_id": [1, 2],
+                    "item_id": [4, 5],
+                    "timestamp": pd.to_datetime(["2026-07-01", "2200-01-01"], utc=True),
+                    "event": ["view"] * 2,
+                }
+            )
+        },
+        ["inter.parquet", "row 2", "column 'timestamp'", "2200-01-01", "outside the accepted"],
+    ),
     "non-integer id": (
         {"inter.csv": _csv(["1,2,2026-07-01,view", "1,3,2026-07-01,view", "u7,3,2026-07-01,view"])},
         ["inter.csv", "line 4", "column 'user_id'", "'u7'", "non-negative integers"],

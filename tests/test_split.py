@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -149,3 +150,20 @@ def test_per_user_split_round_trips(settings: Settings) -> None:
     assert loaded.per_user and loaded == written
     inter = read_table(settings, "interactions")
     assert len(loaded.test(inter)) == len(written.test(inter)) > 0
+
+
+def test_an_empty_window_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """One row 20 years after the others stretches the default windows (10 % of the span
+    each) over empty time: the validation window gets nothing, and the split says so."""
+    hours = [float(h) for h in range(30 * 24)] + [20 * 365 * 24.0]
+    with caplog.at_level(logging.WARNING, logger="exporters.split"):
+        split = compute_split(_frame(hours))
+    assert len(split.val(_frame(hours))) == 0
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(messages) == 1, messages
+    assert "validation window" in messages[0] and "holds no interactions" in messages[0]
+    assert "RECSTACK_SPLIT_VAL_DAYS" in messages[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="exporters.split"):
+        compute_split(_frame([float(h) for h in range(30 * 24)]))  # evenly spread: quiet
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -261,6 +261,40 @@ def test_typed_client_errors(served: Served) -> None:
             client.user_embedding(user_inputs(1))
 
 
+def _executions(served: Served, model: str) -> int:
+    """How many requests ``model`` has run so far (Triton's statistics)."""
+    stats = _grpc(served).get_inference_statistics(model, as_json=True)["model_stats"]
+    return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats) + sum(
+        int(m["inference_stats"]["fail"].get("count", 0)) for m in stats
+    )
+
+
+def test_row_caps_from_the_configs_are_checked_before_anything_runs(served: Served) -> None:
+    """The rank ensemble's candidates become the ranker's batch: more than its
+    max_batch_size fail in Triton only after rank_features ran on all of them. The client
+    refuses them before sending; within the cap the ensemble answers."""
+    from exporters.model_config import load_config
+
+    cap = load_config("ranker", served.settings.model_repository).max_batch_size
+    with TritonClient.from_settings(served.settings, served.versions, timeout_s=30) as client:
+        assert client.max_rows("rank") == cap
+        assert (
+            client.max_rows("user_tower")
+            == load_config("user_tower", served.settings.model_repository).max_batch_size
+        )
+        before = _executions(served, "rank_features")
+        with pytest.raises(TritonInvalidInput, match=f"{cap + 1} rows.*at most {cap}"):
+            client.rank(rank_inputs(cap + 1))
+        with pytest.raises(TritonInvalidInput, match="at most"):
+            client.user_embedding(user_inputs(client.max_rows("user_tower") + 1))  # type: ignore[operator]
+        assert _executions(served, "rank_features") == before  # nothing reached Triton
+        assert client.rank(rank_inputs(cap)).shape == (cap,)
+    # Without the client's check: Triton refuses too, but rank_features has run first.
+    before = _executions(served, "rank_features")
+    _expect_error(served, lambda: _infer_grpc(served, "rank", rank_inputs(cap + 1)), "batch")
+    assert _executions(served, "rank_features") == before + 1
+
+
 def test_shims_fall_back_to_cpu_without_cuda(served: Served) -> None:
     log = (served.settings.run_dir / "logs" / "triton.log").read_text()
     if "CUDAExecutionProvider" in ort.get_available_providers():
