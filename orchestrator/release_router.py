@@ -103,7 +103,7 @@ class ReleaseRouter:
     def fixed(cls, release: ServingRelease) -> ReleaseRouter:
         """A router serving ``release`` alone, following no state (tests, benchmarks)."""
         router = cls(None)
-        rid = int(release.release_id)
+        rid = release.release_id  # test doubles may use any hashable id
         router.table = RoutingTable((Arm(rid, 1.0),), "", 0, {rid: release}, rid)
         metrics.set_releases({str(rid): 1.0})
         return router

@@ -328,7 +328,7 @@ def http_app(
         body = {
             "status": "NOT_SERVING" if drain.started else "SERVING",
             "release": service.release_name,
-            "releases": service.router.describe(),
+            "releases": service.releases(),
             "detail": service.health_detail(),
         }
         return web.json_response(body, status=503 if drain.started else 200)
@@ -359,11 +359,11 @@ def admin_app(service: RecommendService) -> web.Application:
     refused (the `recstack release` commands call it; the state file is watched anyway)."""
 
     async def releases(request: web.Request) -> web.Response:
-        return web.json_response(service.router.describe())
+        return web.json_response(service.releases())
 
     async def reload(request: web.Request) -> web.Response:
         await service.sync_releases()
-        return web.json_response(service.router.describe())
+        return web.json_response(service.releases())
 
     app = web.Application()
     app.router.add_get("/admin/releases", releases)

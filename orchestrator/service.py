@@ -198,6 +198,10 @@ class RecommendService:
                 seen = mtime
                 await self.sync_releases()
 
+    def releases(self) -> dict[str, Any]:
+        """What serves (revision, arms, loaded releases, in flight, last change)."""
+        return self.router.describe()
+
     async def sync_releases(self) -> bool:
         """Apply the release state now (the admin API's reload); True if it changed."""
         try:

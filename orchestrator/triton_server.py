@@ -106,6 +106,17 @@ def composing_models(settings: Settings, model: str) -> list[str]:
     return [step.model_name for step in config.ensemble_scheduling.step]
 
 
+def newest_versions(settings: Settings) -> dict[str, int]:
+    """The newest published version of every model that has one."""
+    models = {}
+    for folder in sorted(settings.model_repository.iterdir()):
+        if (folder / "config.pbtxt").exists():
+            versions = list_versions(settings, folder.name)
+            if versions:
+                models[folder.name] = versions[-1]
+    return models
+
+
 def _http(
     settings: Settings, method: str, path: str, body: dict | None = None, timeout: float = 5.0
 ) -> tuple[int, str]:
@@ -114,6 +125,10 @@ def _http(
     request = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         request.add_header("Content-Type", "application/json")
+    if path.startswith("/v2/repository"):
+        key = repository_key(settings)
+        if key:
+            request.add_header(REPOSITORY_KEY_HEADER, key)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # loopback only
             return response.status, response.read().decode()
@@ -121,6 +136,35 @@ def _http(
         return e.code, e.read().decode()
     except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
         return 0, str(e)
+
+
+# Triton's model-repository API (load, unload, index) answers only requests carrying this
+# header with the key (Triton's restricted-API options): one stray local `curl .../unload`
+# must not take a pinned model away. The key is settings.triton_repository_key, else a
+# random one written (0600) to <run_dir>/triton_repository.key when Triton starts here.
+REPOSITORY_KEY_HEADER = "recstack-repository-key"
+REPOSITORY_KEY_FILE = "triton_repository.key"
+
+
+def repository_key(settings: Settings) -> str:
+    if settings.triton_repository_key:
+        return settings.triton_repository_key
+    path = settings.run_dir / REPOSITORY_KEY_FILE
+    return path.read_text().strip() if path.exists() else ""
+
+
+def _ensure_repository_key(settings: Settings) -> str:
+    key = repository_key(settings)
+    if not key:
+        import secrets
+
+        path = settings.run_dir / REPOSITORY_KEY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16))
+        key = repository_key(settings)
+    return key
 
 
 def server_live(settings: Settings) -> bool:
@@ -364,6 +408,7 @@ def prune_releases(settings: Settings, release_ids: Sequence[int]) -> list[str]:
 
 
 def triton_argv(settings: Settings, backend_dir: Path, site_packages: Path) -> list[str]:
+    key = _ensure_repository_key(settings)
     return [
         str(tritonserver_binary(site_packages)),
         f"--model-repository={settings.model_repository}",
@@ -377,6 +422,8 @@ def triton_argv(settings: Settings, backend_dir: Path, site_packages: Path) -> l
         f"--metrics-port={settings.triton_metrics_port}",
         "--log-verbose=0",
         "--strict-readiness=true",
+        f"--http-restricted-api=model-repository:{REPOSITORY_KEY_HEADER}={key}",
+        f"--grpc-restricted-protocol=model-repository:{REPOSITORY_KEY_HEADER}={key}",
         # Shorter than ManagedProcess.stop's SIGKILL deadline, so Triton unloads models
         # (and ends its stubs) itself.
         "--exit-timeout-secs=8",
@@ -397,7 +444,16 @@ def start_triton(
 
         releases = ensure_state(settings).serving
         if not releases:
-            raise UserError(f"no release in {settings.releases_dir}; run `recstack train` first")
+            # A repository without releases (model versions published by hand, the
+            # repository tests): the newest version of every model, with a warning.
+            models = newest_versions(settings)
+            releases = None
+            if not models:
+                raise UserError(
+                    f"no release in {settings.releases_dir} and no model version in "
+                    f"{settings.model_repository}; run `recstack train` first"
+                )
+            log.warning("no release: serving the newest version of every model %s", models)
     check = dict(models) if models is not None else release_pins(settings, releases or [])
     for model, versions in check.items():
         pinned = [versions] if isinstance(versions, int) else list(versions)

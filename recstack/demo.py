@@ -77,6 +77,7 @@ def _query(settings: Settings, user_id: int, k: int = 10) -> None:
 def run(settings: Settings, preset: str) -> None:
     """The whole demo; leaves Triton and the orchestrator running."""
     from exporters import pipeline, release
+    from exporters.release_ops import promote
     from orchestrator.orchestrator_process import start_orchestrator
     from orchestrator.processes import read_pid, stop_process
     from orchestrator.triton_server import start_triton
@@ -86,11 +87,15 @@ def run(settings: Settings, preset: str) -> None:
     report = settings.reports_dir / "report.md"
     headline = [line for line in report.read_text().splitlines() if line.startswith("**")]
     print(f"\noffline evaluation ({report}):\n  " + " ".join(headline).strip("*"))
-    versions = release.model_versions(settings)
     for name in ("orchestrator", "triton"):
         if read_pid(settings, name) is not None:
             stop_process(settings, name)
-    triton = start_triton(settings, versions)
+    # The release just trained goes live (validated like any promotion; on a fresh clone
+    # the first release is live already). Servers follow the release state.
+    newest = release.release_ids(settings)[-1]
+    promote(settings, newest, reason="recstack demo: the release it just trained")
+    versions = release.model_versions(settings, newest)
+    triton = start_triton(settings)
     print(f"\ntritonserver up (pid {triton.pid}), models {versions}; log {triton.log_path}")
     orch = start_orchestrator(settings)
     print(f"orchestrator up (pid {orch.pid}); log {orch.log_path}")

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
+    # Key Triton's model-repository API (load/unload/index) requires in a header; empty: a
+    # random key per run dir (orchestrator/triton_server.py). Set it (a Kubernetes Secret)
+    # where Triton and its clients do not share a run dir.
+    triton_repository_key: str = Field(default="", repr=False)
 
     orchestrator_host: str = "127.0.0.1"
     orchestrator_grpc_port: int = 50051

@@ -41,6 +41,9 @@ class FakeService:
     def health_detail(self) -> dict[str, Any]:
         return {"online_store": {"release_users": None, "checked": False}}
 
+    def releases(self) -> dict[str, Any]:
+        return {"live": self.release_name}
+
 
 @dataclass
 class Fronts:

@@ -33,6 +33,18 @@ def make_settings(base: Path, **overrides: object) -> Settings:
     )
 
 
+def degraded_count(reason: str) -> float:
+    """``recstack_degraded_total{reason}`` summed over releases (this process's registry)."""
+    from orchestrator import metrics
+
+    return sum(
+        s.value
+        for m in metrics.DEGRADED.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels.get("reason") == reason
+    )
+
+
 def in_ci() -> bool:
     """CI sets ``CI=true`` (GitHub Actions, GitLab, and ``.ci/run`` do)."""
     import os

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import degraded_count
 
 from orchestrator import metrics
 from orchestrator.embedding_cache import EmbeddingCache
@@ -38,10 +39,6 @@ from orchestrator.triton_server import start_triton
 from recstack.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-def degraded_count(reason: str) -> float:
-    return float(metrics.DEGRADED.labels(reason)._value.get())
 
 
 def cache_lookups() -> float:

@@ -333,7 +333,10 @@ def test_health_reflection_and_metrics(stack: dict[str, Any]) -> None:
     assert "recstack.v1.Recommender" in names and "grpc.health.v1.Health" in names
     port = stack["settings"].orchestrator_metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'recstack_stage_seconds_bucket{le="0.001",stage="retrieval"}' in text
+    served = release.load_manifest(stack["settings"])["release_id"]
+    assert (
+        f'recstack_stage_seconds_bucket{{le="0.001",release="{served}",stage="retrieval"}}' in text
+    )
     assert 'recstack_requests_total{code="INVALID_ARGUMENT",method="Recommend"}' in text
     assert "recstack_release_info{release=" in text
     age = _metric(stack, "recstack_item_snapshot_age_seconds")

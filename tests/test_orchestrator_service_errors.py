@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import degraded_count
 
-from orchestrator import metrics
 from orchestrator.online_features import ItemSnapshot
 from orchestrator.postprocess import PostprocessConfig
 from orchestrator.request import RecommendQuery
@@ -59,13 +59,13 @@ def release() -> SimpleNamespace:
 def test_an_unexpected_error_is_a_degraded_answer(caplog: pytest.LogCaptureFixture) -> None:
     svc = RecommendService(release())  # type: ignore[arg-type]
     q = RecommendQuery(user_id=1, k=5, timestamp=datetime(2026, 1, 1, tzinfo=UTC))
-    before = metrics.DEGRADED.labels("internal_error")._value.get()
+    before = degraded_count("internal_error")
     with caplog.at_level(logging.WARNING):
         result = asyncio.run(svc.recommend(q, 2.0))
     svc.pool.shutdown()
     assert result.degraded == ["internal_error"]
     assert len(result.items) == 5
     assert {i.source for i in result.items} <= {"popular", "fresh"}
-    assert metrics.DEGRADED.labels("internal_error")._value.get() == before + 1
+    assert degraded_count("internal_error") == before + 1
     assert "recent items decoder broke" in caplog.text
     assert all(not r.exc_info for r in caplog.records)  # one line each, no traceback

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -306,6 +307,16 @@ def test_pinned_version_unloaded_behind_its_back_is_repinned(
     """Someone unloads the live user tower through Triton's repository API: the
     orchestrator notices within its watch period, loads it again and says so."""
     repins = _admin(rs)["triton_repins"]
+    # Without the repository key Triton refuses (restricted model-repository API) ...
+    anonymous = urllib.request.Request(
+        f"http://127.0.0.1:{rs.triton_http_port}/v2/repository/models/user_tower/unload",
+        data=b"{}",
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(anonymous, timeout=5)
+    assert refused.value.code == 403
+    # ... so this is an operator with the key making a mistake.
     status, text = _http(rs, "POST", "/v2/repository/models/user_tower/unload", {})
     assert status == 200, text
     deadline = time.time() + 30
