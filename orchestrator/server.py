@@ -323,11 +323,14 @@ def http_app(
         return await handle("http.RecordEvent", parse, call)
 
     async def health(request: web.Request) -> web.Response:
-        if drain.started:
-            return web.json_response(
-                {"status": "NOT_SERVING", "release": service.release_name}, status=503
-            )
-        return web.json_response({"status": "SERVING", "release": service.release_name})
+        """SERVING while answers are possible, degraded ones included: ``dependencies``
+        says which circuit breakers are open (those requests degrade at once)."""
+        body = {
+            "status": "NOT_SERVING" if drain.started else "SERVING",
+            "release": service.release_name,
+            "dependencies": service.dependencies(),
+        }
+        return web.json_response(body, status=503 if drain.started else 200)
 
     @web.middleware
     async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:

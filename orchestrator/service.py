@@ -39,6 +39,7 @@ import numpy as np
 
 from exporters.candidates import gather, source_names
 from orchestrator import metrics
+from orchestrator.breaker import BreakerConfig, Breakers, CircuitOpen
 from orchestrator.budget import BudgetConfig, RequestClock
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.online_features import FeatureStoreUnavailable
@@ -58,6 +59,14 @@ class UnknownItem(LookupError):
     """An event for an item the serving catalog does not hold; gRPC NOT_FOUND, HTTP 404.
     Such an item cannot be recommended or filtered, so it must not enter a user's recent
     items (where it would push out real ones)."""
+
+
+def _stage_failed(stage: str, err: Exception) -> None:
+    """One log line per failed stage; a call refused by an open circuit breaker is not
+    logged per request (the breaker logs its state changes)."""
+    if isinstance(err, CircuitOpen) or isinstance(err.__cause__, CircuitOpen):
+        return
+    log.warning("%s failed: %s: %s", stage, type(err).__name__, err)
 
 
 def _event_failure(err: Exception) -> str:
@@ -121,8 +130,12 @@ class RecommendService:
     async def create(cls, settings: Any, cfg: ServiceConfig | None = None) -> RecommendService:
         """Load the newest release (index, catalog, clients) off the event loop and start
         the item snapshot's refresh (every ``settings.feature_refresh_s``; 0: never)."""
-        cfg = cfg or ServiceConfig(workers=settings.orchestrator_workers)
-        release = await asyncio.to_thread(ServingRelease.load, settings)
+        cfg = cfg or ServiceConfig(
+            workers=settings.orchestrator_workers, budget=BudgetConfig.from_settings(settings)
+        )
+        # One breaker per dependency for every release this service will hold.
+        breakers = Breakers(BreakerConfig.from_settings(settings), on_change=metrics.breaker_event)
+        release = await asyncio.to_thread(ServingRelease.load, settings, None, breakers)
         try:
             await asyncio.to_thread(release.warm_up, cfg.n_ranked)
         except Exception as e:  # Triton or Feast down, locked, slow ...
@@ -140,6 +153,10 @@ class RecommendService:
     @property
     def catalog(self) -> Catalog:
         return self.release.catalog
+
+    def dependencies(self) -> dict[str, dict[str, Any]]:
+        """Each dependency's circuit breaker (state, failures), for health details."""
+        return self.release.breakers.snapshot()
 
     @property
     def fallbacks(self) -> Fallbacks:
@@ -273,7 +290,7 @@ class RecommendService:
             try:
                 user = rel.features.user(q.user_id)
             except Exception as e:  # the store's typed errors and anything below it
-                log.warning("user features failed: %s", e)
+                _stage_failed("user features", e)
                 degraded.append("features_unavailable")
                 user = None
         if user is None or not user.known:
@@ -286,7 +303,7 @@ class RecommendService:
                 try:
                     embedding = rel.user_embedding(user, timeout_s=budget)
                 except Exception as e:  # TritonError, or a bad answer
-                    log.warning("user_tower failed: %s: %s", type(e).__name__, e)
+                    _stage_failed("user_tower", e)
         if embedding is None:
             degraded.append("retrieval_unavailable")
             return self._fallback(q, clock, degraded, user, state)
@@ -320,7 +337,7 @@ class RecommendService:
                         raise ValueError(f"ranker answered {scores.shape}, non-finite or short")
                     final_scores = scores
         except Exception as e:  # TritonError, bad item features, a bad ranker answer
-            log.warning("ranking failed: %s: %s", type(e).__name__, e)
+            _stage_failed("ranking", e)
             degraded.append("ranking_skipped")
 
         with clock.stage("postprocess"):

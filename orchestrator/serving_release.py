@@ -19,6 +19,7 @@ from exporters.history import PAD
 from exporters.model_config import input_names
 from exporters.rank_layout import Layout
 from exporters.release import load_manifest, release_dir
+from orchestrator.breaker import Breakers
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.faiss_index import FaissIndex
@@ -207,6 +208,9 @@ class ServingRelease:
     # Where the release's data ends (unix s): the clock of time-relative features is
     # capped at data_end + max_clock_lead (settings), see RecommendService.
     data_end: float = float("inf")
+    # The circuit breakers its Triton and online-store calls go through: one per
+    # dependency, shared with every other release the service loads with the same board.
+    breakers: Breakers = field(default_factory=Breakers)
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -249,8 +253,14 @@ class ServingRelease:
         return embedding
 
     @classmethod
-    def load(cls, settings: Settings, release_id: int | None = None) -> ServingRelease:
-        """Load a release (the newest when None) and check its parts fit together."""
+    def load(
+        cls, settings: Settings, release_id: int | None = None, breakers: Breakers | None = None
+    ) -> ServingRelease:
+        """Load a release (the newest when None) and check its parts fit together. Its
+        Triton and online-store calls go through ``breakers`` (pass the service's board,
+        so that every release shares one breaker per dependency; None: a board of its
+        own)."""
+        breakers = breakers if breakers is not None else Breakers()
         t0 = time.perf_counter()
         manifest = load_manifest(settings, release_id)
         rid = int(manifest["release_id"])
@@ -261,7 +271,7 @@ class ServingRelease:
             folder / manifest["index"]["item_ids"],
             device=settings.device,
         )
-        online = OnlineFeatures(settings).load()
+        online = OnlineFeatures(settings, breakers=breakers).load()
         items = ItemState.build(online.snapshot, index.item_ids, _index_vectors(index))
         catalog = items.catalog
         sources = None
@@ -273,7 +283,7 @@ class ServingRelease:
             quotas = Quotas.from_json(manifest["candidates"].get("quotas"))
         data_end = pd.Timestamp(str(manifest["data_snapshot"]["end"])).timestamp()
         versions = {str(k): int(v) for k, v in manifest["models"].items()}
-        triton = TritonClient.from_settings(settings, versions=versions)
+        triton = TritonClient.from_settings(settings, versions=versions, breakers=breakers)
         tower_inputs = tuple(input_names(USER_TOWER, settings.model_repository))
         layout = Layout.from_json(manifest["ranker"]["layout"])
         missing = sorted(set(layout.user_features) - set(online.user_feature_names)) + sorted(
@@ -304,6 +314,7 @@ class ServingRelease:
             quotas,
             PostprocessConfig.from_json(manifest.get("postprocess")),
             data_end,
+            breakers,
         )
 
     def warm_up(self, n_items: int, rounds: int = 3) -> None:
