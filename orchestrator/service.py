@@ -20,6 +20,10 @@ Degradation, always flagged in the response and counted in metrics
   queued work is dropped (``load_shed``);
 - anything else raised below the stages' own handlers: popular items (``internal_error``).
 
+Triton stages wait at most their absolute caps, the whole request at most the latency
+ceiling (orchestrator/budget.py), and a dependency whose circuit breaker is open
+(orchestrator/breaker.py, docs/faults.md) fails at once: the same reasons, in microseconds.
+
 The item side (snapshot, catalog, fallbacks) is refreshed in the background every
 ``feature_refresh_s`` after a Feast materialisation; each request reads it once
 (``release.items``), so it sees one snapshot throughout.
