@@ -132,7 +132,7 @@ def bound_online_io(store: FeatureStore, timeout_s: float) -> None:
     socket and connect timeouts (the YAML's 0.5 s). For the serving path only: batch
     writes (materialisation) keep the YAML's limits."""
     config = store.config
-    online = store._get_provider().online_store
+    online: Any = store._get_provider().online_store  # SQLite or Redis: private clients
     if config.online_store.type == "sqlite":
         conn = online._get_conn(config)  # the one connection every read and push uses
         conn.execute(f"PRAGMA busy_timeout = {max(1, round(timeout_s * 1000))}")

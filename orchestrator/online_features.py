@@ -533,6 +533,7 @@ class OnlineFeatures:
         """One online-store call: its failures as :class:`FeatureStoreUnavailable`, through
         the store's breaker when there is one (``slow_s``: a slower call counts as a
         failure; pushes write and are not timed)."""
+        failures: tuple[type[BaseException], ...] = (CircuitOpen, *_unavailable_errors())
         try:
             if self._breaker is None:
                 with self._turn():
@@ -540,7 +541,7 @@ class OnlineFeatures:
             else:
                 with self._breaker.call(_is_store_failure, slow_s), self._turn():
                     yield
-        except (CircuitOpen, *_unavailable_errors()) as e:
+        except failures as e:
             raise FeatureStoreUnavailable(self.settings.online_store, e) from e
 
     @contextlib.contextmanager
