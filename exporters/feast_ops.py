@@ -126,6 +126,26 @@ def _fail_fast_redis(store: FeatureStore) -> None:
     client.set_retry(Retry(NoBackoff(), REDIS_RETRIES))
 
 
+def bound_online_io(store: FeatureStore, timeout_s: float) -> None:
+    """Make every online-store call of ``store`` give up after about ``timeout_s``: SQLite's
+    busy timeout (Python's default waits 5 s for a lock another connection holds), Redis's
+    socket and connect timeouts (the YAML's 0.5 s). For the serving path only: batch
+    writes (materialisation) keep the YAML's limits."""
+    config = store.config
+    online: Any = store._get_provider().online_store  # SQLite or Redis: private clients
+    if config.online_store.type == "sqlite":
+        conn = online._get_conn(config)  # the one connection every read and push uses
+        conn.execute(f"PRAGMA busy_timeout = {max(1, round(timeout_s * 1000))}")
+    elif config.online_store.type == "redis":
+        client = online._get_client(config.online_store)
+        client.connection_pool.connection_kwargs.update(
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        client.connection_pool.disconnect()  # open connections keep their old timeouts
+    else:
+        raise UserError(f"no timeout known for online store {config.online_store.type!r}")
+
+
 @contextlib.contextmanager
 def _definitions_context(settings: Settings) -> Iterator[None]:
     """What parsing feature_repo/ needs: cwd = the repo (Feast names modules relative to

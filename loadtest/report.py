@@ -108,9 +108,40 @@ def run_markdown(doc: dict[str, Any], plot_name: str | None = "run.png") -> str:
                 f"| `{a['run']}` |"
             )
         lines.append("")
+    if doc.get("action_windows"):
+        lines += _windows_markdown(doc["action_windows"])
     if plot_name:
         lines += [f"![latency and errors over time]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def _windows_markdown(windows: list[dict[str, Any]]) -> list[str]:
+    """One row per action: what the calls scheduled while it ran got, and how long after
+    its end full answers were back."""
+    lines = [
+        "## While each action ran",
+        "",
+        "Calls scheduled between the action's start and end; recovery: from its end to the "
+        "first full Recommend answer after which the next 2 s were at most 5 % degraded.",
+        "",
+        "| action | window | Recommend calls | errors | degraded | p50 / p99 / max (ms) | "
+        "recovered after |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for w in windows:
+        errors = "; ".join(
+            f"{kind}: " + ", ".join(f"{c} {n}" for c, n in sorted(codes.items()))
+            for kind, codes in w["errors"].items()
+        )
+        lat = w["latency_ms"]
+        share = w["degraded_share"]
+        lines.append(
+            f"| {w['label']} | {_s(w['start_s'])} - {_s(w['end_s'])} | {w['recommend']} | "
+            f"{errors or 'none'} | {'-' if share is None else f'{share:.1%}'} | "
+            f"{_ms(lat['p50'])} / {_ms(lat['p99'])} / {_ms(lat['max'])} | "
+            f"{_s(w['recovery_s'])} |"
+        )
+    return [*lines, ""]
 
 
 def _s(v: float | None) -> str:

@@ -58,7 +58,7 @@ def run_scenario(
         "scenario": scenario.model_dump(mode="json"),
         "started_at": started.isoformat(timespec="seconds"),
         "target": {"kind": scenario.target.kind, "address": results[0].address},
-        **summarize(results, scenario),
+        **summarize(results, scenario, action_records),
         "actions": action_records,
     }
     if scenario.target.kind == "triton":

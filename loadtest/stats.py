@@ -113,8 +113,70 @@ def slo_verdict(slo: Slo, latency_ms: dict[str, Any], error_share: float) -> tup
     return True, "met"
 
 
-def summarize(results: list[WorkerResult], scenario: Scenario) -> dict[str, Any]:
-    """The run's result document (without scenario echo and actions; see runner)."""
+# After an action ends, it has recovered at the first full answer from which on the next
+# RECOVERY_WINDOW_S seconds hold at most RECOVERY_MAX_DEGRADED degraded answers.
+RECOVERY_WINDOW_S = 2.0
+RECOVERY_MAX_DEGRADED = 0.05
+
+
+def action_windows(m: Merged, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per timed action, the calls scheduled while it ran (a fault from the ``chaos``
+    scenario, a promotion): errors by code and kind, the degraded share and latency of
+    the Recommend answers, and the recovery time after it ended (None: not within the
+    run)."""
+    ok = m.status == m.codes.index(OK)
+    rec = m.kind == KINDS.index("recommend")
+    out = []
+    for a in actions:
+        start, end = a.get("started_s"), a.get("ended_s")
+        if start is None:
+            continue
+        stop = end if end is not None else float("inf")
+        sel = (m.intended >= start) & (m.intended < stop)
+        errors: dict[str, dict[str, int]] = {}
+        for k, name in enumerate(KINDS):
+            bad = sel & (m.kind == k) & ~ok
+            codes, counts = np.unique(m.status[bad], return_counts=True)
+            if len(codes):
+                errors[name] = {m.codes[int(c)]: int(n) for c, n in zip(codes, counts, strict=True)}
+        answered = sel & rec & ok
+        lat = hdr_summary(m.latency[sel & rec & ~np.isnan(m.latency)])
+        out.append(
+            {
+                "label": a["label"],
+                "start_s": start,
+                "end_s": end,
+                "recommend": int((sel & rec).sum()),
+                "errors": errors,
+                "degraded_share": float((m.degraded & answered).sum() / answered.sum())
+                if answered.any()
+                else None,
+                "latency_ms": {k: lat[k] for k in ("p50", "p99", "max")},
+                "recovery_s": None if end is None else _recovery(m, ok & rec, end),
+            }
+        )
+    return out
+
+
+def _recovery(m: Merged, answered: np.ndarray, end: float) -> float | None:
+    """Seconds from ``end`` to the first full Recommend answer that stays (see
+    RECOVERY_WINDOW_S); None if the run ended first."""
+    idx = np.flatnonzero(answered & (m.intended >= end))
+    t, degraded = m.intended[idx], m.degraded[idx]
+    for j in np.flatnonzero(~degraded):
+        ahead = (t >= t[j]) & (t < t[j] + RECOVERY_WINDOW_S)
+        if t[-1] < t[j] + RECOVERY_WINDOW_S:
+            return None  # not enough run left to tell
+        if degraded[ahead].mean() <= RECOVERY_MAX_DEGRADED:
+            return float(t[j] - end)
+    return None
+
+
+def summarize(
+    results: list[WorkerResult], scenario: Scenario, actions: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The run's result document (without scenario echo and actions; see runner), with
+    :func:`action_windows` of ``actions``' records."""
     m = Merged(results)
     load = scenario.load
     total, warmup = load.total_duration, load.warmup
@@ -191,6 +253,7 @@ def summarize(results: list[WorkerResult], scenario: Scenario) -> dict[str, Any]
         "slo": {**scenario.slo.model_dump(), "passed": passed, "reason": reason},
         "self_check": self_check(m, warmup, total, scheduled / window if window else 0.0),
         "timeseries": timeseries(m, total, warmup, phases),
+        "action_windows": action_windows(m, actions or []),
     }
 
 

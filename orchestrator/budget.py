@@ -1,8 +1,11 @@
 """A request's deadline and its split into per-stage budgets.
 
-The deadline is the gRPC deadline when the client sets one (else ``default_ms``). Each stage
-gets at most its share of the whole deadline and never more than what remains, so one slow
-stage leaves time for the fallback that follows it.
+The deadline is the gRPC deadline when the client sets one, less a margin for the way
+back (else ``default_ms``), never more than the service's ``ceiling_ms``: a client that
+allows 30 s still gets its answer within the ceiling. Each stage gets at most its share
+of that deadline, at most its absolute cap (``caps_ms``: a 1 s deadline must not let every
+worker wait 250 ms on a hung Triton) and never more than what remains, so one slow stage
+leaves time for the fallback that follows it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 # Share of the deadline each stage may use. They add up to more than 1 on purpose: a stage
 # that finishes early leaves its time to the next, and `remaining()` caps every stage.
@@ -24,12 +28,41 @@ DEFAULT_SHARES: dict[str, float] = {
 }
 
 
+# Absolute caps of the stages that wait on another process: the setting of each stage.
+CAP_SETTINGS: dict[str, str] = {"user_tower": "user_tower_cap_ms", "ranking": "ranking_cap_ms"}
+
+
+def _default(name: str) -> float:
+    """A setting's default (recstack/settings.py is the one place the numbers live)."""
+    from recstack.settings import Settings
+
+    return float(Settings.model_fields[name].default)
+
+
 @dataclass(frozen=True)
 class BudgetConfig:
     default_ms: float = 80.0
     shares: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SHARES))
     # Keep this much for post-processing and the response whatever happens before.
     reserve_ms: float = 2.0
+    # A client's deadline is when its answer must have *arrived*: the service aims this
+    # much earlier (a share of the deadline, at least margin_min_ms), for the reply's
+    # serialisation, the event loop's lag and the way back. Answering at the deadline
+    # itself turned fallbacks into DEADLINE_EXCEEDED at the client on a busy host.
+    margin_share: float = 0.1
+    margin_min_ms: float = 5.0
+    caps_ms: dict[str, float] = field(
+        default_factory=lambda: {stage: _default(name) for stage, name in CAP_SETTINGS.items()}
+    )
+    ceiling_ms: float = field(default_factory=lambda: _default("latency_ceiling_ms"))
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> BudgetConfig:
+        """The ceiling and caps of ``settings`` (recstack/settings.py)."""
+        return cls(
+            caps_ms={stage: float(getattr(settings, name)) for stage, name in CAP_SETTINGS.items()},
+            ceiling_ms=settings.latency_ceiling_ms,
+        )
 
 
 class RequestClock:
@@ -38,7 +71,12 @@ class RequestClock:
     def __init__(self, deadline_s: float | None, cfg: BudgetConfig) -> None:
         self.cfg = cfg
         self.start = time.perf_counter()
-        total = cfg.default_ms / 1000 if deadline_s is None else max(deadline_s, 0.0)
+        if deadline_s is None:
+            total = cfg.default_ms / 1000
+        else:
+            margin = max(cfg.margin_share * deadline_s, cfg.margin_min_ms / 1000)
+            total = max(deadline_s - margin, 0.0)
+        total = min(total, cfg.ceiling_ms / 1000)
         self.total_s = total
         self.end = self.start + total
         self.timings: dict[str, float] = {}
@@ -54,7 +92,8 @@ class RequestClock:
     def budget(self, stage: str) -> float:
         """Seconds stage ``stage`` may take (may be <= 0: skip it)."""
         share = self.cfg.shares.get(stage, 0.1) * self.total_s
-        return min(share, self.remaining())
+        cap = self.cfg.caps_ms.get(stage, float("inf")) / 1000
+        return min(share, cap, self.remaining())
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

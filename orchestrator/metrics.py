@@ -106,3 +106,35 @@ def set_releases(shares: dict[str, float]) -> None:
     _served[:] = list(shares)
     for release, share in shares.items():
         RELEASE.labels(release=release).set(share)
+
+
+BREAKER_STATE = Gauge(
+    "recstack_dependency_breaker_state",
+    "Circuit breaker per dependency: 0 closed, 1 half-open (probing), 2 open (failing fast)",
+    ["dependency"],  # triton:<model>:<version>, online_store:<sqlite|redis>
+)
+BREAKER_TRANSITIONS = Counter(
+    "recstack_dependency_breaker_transitions_total",
+    "Circuit breaker state changes by new state",
+    ["dependency", "state"],
+)
+BREAKER_REJECTED = Counter(
+    "recstack_dependency_breaker_rejected_total",
+    "Calls not made because the dependency's breaker was open (each failed in microseconds)",
+    ["dependency"],
+)
+
+
+def breaker_event(dependency: str, what: str) -> None:
+    """A breaker's listener (orchestrator/breaker.py): a new breaker, a new state, or a
+    refused call."""
+    from orchestrator.breaker import CLOSED, CREATED, REJECTED, STATE_VALUE
+
+    if what == REJECTED:
+        BREAKER_REJECTED.labels(dependency).inc()
+        return
+    if what == CREATED:
+        BREAKER_STATE.labels(dependency).set(STATE_VALUE[CLOSED])
+        return
+    BREAKER_STATE.labels(dependency).set(STATE_VALUE[what])
+    BREAKER_TRANSITIONS.labels(dependency, what).inc()

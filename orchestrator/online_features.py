@@ -19,17 +19,22 @@ Why two paths: Feast's ``get_online_features`` costs ~0.4 ms for one user but ~2
 Feature lists, dtypes and sources come from the Feast registry (the ``ranking`` and
 ``retrieval`` services); nothing here repeats them. Unknown ids get the defaults in
 exporters/feature_tables.py (FEATURE_DEFAULTS), never an exception. An online store
-that cannot be reached raises :class:`FeatureStoreUnavailable` (Redis: 0.5 s socket
-timeouts and one retry, set in feature_store.redis.yaml / exporters/feast_ops.py).
+that cannot be reached raises :class:`FeatureStoreUnavailable`, fast: every read and push
+gives up after ``settings.online_store_timeout_ms`` (SQLite busy timeout, Redis socket
+timeouts with one retry; exporters/feast_ops.py ``bound_online_io``), and with a
+:class:`~orchestrator.breaker.Breakers` the store has a circuit breaker: failures and
+user reads slower than that timeout open it, and while it is open every read and push
+fails at once (cause :class:`~orchestrator.breaker.CircuitOpen`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,6 +53,7 @@ from exporters.feature_tables import decode_vector, default_value
 from exporters.raw_tables import read_meta
 from exporters.schema import EVENTS
 from exporters.seen import seen_events, update_seen
+from orchestrator.breaker import Breakers, CircuitBreaker, CircuitOpen
 from orchestrator.id_index import IdIndex
 from recstack.errors import UserError
 from recstack.settings import Settings
@@ -284,9 +290,24 @@ class OnlineFeatures:
     Construction does no I/O: call :meth:`load` (or :meth:`refresh`) once at start-up.
     """
 
-    def __init__(self, settings: Settings, store: FeatureStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: FeatureStore | None = None,
+        breakers: Breakers | None = None,
+    ) -> None:
         self.settings = settings
         self._store = store
+        self.timeout_s = settings.online_store_timeout_ms / 1000
+        self._breaker: CircuitBreaker | None = (
+            breakers.get(f"online_store:{settings.online_store}") if breakers else None
+        )
+        # SQLite: every read and push shares Feast's one connection. A thread that waits for
+        # that connection inside the sqlite3 module can hold the GIL while another sits in
+        # SQLite's busy handler on a locked store, freezing the whole process (the event
+        # loop too) for the busy timeout. Taking turns on a Python lock, with a timeout,
+        # waits without the GIL and bounds the wait.
+        self._io_lock = threading.Lock() if settings.online_store == "sqlite" else None
         self._snapshot: ItemSnapshot | None = None
         self._item_features: list[ServiceFeature] = []
         self._user_refs: list[str] = []
@@ -312,6 +333,7 @@ class OnlineFeatures:
     def load(self) -> OnlineFeatures:
         """Read the services from the registry and build the item snapshot."""
         self.store.refresh_registry()
+        feast_ops.bound_online_io(self.store, self.timeout_s)
         ranking = feast_ops.service_features(self.store, RANKING_SERVICE)
         retrieval = feast_ops.service_features(self.store, RETRIEVAL_SERVICE)
         filtering = _optional_service(self.store, FILTERING_SERVICE)
@@ -411,10 +433,8 @@ class OnlineFeatures:
         self._require_snapshot()
         if self._user_reader is None:
             raise RuntimeError("OnlineFeatures.load() was not called")
-        try:
+        with self._guarded(slow_s=self.timeout_s):
             values = self._user_reader.read(int(user_id))
-        except _unavailable_errors() as e:
-            raise FeatureStoreUnavailable(self.settings.online_store, e) from e
         known = any(v is not None for v in values.values())
         recent = values.get(RECENT_ITEMS) or []
         scalars = np.array(
@@ -508,23 +528,54 @@ class OnlineFeatures:
             raise RuntimeError("OnlineFeatures.load() was not called")
         provider = self.store._get_provider()
         new: list[int] | None = None
-        with self._push_lock:
-            try:
-                if changes_seen and self._seen_reader is not None:
-                    stored, values = self._seen_reader.read_row(int(user_id))
-                    seen_now = update_seen(list(values[SEEN_ITEMS] or []), int(item_id))
-                    frame = _push_frame(user_id, seen_now, row_time(ts, stored), SEEN_ITEMS)
-                    for view in self._seen_push_views:
-                        provider.ingest_df(view, frame)
-                if changes_recent:
-                    stored, values = self._recent_reader.read_row(int(user_id))
-                    new = history.update_recent(list(values[RECENT_ITEMS] or []), int(item_id))
-                    frame = _push_frame(user_id, new, row_time(ts, stored))
-                    for view in self._push_views:
-                        provider.ingest_df(view, frame)
-            except _unavailable_errors() as e:
-                raise FeatureStoreUnavailable(self.settings.online_store, e) from e
+        with self._push_lock, self._guarded(slow_s=None):
+            if changes_seen and self._seen_reader is not None:
+                stored, values = self._seen_reader.read_row(int(user_id))
+                seen_now = update_seen(list(values[SEEN_ITEMS] or []), int(item_id))
+                frame = _push_frame(user_id, seen_now, row_time(ts, stored), SEEN_ITEMS)
+                for view in self._seen_push_views:
+                    provider.ingest_df(view, frame)
+            if changes_recent:
+                stored, values = self._recent_reader.read_row(int(user_id))
+                new = history.update_recent(list(values[RECENT_ITEMS] or []), int(item_id))
+                frame = _push_frame(user_id, new, row_time(ts, stored))
+                for view in self._push_views:
+                    provider.ingest_df(view, frame)
         return new
+
+    @contextlib.contextmanager
+    def _guarded(self, slow_s: float | None) -> Iterator[None]:
+        """One online-store call: its failures as :class:`FeatureStoreUnavailable`, through
+        the store's breaker when there is one (``slow_s``: a slower call counts as a
+        failure; pushes write and are not timed)."""
+        failures: tuple[type[BaseException], ...] = (CircuitOpen, *_unavailable_errors())
+        try:
+            if self._breaker is None:
+                with self._turn():
+                    yield
+            else:
+                with self._breaker.call(_is_store_failure, slow_s), self._turn():
+                    yield
+        except failures as e:
+            raise FeatureStoreUnavailable(self.settings.online_store, e) from e
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This thread's turn on the store's connection (SQLite), waited for at most the
+        store's timeout: a TimeoutError (a store failure) after that."""
+        if self._io_lock is None:
+            yield
+            return
+        if not self._io_lock.acquire(timeout=self.timeout_s):
+            raise TimeoutError(f"the online store's connection stayed busy for {self.timeout_s} s")
+        try:
+            yield
+        finally:
+            self._io_lock.release()
+
+
+def _is_store_failure(err: BaseException) -> bool:
+    return isinstance(err, _unavailable_errors())
 
 
 def _optional_service(store: FeatureStore, name: str) -> list[ServiceFeature]:

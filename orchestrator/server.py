@@ -325,11 +325,14 @@ def http_app(
         return await handle("http.RecordEvent", parse, call)
 
     async def health(request: web.Request) -> web.Response:
+        """SERVING while answers are possible, degraded ones included: ``dependencies``
+        says which circuit breakers are open (those requests degrade at once)."""
         body = {
             "status": "NOT_SERVING" if drain.started else "SERVING",
             "release": service.release_name,
             "releases": service.releases(),
             "detail": service.health_detail(),
+            "dependencies": service.dependencies(),
         }
         return web.json_response(body, status=503 if drain.started else 200)
 

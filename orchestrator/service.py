@@ -27,6 +27,10 @@ Releases: the service holds a :class:`ReleaseRouter` that follows the release st
 user id, and every stage of it uses that release (``rel``) — never a user tower of one
 release with the index or ranker of another.
 
+Triton stages wait at most their absolute caps, the whole request at most the latency
+ceiling (orchestrator/budget.py), and a dependency whose circuit breaker is open
+(orchestrator/breaker.py, docs/faults.md) fails at once: the same reasons, in microseconds.
+
 The item side (snapshot, catalog, fallbacks) is refreshed in the background every
 ``feature_refresh_s`` after a Feast materialisation; each request reads it once
 (``release.items``), so it sees one snapshot throughout.
@@ -46,6 +50,7 @@ import numpy as np
 
 from exporters.candidates import gather, source_names
 from orchestrator import metrics
+from orchestrator.breaker import BreakerConfig, Breakers, CircuitOpen
 from orchestrator.budget import BudgetConfig, RequestClock
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.event_log import EventLog, new_request_id
@@ -67,6 +72,14 @@ class UnknownItem(LookupError):
     """An event for an item the serving catalog does not hold; gRPC NOT_FOUND, HTTP 404.
     Such an item cannot be recommended or filtered, so it must not enter a user's recent
     items (where it would push out real ones)."""
+
+
+def _stage_failed(stage: str, err: Exception) -> None:
+    """One log line per failed stage; a call refused by an open circuit breaker is not
+    logged per request (the breaker logs its state changes)."""
+    if isinstance(err, CircuitOpen) or isinstance(err.__cause__, CircuitOpen):
+        return
+    log.warning("%s failed: %s: %s", stage, type(err).__name__, err)
 
 
 def _event_failure(err: Exception) -> str:
@@ -137,8 +150,16 @@ class RecommendService:
         """Load the releases the release state serves (index, catalog, clients; warmed up)
         off the event loop, then follow the state, watch Triton's pinned versions and
         refresh the item snapshot in the background."""
-        cfg = cfg or ServiceConfig(workers=settings.orchestrator_workers)
-        router = ReleaseRouter(settings, warm_rows=cfg.n_ranked)
+        cfg = cfg or ServiceConfig(
+            workers=settings.orchestrator_workers, budget=BudgetConfig.from_settings(settings)
+        )
+        # One breaker per dependency, shared by every release this service holds.
+        breakers = Breakers(BreakerConfig.from_settings(settings), on_change=metrics.breaker_event)
+        router = ReleaseRouter(
+            settings,
+            loader=lambda s, rid: ServingRelease.load(s, rid, breakers),
+            warm_rows=cfg.n_ranked,
+        )
         await router.sync()  # raises UserError when nothing can be served
         svc = cls(router, cfg, settings.max_clock_lead_days, EventLog.from_settings(settings))
         svc.start_refresh(settings.feature_refresh_s)
@@ -157,6 +178,10 @@ class RecommendService:
     @property
     def catalog(self) -> Catalog:
         return self.release.catalog
+
+    def dependencies(self) -> dict[str, dict[str, Any]]:
+        """Each dependency's circuit breaker (state, failures), for health details."""
+        return self.release.breakers.snapshot()
 
     @property
     def fallbacks(self) -> Fallbacks:
@@ -364,7 +389,7 @@ class RecommendService:
             try:
                 user = rel.features.user(q.user_id)
             except Exception as e:  # the store's typed errors and anything below it
-                log.warning("user features failed: %s", e)
+                _stage_failed("user features", e)
                 degraded.append("features_unavailable")
                 user = None
         if user is None or not user.known:
@@ -379,7 +404,7 @@ class RecommendService:
                 try:
                     embedding = rel.user_embedding(user, timeout_s=budget)
                 except Exception as e:  # TritonError, or a bad answer
-                    log.warning("user_tower failed: %s: %s", type(e).__name__, e)
+                    _stage_failed("user_tower", e)
         if embedding is None:
             degraded.append("retrieval_unavailable")
             return self._fallback(q, clock, degraded, user, state, rel)
@@ -415,7 +440,7 @@ class RecommendService:
                         raise ValueError(f"ranker answered {scores.shape}, non-finite or short")
                     final_scores = scores
         except Exception as e:  # TritonError, bad item features, a bad ranker answer
-            log.warning("ranking failed: %s: %s", type(e).__name__, e)
+            _stage_failed("ranking", e)
             degraded.append("ranking_skipped")
 
         with clock.stage("postprocess"):

@@ -21,6 +21,7 @@ from exporters.model_config import input_names
 from exporters.rank_layout import Layout
 from exporters.release import load_manifest, release_dir
 from orchestrator import metrics
+from orchestrator.breaker import Breakers
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.faiss_index import FaissIndex
@@ -239,6 +240,9 @@ class ServingRelease:
     # Where the release's data ends (unix s): the clock of time-relative features is
     # capped at data_end + max_clock_lead (settings), see RecommendService.
     data_end: float = float("inf")
+    # The circuit breakers its Triton and online-store calls go through: one per
+    # dependency, shared with every other release the service loads with the same board.
+    breakers: Breakers = field(default_factory=Breakers)
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -281,8 +285,14 @@ class ServingRelease:
         return embedding
 
     @classmethod
-    def load(cls, settings: Settings, release_id: int | None = None) -> ServingRelease:
-        """Load a release (the newest when None) and check its parts fit together."""
+    def load(
+        cls, settings: Settings, release_id: int | None = None, breakers: Breakers | None = None
+    ) -> ServingRelease:
+        """Load a release (the newest when None) and check its parts fit together. Its
+        Triton and online-store calls go through ``breakers`` (pass the service's board,
+        so that every release shares one breaker per dependency; None: a board of its
+        own)."""
+        breakers = breakers if breakers is not None else Breakers()
         t0 = time.perf_counter()
         manifest = load_manifest(settings, release_id)
         rid = int(manifest["release_id"])
@@ -293,7 +303,7 @@ class ServingRelease:
             folder / manifest["index"]["item_ids"],
             device=settings.device,
         )
-        online = OnlineFeatures(settings).load()
+        online = OnlineFeatures(settings, breakers=breakers).load()
         items = ItemState.build(online.snapshot, index.item_ids, _index_vectors(index))
         catalog = items.catalog
         sources = None
@@ -310,7 +320,7 @@ class ServingRelease:
         versions.pop(ENSEMBLE, None)
         versions[ensemble_name(rid)] = ENSEMBLE_VERSION
         triton = TritonClient.from_settings(
-            settings, versions=versions, ensemble=ensemble_name(rid)
+            settings, versions=versions, ensemble=ensemble_name(rid), breakers=breakers
         )
         # The merged candidates go to the rank ensemble in one request: they must fit the
         # rows its config allows (the client refuses more per request, TritonClient.infer).
@@ -353,6 +363,7 @@ class ServingRelease:
             quotas,
             PostprocessConfig.from_json(manifest.get("postprocess")),
             data_end,
+            breakers,
         )
 
     def warm_up(self, n_items: int, rounds: int = 3, probe_users: int = 32) -> None:

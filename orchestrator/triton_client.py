@@ -7,7 +7,14 @@ Inference builds the ``ModelInferRequest`` itself (raw tensor bytes, the protos 
 with ``tritonclient``) and calls the generated stub: ``tritonclient.grpc``'s
 ``InferInput``/``InferResult`` wrappers cost ~0.2 ms of CPU per 300-row rank call here
 (0.73 vs 0.54 ms), on every request. Readiness uses the same stub, so one channel serves
-every call."""
+every call.
+
+With :class:`~orchestrator.breaker.Breakers`, each model (at its pinned version) has a
+circuit breaker: per model rather than per server, because models fail one at a time too
+(a model unloaded through the repository API, a backend stub that died) and a missing
+ranker must not cost the user tower; a hung server opens each model's breaker after its
+own few failures. An open breaker raises :class:`TritonUnavailable` (its cause a
+:class:`~orchestrator.breaker.CircuitOpen`) without a call."""
 
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from exporters.model_config import load_config
+from orchestrator.breaker import Breakers, CircuitOpen
 from recstack.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -151,8 +159,10 @@ class TritonClient:
         versions: Mapping[str, int] | None = None,
         timeout_s: float = 1.0,
         ensemble: str = RANK,
+        breakers: Breakers | None = None,
     ) -> None:
         self.url = url
+        self.breakers = breakers
         self.repository = repository
         self.versions = dict(versions or {})
         # The rank ensemble this client calls: a release's own (``rank_r<id>``, loaded from
@@ -174,6 +184,7 @@ class TritonClient:
         versions: Mapping[str, int] | None = None,
         timeout_s: float = 1.0,
         ensemble: str = RANK,
+        breakers: Breakers | None = None,
     ) -> TritonClient:
         return cls(
             f"{settings.triton_host}:{settings.triton_grpc_port}",
@@ -181,6 +192,7 @@ class TritonClient:
             versions,
             timeout_s,
             ensemble,
+            breakers,
         )
 
     def spec(self, model: str) -> ModelSpec:
@@ -246,12 +258,16 @@ class TritonClient:
             request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
         for t in spec.outputs:
             request.outputs.add(name=t.name)
-        try:
-            response = self._stub.ModelInfer(
-                request, timeout=timeout_s if timeout_s is not None else self.timeout_s
-            )
-        except grpc.RpcError as e:
-            raise _typed(model, pinned, e.code().name, e.details() or "") from e
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+        if self.breakers is None:
+            response = self._call(model, pinned, request, timeout)
+        else:
+            name = f"triton:{model}:{'-' if pinned is None else pinned}"
+            try:
+                with self.breakers.get(name).call(_is_failure):
+                    response = self._call(model, pinned, request, timeout)
+            except CircuitOpen as e:
+                raise TritonUnavailable(f"{model}: {e}") from e
         if len(response.raw_output_contents) != len(response.outputs):
             raise TritonError(f"{model}: Triton's answer does not carry raw output tensors")
         names = (o.name for o in response.outputs)
@@ -263,6 +279,14 @@ class TritonClient:
                 raise TritonError(f"{model}: Triton's answer has no output {t.name!r}")
             out[t.name] = np.frombuffer(raw[t.name], dtype=t.dtype).reshape(shapes[t.name])
         return out
+
+    def _call(
+        self, model: str, pinned: int | None, request: service_pb2.ModelInferRequest, timeout: float
+    ) -> service_pb2.ModelInferResponse:
+        try:
+            return self._stub.ModelInfer(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise _typed(model, pinned, e.code().name, e.details() or "") from e
 
     def user_embedding(self, inputs: Mapping[str, np.ndarray], **kw: object) -> np.ndarray:
         """user_tower: a batch of users -> [batch, dim] embeddings."""
@@ -286,6 +310,12 @@ class TritonClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_failure(err: BaseException) -> bool:
+    """Failures of the model or server (for its breaker); an input Triton refused means
+    the model is up."""
+    return isinstance(err, TritonError) and not isinstance(err, TritonInvalidInput)
 
 
 def _typed(model: str, version: int | None, status: str, detail: str) -> TritonError:

@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=30)
 
     # --- load tests -----------------------------------------------------------------------
+    from loadtest.faults import FAULTS
+
     lt = groups.add_parser("loadtest", help="open-loop load tests").add_subparsers(
         dest="cmd", required=True
     )
@@ -218,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(lt, "compare", "loadtest.cli:compare", "ratios between two results")
     p.add_argument("a")
     p.add_argument("b")
+    p = _cmd(lt, "fault", "loadtest.faults:cli", "hold a dependency fault (chaos actions)")
+    p.add_argument("fault", choices=FAULTS)
+    p.add_argument("--seconds", type=float, required=True, help="how long the fault lasts")
+    p.add_argument("--model", default="rank", help="model-unload: the Triton model")
     p = _cmd(lt, "stub-server", "loadtest.cli:stub_server", "stand-in Recommender (calibration)")
     p.add_argument("--grpc-port", type=int, default=19080)
     p.add_argument("--http-port", type=int, default=19081)

@@ -78,6 +78,25 @@ class Settings(BaseSettings):
     # MemAvailable minus this headroom (MB); else the change is refused.
     release_memory_headroom_mb: int = Field(default=512, ge=0)
 
+    # Hung dependencies (orchestrator/budget.py, orchestrator/breaker.py, docs/faults.md).
+    # A Recommend call is answered within min(client deadline, this ceiling), whatever the
+    # client's deadline: past it the answer is the popular-items fallback.
+    latency_ceiling_ms: float = Field(default=300.0, gt=0)
+    # Absolute caps of the Triton stages (each also gets at most its share of the
+    # deadline); ~4x the p99 measured at 100/s on the 2-core host (docs/benchmark.md).
+    user_tower_cap_ms: float = Field(default=50.0, gt=0)
+    ranking_cap_ms: float = Field(default=100.0, gt=0)
+    # The online store's reads and writes: SQLite busy timeout, Redis socket timeouts; a
+    # user read slower than this counts as a failure for the store's breaker.
+    online_store_timeout_ms: float = Field(default=50.0, gt=0)
+    # Circuit breaker per dependency: open after this many consecutive failures (or this
+    # failure share over the last `window` calls), fail fast for the cool-down, then let
+    # one probe through.
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_window: int = Field(default=20, ge=1)
+    breaker_cooldown_s: float = Field(default=1.0, ge=0)
+
     # RecordEvent timestamps: at most this far ahead of the server's clock (client clock
     # skew) and at most this far behind it (late delivery); others are INVALID_ARGUMENT.
     event_max_future_s: float = Field(default=300.0, ge=0)

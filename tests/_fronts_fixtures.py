@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import server as srv
+from orchestrator.breaker import Breakers
 from orchestrator.request import EventQuery, RecommendQuery
 from orchestrator.service import RecItem, RecommendResult
 from recstack.settings import Settings
@@ -25,6 +26,10 @@ class FakeService:
     release_name: str = "test-release"
     fail: BaseException | None = None
     queries: list[Any] = field(default_factory=list)
+    breakers: Breakers = field(default_factory=Breakers)
+
+    def dependencies(self) -> dict[str, dict[str, Any]]:
+        return self.breakers.snapshot()
 
     async def recommend(self, q: RecommendQuery, deadline_s: float | None) -> RecommendResult:
         self.queries.append(q)

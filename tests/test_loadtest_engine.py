@@ -223,7 +223,10 @@ def test_cli_run_two_workers_with_action_and_compare(
     assert marker.read_text().strip() == "promoted"
     assert 0.35 < doc["cold_start_share"] < 0.65
     assert (out / "run.png").stat().st_size > 10_000
-    assert "| promote | 1 s |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| promote | 1 s |" in summary
+    assert "## While each action ran" in summary
+    assert [w["label"] for w in doc["action_windows"]] == ["promote"]
     capsys.readouterr()
     assert main(["loadtest", "compare", str(out), str(out / "result.json")]) == 0
     table = capsys.readouterr().out
@@ -242,3 +245,40 @@ def test_write_run_has_no_nan(settings: Settings, tmp_path: Path) -> None:
     paths = write_run(doc, tmp_path)
     json.loads(paths["json"].read_text())
     assert "NOT met" in paths["markdown"].read_text()
+
+
+def test_action_windows_count_errors_degraded_and_recovery() -> None:
+    """A fault from 3 to 5 s (Recommend every 0.1 s): answers degraded from 3 to 5.5 s, one
+    DEADLINE_EXCEEDED inside; the window counts both and recovery is 0.5 s. A second
+    action whose end leaves no full 2 s after it has no recovery time."""
+    import numpy as np
+
+    from loadtest.engine import DROPPED
+    from loadtest.stats import Merged, action_windows
+    from loadtest.targets import OK
+
+    m = Merged.__new__(Merged)
+    m.codes = [OK, DROPPED, "DEADLINE_EXCEEDED"]
+    m.intended = np.round(np.arange(0, 10, 0.1), 3)
+    n = len(m.intended)
+    m.kind = np.zeros(n, dtype=np.int8)
+    m.status = np.zeros(n, dtype=np.int16)
+    m.status[np.flatnonzero(m.intended == 4.0)] = 2
+    m.latency = np.full(n, 0.005)
+    m.degraded = (m.intended >= 3.0) & (m.intended < 5.5)
+    windows = action_windows(
+        m,
+        [
+            {"label": "fault", "started_s": 3.0, "ended_s": 5.0},
+            {"label": "late", "started_s": 8.5, "ended_s": 9.0},
+            {"label": "never ran", "started_s": None, "ended_s": None},
+        ],
+    )
+    assert [w["label"] for w in windows] == ["fault", "late"]
+    fault, late = windows
+    assert fault["recommend"] == 20
+    assert fault["errors"] == {"recommend": {"DEADLINE_EXCEEDED": 1}}
+    assert fault["degraded_share"] == 1.0
+    assert fault["recovery_s"] == pytest.approx(0.5)
+    assert late["errors"] == {} and late["degraded_share"] == 0.0
+    assert late["recovery_s"] is None

@@ -3,7 +3,8 @@
 In process: orchestrator/service.py over the real release of the session's trained
 pipeline (`trained_settings`), a real tritonserver and Feast with its SQLite online store.
 Failures are real where they can be: a feature store file that is not a database, an
-exclusive lock held on the online store, a worker pool busy with other work, filters
+exclusive lock held on the online store (past the deadline with a slow store timeout, and
+a fast features_unavailable with the default one), a worker pool busy with other work, filters
 nothing passes. Two are injected through the release's own state (a NaN embedding in
 its user-embedding cache, an item snapshot without a ranker feature), as a bad model
 answer or a bad materialisation would leave them.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import shutil
 import sqlite3
 import threading
@@ -126,24 +128,53 @@ def test_feature_store_down_starts_degraded_and_serves_features_unavailable(
 
 
 def test_work_longer_than_the_deadline_is_deadline_exceeded(
-    service: RecommendService, serving: Settings, interactions: pd.DataFrame
+    serving: Settings, triton: ManagedProcess, interactions: pd.DataFrame
 ) -> None:
-    """An exclusive lock on the SQLite online store stalls the user lookup (SQLite waits
-    up to 5 s for it): the request must answer at its deadline, not when the store does."""
+    """An exclusive lock on the SQLite online store stalls the user lookup for as long as
+    the store's timeout allows (set to 5 s here, far above the default): the request must
+    answer at its deadline, not when the store does."""
+    slow_store = serving.model_copy(update={"online_store_timeout_ms": 5000.0})
+    svc = asyncio.run(RecommendService.create(slow_store))
     db = sqlite3.connect(serving.data_dir / "feast" / "sqlite" / "online_store.db")
     before = degraded_count("deadline_exceeded")
     try:
         db.execute("BEGIN EXCLUSIVE")
         t0 = time.perf_counter()
-        result = ask(service, query(interactions, users(interactions)[1]), deadline_s=0.3)
+        result = ask(svc, query(interactions, users(interactions)[1]), deadline_s=0.3)
         elapsed = time.perf_counter() - t0
     finally:
         db.rollback()
         db.close()
+        asyncio.run(svc.close())
     assert result.degraded == ["deadline_exceeded"]
     assert len(result.items) == 10
     assert elapsed < 0.3 + 0.5, elapsed  # at the deadline, not after the 5 s lock timeout
     assert degraded_count("deadline_exceeded") == before + 1
+
+
+def test_a_locked_store_answers_features_unavailable_within_its_timeout(
+    service: RecommendService, serving: Settings, interactions: pd.DataFrame
+) -> None:
+    """With the default store timeout (50 ms) the same lock is a store failure, not a
+    stall: features_unavailable long before the deadline."""
+    timeout_s = serving.online_store_timeout_ms / 1000
+    db = sqlite3.connect(serving.data_dir / "feast" / "sqlite" / "online_store.db")
+    before = degraded_count("features_unavailable")
+    # This process holds the whole session's objects: a full collection during the
+    # request (seen: > 250 ms in the full suite) would be timed, not the store.
+    gc.collect()
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        t0 = time.perf_counter()
+        result = ask(service, query(interactions, users(interactions)[1]), deadline_s=1.0)
+        elapsed = time.perf_counter() - t0
+    finally:
+        db.rollback()
+        db.close()
+    assert result.degraded == ["features_unavailable"] and result.cold_start
+    assert len(result.items) == 10
+    assert elapsed < timeout_s + 0.2, elapsed  # the busy timeout, not the deadline
+    assert degraded_count("features_unavailable") == before + 1
 
 
 def test_a_request_left_in_the_queue_past_its_deadline_is_shed(

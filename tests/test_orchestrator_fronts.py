@@ -5,6 +5,7 @@ servers of orchestrator/server.py run in-process in front of a fake service."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -310,6 +311,30 @@ def test_health_flips_to_not_serving_when_the_drain_starts(fronts: Fronts) -> No
         assert (status, body["status"]) == (503, "NOT_SERVING")
     finally:
         fronts.drain.started = False
+
+
+def test_health_stays_serving_with_an_open_breaker_and_names_it(
+    fronts: Fronts, tmp_path: object
+) -> None:
+    """A dependency whose breaker is open degrades answers, it does not stop them: both
+    health endpoints stay SERVING, and /healthz says which breaker is open."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from orchestrator.breaker import OPEN
+
+    breaker = fronts.service.breakers.get("triton:rank:1")
+    for _ in range(breaker.cfg.failures):
+        with contextlib.suppress(ConnectionError), breaker.call(lambda e: True):
+            raise ConnectionError("down")
+    status, _, body = call_http(fronts, "GET", "/healthz")
+    assert (status, body["status"]) == (200, "SERVING")
+    assert body["dependencies"]["triton:rank:1"]["state"] == OPEN
+    assert body["dependencies"]["triton:rank:1"]["consecutive_failures"] == breaker.cfg.failures
+    with grpc.insecure_channel(fronts.grpc_target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_connection_without_complete_headers_is_closed(fronts: Fronts) -> None:
