@@ -18,11 +18,13 @@ completes it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import secrets
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from exporters.release import load_manifest, release_ids
@@ -130,6 +132,14 @@ def _apply(
     return state
 
 
+@contextlib.contextmanager
+def _change(settings: Settings) -> Iterator[tuple[ReleaseState, ReleaseState]]:
+    """The state under its lock, and a copy of it as it was (to compare and revert to)."""
+    ensure_state(settings)
+    with locked_state(settings) as state:
+        yield state, ReleaseState.from_json(state.to_json())
+
+
 def describe_routing(state: ReleaseState) -> str:
     if state.arms:
         arms = " / ".join(f"release {a.release} {a.share:.0%}" for a in state.arms)
@@ -141,9 +151,7 @@ def promote(
     settings: Settings, release_id: int, reason: str | None, force_reason: str | None = None
 ) -> ReleaseState:
     """Make ``release_id`` the live release (ends any A/B test)."""
-    ensure_state(settings)
-    with locked_state(settings) as state:
-        before = ReleaseState.from_json(state.to_json())
+    with _change(settings) as (state, before):
         if state.live == release_id and not state.arms:
             print(f"release {release_id} is already live")
             return state
@@ -173,9 +181,7 @@ def promote(
 
 def rollback(settings: Settings, reason: str | None) -> ReleaseState:
     """Serve the previous live release again (ends any A/B test)."""
-    ensure_state(settings)
-    with locked_state(settings) as state:
-        before = ReleaseState.from_json(state.to_json())
+    with _change(settings) as (state, before):
         if not state.previous:
             raise UserError("nothing to roll back to: no earlier live release in the history")
         target = state.previous[-1]
@@ -207,9 +213,7 @@ def ab_start(
     if len(set(releases)) != len(releases) or len(releases) < 2:
         raise UserError("an A/B test needs two or more different releases")
     shares = parse_split(split, len(releases))
-    ensure_state(settings)
-    with locked_state(settings) as state:
-        before = ReleaseState.from_json(state.to_json())
+    with _change(settings) as (state, before):
         for rid in releases:
             report = validate(
                 settings,
@@ -229,9 +233,7 @@ def ab_start(
 
 def ab_stop(settings: Settings, reason: str | None) -> ReleaseState:
     """End the A/B test: the live release serves everyone again."""
-    ensure_state(settings)
-    with locked_state(settings) as state:
-        before = ReleaseState.from_json(state.to_json())
+    with _change(settings) as (state, before):
         if not state.arms:
             raise UserError("no A/B test is running")
         state.arms = []

@@ -362,13 +362,9 @@ def _owner_alive(path: Path) -> bool:
     if pid == os.getpid():
         # Ours, or a previous life of this pid (a container restarts as pid 1).
         return path in _OPEN_HERE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from orchestrator.processes import pid_alive
+
+    return pid_alive(pid)
 
 
 def close_segment_file(path: Path) -> Path:

@@ -36,7 +36,7 @@ class ManagedProcess:
         """True while the process exists (and is not a zombie of ours)."""
         if self.popen is not None:
             return self.popen.poll() is None
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the process group, wait, then SIGKILL what is left."""
@@ -44,7 +44,8 @@ class ManagedProcess:
         self.pid_path.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as stopped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -69,7 +70,7 @@ def _terminate_group(pid: int, timeout: float, popen: subprocess.Popen[bytes] | 
         if popen is not None:
             if popen.poll() is not None:
                 break
-        elif not _pid_alive(pid):
+        elif not pid_alive(pid):
             break
         time.sleep(0.05)
     # Children (Python-backend stubs) may outlive the leader; the group kill reaches them.
@@ -143,7 +144,7 @@ def read_pid(settings: Settings, name: str) -> int | None:
         pid = int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-    if _pid_alive(pid):
+    if pid_alive(pid):
         return pid
     path.unlink(missing_ok=True)
     return None

@@ -72,9 +72,13 @@ def test_materialize_keeps_newer_pushed_rows(
     # stamped just after the stored one, so Redis does not skip it) ...
     online.push_event(1, 13, "click", datetime(2026, 3, 1, tzinfo=UTC))
     assert online.user(1).recent_items[0] == 13
-    # ... but its row dates from before the last materialisation: the batch replaces it.
+    # ... and the next full materialisation: Redis keeps it (its row is newer than the
+    # batch's, and Feast's Redis store skips older rows); on SQLite the row dates from
+    # before the last materialisation, so the batch replaces it (a documented limit,
+    # docs/events.md: a late event reaches the lists again with the next import).
     feast_ops.materialize(env.settings)
-    assert online.user(1).recent_items[:3].tolist() == [10, 12, 11]
+    expected = [13, 10, 12] if store == "redis" else [10, 12, 11]
+    assert online.user(1).recent_items[:3].tolist() == expected
 
 
 def test_a_replaced_older_data_set_still_replaces_the_lists(tmp_path: Path) -> None:
