@@ -18,9 +18,12 @@ row order):
 The merged list keeps the ANN's order, then item-to-item, popular, category-popular and
 fresh items, each cut to its :class:`Quotas` share after the caller's filters, without
 duplicates (:func:`gather`). Every merged candidate carries :data:`CANDIDATE_FEATURES`
-(ranks in each source, the item-to-item score, the item's long-term popularity), which
-the ranker is trained on point-in-time: the model used for training candidates is built
-from the events its requests may know only.
+(ranks in each source, the item-to-item score, the item's long-term popularity, and
+scores compared within the request: the item-to-item score's rank among the request's
+candidates and, on catalogs small enough for a dense EASE, further item-item views —
+:data:`VIEWS` — as score / the request's best and rank in the request), which the ranker
+is trained on point-in-time: the model used for training candidates is built from the
+events its requests may know only.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from exporters import baselines
 from exporters.seen import I2I_HISTORY
@@ -50,6 +54,18 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     "c_pop_log_count",  # log1p(consumption count before the cut-off)
     "c_catpop_rank",  # position in the popular list of the user's main category, or ABSENT
     "c_fresh_rank",  # position in the newest-items list (at the request), or ABSENT
+    # Compared within the request's merged candidates (a raw item-to-item score means
+    # little across users: histories differ in length). "rel": score / the request's
+    # highest (0 when none is positive); "req_rank": how many candidates score higher.
+    "c_i2i_req_rank",  # of c_i2i_score
+    # Further item-item views of the same history (VIEWS; dense catalogs only, else
+    # rel 0 and req_rank ABSENT_RANK): a weaker and a stronger EASE, cosine co-occurrence.
+    "c_ease_lo_rel",
+    "c_ease_lo_req_rank",
+    "c_ease_hi_rel",
+    "c_ease_hi_req_rank",
+    "c_cos_rel",
+    "c_cos_req_rank",
 )
 ABSENT_RANK = 10_000.0
 MODEL_FILE = "candidates.npz"
@@ -62,6 +78,18 @@ DENSE_MAX_ITEMS = 5000
 # path I2I_HISTORY): heavy raters' older items still carry signal (measured on the sparse
 # preset: EASE over the newest 200 0.095, over all 0.108 NDCG@10).
 DENSE_HISTORY = 1000
+# The item-item views beside the release's EASE (ranker features, no candidates of their
+# own), in CANDIDATE_FEATURES order: EASE at other regularisations (a fixed ratio to the
+# release's λ, not a value tuned on one data set) and cosine co-occurrence. Each is a dense
+# [n, n] float32 matrix, so they exist only where the release keeps EASE dense (≤
+# DENSE_MAX_ITEMS items: 3 × 100 MB and three fits of seconds at 5,000 items); beyond, no
+# view is fitted, stored or scored, and their features are constant.
+VIEWS: tuple[str, ...] = ("ease_lo", "ease_hi", "cos")
+VIEW_LAMBDA_RATIO = {"ease_lo": 0.2, "ease_hi": 8.0}
+# The views score the user's newest VIEW_HISTORY seen items (as the neighbour-list source
+# does, I2I_HISTORY): their cost is history × 3n reads per request, so this bounds the
+# heavy users' (measured: p99 of `recstack bench candidates`).
+VIEW_HISTORY = I2I_HISTORY
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,9 @@ class SourceModel:
     dense: np.ndarray | None = None  # float32 [n, n] EASE weights (small catalogs)
     category: np.ndarray | None = None  # int64 [n] (-1 unknown)
     created_at: np.ndarray | None = None  # float64 [n], unix seconds
+    # VIEWS' dense weights, float32 [n, len(VIEWS), n]: views[i, v, j] is view v's weight
+    # of item j for a user who consumed item i (one row gather serves every view).
+    views: np.ndarray | None = None
     # Derived (from_arrays): rows by category then popularity, and by age.
     category_rows: np.ndarray | None = None  # int64 [n]
     category_start: np.ndarray | None = None  # int64 [C + 1] offsets into category_rows
@@ -127,6 +158,7 @@ class SourceModel:
                 created_at=self.created_at
                 if self.created_at is not None
                 else np.zeros(0, np.float64),
+                views=self.views if self.views is not None else np.zeros((0, 0, 0), np.float32),
             )
         os.replace(tmp, path)
 
@@ -146,6 +178,7 @@ class SourceModel:
                 dense=optional("dense"),
                 category=optional("category"),
                 created_at=optional("created_at"),
+                views=optional("views"),
             )
 
     @classmethod
@@ -160,12 +193,17 @@ class SourceModel:
         dense: np.ndarray | None = None,
         category: np.ndarray | None = None,
         created_at: np.ndarray | None = None,
+        views: np.ndarray | None = None,
     ) -> SourceModel:
         n = len(item_ids)
         if neighbours.shape != weights.shape or neighbours.shape[0] != n or len(pop_count) != n:
             raise ValueError(
                 f"candidate model arrays disagree: {n} items, neighbours {neighbours.shape}, "
                 f"weights {weights.shape}, popularity {len(pop_count)}"
+            )
+        if views is not None and views.shape != (n, len(VIEWS), n):
+            raise ValueError(
+                f"candidate model views: expected shape {(n, len(VIEWS), n)}, got {views.shape}"
             )
         order = np.lexsort((np.arange(n), -np.asarray(pop_count, dtype=np.float64)))
         rank = np.empty(n, dtype=np.float32)
@@ -195,6 +233,7 @@ class SourceModel:
             None if dense is None else np.ascontiguousarray(dense, dtype=np.float32),
             category,
             created_at,
+            None if views is None else np.ascontiguousarray(views, dtype=np.float32),
             by_cat,
             start,
             newest,
@@ -229,9 +268,14 @@ def build_model(
     X, _ = baselines.interaction_matrix(df, item_ids, events=events)
     n = len(item_ids)
     top_n = top_n or default_top_n(n)
-    if n <= baselines.EASE_MAX_ITEMS:
+    G = None
+    if n <= min(DENSE_MAX_ITEMS, baselines.EASE_MAX_ITEMS):  # one Gram: EASE and the views
         method = f"ease(lambda={lam:g})"
-        B: Any = baselines.ease_weights(X, lam=lam, dtype=np.float32 if n > 5000 else np.float64)
+        G = baselines.gram_matrix(X)
+        B: Any = baselines.ease_from_gram(G, lam)
+    elif n <= baselines.EASE_MAX_ITEMS:
+        method = f"ease(lambda={lam:g})"
+        B = baselines.ease_weights(X, lam=lam, dtype=np.float32)
     else:
         method = "covisitation(cosine)"
         B = baselines.covisitation_weights(X, top_n)
@@ -242,6 +286,17 @@ def build_model(
         else None
     )
     del B
+    views = None
+    if dense is not None and G is not None:
+        t1 = time.perf_counter()
+        views = np.empty((n, len(VIEWS), n), dtype=np.float32)
+        for v, name in enumerate(VIEWS):
+            if name == "cos":
+                views[:, v] = baselines.cosine_from_gram(G)
+            else:
+                views[:, v] = baselines.ease_from_gram(G, lam * VIEW_LAMBDA_RATIO[name])
+        log.info("item-item views %s in %.1f s", VIEWS, time.perf_counter() - t1)
+    del G
     info = {
         "method": method,
         "events": list(events),
@@ -251,6 +306,10 @@ def build_model(
         "interactions": int(X.nnz),
         "top_n": int(top_n),
         "dense": dense is not None,
+        "views": list(VIEWS) if views is not None else [],
+        "view_lambdas": {k: lam * r for k, r in VIEW_LAMBDA_RATIO.items()}
+        if views is not None
+        else {},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log.info("candidate sources: %s", json.dumps(info))
@@ -269,6 +328,7 @@ def build_model(
         dense=dense,
         category=category,
         created_at=created,
+        views=views,
     )
 
 
@@ -353,7 +413,50 @@ def gather(
     feats[:, 4] = np.log1p(model.pop_count[rows])
     feats[:, 5] = _positions(catpop, rows)
     feats[:, 6] = _positions(fresh, rows)
+    feats[:, _COLUMN["c_i2i_req_rank"]] = _request_rank(feats[:, 2])
+    _view_features(model, seen_rows, rows, feats)
     return rows, feats
+
+
+_COLUMN = {name: j for j, name in enumerate(CANDIDATE_FEATURES)}
+
+
+def _view_features(
+    model: SourceModel, seen_rows: np.ndarray, rows: np.ndarray, feats: np.ndarray
+) -> None:
+    """Fill each view's (:data:`VIEWS`) columns of ``feats``: the summed view score of the
+    user's newest :data:`VIEW_HISTORY` seen items relative to the request's best, and its
+    rank in the request. One pass over those items' rows of every view: O(history × n)."""
+    rel = [_COLUMN[f"c_{name}_rel"] for name in VIEWS]
+    rank = [_COLUMN[f"c_{name}_req_rank"] for name in VIEWS]
+    if model.views is None:  # a large catalog: no views
+        feats[:, rel] = 0.0
+        feats[:, rank] = ABSENT_RANK
+        return
+    n = len(model.item_ids)
+    hist = np.asarray(seen_rows, dtype=np.int64)[:VIEW_HISTORY]
+    hist = hist[hist >= 0]
+    # The indicator row of the history times the [n, V·n] weights, without copying rows.
+    x = sp.csr_matrix(
+        (np.ones(len(hist), np.float32), hist, [0, len(hist)]), shape=(1, n), dtype=np.float32
+    )
+    scores = np.asarray(x @ model.views.reshape(n, -1)).reshape(len(VIEWS), n)[:, rows]
+    for v in range(len(VIEWS)):
+        feats[:, rel[v]] = _relative(scores[v])
+        feats[:, rank[v]] = _request_rank(scores[v])
+
+
+def _relative(scores: np.ndarray) -> np.ndarray:
+    """scores / their maximum, 0 everywhere when no score is positive."""
+    top = float(scores.max()) if len(scores) else 0.0
+    return scores / top if top > 0 else np.zeros_like(scores)
+
+
+def _request_rank(scores: np.ndarray) -> np.ndarray:
+    """How many of the request's candidates score strictly higher (ties share a rank, so
+    the value does not depend on the merge order)."""
+    desc = np.sort(-scores)
+    return np.searchsorted(desc, -scores, side="left").astype(np.float32)
 
 
 CATEGORY_HISTORY = 50  # the newest seen items that pick the user's main category
