@@ -19,9 +19,8 @@ The merged list keeps the ANN's order, then item-to-item, popular, category-popu
 fresh items, each cut to its :class:`Quotas` share after the caller's filters, without
 duplicates (:func:`gather`). Every merged candidate carries :data:`CANDIDATE_FEATURES`
 (ranks in each source, the item-to-item score, the item's long-term popularity, and
-scores compared within the request: the item-to-item score's rank among the request's
-candidates and, on catalogs small enough for a dense EASE, further item-item views —
-:data:`VIEWS` — as score / the request's best and rank in the request), which the ranker
+on catalogs small enough for a dense EASE, further item-item views — :data:`VIEWS` — as
+score / the request's best), which the ranker
 is trained on point-in-time: the model used for training candidates is built from the
 events its requests may know only.
 """
@@ -54,18 +53,13 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     "c_pop_log_count",  # log1p(consumption count before the cut-off)
     "c_catpop_rank",  # position in the popular list of the user's main category, or ABSENT
     "c_fresh_rank",  # position in the newest-items list (at the request), or ABSENT
-    # Compared within the request's merged candidates (a raw item-to-item score means
-    # little across users: histories differ in length). "rel": score / the request's
-    # highest (0 when none is positive); "req_rank": how many candidates score higher.
-    "c_i2i_req_rank",  # of c_i2i_score
-    # Further item-item views of the same history (VIEWS; dense catalogs only, else
-    # rel 0 and req_rank ABSENT_RANK): a weaker and a stronger EASE, cosine co-occurrence.
+    # Further item-item views of the user's history (VIEWS; dense catalogs only, else 0):
+    # a weaker and a stronger EASE, cosine co-occurrence, each compared within the
+    # request's merged candidates: score / the request's highest (0 when none is
+    # positive). A raw score means little across users: histories differ in length.
     "c_ease_lo_rel",
-    "c_ease_lo_req_rank",
     "c_ease_hi_rel",
-    "c_ease_hi_req_rank",
     "c_cos_rel",
-    "c_cos_req_rank",
 )
 ABSENT_RANK = 10_000.0
 MODEL_FILE = "candidates.npz"
@@ -413,7 +407,6 @@ def gather(
     feats[:, 4] = np.log1p(model.pop_count[rows])
     feats[:, 5] = _positions(catpop, rows)
     feats[:, 6] = _positions(fresh, rows)
-    feats[:, _COLUMN["c_i2i_req_rank"]] = _request_rank(feats[:, 2])
     _view_features(model, seen_rows, rows, feats)
     return rows, feats
 
@@ -424,14 +417,12 @@ _COLUMN = {name: j for j, name in enumerate(CANDIDATE_FEATURES)}
 def _view_features(
     model: SourceModel, seen_rows: np.ndarray, rows: np.ndarray, feats: np.ndarray
 ) -> None:
-    """Fill each view's (:data:`VIEWS`) columns of ``feats``: the summed view score of the
-    user's newest :data:`VIEW_HISTORY` seen items relative to the request's best, and its
-    rank in the request. One pass over those items' rows of every view: O(history × n)."""
-    rel = [_COLUMN[f"c_{name}_rel"] for name in VIEWS]
-    rank = [_COLUMN[f"c_{name}_req_rank"] for name in VIEWS]
+    """Fill each view's (:data:`VIEWS`) column of ``feats``: the summed view score of the
+    user's newest :data:`VIEW_HISTORY` seen items relative to the request's best. One pass
+    over those items' rows of every view: O(history × n)."""
+    cols = [_COLUMN[f"c_{name}_rel"] for name in VIEWS]
     if model.views is None:  # a large catalog: no views
-        feats[:, rel] = 0.0
-        feats[:, rank] = ABSENT_RANK
+        feats[:, cols] = 0.0
         return
     n = len(model.item_ids)
     hist = np.asarray(seen_rows, dtype=np.int64)[:VIEW_HISTORY]
@@ -441,22 +432,9 @@ def _view_features(
         (np.ones(len(hist), np.float32), hist, [0, len(hist)]), shape=(1, n), dtype=np.float32
     )
     scores = np.asarray(x @ model.views.reshape(n, -1)).reshape(len(VIEWS), n)[:, rows]
-    for v in range(len(VIEWS)):
-        feats[:, rel[v]] = _relative(scores[v])
-        feats[:, rank[v]] = _request_rank(scores[v])
-
-
-def _relative(scores: np.ndarray) -> np.ndarray:
-    """scores / their maximum, 0 everywhere when no score is positive."""
-    top = float(scores.max()) if len(scores) else 0.0
-    return scores / top if top > 0 else np.zeros_like(scores)
-
-
-def _request_rank(scores: np.ndarray) -> np.ndarray:
-    """How many of the request's candidates score strictly higher (ties share a rank, so
-    the value does not depend on the merge order)."""
-    desc = np.sort(-scores)
-    return np.searchsorted(desc, -scores, side="left").astype(np.float32)
+    top = scores.max(axis=1, keepdims=True) if len(rows) else np.zeros((len(VIEWS), 1))
+    rel = np.divide(scores, top, out=np.zeros_like(scores), where=top > 0)
+    feats[:, cols] = rel.T
 
 
 CATEGORY_HISTORY = 50  # the newest seen items that pick the user's main category
