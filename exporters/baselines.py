@@ -110,53 +110,25 @@ def ease_weights(
     catalog has more than :data:`EASE_MAX_ITEMS` items (use :func:`covisitation_weights`).
     ``dtype`` is float64 (default) or float32 (half the memory, a less exact inverse).
     """
-    return ease_from_gram(gram_matrix(X, dtype), lam)
-
-
-def gram_matrix(X: sp.spmatrix | np.ndarray, dtype: type = np.float64) -> np.ndarray:
-    """Dense co-occurrence counts G = XᵀX [n_items, n_items], the input of
-    :func:`ease_from_gram` and :func:`cosine_from_gram` (one G serves several models).
-    Refused above :data:`EASE_MAX_ITEMS` items."""
     n = X.shape[1]
     if n > EASE_MAX_ITEMS:
         raise ValueError(
             f"EASE needs a dense {n:,}×{n:,} inverse; the limit is {EASE_MAX_ITEMS:,} items. "
             "Use covisitation_weights(X, top_n) for large catalogs."
         )
-    if dtype not in (np.float64, np.float32):
-        raise ValueError(f"dtype must be float64 or float32, got {dtype}")
-    Xs = sp.csr_matrix(X, dtype=dtype)
-    return (Xs.T @ Xs).toarray().astype(dtype, copy=False)
-
-
-def ease_from_gram(G: np.ndarray, lam: float) -> np.ndarray:
-    """EASE weights (see :func:`ease_weights`) from G = XᵀX, in G's dtype. G is used in
-    place but given back unchanged (λ is added to its diagonal and removed again)."""
     if lam <= 0:
         raise ValueError(f"lam must be > 0, got {lam}")
-    n = G.shape[0]
+    if dtype not in (np.float64, np.float32):
+        raise ValueError(f"dtype must be float64 or float32, got {dtype}")
     t0 = time.perf_counter()
-    diag = np.diag_indices(n)
-    G[diag] += lam
-    try:
-        P = np.linalg.inv(G)
-    finally:
-        G[diag] -= lam
+    Xs = sp.csr_matrix(X, dtype=dtype)
+    G = (Xs.T @ Xs).toarray().astype(dtype, copy=False)
+    G[np.diag_indices(n)] += lam
+    P = np.linalg.inv(G)
     B = P / (-np.diag(P))[None, :]
-    B[diag] = 0.0
+    B[np.diag_indices(n)] = 0.0
     log.info("EASE on %d items (λ=%g) in %.1f s", n, lam, time.perf_counter() - t0)
     return B
-
-
-def cosine_from_gram(G: np.ndarray) -> np.ndarray:
-    """Dense cosine co-occurrence from G = XᵀX: G[i, j] / sqrt(G[i, i] · G[j, j]),
-    diagonal 0 — :func:`covisitation_weights` without the top-N cut."""
-    counts = np.diag(G).astype(np.float64)
-    inv = np.zeros(len(counts))
-    inv[counts > 0] = 1.0 / np.sqrt(counts[counts > 0])
-    W = G * inv[:, None] * inv[None, :]
-    W[np.diag_indices(len(counts))] = 0.0
-    return W
 
 
 def covisitation_weights(

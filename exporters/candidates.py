@@ -18,11 +18,9 @@ row order):
 The merged list keeps the ANN's order, then item-to-item, popular, category-popular and
 fresh items, each cut to its :class:`Quotas` share after the caller's filters, without
 duplicates (:func:`gather`). Every merged candidate carries :data:`CANDIDATE_FEATURES`
-(ranks in each source, the item-to-item score, the item's long-term popularity, and
-on catalogs small enough for a dense EASE, further item-item views — :data:`VIEWS` — as
-score / the request's best), which the ranker
-is trained on point-in-time: the model used for training candidates is built from the
-events its requests may know only.
+(ranks in each source, the item-to-item score, the item's long-term popularity), which
+the ranker is trained on point-in-time: the model used for training candidates is built
+from the events its requests may know only.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from exporters import baselines
 from exporters.seen import I2I_HISTORY
@@ -53,13 +50,6 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     "c_pop_log_count",  # log1p(consumption count before the cut-off)
     "c_catpop_rank",  # position in the popular list of the user's main category, or ABSENT
     "c_fresh_rank",  # position in the newest-items list (at the request), or ABSENT
-    # Further item-item views of the user's history (VIEWS; dense catalogs only, else 0):
-    # a weaker and a stronger EASE, cosine co-occurrence, each compared within the
-    # request's merged candidates: score / the request's highest (0 when none is
-    # positive). A raw score means little across users: histories differ in length.
-    "c_ease_lo_rel",
-    "c_ease_hi_rel",
-    "c_cos_rel",
 )
 ABSENT_RANK = 10_000.0
 MODEL_FILE = "candidates.npz"
@@ -72,18 +62,6 @@ DENSE_MAX_ITEMS = 5000
 # path I2I_HISTORY): heavy raters' older items still carry signal (measured on the sparse
 # preset: EASE over the newest 200 0.095, over all 0.108 NDCG@10).
 DENSE_HISTORY = 1000
-# The item-item views beside the release's EASE (ranker features, no candidates of their
-# own), in CANDIDATE_FEATURES order: EASE at other regularisations (a fixed ratio to the
-# release's λ, not a value tuned on one data set) and cosine co-occurrence. Each is a dense
-# [n, n] float32 matrix, so they exist only where the release keeps EASE dense (≤
-# DENSE_MAX_ITEMS items: 3 × 100 MB and three fits of seconds at 5,000 items); beyond, no
-# view is fitted, stored or scored, and their features are constant.
-VIEWS: tuple[str, ...] = ("ease_lo", "ease_hi", "cos")
-VIEW_LAMBDA_RATIO = {"ease_lo": 0.2, "ease_hi": 8.0}
-# The views score the user's newest VIEW_HISTORY seen items (as the neighbour-list source
-# does, I2I_HISTORY): their cost is history × 3n reads per request, so this bounds the
-# heavy users' (measured: p99 of `recstack bench candidates`).
-VIEW_HISTORY = I2I_HISTORY
 
 
 @dataclass(frozen=True)
@@ -122,9 +100,6 @@ class SourceModel:
     dense: np.ndarray | None = None  # float32 [n, n] EASE weights (small catalogs)
     category: np.ndarray | None = None  # int64 [n] (-1 unknown)
     created_at: np.ndarray | None = None  # float64 [n], unix seconds
-    # VIEWS' dense weights, float32 [n, len(VIEWS), n]: views[i, v, j] is view v's weight
-    # of item j for a user who consumed item i (one row gather serves every view).
-    views: np.ndarray | None = None
     # Derived (from_arrays): rows by category then popularity, and by age.
     category_rows: np.ndarray | None = None  # int64 [n]
     category_start: np.ndarray | None = None  # int64 [C + 1] offsets into category_rows
@@ -152,7 +127,6 @@ class SourceModel:
                 created_at=self.created_at
                 if self.created_at is not None
                 else np.zeros(0, np.float64),
-                views=self.views if self.views is not None else np.zeros((0, 0, 0), np.float32),
             )
         os.replace(tmp, path)
 
@@ -172,7 +146,6 @@ class SourceModel:
                 dense=optional("dense"),
                 category=optional("category"),
                 created_at=optional("created_at"),
-                views=optional("views"),
             )
 
     @classmethod
@@ -187,17 +160,12 @@ class SourceModel:
         dense: np.ndarray | None = None,
         category: np.ndarray | None = None,
         created_at: np.ndarray | None = None,
-        views: np.ndarray | None = None,
     ) -> SourceModel:
         n = len(item_ids)
         if neighbours.shape != weights.shape or neighbours.shape[0] != n or len(pop_count) != n:
             raise ValueError(
                 f"candidate model arrays disagree: {n} items, neighbours {neighbours.shape}, "
                 f"weights {weights.shape}, popularity {len(pop_count)}"
-            )
-        if views is not None and views.shape != (n, len(VIEWS), n):
-            raise ValueError(
-                f"candidate model views: expected shape {(n, len(VIEWS), n)}, got {views.shape}"
             )
         order = np.lexsort((np.arange(n), -np.asarray(pop_count, dtype=np.float64)))
         rank = np.empty(n, dtype=np.float32)
@@ -227,7 +195,6 @@ class SourceModel:
             None if dense is None else np.ascontiguousarray(dense, dtype=np.float32),
             category,
             created_at,
-            None if views is None else np.ascontiguousarray(views, dtype=np.float32),
             by_cat,
             start,
             newest,
@@ -262,14 +229,9 @@ def build_model(
     X, _ = baselines.interaction_matrix(df, item_ids, events=events)
     n = len(item_ids)
     top_n = top_n or default_top_n(n)
-    G = None
-    if n <= min(DENSE_MAX_ITEMS, baselines.EASE_MAX_ITEMS):  # one Gram: EASE and the views
+    if n <= baselines.EASE_MAX_ITEMS:
         method = f"ease(lambda={lam:g})"
-        G = baselines.gram_matrix(X)
-        B: Any = baselines.ease_from_gram(G, lam)
-    elif n <= baselines.EASE_MAX_ITEMS:
-        method = f"ease(lambda={lam:g})"
-        B = baselines.ease_weights(X, lam=lam, dtype=np.float32)
+        B: Any = baselines.ease_weights(X, lam=lam, dtype=np.float32 if n > 5000 else np.float64)
     else:
         method = "covisitation(cosine)"
         B = baselines.covisitation_weights(X, top_n)
@@ -280,17 +242,6 @@ def build_model(
         else None
     )
     del B
-    views = None
-    if dense is not None and G is not None:
-        t1 = time.perf_counter()
-        views = np.empty((n, len(VIEWS), n), dtype=np.float32)
-        for v, name in enumerate(VIEWS):
-            if name == "cos":
-                views[:, v] = baselines.cosine_from_gram(G)
-            else:
-                views[:, v] = baselines.ease_from_gram(G, lam * VIEW_LAMBDA_RATIO[name])
-        log.info("item-item views %s in %.1f s", VIEWS, time.perf_counter() - t1)
-    del G
     info = {
         "method": method,
         "events": list(events),
@@ -300,10 +251,6 @@ def build_model(
         "interactions": int(X.nnz),
         "top_n": int(top_n),
         "dense": dense is not None,
-        "views": list(VIEWS) if views is not None else [],
-        "view_lambdas": {k: lam * r for k, r in VIEW_LAMBDA_RATIO.items()}
-        if views is not None
-        else {},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log.info("candidate sources: %s", json.dumps(info))
@@ -322,7 +269,6 @@ def build_model(
         dense=dense,
         category=category,
         created_at=created,
-        views=views,
     )
 
 
@@ -407,34 +353,7 @@ def gather(
     feats[:, 4] = np.log1p(model.pop_count[rows])
     feats[:, 5] = _positions(catpop, rows)
     feats[:, 6] = _positions(fresh, rows)
-    _view_features(model, seen_rows, rows, feats)
     return rows, feats
-
-
-_COLUMN = {name: j for j, name in enumerate(CANDIDATE_FEATURES)}
-
-
-def _view_features(
-    model: SourceModel, seen_rows: np.ndarray, rows: np.ndarray, feats: np.ndarray
-) -> None:
-    """Fill each view's (:data:`VIEWS`) column of ``feats``: the summed view score of the
-    user's newest :data:`VIEW_HISTORY` seen items relative to the request's best. One pass
-    over those items' rows of every view: O(history × n)."""
-    cols = [_COLUMN[f"c_{name}_rel"] for name in VIEWS]
-    if model.views is None:  # a large catalog: no views
-        feats[:, cols] = 0.0
-        return
-    n = len(model.item_ids)
-    hist = np.asarray(seen_rows, dtype=np.int64)[:VIEW_HISTORY]
-    hist = hist[hist >= 0]
-    # The indicator row of the history times the [n, V·n] weights, without copying rows.
-    x = sp.csr_matrix(
-        (np.ones(len(hist), np.float32), hist, [0, len(hist)]), shape=(1, n), dtype=np.float32
-    )
-    scores = np.asarray(x @ model.views.reshape(n, -1)).reshape(len(VIEWS), n)[:, rows]
-    top = scores.max(axis=1, keepdims=True) if len(rows) else np.zeros((len(VIEWS), 1))
-    rel = np.divide(scores, top, out=np.zeros_like(scores), where=top > 0)
-    feats[:, cols] = rel.T
 
 
 CATEGORY_HISTORY = 50  # the newest seen items that pick the user's main category

@@ -9,11 +9,8 @@ import scipy.sparse as sp
 
 from exporters.baselines import (
     EASE_MAX_ITEMS,
-    cosine_from_gram,
     covisitation_weights,
-    ease_from_gram,
     ease_weights,
-    gram_matrix,
     interaction_matrix,
     popularity_scores,
     score_users,
@@ -68,22 +65,6 @@ def test_ease_matches_a_direct_numpy_solve() -> None:
     np.testing.assert_allclose(B32, expected, atol=1e-4)
     S = score_users(X[:3], B)
     np.testing.assert_allclose(S, Xd[:3] @ expected, atol=1e-9)
-
-
-def test_one_gram_serves_ease_at_several_lambdas_and_cosine() -> None:
-    """The views of a release come from one G = XᵀX: each EASE equals its own fit, G is
-    given back unchanged, and the dense cosine is co-visitation without the top-N cut."""
-    X = _random_x(60, 15, 0.3, seed=4)
-    G = gram_matrix(X)
-    before = G.copy()
-    for lam in (1.0, 5.0, 40.0):
-        np.testing.assert_allclose(ease_from_gram(G, lam), ease_weights(X, lam=lam), atol=1e-12)
-        np.testing.assert_array_equal(G, before)
-    np.testing.assert_allclose(
-        cosine_from_gram(G), covisitation_weights(X, top_n=15).toarray(), atol=1e-6
-    )
-    with pytest.raises(ValueError, match="lam"):
-        ease_from_gram(G, 0.0)
 
 
 def test_ease_refuses_large_catalogs_and_bad_lambda() -> None:

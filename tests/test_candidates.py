@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from exporters import baselines, candidates, seen
+from exporters import candidates, seen
 from exporters.candidates import ABSENT_RANK, CANDIDATE_FEATURES, Quotas
 
 
@@ -125,66 +125,6 @@ def test_category_popular_and_fresh_sources() -> None:
     assert catpop == [6, 5]  # category 1, most popular first, seen 3 and 4 skipped
     assert fresh == [9, 8]  # the newest created by 9.5
     assert candidates.source_names(feats).tolist() == ["popular", "popular", "fresh", "fresh"]
-
-
-def test_item_item_views_are_the_users_summed_scores_relative_to_the_request() -> None:
-    """On a dense catalog the release keeps EASE at two other λ and cosine co-occurrence;
-    each candidate's view feature is the user's summed view score over the request's
-    best — checked against the baselines computed directly."""
-    events = _planted()
-    item_ids = np.arange(60, dtype=np.int64)
-    model = candidates.build_model(events, item_ids, ["click"], before=None, top_n=5)
-    assert model.views is not None and model.views.shape == (60, len(candidates.VIEWS), 60)
-    assert model.info["views"] == list(candidates.VIEWS)
-    X, _ = baselines.interaction_matrix(events, item_ids, events=["click"])
-    lam = candidates.EASE_LAMBDA * candidates.VIEW_LAMBDA_RATIO["ease_hi"]
-    expected_view = {
-        "ease_hi": baselines.ease_weights(X, lam=lam),
-        "cos": baselines.covisitation_weights(X, top_n=60).toarray(),
-    }
-    history = np.array([10, 21, 4])  # newest first
-    quotas = Quotas(ann=5, i2i=10, popular=5, category_popular=0, fresh=0)
-
-    def allowed(rows: np.ndarray) -> np.ndarray:
-        return ~np.isin(rows, history)
-
-    rows, feats = candidates.gather(model, quotas, np.array([0, 1, 2]), history, allowed)
-    col = {name: j for j, name in enumerate(CANDIDATE_FEATURES)}
-    for name, B in expected_view.items():
-        scores = B[history].sum(axis=0)[rows]
-        np.testing.assert_allclose(feats[:, col[f"c_{name}_rel"]], scores / scores.max(), atol=1e-5)
-    # The planted partners of the history (11, 20, 5) lead every view.
-    for name in candidates.VIEWS:
-        best = rows[np.argsort(-feats[:, col[f"c_{name}_rel"]], kind="stable")[:3]]
-        assert set(best.tolist()) == {11, 20, 5}, name
-
-
-def test_views_survive_save_and_load_and_are_absent_beyond_the_dense_size(
-    tmp_path, monkeypatch
-) -> None:
-    events = _planted()
-    model = candidates.build_model(events, np.arange(60), ["click"], before=None, top_n=5)
-    model.save(tmp_path / "m.npz")
-    loaded = candidates.SourceModel.load(tmp_path / "m.npz")
-    np.testing.assert_array_equal(model.views, loaded.views)
-    monkeypatch.setattr(candidates, "DENSE_MAX_ITEMS", 10)  # a "large" catalog
-    sparse = candidates.build_model(events, np.arange(60), ["click"], before=None, top_n=5)
-    assert sparse.dense is None and sparse.views is None and sparse.info["views"] == []
-    sparse.save(tmp_path / "s.npz")
-    assert candidates.SourceModel.load(tmp_path / "s.npz").views is None
-    _, feats = candidates.gather(sparse, Quotas(), np.arange(5), np.array([10]), lambda r: r != 10)
-    col = {name: j for j, name in enumerate(CANDIDATE_FEATURES)}
-    for name in candidates.VIEWS:
-        assert (feats[:, col[f"c_{name}_rel"]] == 0).all()
-    with pytest.raises(ValueError, match="views"):
-        candidates.SourceModel.from_arrays(
-            model.item_ids,
-            model.neighbours,
-            model.weights,
-            model.pop_count,
-            {},
-            views=model.views[:, :1],
-        )
 
 
 def test_seen_table_equals_the_real_time_rule() -> None:
