@@ -84,8 +84,8 @@ class Catalog:
         excluded = np.concatenate(
             [np.asarray(seen, dtype=np.int64), np.fromiter(filters.exclude_item_ids, np.int64)]
         )
-        rows, known = self.rows(excluded)
-        blocked = np.unique(rows[known])  # sorted
+        excluded_rows, known = self.rows(excluded)
+        blocked = np.unique(excluded_rows[known])  # sorted
         include = np.fromiter(filters.include_categories, np.int64)
         exclude = np.fromiter(filters.exclude_categories, np.int64)
         price_min, price_max = filters.price_min, filters.price_max
