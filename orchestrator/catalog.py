@@ -6,6 +6,7 @@ rows follow the index's rows, so a FAISS result is already a catalog row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,21 +73,39 @@ class Catalog:
 
     def allowed(self, rows: np.ndarray, filters: Filters, seen: np.ndarray) -> np.ndarray:
         """Mask over ``rows``: passes the request filters and is not in ``seen`` (ids)."""
-        mask = np.ones(len(rows), dtype=bool)
-        ids = self.item_ids[rows]
-        cats = self.category[rows]
-        if filters.include_categories:
-            mask &= np.isin(cats, np.fromiter(filters.include_categories, np.int64))
-        if filters.exclude_categories:
-            mask &= ~np.isin(cats, np.fromiter(filters.exclude_categories, np.int64))
+        return self.request_filter(filters, seen)(rows)
+
+    def request_filter(
+        self, filters: Filters, seen: np.ndarray
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """:meth:`allowed` of one request as a function of rows. The blocked items (``seen``
+        ids and the filter's excluded ids) are looked up and sorted once here, not on each
+        call: the candidate merge filters five source lists per request."""
         excluded = np.concatenate(
             [np.asarray(seen, dtype=np.int64), np.fromiter(filters.exclude_item_ids, np.int64)]
         )
-        if len(excluded):
-            mask &= ~np.isin(ids, excluded)
-        if filters.price_min > 0 or np.isfinite(filters.price_max):
-            price = self.price[rows]
-            mask &= (price >= filters.price_min) & (price <= filters.price_max)
+        excluded_rows, known = self.rows(excluded)
+        blocked = np.unique(excluded_rows[known])  # sorted
+        include = np.fromiter(filters.include_categories, np.int64)
+        exclude = np.fromiter(filters.exclude_categories, np.int64)
+        price_min, price_max = filters.price_min, filters.price_max
+        by_price = price_min > 0 or np.isfinite(price_max)
+
+        def mask(rows: np.ndarray) -> np.ndarray:
+            rows = np.asarray(rows, dtype=np.int64)
+            ok = np.ones(len(rows), dtype=bool)
+            if len(include):
+                ok &= np.isin(self.category[rows], include)
+            if len(exclude):
+                ok &= ~np.isin(self.category[rows], exclude)
+            if len(blocked):
+                pos = np.minimum(np.searchsorted(blocked, rows), len(blocked) - 1)
+                ok &= blocked[pos] != rows
+            if by_price:
+                price = self.price[rows]
+                ok &= (price >= price_min) & (price <= price_max)
+            return ok
+
         return mask
 
 
@@ -118,12 +137,13 @@ class Fallbacks:
         scores decrease along each list so post-processing keeps their order."""
         out_rows, out_scores, out_sources = [], [], []
         n_fresh = round(n * fresh_share)
+        passes = catalog.request_filter(filters, seen)
         for rows, count, source in (
             (self.fresh_rows, n_fresh, "fresh"),
             (self.popular_rows, n - n_fresh, "popular"),
         ):
             rows = rows[catalog.created_at[rows] <= now]  # not yet released: not offered
-            rows = rows[catalog.allowed(rows, filters, seen)][:count]
+            rows = rows[passes(rows)][:count]
             out_rows.append(rows)
             out_scores.append(1.0 - np.arange(len(rows), dtype=np.float64) / max(len(rows), 1))
             out_sources.append(np.full(len(rows), source, dtype=object))

@@ -479,9 +479,10 @@ class RecommendService:
         with clock.stage("filter"):
             seen = user.seen_items
             created = catalog.created_at
+            passes = catalog.request_filter(q.filters, seen)  # blocked set built once
 
             def allowed(rows: np.ndarray) -> np.ndarray:
-                return catalog.allowed(rows, q.filters, seen) & (created[rows] <= now)
+                return passes(rows) & (created[rows] <= now)
 
             if rel.sources is not None:
                 seen_rows, seen_known = catalog.rows(seen)

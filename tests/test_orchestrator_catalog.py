@@ -85,3 +85,28 @@ def test_build_rejects_misaligned_arrays() -> None:
         Catalog.build(
             np.arange(2), np.zeros(1), np.zeros(2), np.zeros(2), np.zeros(2), np.zeros((2, 4))
         )
+
+
+def test_request_filter_equals_a_direct_check_over_random_requests(catalog: Catalog) -> None:
+    """The per-request filter (blocked set built once, used for several lists) keeps
+    exactly the rows a direct check of every filter keeps."""
+    rng = np.random.default_rng(3)
+    ids = catalog.item_ids
+    for trial in range(200):
+        include = rng.choice(5, size=int(rng.integers(0, 3)), replace=False).tolist()
+        others = [c for c in range(5) if c not in include]
+        exclude = others[: int(rng.integers(0, 2))]
+        excluded_ids = rng.choice(1200, size=int(rng.integers(0, 30))).tolist()
+        lo, hi = sorted(rng.uniform(0, 120, 2).tolist()) if rng.random() < 0.5 else (0, 0)
+        f = build_filters(include, exclude, excluded_ids, lo, hi)
+        seen = rng.choice(1200, size=int(rng.integers(0, 80)))  # some ids not in the catalog
+        passes = catalog.request_filter(f, seen)
+        for _ in range(3):  # one filter, several lists, as in the candidate merge
+            rows = rng.integers(0, len(catalog), size=int(rng.integers(0, 150)))
+            cats, price = catalog.category[rows], catalog.price[rows]
+            expected = ~np.isin(ids[rows], np.concatenate([seen, excluded_ids]))
+            if include:
+                expected &= np.isin(cats, include)
+            expected &= ~np.isin(cats, exclude)
+            expected &= (price >= f.price_min) & (price <= f.price_max)
+            np.testing.assert_array_equal(passes(rows), expected, err_msg=str(trial))
