@@ -232,7 +232,7 @@ def _triton(settings: Settings, release_id: int) -> Check:
             }
         )
         try:
-            proc = start_triton(scratch, releases=[release_id], timeout=120)
+            proc = start_triton(scratch, releases=[release_id], timeout=120, die_with_parent=True)
         except Exception as e:
             detail = str(e).split("; log ")[0]
             return Check("triton_load", False, f"Triton did not load it: {detail[:500]}")

@@ -99,9 +99,12 @@ def start_process(
     timeout: float = 60.0,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    die_with_parent: bool = False,
 ) -> ManagedProcess:
     """Start ``argv`` in its own process group, logging to a file; return once ``ready()``
-    is true. Raises RuntimeError (with the log's tail) if it exits or is not ready in time."""
+    is true. Raises RuntimeError (with the log's tail) if it exits or is not ready in time.
+    ``die_with_parent``: the kernel sends it SIGTERM when this process dies (a scratch
+    server must not outlive a killed CLI)."""
     logfile = log_path(settings, name)
     logfile.parent.mkdir(parents=True, exist_ok=True)
     existing = read_pid(settings, name)
@@ -116,6 +119,7 @@ def start_process(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=_term_with_parent if die_with_parent else None,
         )
     proc = ManagedProcess(name, popen.pid, logfile, pid_path(settings, name), popen)
     proc.pid_path.write_text(str(popen.pid))
@@ -135,6 +139,14 @@ def start_process(
         time.sleep(0.1)
     proc.stop()
     raise RuntimeError(f"{name} not ready after {timeout:.0f} s; log {logfile}:\n{tail(logfile)}")
+
+
+def _term_with_parent() -> None:
+    """In the child before exec: PR_SET_PDEATHSIG = SIGTERM (Linux)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def read_pid(settings: Settings, name: str) -> int | None:

@@ -435,6 +435,7 @@ def start_triton(
     models: Mapping[str, int | Sequence[int]] | None = None,
     timeout: float = 60.0,
     releases: Sequence[int] | None = None,
+    die_with_parent: bool = False,
 ) -> ManagedProcess:
     """Start tritonserver and return once what it must serve is ready: ``models`` (model ->
     pinned version(s)) when given, else ``releases`` side by side (each with its own rank
@@ -470,6 +471,7 @@ def start_triton(
         timeout=timeout,  # for the server itself; each model load has its own deadline
         env=env,
         cwd=settings.run_dir,
+        die_with_parent=die_with_parent,
     )
     try:
         if models is not None:

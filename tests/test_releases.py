@@ -334,6 +334,29 @@ def test_pinned_version_unloaded_behind_its_back_is_repinned(
         assert not r.degraded and r.release == str(load_state(rs).live)
 
 
+def _no_scratch_triton_left(s: Settings, timeout: float = 30.0) -> None:
+    """Validation's scratch tritonserver dies with the CLI that started it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        left = [
+            p.name
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _cmdline_has(p, "recstack-validate-", str(s.model_repository))
+        ]
+        if not left:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"scratch tritonserver left running: pids {left}")
+
+
+def _cmdline_has(proc: Path, *parts: str) -> bool:
+    try:
+        cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return all(part in cmdline for part in parts)
+
+
 def test_cli_killed_mid_promotion_leaves_one_release_serving(
     rs: Settings, stack: dict[str, ManagedProcess], users: list[str]
 ) -> None:
@@ -351,6 +374,7 @@ def test_cli_killed_mid_promotion_leaves_one_release_serving(
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        _no_scratch_triton_left(rs)
         state = load_state(rs)
         assert state.live in (live, target)
         doc = _wait_serving(rs, state.revision)
