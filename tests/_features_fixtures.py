@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,18 +115,25 @@ def build_env(base: Path, store_kind: str) -> FeastEnv:
     return FeastEnv(s, store_kind)
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """Our own redis-server on REDIS_TEST_PORT for the session (stopped afterwards)."""
+@contextmanager
+def own_redis_server(base: Path, redis_port: int) -> Iterator[Settings]:
+    """A redis-server of ours on ``redis_port`` (settings rooted in ``base``), stopped after."""
     from orchestrator import redis_server as rs
 
     require_redis_server()
-    s = make_settings(tmp_path_factory.mktemp("redis"), redis_port=REDIS_TEST_PORT)
+    s = make_settings(base, redis_port=redis_port)
     proc = rs.start(s)
     try:
         yield s
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Our own redis-server on REDIS_TEST_PORT for the session (stopped afterwards)."""
+    with own_redis_server(tmp_path_factory.mktemp("redis"), REDIS_TEST_PORT) as s:
+        yield s
 
 
 @pytest.fixture(

@@ -45,6 +45,15 @@ def degraded_count(reason: str) -> float:
     )
 
 
+def active_users(s: Settings, n: int) -> list[str]:
+    """The ``n`` users with the most clicks and purchases (full answers need a history)."""
+    import pandas as pd
+
+    inter = pd.read_parquet(s.raw_dir / "interactions.parquet")
+    pos = inter[inter["event"].isin(["click", "purchase"])]
+    return [str(int(u)) for u in pos["user_id"].value_counts().index[:n]]
+
+
 def in_ci() -> bool:
     """CI sets ``CI=true`` (GitHub Actions, GitLab, and ``.ci/run`` do)."""
     import os

@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 import pandas as pd
 import pytest
+from conftest import active_users
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -70,9 +71,7 @@ def stack(trained_settings: Settings) -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def users(trained_settings: Settings) -> list[str]:
     """Active users (clicks or purchases): full answers need their history."""
-    inter = pd.read_parquet(trained_settings.raw_dir / "interactions.parquet")
-    pos = inter[inter["event"].isin(["click", "purchase"])]
-    return [str(int(u)) for u in pos["user_id"].value_counts().index[:400]]
+    return active_users(trained_settings, 400)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from _features_fixtures import FeastEnv, timeline, timeline_settings, ts
-from conftest import make_settings, port, require_redis_server
+from _features_fixtures import FeastEnv, own_redis_server, timeline, timeline_settings, ts
+from conftest import port
 
 from exporters import feast_ops, feature_tables
 from exporters.history import PAD
@@ -29,15 +29,8 @@ REDIS_PORT = port(6392)
 
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    from orchestrator import redis_server as rs
-
-    require_redis_server()
-    s = make_settings(tmp_path_factory.mktemp("redis_push"), redis_port=REDIS_PORT)
-    proc = rs.start(s)
-    try:
+    with own_redis_server(tmp_path_factory.mktemp("redis_push"), REDIS_PORT) as s:
         yield s
-    finally:
-        proc.stop()
 
 
 def build_env(base: Path, store: str) -> FeastEnv:

@@ -21,9 +21,8 @@ from typing import Any
 
 import grpc
 import numpy as np
-import pandas as pd
 import pytest
-from conftest import port
+from conftest import active_users, port
 
 from exporters import release
 from exporters.model_repo import copy_committed_repository
@@ -81,8 +80,7 @@ def stack(rs: Settings) -> Iterator[dict[str, ManagedProcess]]:
 
 @pytest.fixture(scope="module")
 def users(rs: Settings) -> list[str]:
-    inter = pd.read_parquet(rs.raw_dir / "interactions.parquet")
-    return [str(u) for u in inter["user_id"].value_counts().index[:300]]
+    return active_users(rs, 300)
 
 
 def _cli(s: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
