@@ -76,11 +76,12 @@ def use_gpu(settings: Settings, runtime: Runtime) -> bool:
 
 
 def release_versions(settings: Settings, releases: Sequence[int] | None) -> dict[str, list[int]]:
-    """Model -> the versions the ``releases`` pin (default: the newest release), from the
-    release manifests (``exporters.release``, the owner of that mapping)."""
+    """Model -> the versions the ``releases`` pin (default: the releases the release state
+    serves, live and A/B arms), from the release manifests (``exporters.release``)."""
     from exporters import release
+    from exporters.release_state import load_state
 
-    ids = list(releases) if releases else release.release_ids(settings)[-1:]
+    ids = list(releases) if releases else load_state(settings).serving
     if not ids:
         raise UserError(
             f"no release in {settings.releases_dir}: a production repository serves the "
@@ -247,7 +248,7 @@ def write_configs(
     """Write the ``runtime``'s config.pbtxt files into ``out`` (default: the repository
     itself, embedded only). Into another folder, the versions served are copied too, so
     ``out`` is a complete model repository: every published version for the embedded
-    runtime, the ``releases``' versions (default: the newest release) for production,
+    runtime, the ``releases``' versions (default: the served releases) for production,
     which is then checked by the backends' rules (``exporters.repo_check``) and raises
     UserError listing every problem. Returns the configs written."""
     from exporters.repo_check import require_loadable

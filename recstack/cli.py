@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=["embedded", "production"], default="embedded")
     p.add_argument("--out", help="repository folder (default: settings.model_repository)")
     p.add_argument(
-        "--release", action="append", help="production: release(s) to serve (default: newest)"
+        "--release", action="append", help="production: release(s) to serve (default: the served)"
     )
     p = _cmd(repo, "check", "exporters.triton_configs:cli_check", "check configs vs artifacts")
     p.add_argument("dir", nargs="?", help="repository folder (default: settings.model_repository)")
