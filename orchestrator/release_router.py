@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,25 @@ class Transition:
     seconds: float = 0.0
 
 
+def rss_mb() -> float:
+    """This process's resident set size (MB), from /proc/self/statm."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _estimate_text(settings: Settings, rid: int) -> str:
+    from exporters.release_validate import release_memory_mb
+
+    try:
+        return f"estimated {release_memory_mb(settings, rid):.0f} MB"
+    except Exception as e:  # an estimate must never fail a load
+        return f"no estimate: {e}"
+
+
 def available_memory_mb() -> float:
     """MemAvailable from /proc/meminfo (inf where it cannot be read)."""
     try:
@@ -88,6 +108,8 @@ class ReleaseRouter:
         self._lock = asyncio.Lock()
         self.last: Transition | None = None
         self.triton_repins = 0
+        # RSS growth measured while each release loaded (to check release_memory_mb).
+        self.rss_growth_mb: dict[int, float] = {}
 
     @property
     def settings(self) -> Settings:
@@ -197,7 +219,15 @@ class ReleaseRouter:
         loaded: list[ServingRelease] = []
         try:
             for rid in new:
+                rss0 = rss_mb()
                 rel = await asyncio.to_thread(self._loader, self.settings, rid)
+                self.rss_growth_mb[rid] = round(rss_mb() - rss0, 1)
+                log.info(
+                    "release %d: orchestrator RSS +%.0f MB (%s)",
+                    rid,
+                    self.rss_growth_mb[rid],
+                    _estimate_text(self.settings, rid),
+                )
                 loaded.append(rel)
                 try:
                     await asyncio.to_thread(rel.warm_up, self.warm_rows)
@@ -297,6 +327,7 @@ class ReleaseRouter:
             "in_flight": {str(k): v for k, v in self._in_flight.items() if v},
             "retiring": sorted(self._retiring),
             "triton_repins": self.triton_repins,
+            "rss_growth_mb": {str(k): v for k, v in self.rss_growth_mb.items()},
         }
         if self.last is not None:
             doc["last_change"] = {
