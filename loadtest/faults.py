@@ -1,11 +1,13 @@
 """Dependency faults for a fixed time, against the real processes of a running stack:
-``recstack loadtest fault triton-pause|store-lock|model-unload --seconds S``. Used by the
-``chaos`` scenario's timed actions and by tests/test_faults.py.
+``recstack loadtest fault triton-pause|store-lock|model-unload|redis-pause --seconds S``.
+Used by the ``chaos`` scenario's timed actions and by tests/test_faults.py.
 
 - ``triton-pause``: SIGSTOP to tritonserver (from its pid file), SIGCONT after S seconds:
   a hung server, whose TCP connections stay open and whose calls never answer;
 - ``store-lock``: ``BEGIN EXCLUSIVE`` on the SQLite online store from another connection,
   held S seconds (a long write, a backup, a stuck materialisation);
+- ``redis-pause``: SIGSTOP to the project's redis-server (the Redis online store), SIGCONT
+  after S seconds;
 - ``model-unload``: unload a model through Triton's repository API, reload it after S
   seconds at the pinned version of the newest release (an ensemble with its composing
   models, as ``recstack serve triton`` loads them).
@@ -37,11 +39,30 @@ TRITON = "triton"  # orchestrator/triton_server.py's process name (its pid file)
 @contextlib.contextmanager
 def triton_paused(settings: Settings) -> Iterator[int]:
     """tritonserver stopped (SIGSTOP) inside the block, continued (SIGCONT) after it."""
+    with _paused(settings, TRITON, "Triton") as pid:
+        yield pid
+
+
+@contextlib.contextmanager
+def redis_paused(settings: Settings) -> Iterator[int]:
+    """The project's redis-server (orchestrator/redis_server.py) stopped inside the block:
+    a hung store, whose connections stay open and whose calls never answer."""
+    from orchestrator import redis_server
+
+    if settings.online_store != "redis":
+        raise UserError(f"redis-pause needs the Redis online store, not {settings.online_store}")
+    with _paused(settings, redis_server.process_name(settings), "redis-server") as pid:
+        yield pid
+
+
+@contextlib.contextmanager
+def _paused(settings: Settings, name: str, what: str) -> Iterator[int]:
+    """SIGSTOP to the process recorded as ``name`` in the run dir, SIGCONT after."""
     from orchestrator.processes import read_pid
 
-    pid = read_pid(settings, TRITON)
+    pid = read_pid(settings, name)
     if pid is None:
-        raise UserError(f"no running Triton recorded under {settings.run_dir}")
+        raise UserError(f"no running {what} recorded under {settings.run_dir}")
     os.kill(pid, signal.SIGSTOP)
     try:
         yield pid
@@ -113,7 +134,7 @@ def model_unloaded(settings: Settings, model: str) -> Iterator[dict[str, int]]:
         load_releases(settings, state.serving, keep=True)
 
 
-FAULTS = ("triton-pause", "store-lock", "model-unload")
+FAULTS = ("triton-pause", "store-lock", "model-unload", "redis-pause")
 
 
 def hold(settings: Settings, fault: str, seconds: float, model: str = "rank") -> None:
@@ -126,6 +147,8 @@ def hold(settings: Settings, fault: str, seconds: float, model: str = "rank") ->
         ctx = store_locked(settings)
     elif fault == "model-unload":
         ctx = model_unloaded(settings, model)
+    elif fault == "redis-pause":
+        ctx = redis_paused(settings)
     else:
         raise UserError(f"unknown fault {fault!r}; expected one of {FAULTS}")
     with ctx:

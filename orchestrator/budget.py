@@ -65,18 +65,25 @@ class BudgetConfig:
         )
 
 
+def answer_within(deadline_s: float | None, cfg: BudgetConfig, default_s: float) -> float:
+    """Seconds the service may take to answer a call with the client's ``deadline_s``
+    (None: no deadline, ``default_s``): the deadline less the margin for the way back,
+    never more than the ceiling."""
+    if deadline_s is None:
+        total = default_s
+    else:
+        margin = max(cfg.margin_share * deadline_s, cfg.margin_min_ms / 1000)
+        total = max(deadline_s - margin, 0.0)
+    return min(total, cfg.ceiling_ms / 1000)
+
+
 class RequestClock:
     """Times the stages of one request and hands out their budgets."""
 
     def __init__(self, deadline_s: float | None, cfg: BudgetConfig) -> None:
         self.cfg = cfg
         self.start = time.perf_counter()
-        if deadline_s is None:
-            total = cfg.default_ms / 1000
-        else:
-            margin = max(cfg.margin_share * deadline_s, cfg.margin_min_ms / 1000)
-            total = max(deadline_s - margin, 0.0)
-        total = min(total, cfg.ceiling_ms / 1000)
+        total = answer_within(deadline_s, cfg, cfg.default_ms / 1000)
         self.total_s = total
         self.end = self.start + total
         self.timings: dict[str, float] = {}

@@ -51,7 +51,7 @@ import numpy as np
 from exporters.candidates import gather, source_names
 from orchestrator import metrics
 from orchestrator.breaker import BreakerConfig, Breakers, CircuitOpen
-from orchestrator.budget import BudgetConfig, RequestClock
+from orchestrator.budget import BudgetConfig, RequestClock, answer_within
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.event_log import EventLog, new_request_id
 from orchestrator.online_features import FeatureStoreUnavailable
@@ -61,6 +61,10 @@ from orchestrator.request import EventQuery, RecommendQuery
 from orchestrator.serving_release import ItemState, ServingRelease, UserView
 
 log = logging.getLogger(__name__)
+
+
+# How long a RecordEvent without a client deadline (HTTP) may take (then the ceiling caps it).
+EVENT_DEFAULT_S = 2.0
 
 
 class ServiceUnavailable(Exception):
@@ -341,7 +345,10 @@ class RecommendService:
         item = np.asarray([e.item_id], dtype=np.int64)
         if not any(rel.catalog.rows(item)[1][0] for rel in self.router.served()):
             raise UnknownItem(f"item_id {e.item_id} is not in the serving catalog")
-        timeout = 2.0 if deadline_s is None else max(deadline_s, 0.0)
+        # The answer (UNAVAILABLE included) is due like a Recommend's: before the client's
+        # deadline by the margin, within the ceiling. Waiting the whole deadline turned a
+        # hung store's UNAVAILABLE into DEADLINE_EXCEEDED at the client.
+        timeout = answer_within(deadline_s, self.cfg.budget, EVENT_DEFAULT_S)
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.pool, self.release.features.push_event, e)
         try:

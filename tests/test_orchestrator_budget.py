@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from orchestrator.budget import BudgetConfig, RequestClock
+from orchestrator.budget import BudgetConfig, RequestClock, answer_within
 
 
 def test_stage_budget_is_share_capped_by_remaining() -> None:
@@ -75,6 +75,15 @@ def test_the_answer_is_due_a_margin_before_the_client_deadline() -> None:
     assert abs(RequestClock(0.03, cfg).total_s - 0.025) < 1e-12  # at least 5 ms
     assert RequestClock(0.004, cfg).total_s == 0.0  # nothing left: answer at once
     assert RequestClock(None, cfg).total_s == cfg.default_ms / 1000  # no client deadline
+
+
+def test_an_event_is_answered_by_the_same_rule() -> None:
+    """RecordEvent's wait on the store: the margin, the ceiling, its own default."""
+    cfg = BudgetConfig(margin_share=0.1, margin_min_ms=5.0, ceiling_ms=300)
+    assert abs(answer_within(0.1, cfg, 2.0) - 0.09) < 1e-12
+    assert answer_within(1.0, cfg, 2.0) == 0.3  # the ceiling
+    assert answer_within(None, cfg, 2.0) == 0.3
+    assert answer_within(None, BudgetConfig(ceiling_ms=60_000), 2.0) == 2.0
 
 
 def test_budget_defaults_and_settings_agree() -> None:

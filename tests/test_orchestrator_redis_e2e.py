@@ -5,6 +5,9 @@ process.
 - Nothing accepted is lost: events answered ``accepted`` over gRPC survive a ``kill -9``
   of Redis and its restart (the append-only file of orchestrator/redis_server.py), and
   the users are served in full afterwards.
+- A hung Redis (SIGSTOP) costs no deadline: Recommend degrades (``features_unavailable``)
+  and RecordEvent answers UNAVAILABLE with a retry hint, both in time; the store's breaker
+  opens, and closes after SIGCONT.
 - A store that lost the users it should know (wiped, or restarted without persistence)
   is not a silent cold start: each such answer says ``features_missing``, the health
   detail says the store looks emptied, and the metric shows the share; a user the
@@ -17,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +31,7 @@ import grpc
 import pandas as pd
 import pytest
 from conftest import port, require_redis_server
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from exporters import feast_ops, release
 from orchestrator import recommender_pb2 as pb
@@ -159,7 +164,6 @@ def test_event_times_outside_the_window_are_refused_and_the_rest_all_stored(
 ) -> None:
     """The skew window at the front door (INVALID_ARGUMENT, nothing stored), and inside
     it every accepted event lands, in arrival order, whatever its time."""
-    from google.protobuf.timestamp_pb2 import Timestamp
 
     s = stack["settings"]
     user = users[9]
@@ -226,3 +230,68 @@ def test_a_wiped_store_is_flagged_not_a_silent_cold_start(
     assert all(list(r.degraded) == [] and not r.cold_start for r in replies)
     detail = http_json(s, s.orchestrator_http_port, "/healthz")["detail"]["online_store"]
     assert detail["looks_emptied"] is False
+
+
+def test_a_hung_redis_degrades_in_time_and_events_are_refused_retryably(
+    stack: dict[str, Any], users: list[str], catalog_items: list[int]
+) -> None:
+    """redis-server SIGSTOPped (connections open, no answers) under 50 Recommend/s and
+    10 RecordEvent/s, deadlines 100 ms and 1 s: every Recommend answers OK in time, flagged
+    ``features_unavailable`` once the store's breaker is open; every RecordEvent answers
+    UNAVAILABLE with a retry hint, in time; after SIGCONT the breaker closes and full
+    answers come back."""
+    from test_faults import FAULT_S, check_answers, drive, recovery_s
+
+    from loadtest import faults
+
+    s = stack["settings"]
+    when = Timestamp()
+    when.FromDatetime(datetime.now(UTC))
+    active = users[:400]
+    for user in active[:20]:  # warm: full answers before the fault
+        recommend(stack, user)
+    events: list[tuple[float, str, float, tuple[tuple[str, str], ...]]] = []
+
+    def send_events(stop: threading.Event) -> None:
+        for n in range(int(FAULT_S * 10)):
+            if stop.is_set():
+                return
+            deadline = (0.1, 1.0)[n % 2]
+            req = pb.RecordEventRequest(
+                user_id=active[n], item_id=catalog_items[n % 40], event=pb.CLICK
+            )
+            t0 = time.perf_counter()
+            try:
+                stack["stub"].RecordEvent(req, timeout=deadline)
+                events.append((deadline, "OK", time.perf_counter() - t0, ()))
+            except grpc.RpcError as e:
+                trailers = tuple((k, v) for k, v in (e.trailing_metadata() or ()))
+                events.append((deadline, e.code().name, time.perf_counter() - t0, trailers))
+            time.sleep(0.1)
+
+    stop = threading.Event()
+    with faults.redis_paused(s):
+        sender = threading.Thread(target=send_events, args=(stop,))
+        sender.start()
+        try:
+            outcomes = drive(stack["stub"], active, when, FAULT_S)
+        finally:
+            stop.set()
+            sender.join()
+        deps = http_json(s, s.orchestrator_http_port, "/healthz")["dependencies"]
+    check_answers(outcomes, s, {"features_unavailable"})
+    assert deps["online_store:redis"]["state"] in ("open", "half_open"), deps
+    assert deps["online_store:redis"]["opened"] >= 1, deps
+    # No event was taken while Redis was stopped, and each refusal said to retry.
+    assert events and {code for _, code, _, _ in events} == {"UNAVAILABLE"}, events
+    assert all(("retry-after", str(s.event_retry_after_s)) in t for *_, t in events), events
+
+    took = recovery_s(stack, active, when)
+    assert took < s.breaker_cooldown_s + 2.0, took
+    deps = http_json(s, s.orchestrator_http_port, "/healthz")["dependencies"]
+    assert deps["online_store:redis"]["state"] == "closed", deps
+    reply = stack["stub"].RecordEvent(
+        pb.RecordEventRequest(user_id=active[0], item_id=catalog_items[0], event=pb.CLICK),
+        timeout=1.0,
+    )
+    assert reply.accepted
