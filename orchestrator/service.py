@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 EVENT_DEFAULT_S = 2.0
 
 
+# Answers without a user are reused for this many seconds (per filters, k and snapshot).
+ANONYMOUS_ANSWER_S = 60
+
+
 class ServiceUnavailable(Exception):
     """Nothing sensible can be answered (e.g. no release loaded, or the feature store did
     not take an event); gRPC UNAVAILABLE, HTTP 503 with Retry-After: the client may retry."""
@@ -535,6 +539,19 @@ class RecommendService:
         """Popular and fresh items (filtered), leaning to the user's categories if known."""
         t0 = time.perf_counter()
         now = self.feature_time(q, rel)
+        key = None
+        if user is None:
+            # No user: the answer depends on the filters, k and the minute only (items
+            # created within the minute wait for the next one).
+            key = (q.filters, q.k, int(now // ANONYMOUS_ANSWER_S))
+            items = state.anonymous_answers.get(key)
+            if items is not None:
+                result = RecommendResult(items=list(items), release=str(rel.release_id))
+                result.timings = dict(clock.timings)
+                result.timings["fallback"] = (time.perf_counter() - t0) * 1000
+                result.degraded = degraded
+                result.cold_start = cold_start
+                return result
         catalog = state.catalog
         seen = user.seen_items if user is not None else np.zeros(0, dtype=np.int64)
         rows, scores, sources = state.fallbacks.candidates(
@@ -553,6 +570,8 @@ class RecommendService:
             sources,
         )
         result = self._finish(q, cands, user, now, catalog, rel)
+        if key is not None:
+            state.remember_answer(key, list(result.items))
         result.timings = dict(clock.timings)
         result.timings["fallback"] = (time.perf_counter() - t0) * 1000
         result.degraded = degraded

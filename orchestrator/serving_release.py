@@ -195,6 +195,15 @@ class ItemState:
     catalog: Catalog
     fallbacks: Fallbacks
     loaded_at: float  # unix s, when this state was built
+    # Answers without a user (overload, timeouts, store down) depend only on the filters,
+    # k and the minute: computed once per key and snapshot, so a burst of shed requests
+    # costs a dict lookup each instead of post-processing on the event loop.
+    anonymous_answers: dict[Any, list[Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    def remember_answer(self, key: Any, items: list[Any], limit: int = 1024) -> None:
+        if len(self.anonymous_answers) >= limit:
+            self.anonymous_answers.clear()  # many filter sets: start over, stay bounded
+        self.anonymous_answers[key] = items
 
     @classmethod
     def build(

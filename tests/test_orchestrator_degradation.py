@@ -198,6 +198,36 @@ def test_a_request_left_in_the_queue_past_its_deadline_is_shed(
     assert cache_lookups() == lookups  # the shed request never reached the user tower
 
 
+def test_answers_without_a_user_are_computed_once_per_filters_and_minute(
+    service: RecommendService, interactions: pd.DataFrame
+) -> None:
+    """A burst of shed requests costs a lookup each: the first answer without a user is
+    kept per (filters, k, minute) on the item state; other filters get their own; a new
+    item snapshot starts empty."""
+    svc = RecommendService(service.release, ServiceConfig(workers=1))
+    gate = threading.Event()
+    busy = svc.pool.submit(gate.wait, 30)
+    state = service.release.items
+    state.anonymous_answers.clear()
+    try:
+        shed = [ask(svc, query(interactions, u), deadline_s=0.05) for u in users(interactions)[:5]]
+        other = ask(svc, query(interactions, 1, exclude_categories=frozenset({0})), 0.05)
+    finally:
+        gate.set()
+        busy.result()
+        svc.pool.shutdown(wait=True)
+    assert all(r.degraded == ["load_shed"] for r in [*shed, other])
+    first = [i.item_id for i in shed[0].items]
+    assert all([i.item_id for i in r.items] == first for r in shed)  # one answer, reused
+    assert len(state.anonymous_answers) == 2  # the default filters, and the other ones
+    cats = service.release.catalog.category[
+        service.release.catalog.rows(np.asarray([i.item_id for i in other.items], dtype=np.int64))[
+            0
+        ]
+    ]
+    assert 0 not in cats.tolist()  # the filtered answer is its own, not the cached one
+
+
 def test_filters_that_exclude_every_candidate(
     service: RecommendService, interactions: pd.DataFrame
 ) -> None:
