@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,6 +70,18 @@ EVENT_DEFAULT_S = 2.0
 
 # Answers without a user are reused for this many seconds (per filters, k and snapshot).
 ANONYMOUS_ANSWER_S = 60
+
+
+SERVICE_TIME_EWMA = 0.05
+
+
+def should_shed(queued: int, workers: int, service_s: float, remaining_s: float) -> bool:
+    """Shed a new request at once when the requests queued ahead of it, worked off by
+    ``workers`` at ``service_s`` each, take longer than the time it has left. Only past a
+    full round of queued work: a short queue is never shed on an estimate."""
+    if queued < workers:
+        return False
+    return queued * service_s / workers > remaining_s
 
 
 class ServiceUnavailable(Exception):
@@ -150,6 +163,12 @@ class RecommendService:
         self.pool = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="recommend")
         self.clock_lead_s = clock_lead_days * 86_400.0
         self._tasks: list[asyncio.Task[None]] = []
+        # Requests submitted and not yet picked up by a worker, and the workers' time per
+        # request (moving average): together they say whether a new request can start in
+        # time (should_shed).
+        self._queue_lock = threading.Lock()
+        self._queued = 0
+        self._service_s = 0.010
         metrics.ITEM_SNAPSHOT_AGE.set_function(self._snapshot_age)
         self._export_snapshot_time()
 
@@ -302,10 +321,20 @@ class RecommendService:
         """Answer within the deadline, degrading rather than failing."""
         clock = RequestClock(deadline_s, self.cfg.budget)
         rel = self.router.acquire(str(q.user_id))  # this request's release, end to end
+        if should_shed(self._queued, self.cfg.workers, self._service_s, clock.remaining()):
+            # The queue ahead cannot be worked off in time: answer now, while it is cheap,
+            # instead of all at once at the ceiling (a burst's fallbacks would then queue
+            # on the event loop and arrive late).
+            self.router.done(rel)
+            return self._answered(q, self._fallback(q, clock, ["load_shed"], None, rel.items, rel))
         loop = asyncio.get_running_loop()
+        with self._queue_lock:
+            self._queued += 1
         try:
             fut = loop.run_in_executor(self.pool, self._recommend, q, clock, rel)
         except BaseException:
+            with self._queue_lock:
+                self._queued -= 1
             self.router.done(rel)
             raise
         # Counted in flight until the worker is done with it (also after a timeout): the
@@ -318,7 +347,9 @@ class RecommendService:
             if clock.worker_started is None:
                 # Still queued behind other requests (overload): take it off the queue, so
                 # the backlog drains instead of doing work nobody will read.
-                fut.cancel()
+                if fut.cancel():
+                    with self._queue_lock:
+                        self._queued -= 1
                 reason = "load_shed"
             else:
                 reason = "deadline_exceeded"
@@ -329,6 +360,13 @@ class RecommendService:
         else:  # the worker is done with the clock: its CPU times are final
             for stage, ms in clock.cpu_timings.items():
                 metrics.STAGE_CPU_SECONDS.labels(stage).observe(ms / 1000)
+            if clock.worker_started is not None:
+                took = time.perf_counter() - clock.worker_started
+                self._service_s += SERVICE_TIME_EWMA * (took - self._service_s)
+        return self._answered(q, result)
+
+    def _answered(self, q: RecommendQuery, result: RecommendResult) -> RecommendResult:
+        """Count and log an answer (every path of :meth:`recommend` ends here)."""
         name = result.release
         metrics.RECOMMENDATIONS.labels(name).inc()
         for stage, ms in result.timings.items():
@@ -387,6 +425,8 @@ class RecommendService:
         self, q: RecommendQuery, clock: RequestClock, rel: ServingRelease
     ) -> RecommendResult:
         clock.worker_started = time.perf_counter()
+        with self._queue_lock:
+            self._queued -= 1
         state = rel.items  # one snapshot for the whole request
         if clock.remaining() <= 0:
             # Waited in the queue past its deadline (overload): answer cheaply instead of

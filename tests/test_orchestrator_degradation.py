@@ -198,6 +198,32 @@ def test_a_request_left_in_the_queue_past_its_deadline_is_shed(
     assert cache_lookups() == lookups  # the shed request never reached the user tower
 
 
+def test_a_burst_is_shed_on_arrival_not_at_the_ceiling(
+    service: RecommendService, interactions: pd.DataFrame
+) -> None:
+    """More queued work than one worker can do before the deadline: the excess is answered
+    ``load_shed`` at once, so every answer arrives within the deadline."""
+    svc = RecommendService(service.release, ServiceConfig(workers=1))
+    svc._service_s = 0.05  # the measured average once warm; seeded so the test is exact
+
+    async def burst() -> list[tuple[float, RecommendResult]]:
+        async def one(user: int) -> tuple[float, RecommendResult]:
+            t0 = time.perf_counter()
+            result = await svc.recommend(query(interactions, user), 0.3)
+            return time.perf_counter() - t0, result
+
+        return await asyncio.gather(*(one(u) for u in users(interactions)[:40]))
+
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        svc.pool.shutdown(wait=True)
+    shed_now = [t for t, r in answers if r.degraded == ["load_shed"] and t < 0.1]
+    assert len(shed_now) >= 25, sorted(round(t, 3) for t, _ in answers)
+    assert all(t < 0.3 for t, _ in answers), max(t for t, _ in answers)
+    assert all(len(r.items) == 10 for _, r in answers)
+
+
 def test_answers_without_a_user_are_computed_once_per_filters_and_minute(
     service: RecommendService, interactions: pd.DataFrame
 ) -> None:

@@ -69,3 +69,21 @@ def test_an_unexpected_error_is_a_degraded_answer(caplog: pytest.LogCaptureFixtu
     assert degraded_count("internal_error") == before + 1
     assert "recent items decoder broke" in caplog.text
     assert all(not r.exc_info for r in caplog.records)  # one line each, no traceback
+
+
+@pytest.mark.parametrize(
+    ("queued", "workers", "service_s", "remaining_s", "shed"),
+    [
+        (0, 4, 0.010, 0.3, False),  # nothing ahead
+        (3, 4, 1.0, 0.3, False),  # less than a round of work ahead: never on an estimate
+        (100, 4, 0.010, 0.3, False),  # 100 x 10 ms / 4 workers = 250 ms: fits
+        (200, 4, 0.010, 0.3, True),  # 500 ms of queued work: cannot start in time
+        (8, 4, 0.010, 0.0, True),  # no time left at all
+    ],
+)
+def test_should_shed(
+    queued: int, workers: int, service_s: float, remaining_s: float, shed: bool
+) -> None:
+    from orchestrator.service import should_shed
+
+    assert should_shed(queued, workers, service_s, remaining_s) is shed
