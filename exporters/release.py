@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,16 @@ def cli_show(args: argparse.Namespace) -> int:
     """``recstack release show ID``."""
     print(json.dumps(load_manifest(get_settings(), int(args.release_id)), indent=2))
     return 0
+
+
+def union_versions(settings: Settings, release_ids: Sequence[int]) -> dict[str, list[int]]:
+    """Triton model -> the sorted union of the versions ``release_ids`` pin (the set a
+    Triton serving those releases side by side must hold)."""
+    versions: dict[str, set[int]] = {}
+    for rid in release_ids:
+        for model, version in model_versions(settings, rid).items():
+            versions.setdefault(model, set()).add(version)
+    return {m: sorted(v) for m, v in sorted(versions.items())}
 
 
 def model_versions(settings: Settings, release_id: int | str | None = None) -> dict[str, int]:

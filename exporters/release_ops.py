@@ -37,7 +37,7 @@ from exporters.release_state import (
     parse_split,
     save_state,
 )
-from exporters.release_validate import format_report, release_memory_mb, validate
+from exporters.release_validate import check_fits, format_report, validate
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -69,22 +69,13 @@ def _triton_up(settings: Settings) -> bool:
 def _memory_check(settings: Settings, new: list[int], running: dict[str, Any] | None) -> None:
     """Refuse a change whose new releases would not fit beside the loaded ones (checked
     here when the orchestrator runs on this machine; it checks again itself)."""
-    from orchestrator.release_router import available_memory_mb
-
     if running is None:
         return
     loaded = set(running.get("loaded") or [])
     fresh = [r for r in new if r not in loaded]
     if not fresh:
         return
-    need = sum(release_memory_mb(settings, r) for r in fresh)
-    free = available_memory_mb() - settings.release_memory_headroom_mb
-    if need > free:
-        raise UserError(
-            f"release(s) {fresh} need ~{need:.0f} MB beside the served ones; {max(free, 0):.0f}"
-            f" MB available after {settings.release_memory_headroom_mb} MB headroom. Refused, "
-            "nothing changed: free memory, or stop the A/B test first."
-        )
+    need, free = check_fits(settings, fresh)
     print(f"memory: ~{need:.0f} MB for {fresh} during the transition; {free:.0f} MB available")
 
 

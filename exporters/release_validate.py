@@ -112,6 +112,33 @@ def release_memory_mb(settings: Settings, release_id: int) -> float:
     return total / 2**20 + RELEASE_OVERHEAD_MB
 
 
+def available_memory_mb() -> float:
+    """MemAvailable from /proc/meminfo (inf where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def check_fits(settings: Settings, release_ids: list[int]) -> tuple[float, float]:
+    """(MB ``release_ids`` need, MB available after the headroom) on this machine; a
+    :class:`UserError` when they do not fit beside what is loaded."""
+    need = sum(release_memory_mb(settings, r) for r in release_ids)
+    free = available_memory_mb() - settings.release_memory_headroom_mb
+    if need > free:
+        raise UserError(
+            f"release(s) {release_ids} need ~{need:.0f} MB beside the served ones; "
+            f"{max(free, 0):.0f} MB available after {settings.release_memory_headroom_mb} MB "
+            "headroom. Refused, the current releases keep serving: free memory, or stop the "
+            "A/B test first."
+        )
+    return need, free
+
+
 def _parity(manifest: dict[str, Any]) -> Check:
     bad = []
     towers = manifest["parity"]["towers"]
@@ -127,18 +154,15 @@ def _parity(manifest: dict[str, Any]) -> Check:
     return Check("parity", not bad, "; ".join(bad) or "towers and ranker within tolerance")
 
 
-def _dims(settings: Settings, manifest: dict[str, Any]) -> Check:
+def _dims(settings: Settings, manifest: dict[str, Any], index: Any) -> Check:
     """One embedding width everywhere: the user tower's ONNX output, the index, the rank
     ensemble's ``user_embedding``/``item_embedding`` inputs (config.pbtxt)."""
-    import faiss
     import onnx
 
-    rid = int(manifest["release_id"])
     widths: dict[str, int] = {}
     tower = settings.model_repository / "user_tower" / str(manifest["models"]["user_tower"])
     graph = onnx.load(str(tower / "model.onnx"), load_external_data=False).graph
     widths["user_tower output"] = int(graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
-    index = faiss.read_index(str(release_dir(settings, rid) / INDEX_FILES[0]))
     widths["index"] = int(index.d)
     widths["manifest index.dim"] = int(manifest["index"]["dim"])
     for t in load_config("rank", settings.model_repository).input:
@@ -149,13 +173,11 @@ def _dims(settings: Settings, manifest: dict[str, Any]) -> Check:
     return Check("embedding_dims", ok, detail if ok else f"widths differ: {detail}")
 
 
-def _index_recall(settings: Settings, manifest: dict[str, Any]) -> Check:
+def _index_recall(settings: Settings, manifest: dict[str, Any], index: Any) -> Check:
     """Recall@100 of the index against exact inner-product search, item vectors as
     queries (the user tower's outputs live in the same space)."""
     import faiss
 
-    rid = int(manifest["release_id"])
-    index = faiss.read_index(str(release_dir(settings, rid) / INDEX_FILES[0]))
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.make_direct_map()
@@ -296,11 +318,19 @@ def validate(
         else:
             checks.append(Check("checksums", True, "none recorded (older release)", skipped=True))
         checks.append(_parity(manifest))
-        for check in (_dims, _index_recall):
-            try:
-                checks.append(check(settings, manifest))
-            except Exception as e:  # an unreadable artifact is a hard failure
-                checks.append(Check(check.__name__.strip("_"), False, f"{type(e).__name__}: {e}"))
+        try:  # read once for both checks (hundreds of MB at 1M items)
+            import faiss
+
+            index = faiss.read_index(str(release_dir(settings, release_id) / INDEX_FILES[0]))
+        except Exception as e:  # an unreadable artifact is a hard failure
+            checks.append(Check("index", False, f"{type(e).__name__}: {e}"))
+        else:
+            for check in (_dims, _index_recall):  # _dims first: recall changes search params
+                try:
+                    checks.append(check(settings, manifest, index))
+                except Exception as e:  # an unreadable artifact is a hard failure
+                    name = check.__name__.strip("_")
+                    checks.append(Check(name, False, f"{type(e).__name__}: {e}"))
         checks += _metrics(settings, manifest, live if compare_live else None)
         hard_ok = all(c.ok for c in checks if c.hard)
         if triton and hard_ok:

@@ -87,14 +87,11 @@ def release_versions(settings: Settings, releases: Sequence[int] | None) -> dict
             f"no release in {settings.releases_dir}: a production repository serves the "
             "versions of releases; publish one first (recstack train)"
         )
-    versions: dict[str, set[int]] = {}
-    for rid in ids:
-        for model, version in release.model_versions(settings, rid).items():
-            versions.setdefault(model, set()).add(version)
+    versions = release.union_versions(settings, ids)
     missing = [m for m in MODELS if m not in versions]
     if missing:
         raise UserError(f"release(s) {ids} name no version of {missing}")
-    return {m: sorted(v) for m, v in versions.items()}
+    return versions
 
 
 def _artifact(settings: Settings, model: str, version: int) -> Path:

@@ -77,18 +77,6 @@ def _estimate_text(settings: Settings, rid: int) -> str:
         return f"no estimate: {e}"
 
 
-def available_memory_mb() -> float:
-    """MemAvailable from /proc/meminfo (inf where it cannot be read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("inf")
-
-
 class ReleaseRouter:
     """Holds the served releases and the routing table; changed only by :meth:`sync`
     (one at a time, on the event loop's default executor for the heavy part)."""
@@ -153,7 +141,7 @@ class ReleaseRouter:
         return list(self.table.releases.values()) if self.table is not None else []
 
     # ---------------------------------------------------------------- changes
-    async def sync(self, force: bool = False) -> bool:
+    async def sync(self) -> bool:
         """Serve what the release state says if it changed since the table was built;
         True if the table was replaced. Never raises for a bad release: it is refused
         (logged, in health details), the old table keeps serving."""
@@ -161,13 +149,12 @@ class ReleaseRouter:
             return False  # a fixed router
         async with self._lock:
             state = await asyncio.to_thread(self._read_state)
-            if self.table is not None and state.revision == self.table.revision and not force:
+            if self.table is not None and state.revision == self.table.revision:
                 return False
             if (
                 self.last is not None
                 and self.last.revision == state.revision
                 and self.last.status in ("refused", "failed")
-                and not force
             ):
                 return False  # already refused this revision; wait for the next change
             t0 = time.perf_counter()
@@ -210,7 +197,9 @@ class ReleaseRouter:
         current = self.table.releases if self.table is not None else {}
         new = [rid for rid in wanted if rid not in current]
         if new and current:
-            self._check_memory(new)
+            from exporters.release_validate import check_fits
+
+            check_fits(self.settings, new)
         releases = {rid: current[rid] for rid in wanted if rid in current}
         # Triton first: the new release's models next to the old ones (best effort: a
         # Triton that is down comes back with the state's releases via `serve triton`,
@@ -240,19 +229,6 @@ class ReleaseRouter:
             raise
         live = state.live if state.live in releases else wanted[0]
         return RoutingTable(tuple(state.routing), state.salt, state.revision, releases, live)
-
-    def _check_memory(self, new: list[int]) -> None:
-        from exporters.release_validate import release_memory_mb
-
-        need = sum(release_memory_mb(self.settings, rid) for rid in new)
-        free = available_memory_mb() - self.settings.release_memory_headroom_mb
-        if need > free:
-            raise UserError(
-                f"loading release(s) {new} beside the served ones needs ~{need:.0f} MB, "
-                f"{max(free, 0):.0f} MB are available (after "
-                f"{self.settings.release_memory_headroom_mb} MB headroom): refused, the "
-                "current releases keep serving"
-            )
 
     def _load_triton(self, wanted: list[int]) -> None:
         from orchestrator.triton_server import load_releases

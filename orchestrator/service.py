@@ -579,19 +579,31 @@ class RecommendService:
         """Popular and fresh items (filtered), leaning to the user's categories if known."""
         t0 = time.perf_counter()
         now = self.feature_time(q, rel)
-        key = None
         if user is None:
             # No user: the answer depends on the filters, k and the minute only (items
             # created within the minute wait for the next one).
             key = (q.filters, q.k, int(now // ANONYMOUS_ANSWER_S))
             items = state.anonymous_answers.get(key)
-            if items is not None:
-                result = RecommendResult(items=list(items), release=str(rel.release_id))
-                result.timings = dict(clock.timings)
-                result.timings["fallback"] = (time.perf_counter() - t0) * 1000
-                result.degraded = degraded
-                result.cold_start = cold_start
-                return result
+            if items is None:
+                items = self._fallback_items(q, None, state, rel, now)
+                state.remember_answer(key, items)
+        else:
+            items = self._fallback_items(q, user, state, rel, now)
+        result = RecommendResult(items=list(items), release=str(rel.release_id))
+        result.timings = dict(clock.timings)
+        result.timings["fallback"] = (time.perf_counter() - t0) * 1000
+        result.degraded = degraded
+        result.cold_start = cold_start
+        return result
+
+    def _fallback_items(
+        self,
+        q: RecommendQuery,
+        user: UserView | None,
+        state: ItemState,
+        rel: ServingRelease,
+        now: float,
+    ) -> list[RecItem]:
         catalog = state.catalog
         seen = user.seen_items if user is not None else np.zeros(0, dtype=np.int64)
         rows, scores, sources = state.fallbacks.candidates(
@@ -609,11 +621,4 @@ class RecommendService:
             catalog.created_at[rows],
             sources,
         )
-        result = self._finish(q, cands, user, now, catalog, rel)
-        if key is not None:
-            state.remember_answer(key, list(result.items))
-        result.timings = dict(clock.timings)
-        result.timings["fallback"] = (time.perf_counter() - t0) * 1000
-        result.degraded = degraded
-        result.cold_start = cold_start
-        return result
+        return self._finish(q, cands, user, now, catalog, rel).items

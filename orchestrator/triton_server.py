@@ -247,15 +247,11 @@ def ensemble_name(release_id: int) -> str:
 
 
 def release_pins(settings: Settings, release_ids: Sequence[int]) -> dict[str, list[int]]:
-    """Non-ensemble model -> the sorted union of the versions ``release_ids`` pin."""
-    from exporters.release import model_versions
+    """Non-ensemble model -> the sorted union of the versions ``release_ids`` pin (the
+    ensemble is loaded per release instead, see ``ensemble_name``)."""
+    from exporters.release import union_versions
 
-    pins: dict[str, set[int]] = {}
-    for rid in release_ids:
-        for model, version in model_versions(settings, rid).items():
-            if model != ENSEMBLE:
-                pins.setdefault(model, set()).add(int(version))
-    return {m: sorted(v) for m, v in sorted(pins.items())}
+    return {m: v for m, v in union_versions(settings, release_ids).items() if m != ENSEMBLE}
 
 
 def ensemble_config(settings: Settings, release_id: int) -> dict:

@@ -19,7 +19,6 @@ import asyncio
 import dataclasses
 import gc
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ import pandas as pd
 import pytest
 from conftest import degraded_count
 
+from loadtest.faults import store_locked
 from orchestrator import metrics
 from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.online_features import ItemSnapshot
@@ -135,16 +135,13 @@ def test_work_longer_than_the_deadline_is_deadline_exceeded(
     answer at its deadline, not when the store does."""
     slow_store = serving.model_copy(update={"online_store_timeout_ms": 5000.0})
     svc = asyncio.run(RecommendService.create(slow_store))
-    db = sqlite3.connect(serving.data_dir / "feast" / "sqlite" / "online_store.db")
     before = degraded_count("deadline_exceeded")
     try:
-        db.execute("BEGIN EXCLUSIVE")
-        t0 = time.perf_counter()
-        result = ask(svc, query(interactions, users(interactions)[1]), deadline_s=0.3)
-        elapsed = time.perf_counter() - t0
+        with store_locked(serving):
+            t0 = time.perf_counter()
+            result = ask(svc, query(interactions, users(interactions)[1]), deadline_s=0.3)
+            elapsed = time.perf_counter() - t0
     finally:
-        db.rollback()
-        db.close()
         asyncio.run(svc.close())
     assert result.degraded == ["deadline_exceeded"]
     assert len(result.items) == 10
@@ -158,19 +155,14 @@ def test_a_locked_store_answers_features_unavailable_within_its_timeout(
     """With the default store timeout (50 ms) the same lock is a store failure, not a
     stall: features_unavailable long before the deadline."""
     timeout_s = serving.online_store_timeout_ms / 1000
-    db = sqlite3.connect(serving.data_dir / "feast" / "sqlite" / "online_store.db")
     before = degraded_count("features_unavailable")
     # This process holds the whole session's objects: a full collection during the
     # request (seen: > 250 ms in the full suite) would be timed, not the store.
     gc.collect()
-    try:
-        db.execute("BEGIN EXCLUSIVE")
+    with store_locked(serving):
         t0 = time.perf_counter()
         result = ask(service, query(interactions, users(interactions)[1]), deadline_s=1.0)
         elapsed = time.perf_counter() - t0
-    finally:
-        db.rollback()
-        db.close()
     assert result.degraded == ["features_unavailable"] and result.cold_start
     assert len(result.items) == 10
     assert elapsed < timeout_s + 0.2, elapsed  # the busy timeout, not the deadline
