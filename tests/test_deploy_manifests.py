@@ -24,6 +24,7 @@ from tests._kustomize import KustomizeError, render
 K8S = PROJECT_ROOT / "deploy" / "k8s"
 OVERLAYS = {name: K8S / "overlays" / name for name in ("dev", "prod")}
 PROMOTE_JOB = K8S / "jobs" / "promote-job.yaml"
+TRAIN_JOB = K8S / "jobs" / "train-job.yaml"
 # The Kubernetes minor the manifests target (grpc probes need 1.27+, the preStop sleep
 # action 1.30+); kubernetes-validate ships the schemas.
 KUBERNETES_VERSION = "1.33.0"
@@ -42,6 +43,15 @@ def promote_job(release: str = "7", reason: str = "test") -> dict[str, Any]:
     """The promotion Job as `envsubst` fills it in (docs/deploy.md)."""
     text = PROMOTE_JOB.read_text().replace("${RELEASE_ID}", release)
     return yaml.safe_load(text.replace("${REASON}", reason))
+
+
+def jobs() -> dict[str, dict[str, Any]]:
+    """The Jobs created by hand (deploy/k8s/jobs), as created."""
+    return {"promote": promote_job(), "train": yaml.safe_load(TRAIN_JOB.read_text())}
+
+
+def job_specs() -> dict[str, dict[str, Any]]:
+    return {name: job["spec"]["template"]["spec"] for name, job in jobs().items()}
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +102,9 @@ def test_every_rendered_resource_is_valid(rendered, overlay: str):
         )
 
 
-def test_promotion_job_is_valid():
-    validate(promote_job())
+@pytest.mark.parametrize("job", ["promote", "train"])
+def test_jobs_are_valid(job: str):
+    validate(jobs()[job])
 
 
 def test_validation_rejects_a_wrong_manifest(rendered):
@@ -257,14 +268,14 @@ def recstack_commands(c: dict[str, Any]) -> list[list[str]]:
         return [c["args"]]
     assert c["command"][:2] == ["/bin/sh", "-ec"], c["command"]
     script = re.sub(r'"\$[A-Z_]+"', "7", " ".join(c["args"]))
-    return [shlex.split(part)[1:] for part in script.split("&&")]
+    parts = [shlex.split(part) for part in script.split("&&")]
+    return [p[1:] for p in parts if p[0] == "recstack"]
 
 
 def test_every_recstack_command_parses_with_the_cli(rendered):
     seen = set()
-    jobs = {"recstack-promote-": promote_job()["spec"]["template"]["spec"]}
     for docs in rendered.values():
-        for name, spec in {**pod_specs(docs), **jobs}.items():
+        for name, spec in {**pod_specs(docs), **job_specs()}.items():
             for c in spec["containers"]:
                 if not c["image"].split(":")[0].split("/")[-1].startswith("recstack"):
                     continue
@@ -279,6 +290,8 @@ def test_every_recstack_command_parses_with_the_cli(rendered):
         "exporters.feast_ops:cli_materialize",
         "exporters.triton_configs:cli",
         "exporters.release_ops:cli_promote",
+        "exporters.feast_ops:cli_apply",
+        "exporters.pipeline:cli",
     } <= seen, seen
 
 
@@ -297,7 +310,7 @@ def test_image_tags_are_the_project_version_and_images_exist(rendered):
     for docs in rendered.values():
         for spec in pod_specs(docs).values():
             images |= {c["image"] for c in spec["containers"]}
-    images |= {c["image"] for c in promote_job()["spec"]["template"]["spec"]["containers"]}
+    images |= {c["image"] for spec in job_specs().values() for c in spec["containers"]}
     ours = {i for i in images if i.split(":")[0].split("/")[-1].startswith("recstack")}
     assert ours and all(i.endswith(f":{version}") for i in ours), ours
     names = {i.split(":")[0].split("/")[-1] for i in ours}
@@ -326,7 +339,7 @@ def test_the_image_env_agrees_with_the_configmap(rendered):
 def test_mounts_name_volumes_and_claims_exist(rendered, overlay: str):
     docs = rendered[overlay]
     claims = set(by_kind(docs, "PersistentVolumeClaim"))
-    specs = {**pod_specs(docs), "promote": promote_job()["spec"]["template"]["spec"]}
+    specs = {**pod_specs(docs), **job_specs()}
     for name, spec in specs.items():
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for c in spec["containers"]:

@@ -53,11 +53,16 @@ EXPOSE 50051 8080 9100
 ENTRYPOINT ["recstack"]
 CMD ["serve", "orchestrator"]
 
-# The promotion image: `recstack release promote` validates a release by loading it in a
-# scratch embedded Triton (exporters/release_validate.py), which needs .venv-triton, the
-# same environment `make setup` builds from requirements/triton.lock.
+# The tools image, for the training and promotion Jobs: `recstack release promote`
+# validates a release by loading it in a scratch embedded Triton
+# (exporters/release_validate.py), which needs .venv-triton, the environment `make setup`
+# builds from requirements/triton.lock; `recstack train` compiles the ranker with tl2cgen,
+# which needs a C compiler (exporters/ranker_export.py, toolchain gcc).
 FROM app AS tools
 USER 0:0
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc=4:12.2.0-3 libc6-dev=2.36-9+deb12u14 \
+    && rm -rf /var/lib/apt/lists/*
 COPY requirements/triton.txt requirements/triton.lock requirements/
 RUN python -m venv /opt/recstack/.venv-triton \
     && /opt/recstack/.venv-triton/bin/pip install --no-cache-dir --disable-pip-version-check \
