@@ -15,6 +15,14 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from _deploy_fixtures import (
+    CONTAINER_SPECIFIC,
+    embedded_triton_flags,
+    exec_form,
+    instructions,
+    stages,
+    triton_flags,
+)
 
 from recstack.cli import build_parser
 from recstack.settings import PROJECT_ROOT, Settings
@@ -23,42 +31,6 @@ IMAGES = PROJECT_ROOT / "deploy" / "images"
 DOCKERFILES = sorted(IMAGES.glob("*.Dockerfile"))
 ORCHESTRATOR = IMAGES / "orchestrator.Dockerfile"
 TRITON = IMAGES / "triton.Dockerfile"
-
-
-def instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in dockerfile.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line, pending = pending + line, ""
-        word, _, rest = line.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
-
-
-def stages(dockerfile: Path) -> dict[str, list[tuple[str, str]]]:
-    """Stage name (or index) -> its instructions, FROM included."""
-    out: dict[str, list[tuple[str, str]]] = {}
-    name = ""
-    for word, args in instructions(dockerfile):
-        if word == "FROM":
-            parts = args.split()
-            name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else str(len(out))
-            out[name] = []
-        out[name].append((word, args))
-    return out
-
-
-def exec_form(args: str) -> list[str]:
-    value = json.loads(args)
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
-    return value
 
 
 def hadolint() -> str:
@@ -248,32 +220,6 @@ def test_exposed_ports_are_the_settings_defaults():
     assert orch == {s.orchestrator_grpc_port, s.orchestrator_http_port, s.orchestrator_metrics_port}
     triton = {int(p) for w, a in instructions(TRITON) if w == "EXPOSE" for p in a.split()}
     assert triton == {s.triton_http_port, s.triton_grpc_port, s.triton_metrics_port}
-
-
-def triton_flags(argv: list[str]) -> dict[str, str]:
-    return dict(a.removeprefix("--").split("=", 1) for a in argv if a.startswith("--"))
-
-
-def embedded_triton_flags() -> dict[str, str]:
-    """The flags orchestrator/triton_server.py starts tritonserver with (a fixed key, so
-    nothing is written)."""
-    from orchestrator.triton_server import triton_argv
-
-    settings = Settings(triton_repository_key="k")
-    return triton_flags(triton_argv(settings, Path("/backends"), Path("/site")))
-
-
-# Flags whose value differs in a container on purpose: paths, listen addresses (Triton's
-# default is every interface), and the repository-API key (from a Secret in Kubernetes).
-CONTAINER_SPECIFIC = {
-    "model-repository",
-    "backend-directory",
-    "http-address",
-    "grpc-address",
-    "metrics-address",
-    "http-restricted-api",
-    "grpc-restricted-protocol",
-}
 
 
 def test_triton_image_command_matches_the_projects_triton_flags():

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 import yaml
+from _deploy_fixtures import CONTAINER_SPECIFIC, embedded_triton_flags, stages, triton_flags
+from _kustomize import KustomizeError, render
 
 from recstack.cli import build_parser
 from recstack.settings import PROJECT_ROOT, Settings
-from tests._kustomize import KustomizeError, render
 
 K8S = PROJECT_ROOT / "deploy" / "k8s"
 OVERLAYS = {name: K8S / "overlays" / name for name in ("dev", "prod")}
@@ -218,11 +219,6 @@ def test_orchestrator_ports_probes_and_metrics(rendered, overlay: str):
 @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 def test_triton_ports_readiness_and_flags(rendered, overlay: str):
     from orchestrator.triton_server import REPOSITORY_KEY_HEADER
-    from tests.test_deploy_images import (
-        CONTAINER_SPECIFIC,
-        embedded_triton_flags,
-        triton_flags,
-    )
 
     docs = rendered[overlay]
     s = Settings()
@@ -303,8 +299,6 @@ def test_a_command_the_cli_does_not_know_fails(rendered):
 
 
 def test_image_tags_are_the_project_version_and_images_exist(rendered):
-    from tests.test_deploy_images import stages
-
     version = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["version"]
     images = set()
     for docs in rendered.values():
