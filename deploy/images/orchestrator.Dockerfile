@@ -39,7 +39,10 @@ COPY model_repository/ model_repository/
 # Paths and addresses for a container: state on the mounted volume (the manifests mount
 # /var/lib/recstack), servers on every interface (settings.py's loopback defaults would
 # be unreachable from other pods). Ports stay settings.py's defaults.
+# HOME: uid 10001 has no home folder and the root filesystem is read-only in the
+# manifests; libraries that cache under ~ (matplotlib's config dir) get /tmp.
 ENV PATH=/opt/recstack/.venv/bin:$PATH \
+    HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     RECSTACK_DATA_DIR=/var/lib/recstack/data \
