@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,6 +45,11 @@ from orchestrator.triton_client import (
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
+
+    from orchestrator.service import RecommendService
+
 log = logging.getLogger(__name__)
 
 # The shims of model_repository/_shims/ a config names (``default_model_filename``), i.e.
@@ -54,7 +60,7 @@ TREELITE_SHIM = "treelite_model.py"
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def _params(config) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def _params(config: ModelConfig) -> dict[str, str]:
     return {k: v.string_value for k, v in config.parameters.items()}
 
 
@@ -239,7 +245,9 @@ def reference_release_id(settings: Settings, release_id: int | None) -> int:
     return int(state.live)
 
 
-async def create_reference_service(settings: Settings, release_id: int | None = None):  # type: ignore[no-untyped-def]
+async def create_reference_service(
+    settings: Settings, release_id: int | None = None
+) -> RecommendService:
     """The orchestrator's :class:`RecommendService` (configured from ``settings`` as
     ``RecommendService.create`` does) over one release whose models run in process."""
     from orchestrator import metrics
