@@ -67,7 +67,8 @@ bench-triton: setup
 	$(BIN)/recstack bench triton
 
 # Issue 5's 1M-item benchmark end to end in its own workspace (BENCH_DIR, default /work/perf)
-# and ports (PORT_BASE, default 38000): docs/benchmark.md.
+# and ports (PORT_BASE, default 38000), recstack against the in-process reference (issue 13)
+# REPEATS times: docs/benchmark.md.
 bench-large: setup
 	bash loadtest/bench_large.sh
 

@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
 # The issue-5 benchmark on the `large` preset (1,000,000 items), end to end, in a workspace
-# of its own so it never touches ./data, ./releases or the committed model repository:
+# of its own so it never touches ./data, ./releases or the committed model repository,
+# with issue 13's in-process reference measured in the same sitting:
 #
-#   1. data generate --preset large (skipped when the workspace already holds it)
+#   1. data generate --preset $PRESET (skipped when the workspace already holds it)
 #   2. recstack train, timed per step, peak memory sampled every 2 s
-#   3. Triton + orchestrator on the large release (non-default ports), their RSS
-#   4. the open-loop generator at RATE req/s over gRPC for DURATION (after its warm-up),
-#      then at LOW_RATE (unsaturated per-stage numbers); recstack_stage_seconds histograms
-#      read before and after each run
-#   5. recstack stop; results under $BENCH_DIR/results/<UTC stamp>/
+#   3. Triton for the whole run; then REPEATS times, taking turns on the same release:
+#      a. the orchestrator (Triton serving the models): the open-loop generator at RATE
+#         req/s over gRPC for DURATION (after its warm-up), then at LOW_RATE (unsaturated
+#         per-stage numbers); stopped;
+#      b. the in-process reference (`recstack bench reference`, loadtest/reference.py: the
+#         same pipeline and front with the models in its own process, no Triton) under
+#         the same loads (same seeds, rates, durations) on its own ports; stopped.
+#      Around each load: CPU ticks of the serving process and of Triton's process tree
+#      (/proc), and the recstack_stage_seconds / recstack_stage_cpu_seconds histograms.
+#   4. results under $BENCH_DIR/results/<UTC stamp>/: bench.json + bench.md with CPU per
+#      request per process, per-stage CPU, latency and the ratio total-stack-CPU(recstack)
+#      / CPU(reference), as medians and ranges over the repeats.
 #
 # Usage: loadtest/bench_large.sh            (or: make bench-large)
 # Env:   BENCH_DIR (default /work/perf; falls back to ./.bench-large when not writable),
+#        PRESET (large; small or demo for a quick try), REPEATS (3),
 #        RATE (100), DURATION (60s), LOW_RATE (30), LOW_DURATION (40s), SCENARIO (steady),
-#        PRESET (large),
-#        PORT_BASE (38000: Triton +0/+1/+2, orchestrator gRPC +51, HTTP +80, metrics +100),
-#        PYSPY (path to a py-spy binary: records a flame graph of the orchestrator under load),
-#        KEEP_UP=1 leaves the servers running afterwards.
+#        PORT_BASE (38000: Triton +0/+1/+2, orchestrator gRPC +51, HTTP +80, metrics +100,
+#        admin +101; reference gRPC +52, HTTP +82, metrics +102, admin +103),
+#        PYSPY (path to a py-spy binary: records a flame graph of the orchestrator under
+#        load in the first repeat),
+#        KEEP_UP=1 leaves Triton running afterwards.
 # See docs/benchmark.md for the numbers this produced and how to read them.
 set -euo pipefail
 
@@ -32,6 +42,10 @@ DURATION="${DURATION:-60s}"
 SCENARIO="${SCENARIO:-steady}"
 PRESET="${PRESET:-large}"
 PORT_BASE="${PORT_BASE:-38000}"
+REPEATS="${REPEATS:-3}"
+case "$REPEATS" in '' | *[!0-9]* | 0) echo "REPEATS must be a positive integer" >&2; exit 2 ;; esac
+# This checkout's code, whichever checkout the virtual environment was installed from.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 export RECSTACK_DATA_DIR="$BENCH_DIR/data"
 export RECSTACK_MODEL_REPOSITORY="$BENCH_DIR/model_repository"
@@ -44,7 +58,10 @@ export RECSTACK_ORCHESTRATOR_GRPC_PORT=$((PORT_BASE + 51))
 export RECSTACK_ORCHESTRATOR_HTTP_PORT=$((PORT_BASE + 80))
 export RECSTACK_ORCHESTRATOR_METRICS_PORT=$((PORT_BASE + 100))
 export RECSTACK_ORCHESTRATOR_ADMIN_PORT=$((PORT_BASE + 101))
-METRICS_URL="http://127.0.0.1:${RECSTACK_ORCHESTRATOR_METRICS_PORT}/metrics"
+REF_GRPC_PORT=$((PORT_BASE + 52))
+REF_HTTP_PORT=$((PORT_BASE + 82))
+REF_METRICS_PORT=$((PORT_BASE + 102))
+REF_ADMIN_PORT=$((PORT_BASE + 103))
 
 OUT="$BENCH_DIR/results/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$OUT" "$RECSTACK_RUN_DIR"
@@ -108,25 +125,48 @@ sleep 1
 memwatch "$(pgrep -P $TRAIN_PID -n || echo $TRAIN_PID)" "$OUT/train_mem.log" &
 wait $TRAIN_PID
 
-# --- 3. servers ------------------------------------------------------------------------
+# --- 3. servers: Triton throughout; the orchestrator and the reference take turns ------
 "$BIN/recstack" stop >>"$OUT/bench.log" 2>&1 || true
 log "serve triton --detach"
 "$BIN/recstack" serve triton --detach >>"$OUT/bench.log" 2>&1
-log "serve orchestrator --detach"
-t0=$(date +%s)
-"$BIN/recstack" serve orchestrator --detach >>"$OUT/bench.log" 2>&1
-echo $(($(date +%s) - t0)) >"$OUT/orchestrator_start_seconds"
-ORCH_PID=$(cat "$RECSTACK_RUN_DIR/orchestrator.pid")
 TRITON_PID=$(cat "$RECSTACK_RUN_DIR/triton.pid")
 
-{
-    echo "orchestrator_rss_kb_idle $(awk '/^VmRSS/{print $2}' /proc/$ORCH_PID/status)"
-    echo "orchestrator_hwm_kb_idle $(awk '/^VmHWM/{print $2}' /proc/$ORCH_PID/status)"
-    echo "triton_tree_rss_kb_idle $(rss_tree_kb "$TRITON_PID")"
-} >"$OUT/rss.txt"
+# The process under load: SVC (orchestrator|reference), its pid, gRPC port, metrics URL.
+SVC="" SVC_PID="" SVC_PORT="" SVC_METRICS=""
+start_service() { # start_service orchestrator|reference
+    local t0
+    t0=$(date +%s)
+    if [ "$1" = orchestrator ]; then
+        log "serve orchestrator --detach"
+        "$BIN/recstack" serve orchestrator --detach >>"$OUT/bench.log" 2>&1
+        SVC_PORT=$RECSTACK_ORCHESTRATOR_GRPC_PORT
+        SVC_METRICS="http://127.0.0.1:${RECSTACK_ORCHESTRATOR_METRICS_PORT}/metrics"
+    else
+        log "bench reference --detach (gRPC $REF_GRPC_PORT)"
+        "$BIN/recstack" bench reference --detach --port "$REF_GRPC_PORT" \
+            --http-port "$REF_HTTP_PORT" --metrics-port "$REF_METRICS_PORT" \
+            --admin-port "$REF_ADMIN_PORT" >>"$OUT/bench.log" 2>&1
+        SVC_PORT=$REF_GRPC_PORT
+        SVC_METRICS="http://127.0.0.1:${REF_METRICS_PORT}/metrics"
+    fi
+    SVC=$1
+    SVC_PID=$(cat "$RECSTACK_RUN_DIR/$1.pid")
+    echo "$1_start_seconds $(($(date +%s) - t0))" >>"$OUT/start_seconds.txt"
+}
+stop_service() { # SIGTERM (drain), then SIGKILL, of the process group, as `recstack stop`
+    "$PY" -c "import sys; from orchestrator.processes import stop_process; \
+from recstack.settings import get_settings; stop_process(get_settings(), sys.argv[1])" \
+        "$SVC" >>"$OUT/bench.log" 2>&1
+}
 
+rss_note() { # rss_note SUFFIX: the serving process's and Triton's RSS now
+    {
+        echo "${SVC}_rss_kb_$1 $(awk '/^VmRSS/{print $2}' /proc/$SVC_PID/status)"
+        echo "${SVC}_hwm_kb_$1 $(awk '/^VmHWM/{print $2}' /proc/$SVC_PID/status)"
+        echo "triton_tree_rss_kb_${SVC}_$1 $(rss_tree_kb "$TRITON_PID")"
+    } >>"$OUT/rss.txt"
+}
 
-# --- 4. load: the target rate, then a lower one for unsaturated per-stage numbers -------
 # CPU ticks (user + system) of a pid and its children (Triton's Python-backend stubs).
 cpu_tree_ticks() {
     local total=0 p
@@ -136,9 +176,10 @@ cpu_tree_ticks() {
     echo "$total"
 }
 
-run_load() { # run_load NAME RATE DURATION SEED
-    local d="$OUT/$1" c0 c1 t0 t1
+run_load() { # run_load DIR RATE DURATION SEED: the load on $SVC
+    local d=$1 c0 c1 t0 t1
     mkdir -p "$d"
+    echo "$SVC" >"$d/service"
     # tritonserver 2.51 can segfault when clients cancel calls under overload (gRPC
     # cancellation race, docs/benchmark.md): say so, and restart it so this run measures
     # the models rather than the fallbacks.
@@ -146,43 +187,51 @@ run_load() { # run_load NAME RATE DURATION SEED
         log "WARNING: tritonserver (pid $TRITON_PID) died during the previous run; restarting it"
         "$BIN/recstack" serve triton --detach >>"$OUT/bench.log" 2>&1
         TRITON_PID=$(cat "$RECSTACK_RUN_DIR/triton.pid")
-        echo "$1" >>"$OUT/triton_restarted_before"
+        echo "$d" >>"$OUT/triton_restarted_before"
     fi
-    curl -s "$METRICS_URL" >"$d/metrics_before.txt"
-    c0=$(awk '{print $14+$15}' "/proc/$ORCH_PID/stat")
+    curl -s "$SVC_METRICS" >"$d/metrics_before.txt"
+    c0=$(awk '{print $14+$15}' "/proc/$SVC_PID/stat")
     t0=$(cpu_tree_ticks "$TRITON_PID")
-    if [ -n "${PYSPY:-}" ] && [ "$1" = "main" ]; then
-        "$PYSPY" record --pid "$ORCH_PID" --duration 40 --rate 100 --nonblocking \
+    if [ -n "${PYSPY:-}" ] && [ "$d" = "$OUT/rep1/orchestrator/main" ]; then
+        "$PYSPY" record --pid "$SVC_PID" --duration 40 --rate 100 --nonblocking \
             --format speedscope --output "$d/orchestrator.speedscope.json" >"$d/pyspy.log" 2>&1 &
     fi
-    log "loadtest run $SCENARIO --rate $2 --duration $3 (gRPC 127.0.0.1:$RECSTACK_ORCHESTRATOR_GRPC_PORT)"
+    log "$SVC: loadtest run $SCENARIO --rate $2 --duration $3 --seed $4 (gRPC 127.0.0.1:$SVC_PORT)"
     "$BIN/recstack" loadtest run "$SCENARIO" --rate "$2" --duration "$3" --seed "$4" \
-        --address "127.0.0.1:$RECSTACK_ORCHESTRATOR_GRPC_PORT" --out "$d/loadtest" \
+        --address "127.0.0.1:$SVC_PORT" --out "$d/loadtest" \
         --no-progress 2>&1 | tee "$d/loadtest.log" || true
     wait || true
-    c1=$(awk '{print $14+$15}' "/proc/$ORCH_PID/stat")
+    c1=$(awk '{print $14+$15}' "/proc/$SVC_PID/stat")
     t1=$(cpu_tree_ticks "$TRITON_PID")
-    curl -s "$METRICS_URL" >"$d/metrics_after.txt"
-    echo "$((c1 - c0))" >"$d/orchestrator_cpu_ticks"
+    curl -s "$SVC_METRICS" >"$d/metrics_after.txt"
+    echo "$((c1 - c0))" >"$d/service_cpu_ticks"
     echo "$((t1 - t0))" >"$d/triton_cpu_ticks"
 }
-# Different seeds: the second run must not replay the first one's users (the orchestrator
-# caches user embeddings, so a replay would be flattered by hits).
-run_load main "$RATE" "$DURATION" 1
-run_load low "${LOW_RATE:-30}" "${LOW_DURATION:-40s}" 2
-{
-    echo "orchestrator_rss_kb_loaded $(awk '/^VmRSS/{print $2}' /proc/$ORCH_PID/status)"
-    echo "orchestrator_hwm_kb $(awk '/^VmHWM/{print $2}' /proc/$ORCH_PID/status)"
-    echo "triton_tree_rss_kb_loaded $(rss_tree_kb "$TRITON_PID")"
-} >>"$OUT/rss.txt"
+
+# --- 4. load, REPEATS times: the orchestrator, then the reference, on the same loads -----
+# The main and low runs use different seeds: the second must not replay the first one's
+# users (the services cache user embeddings, so a replay would be flattered by hits). Each
+# service starts fresh per repeat, so every repeat replays the same two loads.
+for rep in $(seq 1 "$REPEATS"); do
+    for svc in orchestrator reference; do
+        start_service "$svc"
+        [ "$rep" = 1 ] && rss_note idle
+        run_load "$OUT/rep$rep/$svc/main" "$RATE" "$DURATION" 1
+        run_load "$OUT/rep$rep/$svc/low" "${LOW_RATE:-30}" "${LOW_DURATION:-40s}" 2
+        [ "$rep" = 1 ] && rss_note loaded
+        stop_service
+    done
+done
 
 # --- 5. summary: bench.json + bench.md ----------------------------------------------------
 "$PY" - "$OUT" "$RECSTACK_DATA_DIR" <<'PYEOF'
-"""Merge pipeline step times, memory, RSS, load-test results and the per-stage histogram
-deltas of each run into bench.json + bench.md."""
+"""Merge pipeline step times, memory, RSS, and per run (repeat x service x load) the
+load-test result, the CPU ticks and the per-stage histogram deltas into bench.json +
+bench.md, with medians and ranges over the repeats and the recstack / reference ratios."""
 
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -190,6 +239,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 out, data = Path(sys.argv[1]), Path(sys.argv[2])
 TICK = os.sysconf("SC_CLK_TCK")
+SERVICES = ("orchestrator", "reference")
 # family -> key prefix: wall time per stage, worker-thread CPU per stage, whole handler
 FAMILIES = {
     "recstack_stage_seconds": "",
@@ -208,11 +258,12 @@ def hist(path: Path) -> dict[str, dict]:
             key = FAMILIES[fam.name] + (s.labels.get("stage") or s.labels.get("method", ""))
             st = stages.setdefault(key, {"buckets": {}, "sum": 0.0, "count": 0.0})
             if s.name.endswith("_bucket"):
-                st["buckets"][float(s.labels["le"])] = s.value
+                le = float(s.labels["le"])
+                st["buckets"][le] = st["buckets"].get(le, 0.0) + s.value  # summed over releases
             elif s.name.endswith("_sum"):
-                st["sum"] = s.value
+                st["sum"] += s.value
             elif s.name.endswith("_count"):
-                st["count"] = s.value
+                st["count"] += s.value
     return stages
 
 
@@ -266,33 +317,122 @@ def stage_table(run: Path) -> dict[str, dict]:
     return stages
 
 
+def one_run(run: Path) -> dict:
+    """CPU per request (the server's own count of every RPC it answered while the ticks
+    were taken, warm-up included), latency from the generator, stage tables."""
+    stages = stage_table(run)
+    rpcs = sum(v["count"] for k, v in stages.items() if k.startswith("request:"))
+    service_s = int((run / "service_cpu_ticks").read_text()) / TICK
+    triton_s = int((run / "triton_cpu_ticks").read_text()) / TICK
+    found = sorted((run / "loadtest").glob("**/result.json"))
+    result = json.loads(found[0].read_text()) if found else {}
+    lat = result.get("latency_ms", {})
+    per = (lambda s: round(1000 * s / rpcs, 3)) if rpcs else (lambda s: None)
+    return {
+        "rpcs": rpcs,
+        "service_cpu_seconds": round(service_s, 2),
+        "triton_cpu_seconds": round(triton_s, 2),
+        "service_cpu_ms_per_request": per(service_s),
+        "triton_cpu_ms_per_request": per(triton_s),
+        "p50_ms": lat.get("p50"),
+        "p99_ms": lat.get("p99"),
+        "achieved_rate": round(result.get("achieved_rate", 0.0), 1),
+        "error_share": result.get("error_share"),
+        "degraded_share": result.get("degraded_share"),
+        "user_embedding_cache_hit_share": cache_hit_share(run),
+        "stages": stages,
+        "result_json": str(found[0]) if found else None,
+    }
+
+
+def spread(values: list) -> dict | None:
+    """Median and range of the repeats' values (None when no repeat has one)."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None
+    return {"median": round(statistics.median(xs), 3), "min": round(min(xs), 3),
+            "max": round(max(xs), 3), "n": len(xs)}
+
+
+def show(s: dict | None, unit: str = "") -> str:
+    if s is None:
+        return "-"
+    if s["n"] == 1:
+        return f"{s['median']:g}{unit}"
+    return f"{s['median']:g}{unit} ({s['min']:g}–{s['max']:g})"
+
+
 steps = {
     p.stem: json.loads(p.read_text())["seconds"]
     for p in sorted((data / "work" / ".steps").glob("*.json"))
 }
 mem = [int(x.split()[1]) for x in (out / "train_mem.log").read_text().splitlines() if x.strip()]
 rss = dict(line.split() for line in (out / "rss.txt").read_text().splitlines())
-runs = {}
-for name in ("main", "low"):
-    run = out / name
-    if not run.exists():
-        continue
-    found = sorted((run / "loadtest").glob("**/result.json"))
-    runs[name] = {
-        "stages": stage_table(run),
-        "orchestrator_cpu_seconds": round(
-            int((run / "orchestrator_cpu_ticks").read_text()) / TICK, 1
-        ),
-        "triton_cpu_seconds": round(int((run / "triton_cpu_ticks").read_text()) / TICK, 1),
-        "user_embedding_cache_hit_share": cache_hit_share(run),
-        "result_json": str(found[0]) if found else None,
+starts = dict(line.split() for line in (out / "start_seconds.txt").read_text().splitlines())
+reps = sorted(out.glob("rep*"), key=lambda p: int(p.name[3:]))
+
+# runs[phase][service] = [one_run per repeat]
+runs: dict[str, dict[str, list[dict]]] = {}
+for rep in reps:
+    for svc in SERVICES:
+        for phase_dir in sorted((rep / svc).glob("*")):
+            if (phase_dir / "service_cpu_ticks").exists():
+                runs.setdefault(phase_dir.name, {}).setdefault(svc, []).append(one_run(phase_dir))
+
+runs = dict(sorted(runs.items(), key=lambda kv: (kv[0] != "main", kv[0])))  # main first
+summary: dict[str, dict] = {}
+for phase, by_svc in runs.items():
+    orch, ref = by_svc.get("orchestrator", []), by_svc.get("reference", [])
+    total = [
+        None if r["service_cpu_ms_per_request"] is None
+        else r["service_cpu_ms_per_request"] + r["triton_cpu_ms_per_request"]
+        for r in orch
+    ]
+    ref_cpu = [r["service_cpu_ms_per_request"] for r in ref]
+    ratio = [t / c if t and c else None for t, c in zip(total, ref_cpu, strict=False)]  # per repeat
+    cpu_stages = sorted({k for r in orch + ref for k in r["stages"] if k.startswith("cpu:")})
+    wall_stages = sorted({k for r in orch + ref for k in r["stages"]
+                          if ":" not in k and k != "fallback"})
+    summary[phase] = {
+        "repeats": len(orch),
+        "cpu_ms_per_request": {
+            "orchestrator": spread([r["service_cpu_ms_per_request"] for r in orch]),
+            "triton_tree": spread([r["triton_cpu_ms_per_request"] for r in orch]),
+            "recstack_total": spread(total),
+            "reference": spread(ref_cpu),
+            # Triton idles beside the reference (it is not stopped between turns).
+            "triton_tree_idle_during_reference": spread(
+                [r["triton_cpu_ms_per_request"] for r in ref]
+            ),
+        },
+        "ratio_recstack_total_to_reference_cpu": spread(ratio),
+        "latency_ms": {
+            svc: {q: spread([r[q] for r in by_svc.get(svc, [])]) for q in ("p50_ms", "p99_ms")}
+            for svc in SERVICES
+        },
+        "error_share": {svc: spread([r["error_share"] for r in by_svc.get(svc, [])])
+                        for svc in SERVICES},
+        "degraded_share": {svc: spread([r["degraded_share"] for r in by_svc.get(svc, [])])
+                           for svc in SERVICES},
+        "stage_cpu_mean_ms": {
+            k[4:]: {svc: spread([r["stages"].get(k, {}).get("mean_ms")
+                                 for r in by_svc.get(svc, [])]) for svc in SERVICES}
+            for k in cpu_stages
+        },
+        "stage_wall_p50_ms": {
+            k: {svc: spread([r["stages"].get(k, {}).get("p50_ms")
+                             for r in by_svc.get(svc, [])]) for svc in SERVICES}
+            for k in wall_stages
+        },
     }
+
 doc = {
     "pipeline_step_seconds": steps,
     "pipeline_total_seconds": round(sum(steps.values()), 1),
     "train_peak_rss_mb": round(max(mem, default=0) / 1024),
-    "orchestrator_start_seconds": int((out / "orchestrator_start_seconds").read_text()),
-    "rss_mb": {k: round(int(v) / 1024) for k, v in rss.items()},
+    "start_seconds": {k: int(v) for k, v in starts.items()},
+    "rss_mb": {k.replace("_kb", ""): round(int(v) / 1024) for k, v in rss.items()},
+    "summary": summary,
     "runs": runs,
 }
 (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -302,29 +442,51 @@ lines += ["| step | s |", "| --- | --- |"]
 lines += [f"| {k} | {v} |" for k, v in steps.items()]
 lines += [f"| **total** | {doc['pipeline_total_seconds']} |", ""]
 lines += [f"Peak RSS of `recstack train` (this run): {doc['train_peak_rss_mb']} MB", ""]
-lines += ["## Memory (MB)", "", "| what | MB |", "| --- | --- |"]
+lines += ["## Memory (MB, first repeat)", "", "| what | MB |", "| --- | --- |"]
 lines += [f"| {k} | {v} |" for k, v in doc["rss_mb"].items()]
-for name, r in runs.items():
-    lines += ["", f"## Run `{name}`: per-stage server time (histogram deltas)", ""]
+for phase, s in summary.items():
+    cpu = s["cpu_ms_per_request"]
     lines += [
-        f"CPU during the run: orchestrator {r['orchestrator_cpu_seconds']} s, Triton (server"
-        f" and stubs) {r['triton_cpu_seconds']} s. `cpu:` rows: the worker thread's CPU time"
-        " in that stage.",
         "",
-        f"User-embedding cache hits: {r['user_embedding_cache_hit_share']}",
+        f"## Run `{phase}`: recstack vs the in-process reference ({s['repeats']} repeat(s):"
+        " median (min–max))",
         "",
+        "CPU per request: the process's ticks during the load (/proc, user + system)"
+        " over every RPC the server answered meanwhile (Recommend and RecordEvent, warm-up"
+        " included). Ratio: recstack's orchestrator + Triton tree over the reference, per"
+        " repeat.",
+        "",
+        "| CPU ms / request | value |",
+        "| --- | --- |",
+        f"| recstack orchestrator | {show(cpu['orchestrator'])} |",
+        f"| recstack Triton tree (server + stubs) | {show(cpu['triton_tree'])} |",
+        f"| **recstack total** | {show(cpu['recstack_total'])} |",
+        f"| **in-process reference** | {show(cpu['reference'])} |",
+        f"| Triton tree, idle beside the reference | "
+        f"{show(cpu['triton_tree_idle_during_reference'])} |",
+        f"| **ratio recstack total / reference** | "
+        f"{show(s['ratio_recstack_total_to_reference_cpu'], '×')} |",
+        "",
+        "| service | p50 ms | p99 ms | errors | degraded |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    lines += ["| stage | n | mean ms | p50 ms | p90 ms | p99 ms |"]
-    lines += ["| --- | --- | --- | --- | --- | --- |"]
-    for k, v in r["stages"].items():
+    for svc in SERVICES:
+        lat = s["latency_ms"][svc]
         lines.append(
-            f"| {k} | {v['count']} | {v['mean_ms']} | {v['p50_ms']} | {v['p90_ms']} | "
-            f"{v['p99_ms']} |"
+            f"| {svc} | {show(lat['p50_ms'])} | {show(lat['p99_ms'])} | "
+            f"{show(s['error_share'][svc])} | {show(s['degraded_share'][svc])} |"
         )
-    summary = sorted((out / name / "loadtest").glob("**/summary.md"))
-    if summary:
-        lines += ["", summary[0].read_text()]
+    lines += ["", "Per stage (worker-thread CPU, mean ms; wall-clock p50 ms):", ""]
+    lines += ["| stage | CPU recstack | CPU reference | wall p50 recstack | wall p50 reference |"]
+    lines += ["| --- | --- | --- | --- | --- |"]
+    for stage in sorted(set(s["stage_cpu_mean_ms"]) | set(s["stage_wall_p50_ms"])):
+        c = s["stage_cpu_mean_ms"].get(stage, {})
+        w = s["stage_wall_p50_ms"].get(stage, {})
+        lines.append(
+            f"| {stage} | {show(c.get('orchestrator'))} | {show(c.get('reference'))} | "
+            f"{show(w.get('orchestrator'))} | {show(w.get('reference'))} |"
+        )
 (out / "bench.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PYEOF
-log "results in $OUT (bench.json, bench.md, main/ and low/ with the generator's JSON, Markdown, PNG)"
+log "results in $OUT (bench.json, bench.md; rep*/orchestrator|reference/main|low/ with the generator's JSON, Markdown, PNG)"

@@ -445,9 +445,15 @@ async def _drain(limit: float) -> None:
         await asyncio.sleep(0.02)
 
 
-async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then drain: health NOT_SERVING, in-flight calls finish."""
-    service = await RecommendService.create(settings)
+async def serve(
+    settings: Settings,
+    ready: asyncio.Event | None = None,
+    make_service: Callable[[Settings], Awaitable[RecommendService]] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT, then drain: health NOT_SERVING, in-flight calls finish.
+    ``make_service`` builds the service (default ``RecommendService.create``; the
+    benchmark's in-process reference, loadtest/reference.py, passes its own)."""
+    service = await (make_service or RecommendService.create)(settings)
     host = settings.orchestrator_host
     server, port = await create_server(
         service, f"{host}:{settings.orchestrator_grpc_port}", settings

@@ -191,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(bench, "candidates", "loadtest.candidates_bench:cli", "CPU of the non-ANN sources")
     p.add_argument("--items", type=int, nargs="+", default=[1_677, 10_000, 1_000_000])
     p.add_argument("--requests", type=int, default=2000)
+    p = _cmd(
+        bench,
+        "reference",
+        "loadtest.reference:cli",
+        "the orchestrator's pipeline with the release's models in process, no Triton "
+        "(a yardstick for the benchmark, not a serving mode)",
+    )
+    p.add_argument("--port", type=int, required=True, help="gRPC port")
+    p.add_argument("--http-port", type=int, help="default: --port + 1")
+    p.add_argument("--metrics-port", type=int, help="Prometheus; default: --port + 2")
+    p.add_argument("--admin-port", type=int, help="default: --port + 3")
+    p.add_argument("--release", type=int, help="default: the release state's live release")
+    p.add_argument("--detach", action="store_true", help="start, wait until it serves, return")
+    p.add_argument("--timeout", type=float, default=600.0, help="--detach: seconds to wait")
     p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=30)
