@@ -1,10 +1,11 @@
 """Run Feast on recstack's feature repository: config per Settings, apply, materialize,
 point-in-time training rows.
 
-The repository is ``settings.feature_repo`` (definitions.py + two thin YAML files).
+The repository is ``settings.feature_repo`` (definitions.py + thin YAML files).
 ``settings.online_store`` picks the YAML (``feature_store.yaml``: SQLite,
-``feature_store.redis.yaml``: Redis); ``${RECSTACK_*}`` placeholders in it are filled from
-Settings (not from the process environment), so tests can point everything at a tmp dir.
+``feature_store.redis.yaml``: Redis, ``feature_store.redis-cluster.yaml``: Redis Cluster);
+``${RECSTACK_*}`` placeholders in it are filled from Settings (not from the process
+environment), so tests can point everything at a tmp dir.
 The registry and the SQLite file live under ``<data_dir>/feast/<store>/``.
 
 ``apply`` is all-or-nothing: it applies to a staged copy of the registry and renames it
@@ -43,7 +44,11 @@ from recstack.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-YAML_FILES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml"}
+YAML_FILES = {
+    "sqlite": "feature_store.yaml",
+    "redis": "feature_store.redis.yaml",
+    "redis_cluster": "feature_store.redis-cluster.yaml",
+}
 # Read by feature_repo/definitions.py at import time (FileSource paths).
 FEATURES_DIR_ENV = "RECSTACK_FEATURES_DIR"
 # Full materialisation starts at the tables' baseline rows (Feast needs a start).
@@ -82,6 +87,7 @@ def _raw_config(settings: Settings) -> dict[str, Any]:
         FEATURES_DIR_ENV: str(settings.features_dir),
         "RECSTACK_REDIS_HOST": settings.redis_host,
         "RECSTACK_REDIS_PORT": str(settings.redis_port),
+        "RECSTACK_REDIS_CLUSTER_NODES": settings.redis_cluster_nodes,
     }
     text = string.Template(path.read_text()).safe_substitute(values)
     return yaml.safe_load(os.path.expandvars(text))  # type: ignore[no-any-return]
@@ -111,37 +117,65 @@ def feature_store(settings: Settings) -> FeatureStore:
     config = repo_config(settings)
     Path(config.registry.path).parent.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(config=config)
-    if settings.online_store == "redis":
+    if settings.online_store in ("redis", "redis_cluster"):
         _fail_fast_redis(store)
     return store
 
 
+def _redis_client(store: FeatureStore) -> Any:
+    """Feast's redis-py client of ``store`` (a Redis or a RedisCluster; private API)."""
+    online: Any = store._get_provider().online_store
+    return online._get_client(store.config.online_store)
+
+
 def _fail_fast_redis(store: FeatureStore) -> None:
-    """Replace redis-py's default retry policy on Feast's client (see REDIS_RETRIES)."""
+    """Replace redis-py's default retry policy on Feast's client (see REDIS_RETRIES).
+
+    A RedisCluster retries a whole command after refreshing its slot map (its default:
+    3 times, exponential backoff); each of its nodes already has a client that does not
+    retry. One immediate retry here too: enough to follow a changed slot map."""
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    online = store._get_provider().online_store
-    client = online._get_client(store.config.online_store)
-    client.set_retry(Retry(NoBackoff(), REDIS_RETRIES))
+    _redis_client(store).set_retry(Retry(NoBackoff(), REDIS_RETRIES))
 
 
 def bound_online_io(store: FeatureStore, timeout_s: float) -> None:
     """Make every online-store call of ``store`` give up after about ``timeout_s``: SQLite's
     busy timeout (Python's default waits 5 s for a lock another connection holds), Redis's
     socket and connect timeouts (the YAML's 0.5 s). For the serving path only: batch
-    writes (materialisation) keep the YAML's limits."""
+    writes (materialisation) keep the YAML's limits.
+
+    Redis Cluster: the same timeouts on every node's client and on those the client
+    creates when it refreshes its slot map, and no retry of a failed command: a retry
+    would wait on the same dead node again (its slots do not move without a failover),
+    and the next request reads with the refreshed map anyway. What a failed command
+    still costs is one slot-map refresh (CLUSTER SLOTS from the first node that answers)."""
     config = store.config
     online: Any = store._get_provider().online_store  # SQLite or Redis: private clients
     if config.online_store.type == "sqlite":
         conn = online._get_conn(config)  # the one connection every read and push uses
         conn.execute(f"PRAGMA busy_timeout = {max(1, round(timeout_s * 1000))}")
     elif config.online_store.type == "redis":
+        from redis.backoff import NoBackoff
+        from redis.cluster import RedisCluster
+        from redis.retry import Retry
+
+        bounds = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         client = online._get_client(config.online_store)
-        client.connection_pool.connection_kwargs.update(
-            socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
-        client.connection_pool.disconnect()  # open connections keep their old timeouts
+        if isinstance(client, RedisCluster):
+            client.nodes_manager.connection_kwargs.update(bounds)
+            client.set_retry(Retry(NoBackoff(), 0))
+            pools = [
+                n.redis_connection.connection_pool
+                for n in client.get_nodes()
+                if n.redis_connection is not None
+            ]
+        else:
+            pools = [client.connection_pool]
+        for pool in pools:
+            pool.connection_kwargs.update(bounds)
+            pool.disconnect()  # open connections keep their old timeouts
     else:
         raise UserError(f"no timeout known for online store {config.online_store.type!r}")
 

@@ -1,4 +1,4 @@
-"""``recstack bench features``: Feast SDK vs the fast path, on SQLite and on Redis.
+"""``recstack bench features``: Feast SDK vs the fast path, on SQLite, Redis and Redis Cluster.
 
 Per store: one user (the raw SDK call with the ``retrieval`` service, and
 :meth:`OnlineFeatures.user`, which is one SDK call for all user features plus decoding),
@@ -7,7 +7,8 @@ snapshot). Random known ids per call, warm-up excluded, ``gc.freeze()`` after wa
 a service would do (DESIGN.md). The Redis run starts our own redis-server on
 settings.redis_port (unless one of ours runs), applies and materialises into it if its
 registry has never been materialised or it started the server (no persistence: a fresh
-server is empty), and stops it again. Numbers are p50/p99 in ms;
+server is empty), and stops it again; ``redis_cluster`` likewise starts the local cluster
+of orchestrator/redis_cluster.py on settings.redis_cluster_nodes. Numbers are p50/p99 in ms;
 compare rows within one run (the machine is shared).
 """
 
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from exporters import feast_ops
-from orchestrator import redis_server
+from orchestrator import redis_cluster, redis_server
 from orchestrator.online_features import RETRIEVAL_SERVICE, USER_KEY, OnlineFeatures
 from orchestrator.processes import ManagedProcess, read_pid
 from recstack.settings import Settings, get_settings
@@ -135,35 +136,38 @@ def _known_users(settings: Settings, rng: np.random.Generator) -> np.ndarray:
 
 
 def run(settings: Settings, repeats: int, stores: list[str]) -> list[Row]:
-    """Benchmark each store in ``stores`` (sqlite, redis); Redis is started if needed."""
+    """Benchmark each store in ``stores`` (sqlite, redis, redis_cluster); Redis and the
+    cluster are started if needed."""
     rows: list[Row] = []
     for kind in stores:
         s = settings.model_copy(update={"online_store": kind})
-        proc: ManagedProcess | None = None
+        procs: list[ManagedProcess] = []
         if kind == "redis" and read_pid(s, redis_server.process_name(s)) is None:
-            proc = redis_server.start(s)
+            procs = [redis_server.start(s)]
+        if kind == "redis_cluster" and not redis_cluster.healthy(s):
+            procs = redis_cluster.start(s)
         try:
-            # A Redis we just started is empty (no persistence), whatever the registry says.
-            _ensure_materialized(s, force=proc is not None)
+            # A Redis we just started may be empty, whatever the registry says.
+            _ensure_materialized(s, force=bool(procs))
             rows.extend(bench_store(s, repeats))
         finally:
-            if proc is not None:
+            for proc in procs:
                 proc.stop()
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'store':<7} {'case':<10} {'path':<52} {'n':>5} {'p50 ms':>9} {'p99 ms':>9}"
+    head = f"{'store':<13} {'case':<10} {'path':<52} {'n':>5} {'p50 ms':>9} {'p99 ms':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.store:<7} {r.case:<10} {r.path:<52} {r.n:>5} {r.p50_ms:>9.3f} {r.p99_ms:>9.3f}"
+            f"{r.store:<13} {r.case:<10} {r.path:<52} {r.n:>5} {r.p50_ms:>9.3f} {r.p99_ms:>9.3f}"
         )
     return "\n".join(lines)
 
 
 def cli(args: argparse.Namespace) -> int:
-    """``recstack bench features [--repeats N] [--stores sqlite,redis]``."""
+    """``recstack bench features [--repeats N] [--stores sqlite,redis,redis_cluster]``."""
     settings = get_settings()
     stores = [s for s in str(getattr(args, "stores", "sqlite,redis")).split(",") if s]
     rows = run(settings, int(args.repeats), stores)

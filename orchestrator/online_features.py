@@ -85,11 +85,17 @@ class FeatureStoreUnavailable(RuntimeError):
 
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:
-    import redis.exceptions
+    import redis.exceptions as rex
 
     return (
-        redis.exceptions.ConnectionError,
-        redis.exceptions.TimeoutError,
+        rex.ConnectionError,
+        rex.TimeoutError,
+        # Redis Cluster: slots not served (CLUSTERDOWN, a master down or not yet rejoined),
+        # TRYAGAIN, redirections left over after the client's own, no node reachable.
+        rex.ClusterError,
+        rex.TryAgainError,
+        rex.AskError,
+        rex.RedisClusterException,
         sqlite3.OperationalError,
         sqlite3.DatabaseError,
         ConnectionError,

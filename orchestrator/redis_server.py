@@ -56,10 +56,15 @@ def data_dir(settings: Settings) -> Path:
 def _config(settings: Settings) -> str:
     workdir = data_dir(settings)
     workdir.mkdir(parents=True, exist_ok=True)
+    return server_config(settings.redis_host, settings.redis_port, workdir)
+
+
+def server_config(host: str, port: int, workdir: Path, extra: tuple[str, ...] = ()) -> str:
+    """redis.conf for one of our servers: loopback, AOF only (see above), log to stdout."""
     return "\n".join(
         [
-            f"bind {settings.redis_host}",
-            f"port {settings.redis_port}",
+            f"bind {host}",
+            f"port {port}",
             "protected-mode yes",
             "daemonize no",
             'save ""',  # no RDB snapshots: the AOF is the one durable copy
@@ -70,6 +75,7 @@ def _config(settings: Settings) -> str:
             "loglevel warning",
             'logfile ""',  # stdout, captured by processes.start_process
             "databases 1",
+            *extra,
             "",
         ]
     )
@@ -77,8 +83,13 @@ def _config(settings: Settings) -> str:
 
 def ping(settings: Settings, timeout: float = 0.5) -> bool:
     """True if a Redis server answers PING on the configured address."""
+    return ping_address(settings.redis_host, settings.redis_port, timeout)
+
+
+def ping_address(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True if a Redis server answers PING on ``host:port``."""
     try:
-        with socket.create_connection((settings.redis_host, settings.redis_port), timeout) as s:
+        with socket.create_connection((host, port), timeout) as s:
             s.settimeout(timeout)
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")

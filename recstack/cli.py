@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--release", help="serve just this release (default: the release state's)")
     p = _cmd(serve, "redis", "orchestrator.redis_server:cli", "redis-server on loopback")
     p.add_argument("--detach", action="store_true")
+    p = _cmd(
+        serve, "redis-cluster", "orchestrator.redis_cluster:cli", "a local 3-master Redis Cluster"
+    )
+    p.add_argument("--detach", action="store_true")
     p = _cmd(serve, "orchestrator", "orchestrator.server:cli", "the gRPC/HTTP recommender")
     p.add_argument("--detach", action="store_true")
     _cmd(groups, "stop", "orchestrator.processes:cli_stop", "stop servers started --detach")
@@ -161,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = groups.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     p = _cmd(bench, "features", "orchestrator.feature_bench:cli", "Feast SDK vs fast path")
     p.add_argument("--repeats", type=int, default=200)
-    p.add_argument("--stores", default="sqlite,redis", help="comma-separated online stores")
+    p.add_argument(
+        "--stores",
+        default="sqlite,redis",
+        help="comma-separated online stores (sqlite, redis, redis_cluster)",
+    )
     p = _cmd(bench, "triton", "orchestrator.triton_bench:cli", "Triton gRPC vs in-process")
     p.add_argument("--repeats", type=int, default=300)
 

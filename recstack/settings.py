@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -35,10 +35,15 @@ class Settings(BaseSettings):
     # "auto" uses CUDA when torch/onnxruntime/faiss report a device, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    # Feast online store: sqlite (default) or redis (Debian redis-server on loopback).
-    online_store: Literal["sqlite", "redis"] = "sqlite"
+    # Feast online store: sqlite (default), redis (Debian redis-server on loopback) or
+    # redis_cluster (a Redis Cluster: the nodes below; orchestrator/redis_cluster.py).
+    online_store: Literal["sqlite", "redis", "redis_cluster"] = "sqlite"
     redis_host: str = "127.0.0.1"
     redis_port: int = 6390
+    # Redis Cluster nodes, host:port comma-separated: the client's start-up nodes (it
+    # discovers the rest); `recstack serve redis-cluster` runs them as masters when they
+    # are on this machine (each also uses port + 10000, the cluster bus).
+    redis_cluster_nodes: str = "127.0.0.1:6400,127.0.0.1:6401,127.0.0.1:6402"
 
     triton_host: str = "127.0.0.1"
     triton_http_port: int = 8000
@@ -150,6 +155,17 @@ class Settings(BaseSettings):
     # recorded in the manifest (`recstack train --force-release REASON`).
     force_release: str = ""
 
+    @field_validator("redis_cluster_nodes")
+    @classmethod
+    def _check_cluster_nodes(cls, value: str) -> str:
+        parse_nodes(value)
+        return value
+
+    @property
+    def redis_cluster_addresses(self) -> list[tuple[str, int]]:
+        """``redis_cluster_nodes`` as (host, port) pairs."""
+        return parse_nodes(self.redis_cluster_nodes)
+
     @property
     def seen_events(self) -> tuple[str, ...] | None:
         """The ``RECSTACK_SEEN_EVENTS`` override, or None (use the data's own)."""
@@ -179,6 +195,19 @@ class Settings(BaseSettings):
     @property
     def reports_dir(self) -> Path:
         return self.data_dir / "reports"
+
+
+def parse_nodes(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` -> [(host, port)]; ValueError naming the bad entry."""
+    out: list[tuple[str, int]] = []
+    for entry in (e.strip() for e in value.split(",")):
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 - 10000:
+            raise ValueError(f"{entry!r} is not host:port (port 1..55535: the bus is port+10000)")
+        out.append((host, int(port)))
+    if len(set(out)) != len(out):
+        raise ValueError(f"a node is listed twice in {value!r}")
+    return out
 
 
 @lru_cache(maxsize=1)
