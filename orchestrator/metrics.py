@@ -111,7 +111,9 @@ def set_releases(shares: dict[str, float]) -> None:
 BREAKER_STATE = Gauge(
     "recstack_dependency_breaker_state",
     "Circuit breaker per dependency: 0 closed, 1 half-open (probing), 2 open (failing fast)",
-    ["dependency"],  # triton:<model>:<version>, online_store:<sqlite|redis>
+    # triton:<model>:<version>, online_store:<sqlite|redis>,
+    # online_store:redis_cluster:<host:port> (one per master)
+    ["dependency"],
 )
 BREAKER_TRANSITIONS = Counter(
     "recstack_dependency_breaker_transitions_total",

@@ -24,7 +24,8 @@ gives up after ``settings.online_store_timeout_ms`` (SQLite busy timeout, Redis 
 timeouts with one retry; exporters/feast_ops.py ``bound_online_io``), and with a
 :class:`~orchestrator.breaker.Breakers` the store has a circuit breaker: failures and
 user reads slower than that timeout open it, and while it is open every read and push
-fails at once (cause :class:`~orchestrator.breaker.CircuitOpen`).
+fails at once (cause :class:`~orchestrator.breaker.CircuitOpen`). On a Redis Cluster each
+master has its own breaker, chosen by the slot of the user's key.
 """
 
 from __future__ import annotations
@@ -305,9 +306,12 @@ class OnlineFeatures:
         self.settings = settings
         self._store = store
         self.timeout_s = settings.online_store_timeout_ms / 1000
+        # One breaker for the store; on a Redis Cluster one per master (see _breaker_for).
+        self._breakers = breakers
         self._breaker: CircuitBreaker | None = (
             breakers.get(f"online_store:{settings.online_store}") if breakers else None
         )
+        self._cluster: Any = None  # Feast's RedisCluster client, set by load()
         # SQLite: every read and push shares Feast's one connection. A thread that waits for
         # that connection inside the sqlite3 module can hold the GIL while another sits in
         # SQLite's busy handler on a locked store, freezing the whole process (the event
@@ -340,6 +344,8 @@ class OnlineFeatures:
         """Read the services from the registry and build the item snapshot."""
         self.store.refresh_registry()
         feast_ops.bound_online_io(self.store, self.timeout_s)
+        if self.settings.online_store == "redis_cluster":
+            self._cluster = feast_ops._redis_client(self.store)
         ranking = feast_ops.service_features(self.store, RANKING_SERVICE)
         retrieval = feast_ops.service_features(self.store, RETRIEVAL_SERVICE)
         filtering = _optional_service(self.store, FILTERING_SERVICE)
@@ -439,7 +445,7 @@ class OnlineFeatures:
         self._require_snapshot()
         if self._user_reader is None:
             raise RuntimeError("OnlineFeatures.load() was not called")
-        with self._guarded(slow_s=self.timeout_s):
+        with self._guarded(slow_s=self.timeout_s, user_id=int(user_id)):
             values = self._user_reader.read(int(user_id))
         known = any(v is not None for v in values.values())
         recent = values.get(RECENT_ITEMS) or []
@@ -534,7 +540,7 @@ class OnlineFeatures:
             raise RuntimeError("OnlineFeatures.load() was not called")
         provider = self.store._get_provider()
         new: list[int] | None = None
-        with self._push_lock, self._guarded(slow_s=None):
+        with self._push_lock, self._guarded(slow_s=None, user_id=int(user_id)):
             if changes_seen and self._seen_reader is not None:
                 stored, values = self._seen_reader.read_row(int(user_id))
                 seen_now = update_seen(list(values[SEEN_ITEMS] or []), int(item_id))
@@ -549,18 +555,43 @@ class OnlineFeatures:
                     provider.ingest_df(view, frame)
         return new
 
-    @contextlib.contextmanager
-    def _guarded(self, slow_s: float | None) -> Iterator[None]:
-        """One online-store call: its failures as :class:`FeatureStoreUnavailable`, through
-        the store's breaker when there is one (``slow_s``: a slower call counts as a
-        failure; pushes write and are not timed)."""
-        failures: tuple[type[BaseException], ...] = (CircuitOpen, *_unavailable_errors())
+    def _breaker_for(self, user_id: int) -> CircuitBreaker | None:
+        """The breaker that guards ``user_id``'s row: the store's, or on a Redis Cluster
+        the one of the master that holds its hash (``online_store:redis_cluster:host:port``).
+        A lost master then opens only its own breaker: its users fail fast, the other
+        masters' users are still read (one breaker for the cluster would open on a lost
+        third's failures and turn everyone away for the cool-down)."""
+        if self._breakers is None or self._cluster is None:
+            return self._breaker
+        from feast.infra.online_stores.helpers import _redis_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        config = self.store.config
+        key = _redis_key(
+            config.project,
+            EntityKey(join_keys=[USER_KEY], entity_values=[Value(int64_val=user_id)]),
+            entity_key_serialization_version=config.entity_key_serialization_version,
+        )
         try:
-            if self._breaker is None:
+            node = self._cluster.nodes_manager.get_node_from_slot(self._cluster.keyslot(key))
+        except Exception:  # slot map not known (no node answered yet): the store's
+            return self._breaker
+        return self._breakers.get(f"online_store:redis_cluster:{node.name}")
+
+    @contextlib.contextmanager
+    def _guarded(self, slow_s: float | None, user_id: int) -> Iterator[None]:
+        """One online-store call for ``user_id``: its failures as
+        :class:`FeatureStoreUnavailable`, through its breaker when there is one
+        (``slow_s``: a slower call counts as a failure; pushes write and are not timed)."""
+        failures: tuple[type[BaseException], ...] = (CircuitOpen, *_unavailable_errors())
+        breaker = self._breaker_for(user_id)
+        try:
+            if breaker is None:
                 with self._turn():
                     yield
             else:
-                with self._breaker.call(_is_store_failure, slow_s), self._turn():
+                with breaker.call(_is_store_failure, slow_s), self._turn():
                     yield
         except failures as e:
             raise FeatureStoreUnavailable(self.settings.online_store, e) from e

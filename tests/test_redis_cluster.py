@@ -6,8 +6,9 @@ single-node store on the same timeline:
   Feast's own ``push``) and after a materialisation over the pushes, every user row and
   item row read from the cluster equals the single node's, event times included;
 - a master killed (SIGKILL) during reads: its users fail fast as FeatureStoreUnavailable
-  (the orchestrator's ``features_unavailable``), the other masters' users are still read;
-  restarted from its AOF and nodes.conf it rejoins, and its users read as before.
+  (the orchestrator's ``features_unavailable``) and its own breaker opens; the other
+  masters' users are still read, their breaker stays closed; restarted from its AOF and
+  nodes.conf it rejoins, and its users read as before.
 
 One cluster and one single node for the module (a few seconds each), the timeline's data.
 """
@@ -30,6 +31,7 @@ from conftest import make_settings, port, require_redis_server
 
 from exporters import feast_ops, feature_tables
 from orchestrator import redis_cluster
+from orchestrator.breaker import BreakerConfig, Breakers
 from orchestrator.online_features import FeatureStoreUnavailable, OnlineFeatures, push_event
 from orchestrator.processes import ManagedProcess
 from recstack.errors import UserError
@@ -180,7 +182,8 @@ def test_a_killed_master_fails_its_users_fast_and_heals_on_restart(
     envs: dict[str, FeastEnv], cluster: dict[str, Any]
 ) -> None:
     s = envs["redis_cluster"].settings
-    online = OnlineFeatures(s).load()
+    breakers = Breakers(BreakerConfig(cooldown_s=0.2))
+    online = OnlineFeatures(s, breakers=breakers).load()
     owners = {u: _owner(online, u) for u in (1, 2)}
     assert owners[1] != owners[2], owners  # the timeline's two users on two masters
     before = {u: online.user(u) for u in (1, 2)}
@@ -197,6 +200,10 @@ def test_a_killed_master_fails_its_users_fast_and_heals_on_restart(
         kept.append(_timed_user(online, 2))
     assert not any(ok for ok, _ in lost)
     assert all(ok for ok, _ in kept)
+    states = breakers.snapshot()
+    assert states[f"online_store:redis_cluster:127.0.0.1:{victim}"]["opened"] >= 1, states
+    other = states[f"online_store:redis_cluster:127.0.0.1:{owners[2]}"]
+    assert other["state"] == "closed" and other["opened"] == 0, states
     # A refused connection plus one slot-map refresh: far under the store timeout (50 ms),
     # with room for a stall of this shared host.
     slowest = sorted(t for _, t in lost)[int(0.95 * len(lost))]
