@@ -125,6 +125,16 @@ def healthy(settings: Settings) -> bool:
     return True
 
 
+def wait_healthy(settings: Settings, timeout: float) -> float:
+    """Wait until :func:`healthy`; the seconds it took (RuntimeError past ``timeout``)."""
+    t0 = time.monotonic()
+    while not healthy(settings):
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"the Redis Cluster {settings.redis_cluster_nodes} is not ok")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
 def _create(nodes: list[tuple[str, int]]) -> None:
     cli = shutil.which("redis-cli")
     if cli is None:
@@ -152,11 +162,7 @@ def start(settings: Settings, timeout: float = 30.0) -> list[ManagedProcess]:
                 f"the nodes under {node_dir(settings, nodes[0][1]).parent} belong to another "
                 "cluster layout; remove that folder to start afresh"
             )
-        deadline = time.monotonic() + timeout
-        while not healthy(settings):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the Redis Cluster {settings.redis_cluster_nodes} is not ok")
-            time.sleep(0.1)
+        wait_healthy(settings, timeout)
     except BaseException:
         for p in procs:
             p.stop()

@@ -154,7 +154,7 @@ def test_materialise_push_and_read_parity(envs: dict[str, FeastEnv]) -> None:
     assert again["user 2"][2]["recent_items"] == pushed["user 2"][2]["recent_items"]
 
 
-def _owner(online: OnlineFeatures, user: int) -> int:
+def owner_port(online: OnlineFeatures, user: int) -> int:
     """The port of the master holding ``user``'s hash."""
     from feast.infra.online_stores.helpers import _redis_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
@@ -184,7 +184,7 @@ def test_a_killed_master_fails_its_users_fast_and_heals_on_restart(
     s = envs["redis_cluster"].settings
     breakers = Breakers(BreakerConfig(cooldown_s=0.2))
     online = OnlineFeatures(s, breakers=breakers).load()
-    owners = {u: _owner(online, u) for u in (1, 2)}
+    owners = {u: owner_port(online, u) for u in (1, 2)}
     assert owners[1] != owners[2], owners  # the timeline's two users on two masters
     before = {u: online.user(u) for u in (1, 2)}
     victim = owners[1]
@@ -215,7 +215,7 @@ def test_a_killed_master_fails_its_users_fast_and_heals_on_restart(
     while not _timed_user(online, 1)[0]:
         assert time.monotonic() - t0 < 15, "the restarted master did not rejoin"
         time.sleep(0.05)
-    assert redis_cluster.healthy(cluster["settings"])
+    redis_cluster.wait_healthy(cluster["settings"], 10)  # every node sees it back (gossip)
     for u in (1, 2):  # its data came back from the AOF
         a, b = asdict(online.user(u)), asdict(before[u])
         assert {k: np.asarray(v).tolist() for k, v in a.items()} == {
