@@ -123,7 +123,11 @@ def feature_store(settings: Settings) -> FeatureStore:
 
 
 def _redis_client(store: FeatureStore) -> Any:
-    """Feast's redis-py client of ``store`` (a Redis or a RedisCluster; private API)."""
+    """Feast's redis-py client of ``store`` (a Redis or a RedisCluster; private API).
+
+    A RedisCluster connects as it is made (it reads the slot map from a start-up node):
+    with no node reachable this raises ``RedisClusterException``, and Feast makes it again
+    on its next call."""
     online: Any = store._get_provider().online_store
     return online._get_client(store.config.online_store)
 
@@ -132,12 +136,19 @@ def _fail_fast_redis(store: FeatureStore) -> None:
     """Replace redis-py's default retry policy on Feast's client (see REDIS_RETRIES).
 
     A RedisCluster retries a whole command after refreshing its slot map (its default:
-    3 times, exponential backoff); each of its nodes already has a client that does not
-    retry. One immediate retry here too: enough to follow a changed slot map."""
+    3 times); each of its nodes already has a client that does not retry. One immediate
+    retry here too: enough to follow a changed slot map. A cluster that cannot be reached
+    yet is left to the first call (which fails with the cluster's own message)."""
     from redis.backoff import NoBackoff
+    from redis.exceptions import RedisClusterException
     from redis.retry import Retry
 
-    _redis_client(store).set_retry(Retry(NoBackoff(), REDIS_RETRIES))
+    try:
+        client = _redis_client(store)
+    except RedisClusterException as e:
+        log.warning("the Redis Cluster is not reachable yet: %s", e)
+        return
+    client.set_retry(Retry(NoBackoff(), REDIS_RETRIES))
 
 
 def bound_online_io(store: FeatureStore, timeout_s: float) -> None:
@@ -146,38 +157,60 @@ def bound_online_io(store: FeatureStore, timeout_s: float) -> None:
     socket and connect timeouts (the YAML's 0.5 s). For the serving path only: batch
     writes (materialisation) keep the YAML's limits.
 
-    Redis Cluster: the same timeouts on every node's client and on those the client
-    creates when it refreshes its slot map, and no retry of a failed command: a retry
-    would wait on the same dead node again (its slots do not move without a failover),
-    and the next request reads with the refreshed map anyway. What a failed command
-    still costs is one slot-map refresh (CLUSTER SLOTS from the first node that answers)."""
+    Redis Cluster: see :func:`bound_cluster_client`; a cluster not reachable now gets its
+    bounds when a later call makes the client (``OnlineFeatures`` does, at its first read)."""
+    from redis.exceptions import RedisClusterException
+
     config = store.config
     online: Any = store._get_provider().online_store  # SQLite or Redis: private clients
     if config.online_store.type == "sqlite":
         conn = online._get_conn(config)  # the one connection every read and push uses
         conn.execute(f"PRAGMA busy_timeout = {max(1, round(timeout_s * 1000))}")
+    elif config.online_store.type == "redis" and config.online_store.redis_type == "redis_cluster":
+        try:
+            bound_cluster_client(store, timeout_s)
+        except RedisClusterException as e:
+            log.warning("the Redis Cluster is not reachable yet: %s", e)
     elif config.online_store.type == "redis":
-        from redis.backoff import NoBackoff
-        from redis.cluster import RedisCluster
-        from redis.retry import Retry
-
-        bounds = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         client = online._get_client(config.online_store)
-        if isinstance(client, RedisCluster):
-            client.nodes_manager.connection_kwargs.update(bounds)
-            client.set_retry(Retry(NoBackoff(), 0))
-            pools = [
-                n.redis_connection.connection_pool
-                for n in client.get_nodes()
-                if n.redis_connection is not None
-            ]
-        else:
-            pools = [client.connection_pool]
-        for pool in pools:
-            pool.connection_kwargs.update(bounds)
-            pool.disconnect()  # open connections keep their old timeouts
+        client.connection_pool.connection_kwargs.update(_timeouts(timeout_s))
+        client.connection_pool.disconnect()  # open connections keep their old timeouts
     else:
         raise UserError(f"no timeout known for online store {config.online_store.type!r}")
+
+
+def _timeouts(timeout_s: float) -> dict[str, float]:
+    return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+
+
+def bound_cluster_client(store: FeatureStore, timeout_s: float) -> Any:
+    """Feast's RedisCluster client of ``store``, made if needed, bounded for serving; raises
+    ``RedisClusterException`` when no node answers.
+
+    The store timeout on every node's client, on those the client makes when it refreshes
+    its slot map, and on the client itself if it has to be made (the connection string
+    Feast makes it from), and no retry of a failed command: a retry would wait on the same
+    dead node again (its slots do not move without a failover), and the next request reads
+    with the refreshed map anyway. What a failed command still costs: one slot-map refresh
+    (CLUSTER SLOTS from the first node that answers) and, for a node that times out, one
+    more timeout (Feast reads through a pipeline, which sends a failed command again on
+    its own: ~2 x ``timeout_s``, docs/faults.md)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    online_config = store.config.online_store
+    parts = [p for p in online_config.connection_string.split(",") if "timeout=" not in p]
+    parts += [f"{k}={v}" for k, v in _timeouts(timeout_s).items()]
+    online_config.connection_string = ",".join(parts)
+    client = _redis_client(store)
+    client.set_retry(Retry(NoBackoff(), 0))
+    client.nodes_manager.connection_kwargs.update(_timeouts(timeout_s))
+    for node in client.get_nodes():
+        if node.redis_connection is not None:
+            pool = node.redis_connection.connection_pool
+            pool.connection_kwargs.update(_timeouts(timeout_s))
+            pool.disconnect()  # open connections keep their old timeouts
+    return client
 
 
 @contextlib.contextmanager

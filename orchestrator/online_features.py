@@ -311,7 +311,10 @@ class OnlineFeatures:
         self._breaker: CircuitBreaker | None = (
             breakers.get(f"online_store:{settings.online_store}") if breakers else None
         )
-        self._cluster: Any = None  # Feast's RedisCluster client, set by load()
+        # Feast's RedisCluster client, bounded (feast_ops.bound_cluster_client); made at the
+        # first read, since it connects as it is made and the cluster may be down then.
+        self._cluster: Any = None
+        self._cluster_lock = threading.Lock()
         # SQLite: every read and push shares Feast's one connection. A thread that waits for
         # that connection inside the sqlite3 module can hold the GIL while another sits in
         # SQLite's busy handler on a locked store, freezing the whole process (the event
@@ -344,8 +347,6 @@ class OnlineFeatures:
         """Read the services from the registry and build the item snapshot."""
         self.store.refresh_registry()
         feast_ops.bound_online_io(self.store, self.timeout_s)
-        if self.settings.online_store == "redis_cluster":
-            self._cluster = feast_ops._redis_client(self.store)
         ranking = feast_ops.service_features(self.store, RANKING_SERVICE)
         retrieval = feast_ops.service_features(self.store, RETRIEVAL_SERVICE)
         filtering = _optional_service(self.store, FILTERING_SERVICE)
@@ -560,9 +561,15 @@ class OnlineFeatures:
         the one of the master that holds its hash (``online_store:redis_cluster:host:port``).
         A lost master then opens only its own breaker: its users fail fast, the other
         masters' users are still read (one breaker for the cluster would open on a lost
-        third's failures and turn everyone away for the cool-down)."""
-        if self._breakers is None or self._cluster is None:
+        third's failures and turn everyone away for the cool-down).
+
+        On a cluster this first makes the bounded client if there is none yet, under the
+        store's breaker: with no node reachable that raises (the store's failure)."""
+        if self.settings.online_store != "redis_cluster":
             return self._breaker
+        cluster = self._cluster_client()
+        if self._breakers is None:
+            return None
         from feast.infra.online_stores.helpers import _redis_key
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
@@ -574,10 +581,25 @@ class OnlineFeatures:
             entity_key_serialization_version=config.entity_key_serialization_version,
         )
         try:
-            node = self._cluster.nodes_manager.get_node_from_slot(self._cluster.keyslot(key))
-        except Exception:  # slot map not known (no node answered yet): the store's
+            node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key))
+        except _unavailable_errors():  # the slot is not served (SlotNotCoveredError)
             return self._breaker
         return self._breakers.get(f"online_store:redis_cluster:{node.name}")
+
+    def _cluster_client(self) -> Any:
+        """Feast's RedisCluster client, made and bounded on first use, before Feast would
+        make it without the bounds (one thread at a time; under the store's breaker)."""
+        if self._cluster is None:
+            with self._cluster_lock:
+                if self._cluster is None:
+                    guard = (
+                        self._breaker.call(_is_store_failure, None)
+                        if self._breaker
+                        else contextlib.nullcontext()
+                    )
+                    with guard:
+                        self._cluster = feast_ops.bound_cluster_client(self.store, self.timeout_s)
+        return self._cluster
 
     @contextlib.contextmanager
     def _guarded(self, slow_s: float | None, user_id: int) -> Iterator[None]:
@@ -585,8 +607,8 @@ class OnlineFeatures:
         :class:`FeatureStoreUnavailable`, through its breaker when there is one
         (``slow_s``: a slower call counts as a failure; pushes write and are not timed)."""
         failures: tuple[type[BaseException], ...] = (CircuitOpen, *_unavailable_errors())
-        breaker = self._breaker_for(user_id)
         try:
+            breaker = self._breaker_for(user_id)
             if breaker is None:
                 with self._turn():
                     yield

@@ -260,3 +260,30 @@ def test_a_hung_master_costs_its_users_the_store_timeout_then_nothing(
     assert sorted(t for _, t in lost[:5])[2] < 2 * timeout + 0.02, lost[:5]
     assert max(t for _, t in lost[5:]) < 0.005, lost[5:]  # open: no call made
     assert breakers.snapshot()[f"online_store:redis_cluster:127.0.0.1:{other}"]["opened"] == 0
+
+
+def test_a_cluster_down_at_start_is_degraded_then_read_when_it_comes(
+    envs: dict[str, FeastEnv], cluster: dict[str, Any]
+) -> None:
+    """A RedisCluster client connects as it is made. With every node down, the feature
+    client still loads (the orchestrator starts degraded, as with one Redis down), each
+    read fails fast under the store's breaker, and once the nodes are back (restarted from
+    their nodes.conf: same cluster) the first read makes the client, with the bounds."""
+    s = envs["redis_cluster"].settings
+    procs: dict[str, ManagedProcess] = cluster["procs"]
+    for p in procs.values():
+        p.stop()
+    breakers = Breakers(BreakerConfig(cooldown_s=0.0))
+    online = OnlineFeatures(s, breakers=breakers).load()
+    t0 = time.perf_counter()
+    with pytest.raises(FeatureStoreUnavailable, match="cannot be connected"):
+        online.user(1)
+    assert time.perf_counter() - t0 < s.online_store_timeout_ms / 1000 + 0.1
+    store_breaker = breakers.snapshot()["online_store:redis_cluster"]
+    assert store_breaker["consecutive_failures"] == 1, store_breaker
+
+    procs.update({p.name: p for p in redis_cluster.start(cluster["settings"])})
+    assert online.user(1).known and online.user(2).known
+    client = feast_ops._redis_client(online.store)
+    assert client.retry.get_retries() == 0
+    assert client.nodes_manager.connection_kwargs["socket_timeout"] == 0.05
