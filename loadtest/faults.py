@@ -1,5 +1,6 @@
 """Dependency faults for a fixed time, against the real processes of a running stack:
-``recstack loadtest fault triton-pause|store-lock|model-unload|redis-pause --seconds S``.
+``recstack loadtest fault triton-pause|store-lock|model-unload|redis-pause|redis-master-kill
+--seconds S``.
 Used by the ``chaos`` scenario's timed actions and by tests/test_faults.py.
 
 - ``triton-pause``: SIGSTOP to tritonserver (from its pid file), SIGCONT after S seconds:
@@ -8,6 +9,9 @@ Used by the ``chaos`` scenario's timed actions and by tests/test_faults.py.
   held S seconds (a long write, a backup, a stuck materialisation);
 - ``redis-pause``: SIGSTOP to the project's redis-server (the Redis online store), SIGCONT
   after S seconds;
+- ``redis-master-kill``: SIGKILL to a master of the project's Redis Cluster (the first of
+  ``settings.redis_cluster_nodes``, or ``--node PORT``), restarted after S seconds from its
+  AOF and nodes.conf (orchestrator/redis_cluster.py); ends when the cluster is ok again;
 - ``model-unload``: unload a model through Triton's repository API, reload it after S
   seconds at the pinned version of the newest release (an ensemble with its composing
   models, as ``recstack serve triton`` loads them).
@@ -53,6 +57,38 @@ def redis_paused(settings: Settings) -> Iterator[int]:
         raise UserError(f"redis-pause needs the Redis online store, not {settings.online_store}")
     with _paused(settings, redis_server.process_name(settings), "redis-server") as pid:
         yield pid
+
+
+@contextlib.contextmanager
+def redis_master_killed(settings: Settings, port: int | None = None) -> Iterator[int]:
+    """A master of the project's Redis Cluster killed (SIGKILL) inside the block, then
+    restarted from its AOF and nodes.conf; waits until every node sees the cluster ok.
+    Yields the killed master's port (default: the first configured node)."""
+    from orchestrator import redis_cluster
+    from orchestrator.processes import read_pid
+
+    if settings.online_store != "redis_cluster":
+        raise UserError(
+            f"redis-master-kill needs the Redis Cluster online store, not {settings.online_store}"
+        )
+    nodes = dict((p, h) for h, p in redis_cluster.local_nodes(settings))
+    port = next(iter(nodes)) if port is None else port
+    if port not in nodes:
+        raise UserError(f"--node {port} is not one of {settings.redis_cluster_nodes}")
+    pid = read_pid(settings, redis_cluster.process_name(port))
+    if pid is None:
+        raise UserError(f"no running cluster node on port {port} under {settings.run_dir}")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while read_pid(settings, redis_cluster.process_name(port)) is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server {pid} outlived SIGKILL")
+        time.sleep(0.01)
+    try:
+        yield port
+    finally:
+        redis_cluster.start_node(settings, nodes[port], port)
+        redis_cluster.wait_healthy(settings, 30)
 
 
 @contextlib.contextmanager
@@ -134,10 +170,12 @@ def model_unloaded(settings: Settings, model: str) -> Iterator[dict[str, int]]:
         load_releases(settings, state.serving, keep=True)
 
 
-FAULTS = ("triton-pause", "store-lock", "model-unload", "redis-pause")
+FAULTS = ("triton-pause", "store-lock", "model-unload", "redis-pause", "redis-master-kill")
 
 
-def hold(settings: Settings, fault: str, seconds: float, model: str = "rank") -> None:
+def hold(
+    settings: Settings, fault: str, seconds: float, model: str = "rank", node: int | None = None
+) -> None:
     """Inject ``fault`` for ``seconds`` and end it."""
     if seconds <= 0:
         raise UserError(f"--seconds must be > 0, got {seconds:g}")
@@ -149,6 +187,8 @@ def hold(settings: Settings, fault: str, seconds: float, model: str = "rank") ->
         ctx = model_unloaded(settings, model)
     elif fault == "redis-pause":
         ctx = redis_paused(settings)
+    elif fault == "redis-master-kill":
+        ctx = redis_master_killed(settings, node)
     else:
         raise UserError(f"unknown fault {fault!r}; expected one of {FAULTS}")
     with ctx:
@@ -158,6 +198,6 @@ def hold(settings: Settings, fault: str, seconds: float, model: str = "rank") ->
 
 
 def cli(args: argparse.Namespace) -> int:
-    """``recstack loadtest fault FAULT --seconds S [--model M]``."""
-    hold(get_settings(), args.fault, args.seconds, args.model)
+    """``recstack loadtest fault FAULT --seconds S [--model M] [--node PORT]``."""
+    hold(get_settings(), args.fault, args.seconds, args.model, getattr(args, "node", None))
     return 0

@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fault", choices=FAULTS)
     p.add_argument("--seconds", type=float, required=True, help="how long the fault lasts")
     p.add_argument("--model", default="rank", help="model-unload: the Triton model")
+    p.add_argument("--node", type=int, help="redis-master-kill: the master's port (default: first)")
     p = _cmd(lt, "stub-server", "loadtest.cli:stub_server", "stand-in Recommender (calibration)")
     p.add_argument("--grpc-port", type=int, default=19080)
     p.add_argument("--http-port", type=int, default=19081)

@@ -6,15 +6,14 @@ A master SIGKILLed under open-loop load (50 Recommend/s with deadlines of 100 ms
 10 RecordEvent/s): every Recommend answers OK and in time; the users whose hash lives on
 the lost master are answered ``features_unavailable`` (its breaker opens, then they cost
 microseconds), the others in full; RecordEvent refuses the lost users (UNAVAILABLE with
-a retry hint) and takes the others'. Restarted from its AOF and nodes.conf, the master
-rejoins: full answers for its users again, with the events accepted before the kill.
+a retry hint) and takes the others'. Restarted from its AOF and nodes.conf (the fault
+is ``recstack loadtest fault redis-master-kill``'s), the master rejoins: full answers for
+its users again, with the events accepted before the kill.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from test_orchestrator_redis_e2e import http_json, recent, recommend
 from test_redis_cluster import owner_port
 
 from exporters import feast_ops, release
+from loadtest import faults
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator import redis_cluster
@@ -81,6 +81,7 @@ def stack(
     finally:
         for p in reversed(procs.values()):
             p.stop()
+        redis_cluster.stop(s)  # the node the fault restarted is not in procs
 
 
 def test_a_killed_master_degrades_its_users_only_and_heals(
@@ -128,20 +129,21 @@ def test_a_killed_master_degrades_its_users_only_and_heals(
                 events.append((user, e.code().name, trailers))
             time.sleep(0.1)
 
-    proc = stack["procs"][redis_cluster.process_name(victim)]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.popen.wait(10)  # type: ignore[union-attr]
-    stop = threading.Event()
-    sender = threading.Thread(target=send_events, args=(stop,))
-    sender.start()
-    try:
-        # Users in the drive's order alternate lost, kept, kept (a third on the lost master).
-        mixed = [u for trio in zip(lost, kept[0::2], kept[1::2], strict=False) for u in trio]
-        outcomes = drive(stack["stub"], mixed, when, FAULT_S)
-    finally:
-        stop.set()
-        sender.join()
-    deps = http_json(s, s.orchestrator_http_port, "/healthz")["dependencies"]
+    # Users in the drive's order alternate lost, kept, kept (a third on the lost master).
+    mixed = [u for trio in zip(lost, kept[0::2], kept[1::2], strict=False) for u in trio]
+    # The load-test fault itself: SIGKILL, then (leaving the block) a restart from the
+    # node's AOF and nodes.conf, until every node sees the cluster ok.
+    with faults.redis_master_killed(s, victim):
+        stop = threading.Event()
+        sender = threading.Thread(target=send_events, args=(stop,))
+        sender.start()
+        try:
+            outcomes = drive(stack["stub"], mixed, when, FAULT_S)
+        finally:
+            stop.set()
+            sender.join()
+        deps = http_json(s, s.orchestrator_http_port, "/healthz")["dependencies"]
+        t0 = time.monotonic()
 
     ceiling = s.latency_ceiling_ms / 1000
     failed = [o for o in outcomes if o.code != "OK"]
@@ -180,9 +182,6 @@ def test_a_killed_master_degrades_its_users_only_and_heals(
     assert all(("retry-after", str(s.event_retry_after_s)) in t for *_, t in refused), refused
     assert taken and {code for _, code, _ in taken} == {"OK"}, taken
 
-    # Restart from the AOF and nodes.conf (as the cluster fixture started it).
-    t0 = time.monotonic()
-    stack["procs"][proc.name] = redis_cluster.start_node(s, "127.0.0.1", victim)
     while True:
         replies = [recommend(stack, u) for u in lost[:3]]
         if all(not r.degraded for r in replies):
@@ -190,8 +189,7 @@ def test_a_killed_master_degrades_its_users_only_and_heals(
         assert time.monotonic() - t0 < 15, [list(r.degraded) for r in replies]
         time.sleep(0.1)
     healed_s = time.monotonic() - t0
-    print(f"full answers for the lost master's users {healed_s:.2f} s after its restart")
-    redis_cluster.wait_healthy(s, 10)  # every node sees it back (gossip)
+    print(f"full answers for the lost master's users {healed_s:.2f} s after the restart began")
     assert {u: recent(s, u) for u in lost[:3]} == before
     reply = stack["stub"].RecordEvent(
         pb.RecordEventRequest(user_id=lost[0], item_id=items[5], event=pb.CLICK), timeout=1.0
