@@ -79,9 +79,14 @@ def stack(
         yield {"settings": s, "procs": procs, "stub": pb_grpc.RecommenderStub(channel)}
         channel.close()
     finally:
-        for p in reversed(procs.values()):
+        for name in ("orchestrator", "triton"):
+            if name in procs:
+                procs.pop(name).stop()
+        # By pid file first: the node the fault restarted is not in procs (and stopping
+        # its killed predecessor's ManagedProcess would delete that pid file).
+        redis_cluster.stop(s)
+        for p in procs.values():
             p.stop()
-        redis_cluster.stop(s)  # the node the fault restarted is not in procs
 
 
 def test_a_killed_master_degrades_its_users_only_and_heals(
