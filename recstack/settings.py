@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # deadline); ~4x the p99 measured at 100/s on the 2-core host (docs/benchmark.md).
     user_tower_cap_ms: float = Field(default=50.0, gt=0)
     ranking_cap_ms: float = Field(default=100.0, gt=0)
+    # When Triton cannot answer (down, hung, breaker open, model unloaded): "none" degrades
+    # (popular items, retrieval order); "in_process" runs the release's same artifacts in
+    # the orchestrator (orchestrator/local_models.py) and flags the answer
+    # `user_tower_in_process` / `ranking_in_process`. Off by default: see docs/faults.md.
+    model_fallback: Literal["none", "in_process"] = "none"
     # The online store's reads and writes: SQLite busy timeout, Redis socket timeouts; a
     # user read slower than this counts as a failure for the store's breaker.
     online_store_timeout_ms: float = Field(default=50.0, gt=0)

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from loadtest.reference import InProcessModels, reference_settings, start_reference
+from loadtest.reference import reference_settings, start_reference
+from orchestrator.local_models import InProcessModels
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.orchestrator_process import start_orchestrator
