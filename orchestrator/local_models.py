@@ -26,8 +26,7 @@ from orchestrator.triton_client import (
     ModelSpec,
     TritonInvalidInput,
     TritonModelNotFound,
-    _check_rows,
-    _check_shape,
+    checked_inputs,
     model_spec,
 )
 from recstack.settings import Settings
@@ -170,26 +169,7 @@ class InProcessModels:
 
     def _checked(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The inputs as TritonClient.infer would send them (names, dtypes, shapes, rows)."""
-        spec = self.spec(model)
-        expected = {t.name for t in spec.inputs}
-        if set(inputs) != expected:
-            raise TritonInvalidInput(
-                f"{model}: unknown inputs {sorted(set(inputs) - expected)}, missing inputs "
-                f"{sorted(expected - set(inputs))}; config.pbtxt names {sorted(expected)}"
-            )
-        out = {}
-        for t in spec.inputs:
-            array = np.asarray(inputs[t.name])
-            if array.dtype != t.dtype:
-                if not np.can_cast(array.dtype, t.dtype, "same_kind"):
-                    raise TritonInvalidInput(
-                        f"{model}: input {t.name!r} is {array.dtype}, expected {t.dtype}"
-                    )
-                array = array.astype(t.dtype)
-            _check_shape(t, array.shape, spec.batching)
-            _check_rows(model, spec, t, array.shape)
-            out[t.name] = array
-        return out
+        return checked_inputs(model, self.spec(model), inputs)
 
     def user_embedding(self, inputs: Mapping[str, np.ndarray], **_: object) -> np.ndarray:
         """user_tower: a batch of users -> [batch, dim] embeddings."""

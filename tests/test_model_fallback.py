@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import pandas as pd
 import pytest
-from conftest import active_users
+from conftest import active_users, end_of_data
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loadtest import faults
@@ -53,10 +52,7 @@ def stack(trained_settings: Settings) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def when(trained_settings: Settings) -> Timestamp:
-    inter = pd.read_parquet(trained_settings.raw_dir / "interactions.parquet")
-    ts = Timestamp()
-    ts.FromDatetime(inter["timestamp"].max().to_pydatetime())
-    return ts
+    return end_of_data(trained_settings)
 
 
 def ask(stack: dict[str, Any], user: str, when: Timestamp, timeout: float = 2.0) -> Any:
