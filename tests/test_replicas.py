@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from conftest import active_users, port
 from exporters import release
 from exporters.model_repo import copy_committed_repository
 from exporters.release_state import ReleaseState, load_state, save_state
+from loadtest.scenario import load_scenario
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.orchestrator_process import settings_env
@@ -40,6 +42,7 @@ from orchestrator.replicas import (
     stop_replicas,
 )
 from orchestrator.triton_server import ensemble_name, loaded_models, start_triton
+from recstack.cli import build_parser
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -89,6 +92,30 @@ def test_nginx_config_renders_valid_and_names_every_replica(settings: Settings) 
         replicas(clash)
     with pytest.raises(UserError, match="REPLICAS"):
         render_nginx_conf(s.model_copy(update={"orchestrator_replicas": 1}))
+
+
+def test_replica_kill_scenario_commands_parse_and_name_replicas() -> None:
+    """The shipped scenario's actions are commands of this CLI, aimed at replica names that
+    `serve orchestrator` gives (a rename on either side fails here)."""
+    sc = load_scenario("replica_kill")
+    names = {r.name for r in replicas(Settings(orchestrator_replicas=3))}
+    for action in sc.actions:
+        argv = shlex.split(action.run)
+        assert argv[0] == "recstack"
+        args = build_parser().parse_args(argv[1:])
+        assert args.name in names and args.signal in ("KILL", "TERM")
+    assert {shlex.split(a.run)[-1] for a in sc.actions} == {"KILL", "TERM"}
+
+
+def test_signal_refuses_a_server_that_does_not_run(settings: Settings) -> None:
+    done = subprocess.run(
+        [*CLI, "serve", "signal", "orchestrator-7", "--signal", "KILL"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "orchestrator-7 does not run" in done.stderr, done.stderr
 
 
 # ------------------------------------------------------------------------- the stack
