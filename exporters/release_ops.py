@@ -9,10 +9,12 @@ completes it:
 3. estimate memory, and refuse a change that would not fit beside the served releases;
 4. load the new release's models into Triton next to the served ones (if Triton runs);
 5. write the new state atomically — the commit point;
-6. ask the orchestrator to apply it now (``POST /admin/reload``; it also watches the
-   file) and wait for its answer: done, or refused (then the state is put back);
+6. ask the orchestrator — every replica, with ``orchestrator_replicas`` > 1 — to apply it
+   now (``POST /admin/reload``; each also watches the file) and wait for the answers:
+   done, or refused by one (then the state is put back, as a new revision);
 7. the orchestrator closes the old release once no request uses it and unloads from
-   Triton what no served release needs (without an orchestrator, this command does).
+   Triton what no served release needs (without an orchestrator, this command does; with
+   replicas, which do not prune, this command does once all of them serve the new state).
 """
 
 from __future__ import annotations
