@@ -15,7 +15,7 @@ help:
 	@echo "make lint   - ruff check + format check"
 
 # --- set-up: stamp files make re-runs take seconds ---------------------------------------
-setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(RUN)/redis.stamp orchestrator/recommender_pb2.py
+setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(RUN)/redis.stamp $(RUN)/nginx.stamp orchestrator/recommender_pb2.py
 
 $(VENV)/.stamp: pyproject.toml requirements/app.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ orchestrator/recommender_pb2.py: orchestrator/recommender.proto $(VENV)/.stamp
 $(RUN)/redis.stamp:
 	mkdir -p $(RUN)
 	command -v redis-server >/dev/null || { apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq redis-server >/dev/null; }
+	touch $@
+
+# Debian's nginx, the balancer in front of several orchestrator replicas
+# (RECSTACK_ORCHESTRATOR_REPLICAS, docs/deploy.md). Started by the project with its own
+# prefix under the run dir as the current user on loopback; the system service the package
+# may start where systemd runs (port 80) is not used. `nginx`, not `nginx-light`: in
+# Debian 12 the latter is a transitional package that pulls in nginx plus a module.
+$(RUN)/nginx.stamp:
+	mkdir -p $(RUN)
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || { apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq nginx >/dev/null; }
 	touch $@
 
 # --- the two commands --------------------------------------------------------------------

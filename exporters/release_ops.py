@@ -9,10 +9,12 @@ completes it:
 3. estimate memory, and refuse a change that would not fit beside the served releases;
 4. load the new release's models into Triton next to the served ones (if Triton runs);
 5. write the new state atomically — the commit point;
-6. ask the orchestrator to apply it now (``POST /admin/reload``; it also watches the
-   file) and wait for its answer: done, or refused (then the state is put back);
+6. ask the orchestrator — every replica, with ``orchestrator_replicas`` > 1 — to apply it
+   now (``POST /admin/reload``; each also watches the file) and wait for the answers:
+   done, or refused by one (then the state is put back, as a new revision);
 7. the orchestrator closes the old release once no request uses it and unloads from
-   Triton what no served release needs (without an orchestrator, this command does).
+   Triton what no served release needs (without an orchestrator, this command does; with
+   replicas, which do not prune, this command does once all of them serve the new state).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from exporters.release import load_manifest, release_ids
@@ -46,9 +49,13 @@ log = logging.getLogger(__name__)
 RELOAD_TIMEOUT_S = 600.0  # a 1M-item release loads and warms in ~1-2 min
 
 
-def _admin(settings: Settings, method: str, path: str, timeout: float) -> dict[str, Any] | None:
-    """The orchestrator's admin API; None when no orchestrator listens."""
-    url = f"http://{settings.orchestrator_admin_host}:{settings.orchestrator_admin_port}{path}"
+def _admin(
+    settings: Settings, method: str, path: str, timeout: float, port: int | None = None
+) -> dict[str, Any] | None:
+    """An orchestrator's admin API (``port``, default the one orchestrator's); None when
+    no orchestrator listens."""
+    port = settings.orchestrator_admin_port if port is None else port
+    url = f"http://{settings.orchestrator_admin_host}:{port}{path}"
     request = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # loopback
@@ -58,6 +65,31 @@ def _admin(settings: Settings, method: str, path: str, timeout: float) -> dict[s
         raise UserError(f"orchestrator admin API {path}: HTTP {e.code} {e.read()[:200]!r}") from e
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return None
+
+
+def _admin_all(
+    settings: Settings, method: str, path: str, timeout: float
+) -> dict[str, dict[str, Any] | None]:
+    """The same call on every orchestrator (the replicas of ``orchestrator_replicas``, or
+    the one), at once: each replica swaps on its own; by name, None where none answered."""
+    from orchestrator.replicas import admin_ports
+
+    ports = admin_ports(settings)
+    with ThreadPoolExecutor(max_workers=len(ports)) as pool:
+        futures = {
+            n: pool.submit(_admin, settings, method, path, timeout, p) for n, p in ports.items()
+        }
+        return {n: f.result() for n, f in futures.items()}
+
+
+def _running(settings: Settings) -> dict[str, Any] | None:
+    """What the orchestrators load (``loaded``: the union over replicas; ``answering``:
+    how many answered), or None when none answers."""
+    docs = [d for d in _admin_all(settings, "GET", "/admin/releases", 5.0).values() if d]
+    if not docs:
+        return None
+    loaded = sorted({r for d in docs for r in d.get("loaded") or []})
+    return {"loaded": loaded, "answering": len(docs)}
 
 
 def _triton_up(settings: Settings) -> bool:
@@ -75,8 +107,11 @@ def _memory_check(settings: Settings, new: list[int], running: dict[str, Any] | 
     fresh = [r for r in new if r not in loaded]
     if not fresh:
         return
-    need, free = check_fits(settings, fresh)
-    print(f"memory: ~{need:.0f} MB for {fresh} during the transition; {free:.0f} MB available")
+    # Replicas on this machine each load the release: the need is per replica.
+    copies = int(running.get("answering") or 1)
+    need, free = check_fits(settings, fresh, copies=copies)
+    per = f" ({copies} replicas)" if copies > 1 else ""
+    print(f"memory: ~{need:.0f} MB for {fresh}{per} during the transition; {free:.0f} MB available")
 
 
 def _apply(
@@ -103,23 +138,43 @@ def _apply(
 
             prune_releases(settings, state.serving)
         return state
-    doc = _admin(settings, "POST", "/admin/reload", RELOAD_TIMEOUT_S)
-    last = (doc or {}).get("last_change") or {}
-    if doc is None:
-        print("the orchestrator stopped answering; it applies the state when it is back")
-    elif doc.get("revision") == state.revision:
-        print(f"orchestrator serves revision {state.revision} ({last.get('seconds')} s)")
-    elif last.get("revision") == state.revision and last.get("status") in ("refused", "failed"):
-        # Keep the state true to what serves: put the previous routing back.
+    docs = _admin_all(settings, "POST", "/admin/reload", RELOAD_TIMEOUT_S)
+    refusals = []
+    for name, doc in docs.items():
+        last = (doc or {}).get("last_change") or {}
+        if doc is None:
+            print(f"{name} stopped answering; it applies the state when it is back")
+        elif doc.get("revision") == state.revision:
+            print(f"{name} serves revision {state.revision} ({last.get('seconds')} s)")
+        elif last.get("revision") == state.revision and last.get("status") in (
+            "refused",
+            "failed",
+        ):
+            refusals.append(f"{name} {last['status']} the change: {last.get('detail')}")
+    if refusals:
+        # Keep the state true to what serves: put the previous routing back, as a new
+        # revision, so that replicas that did swap swap back.
         reverted = ReleaseState.from_json(before.to_json())
         reverted.history = state.history
         reverted.revision = state.revision
-        reverted.record("revert", reason=f"orchestrator {last['status']}: {last.get('detail')}")
+        reverted.record("revert", reason="; ".join(refusals))
         save_state(settings, reverted)
+        _admin_all(settings, "POST", "/admin/reload", RELOAD_TIMEOUT_S)
         raise UserError(
-            f"the orchestrator {last['status']} the change: {last.get('detail')}. "
-            f"The state is back to {describe_routing(reverted)}."
+            f"{'; '.join(refusals)}. The state is back to {describe_routing(reverted)}."
         )
+    if settings.orchestrator_replicas > 1 or not settings.orchestrator_prunes_triton:
+        # The orchestrators do not prune (one would unload what another still serves): once
+        # every one of them serves the new state (each retired the old releases first),
+        # nothing needs what the state no longer serves.
+        if all(d is not None and d.get("revision") == state.revision for d in docs.values()):
+            if _triton_up(settings):
+                from orchestrator.triton_server import prune_releases
+
+                dropped = prune_releases(settings, state.serving)
+                print(f"Triton: unloaded {len(dropped)} model(s) no served release needs")
+        else:
+            print("not every orchestrator serves the new state: Triton is not pruned")
     return state
 
 
@@ -153,7 +208,7 @@ def promote(
             force_reason=force_reason,
         )
         print(format_report(report))
-        running = _admin(settings, "GET", "/admin/releases", 5.0)
+        running = _running(settings)
         _memory_check(settings, [release_id], running)
         if state.live is not None and state.live != release_id:
             state.previous.append(state.live)
@@ -182,7 +237,7 @@ def rollback(settings: Settings, reason: str | None) -> ReleaseState:
             compare_live=False,  # it was live before: only its artifacts are re-checked
         )
         print(format_report(report))
-        running = _admin(settings, "GET", "/admin/releases", 5.0)
+        running = _running(settings)
         _memory_check(settings, [target], running)
         state.previous.pop()
         old = state.live
@@ -214,7 +269,7 @@ def ab_start(
                 compare_live=rid != state.live,
             )
             print(format_report(report))
-        running = _admin(settings, "GET", "/admin/releases", 5.0)
+        running = _running(settings)
         _memory_check(settings, releases, running)
         state.arms = [Arm(r, s) for r, s in zip(releases, shares, strict=True)]
         state.salt = salt or secrets.token_hex(4)
@@ -229,7 +284,7 @@ def ab_stop(settings: Settings, reason: str | None) -> ReleaseState:
             raise UserError("no A/B test is running")
         state.arms = []
         state.record("ab_stop", reason, release=state.live)
-        running = _admin(settings, "GET", "/admin/releases", 5.0)
+        running = _running(settings)
         return _apply(settings, state, before, [], running)
 
 

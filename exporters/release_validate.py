@@ -124,10 +124,11 @@ def available_memory_mb() -> float:
     return float("inf")
 
 
-def check_fits(settings: Settings, release_ids: list[int]) -> tuple[float, float]:
+def check_fits(settings: Settings, release_ids: list[int], copies: int = 1) -> tuple[float, float]:
     """(MB ``release_ids`` need, MB available after the headroom) on this machine; a
-    :class:`UserError` when they do not fit beside what is loaded."""
-    need = sum(release_memory_mb(settings, r) for r in release_ids)
+    :class:`UserError` when they do not fit beside what is loaded. ``copies``: how many
+    orchestrators on this machine load them (replicas)."""
+    need = copies * sum(release_memory_mb(settings, r) for r in release_ids)
     free = available_memory_mb() - settings.release_memory_headroom_mb
     if need > free:
         raise UserError(

@@ -508,8 +508,13 @@ async def serve(
 
 
 def cli(args: argparse.Namespace) -> int:
-    """``recstack serve orchestrator [--detach]``."""
+    """``recstack serve orchestrator [--detach]``: one orchestrator, or with
+    ``RECSTACK_ORCHESTRATOR_REPLICAS`` > 1 that many behind nginx (orchestrator/replicas.py)."""
     settings = get_settings()
+    if settings.orchestrator_replicas > 1:
+        from orchestrator.replicas import serve as serve_replicas
+
+        return serve_replicas(settings, args.detach)
     if args.detach:
         from orchestrator.orchestrator_process import start_orchestrator
 

@@ -17,6 +17,9 @@ Degradation, always flagged in the response and counted in metrics
   (``no_retrieval_candidates``);
 - item features or the rank ensemble failed, or no budget left: retrieval order
   (``ranking_skipped``);
+- with ``RECSTACK_MODEL_FALLBACK=in_process``, a Triton failure of the user tower or the
+  rank ensemble is answered by the release's same models in this process instead
+  (``user_tower_in_process``, ``ranking_in_process``; orchestrator/local_models.py);
 - the work overran the deadline: popular items (``deadline_exceeded``);
 - the request waited in the queue past its deadline (overload): popular items, and the
   queued work is dropped (``load_shed``);
@@ -43,6 +46,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +64,7 @@ from orchestrator.postprocess import Candidates, reasons, select
 from orchestrator.release_router import ReleaseRouter
 from orchestrator.request import EventQuery, RecommendQuery
 from orchestrator.serving_release import ItemState, ServingRelease, UserView
+from orchestrator.triton_client import TritonError, TritonInvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,27 @@ def _stage_failed(stage: str, err: Exception) -> None:
     if isinstance(err, CircuitOpen) or isinstance(err.__cause__, CircuitOpen):
         return
     log.warning("%s failed: %s: %s", stage, type(err).__name__, err)
+
+
+def _in_process(
+    rel: ServingRelease,
+    err: Exception,
+    stage: str,
+    degraded: list[str],
+    run: Callable[[], np.ndarray],
+) -> np.ndarray | None:
+    """The stage's answer from the release's in-process models when Triton failed
+    (``settings.model_fallback``), flagged ``<stage>_in_process``; None without them, or
+    when the failure was the request's own inputs (they would fail here too)."""
+    if rel.local is None or isinstance(err, TritonInvalidInput):
+        return None
+    try:
+        out = run()
+    except Exception as e:
+        log.warning("%s in process failed too: %s: %s", stage, type(e).__name__, e)
+        return None
+    degraded.append(f"{stage}_in_process")
+    return out
 
 
 def _event_failure(err: Exception) -> str:
@@ -456,6 +482,9 @@ class RecommendService:
                     embedding = rel.user_embedding(user, timeout_s=budget)
                 except Exception as e:  # TritonError, or a bad answer
                     _stage_failed("user_tower", e)
+                    embedding = _in_process(
+                        rel, e, "user_tower", degraded, lambda: rel.user_embedding_in_process(user)
+                    )
         if embedding is None:
             degraded.append("retrieval_unavailable")
             return self._fallback(q, clock, degraded, user, state, rel)
@@ -486,12 +515,22 @@ class RecommendService:
                     inputs = user.rank_inputs(
                         embedding, items, catalog.embeddings[rows], now, source_feats
                     )
-                    scores = rel.triton.rank(inputs, timeout_s=budget).astype(np.float64)
+                    try:
+                        scores = rel.triton.rank(inputs, timeout_s=budget)
+                    except TritonError as e:
+                        _stage_failed("ranking", e)
+                        scores = _in_process(
+                            rel, e, "ranking", degraded, lambda: rel.local.rank(inputs)
+                        )
+                        if scores is None:
+                            raise
+                    scores = np.asarray(scores, dtype=np.float64)
                     if scores.shape != (len(rows),) or not np.isfinite(scores).all():
                         raise ValueError(f"ranker answered {scores.shape}, non-finite or short")
                     final_scores = scores
         except Exception as e:  # TritonError, bad item features, a bad ranker answer
-            _stage_failed("ranking", e)
+            if not isinstance(e, TritonError):  # a Triton failure was logged above
+                _stage_failed("ranking", e)
             degraded.append("ranking_skipped")
 
         with clock.stage("postprocess"):

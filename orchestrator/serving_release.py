@@ -25,6 +25,7 @@ from orchestrator.breaker import Breakers
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.faiss_index import FaissIndex
+from orchestrator.local_models import InProcessModels
 from orchestrator.online_features import ItemFeatures, ItemSnapshot, OnlineFeatures, UserFeatures
 from orchestrator.postprocess import PostprocessConfig
 from orchestrator.request import EventQuery
@@ -252,6 +253,9 @@ class ServingRelease:
     # The circuit breakers its Triton and online-store calls go through: one per
     # dependency, shared with every other release the service loads with the same board.
     breakers: Breakers = field(default_factory=Breakers)
+    # The same models in process (settings.model_fallback == "in_process"): answers when
+    # Triton cannot (orchestrator/local_models.py); None: degrade instead.
+    local: InProcessModels | None = None
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -291,6 +295,16 @@ class ServingRelease:
         if embedding is None:
             embedding = self.triton.user_embedding(inputs, timeout_s=timeout_s)
             self.user_embeddings.put(key, embedding)
+        return embedding
+
+    def user_embedding_in_process(self, user: UserView) -> np.ndarray:
+        """The user tower's output from the in-process models (when Triton failed); the
+        same model and version, so it is cached like Triton's answer."""
+        if self.local is None:
+            raise RuntimeError(f"release {self.release_id} has no in-process models")
+        inputs = user.tower_inputs()
+        embedding = self.local.user_embedding(inputs)
+        self.user_embeddings.put(EmbeddingCache.key(inputs), embedding)
         return embedding
 
     @classmethod
@@ -373,6 +387,9 @@ class ServingRelease:
             PostprocessConfig.from_json(manifest.get("postprocess")),
             data_end,
             breakers,
+            InProcessModels.for_release(settings, rid)
+            if settings.model_fallback == "in_process"
+            else None,
         )
 
     def warm_up(self, n_items: int, rounds: int = 3, probe_users: int = 32) -> None:
@@ -399,6 +416,9 @@ class ServingRelease:
                 embedding, items, self.catalog.embeddings[rows], time.time(), source_feats
             )
             self.triton.rank(inputs, timeout_s=30)
+            if self.local is not None:  # onnxruntime/tl2cgen initialise on first use too
+                self.local.user_embedding(user.tower_inputs())
+                self.local.rank(inputs)
 
     def missing_models(self) -> list[str]:
         """Pinned models Triton does not have ready ("user_tower v3"); [] when all are."""
@@ -406,3 +426,5 @@ class ServingRelease:
 
     def close(self) -> None:
         self.triton.close()
+        if self.local is not None:
+            self.local.close()

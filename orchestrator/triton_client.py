@@ -148,6 +148,36 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...], batching: bool) -> No
         raise TritonInvalidInput(f"input {spec.name!r} has shape {list(shape)}, expected {want}")
 
 
+def checked_inputs(
+    model: str, spec: ModelSpec, inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``inputs`` as ``model``'s config takes them: exactly its input names, each cast to
+    its dtype where numpy can do so safely, with its shape and row limit checked; raises
+    :class:`TritonInvalidInput` naming what is wrong. Whoever runs the model (Triton, or
+    orchestrator/local_models.py in process) gets the same inputs and the same refusals."""
+    expected = {t.name for t in spec.inputs}
+    unknown = sorted(set(inputs) - expected)
+    missing = sorted(expected - set(inputs))
+    if unknown or missing:
+        raise TritonInvalidInput(
+            f"{model}: unknown inputs {unknown}, missing inputs {missing}; "
+            f"config.pbtxt names {sorted(expected)}"
+        )
+    out = {}
+    for t in spec.inputs:
+        array = np.asarray(inputs[t.name])
+        if array.dtype != t.dtype:
+            if not np.can_cast(array.dtype, t.dtype, "same_kind"):
+                raise TritonInvalidInput(
+                    f"{model}: input {t.name!r} is {array.dtype}, expected {t.dtype}"
+                )
+            array = array.astype(t.dtype)
+        _check_shape(t, array.shape, spec.batching)
+        _check_rows(model, spec, t, array.shape)
+        out[t.name] = array
+    return out
+
+
 class TritonClient:
     """Typed calls to one Triton server. Not thread-safe for changing ``versions``; the
     underlying gRPC channel is shared by calls from several threads."""
@@ -232,28 +262,13 @@ class TritonClient:
         """Run ``model`` (at ``version``, else the pinned one, else Triton's choice) on
         named inputs; returns every output of the config by name."""
         spec = self.spec(model)
-        expected = {t.name for t in spec.inputs}
-        unknown = sorted(set(inputs) - expected)
-        missing = sorted(expected - set(inputs))
-        if unknown or missing:
-            raise TritonInvalidInput(
-                f"{model}: unknown inputs {unknown}, missing inputs {missing}; "
-                f"config.pbtxt names {sorted(expected)}"
-            )
+        checked = checked_inputs(model, spec, inputs)
         pinned = version if version is not None else self.versions.get(model)
         request = service_pb2.ModelInferRequest(
             model_name=model, model_version="" if pinned is None else str(pinned)
         )
         for t in spec.inputs:
-            array = np.asarray(inputs[t.name])
-            if array.dtype != t.dtype:
-                if not np.can_cast(array.dtype, t.dtype, "same_kind"):
-                    raise TritonInvalidInput(
-                        f"{model}: input {t.name!r} is {array.dtype}, expected {t.dtype}"
-                    )
-                array = array.astype(t.dtype)
-            _check_shape(t, array.shape, spec.batching)
-            _check_rows(model, spec, t, array.shape)
+            array = checked[t.name]
             request.inputs.add(name=t.name, datatype=t.triton_type, shape=array.shape)
             request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
         for t in spec.outputs:

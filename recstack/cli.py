@@ -157,8 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
         serve, "redis-cluster", "orchestrator.redis_cluster:cli", "a local 3-master Redis Cluster"
     )
     p.add_argument("--detach", action="store_true")
-    p = _cmd(serve, "orchestrator", "orchestrator.server:cli", "the gRPC/HTTP recommender")
+    p = _cmd(
+        serve,
+        "orchestrator",
+        "orchestrator.server:cli",
+        "the gRPC/HTTP recommender (RECSTACK_ORCHESTRATOR_REPLICAS > 1: replicas behind nginx)",
+    )
     p.add_argument("--detach", action="store_true")
+    p = _cmd(serve, "signal", "orchestrator.replicas:cli_signal", "signal one server (load tests)")
+    p.add_argument("name", help="its pid file's name under the run dir, e.g. orchestrator-1")
+    p.add_argument("--signal", choices=["TERM", "KILL"], default="TERM")
     _cmd(groups, "stop", "orchestrator.processes:cli_stop", "stop servers started --detach")
 
     # --- benchmarks (not tests) -----------------------------------------------------------

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     # default like Triton's repository API (docs/releases.md says how to protect both).
     orchestrator_admin_host: str = "127.0.0.1"
     orchestrator_admin_port: int = 9101
+    # Replicas on this machine (orchestrator/replicas.py, docs/deploy.md): with N > 1,
+    # `recstack serve orchestrator` starts N orchestrators behind Debian's nginx, which
+    # listens on the gRPC and HTTP ports above; replica i takes the four ports from
+    # replica_port_base + 10*i (gRPC, HTTP, metrics, admin). The release commands notify
+    # every replica's admin port and prune Triton once all of them serve the new state.
+    orchestrator_replicas: int = Field(default=1, ge=1, le=16)
+    orchestrator_replica_port_base: int = Field(default=50100, ge=1024, le=65_535 - 160)
     # Recommend calls worked on at once (threads); see orchestrator/service.py.
     orchestrator_workers: int = Field(default=4, ge=1, le=64)
     # User-tower outputs kept per release, keyed by the tower's inputs (0 disables it);
@@ -77,7 +84,8 @@ class Settings(BaseSettings):
     release_watch_s: float = Field(default=1.0, gt=0)
     triton_watch_s: float = Field(default=2.0, ge=0)
     # After a change the orchestrator unloads from Triton what no served release needs.
-    # Turn off where several orchestrators share one Triton and a promotion job prunes.
+    # Turn off where several orchestrators share one Triton and a promotion job prunes
+    # (replicas started here get it off; `recstack release` then prunes, see above).
     orchestrator_prunes_triton: bool = True
     # A new release is loaded beside the served ones only if its estimated size fits in
     # MemAvailable minus this headroom (MB); else the change is refused.
@@ -91,6 +99,11 @@ class Settings(BaseSettings):
     # deadline); ~4x the p99 measured at 100/s on the 2-core host (docs/benchmark.md).
     user_tower_cap_ms: float = Field(default=50.0, gt=0)
     ranking_cap_ms: float = Field(default=100.0, gt=0)
+    # When Triton cannot answer (down, hung, breaker open, model unloaded): "none" degrades
+    # (popular items, retrieval order); "in_process" runs the release's same artifacts in
+    # the orchestrator (orchestrator/local_models.py) and flags the answer
+    # `user_tower_in_process` / `ranking_in_process`. Off by default: see docs/faults.md.
+    model_fallback: Literal["none", "in_process"] = "none"
     # The online store's reads and writes: SQLite busy timeout, Redis socket timeouts; a
     # user read slower than this counts as a failure for the store's breaker.
     online_store_timeout_ms: float = Field(default=50.0, gt=0)

@@ -4,6 +4,7 @@ the tests that need them and stopped afterwards; nothing here is mocked."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,18 @@ def active_users(s: Settings, n: int) -> list[str]:
     inter = pd.read_parquet(s.raw_dir / "interactions.parquet")
     pos = inter[inter["event"].isin(["click", "purchase"])]
     return [str(int(u)) for u in pos["user_id"].value_counts().index[:n]]
+
+
+def end_of_data(s: Settings) -> Any:
+    """The newest interaction's time as a protobuf Timestamp: requests that carry it score
+    as of the data (features relative to time, "not yet created"), not the wall clock."""
+    import pandas as pd
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    inter = pd.read_parquet(s.raw_dir / "interactions.parquet", columns=["timestamp"])
+    ts = Timestamp()
+    ts.FromDatetime(inter["timestamp"].max().to_pydatetime())
+    return ts
 
 
 def in_ci() -> bool:

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pandas as pd
 import pytest
-from conftest import active_users
+from conftest import active_users, end_of_data
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -76,10 +75,7 @@ def users(trained_settings: Settings) -> list[str]:
 
 @pytest.fixture(scope="module")
 def when(trained_settings: Settings) -> Timestamp:
-    inter = pd.read_parquet(trained_settings.raw_dir / "interactions.parquet")
-    ts = Timestamp()
-    ts.FromDatetime(inter["timestamp"].max().to_pydatetime())
-    return ts
+    return end_of_data(trained_settings)
 
 
 @dataclass

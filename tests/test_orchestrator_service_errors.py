@@ -50,6 +50,7 @@ def release() -> SimpleNamespace:
         items=ItemState.build(snapshot, ids, np.zeros((20, 2), np.float32)),
         features=SimpleNamespace(user=lambda user_id: BrokenUser()),
         user_embedding=no_tower,
+        local=None,  # no in-process model fallback: the tower's failure degrades
         post=PostprocessConfig(),
         data_end=float("inf"),
         close=lambda: None,

@@ -10,19 +10,19 @@ from typing import Any
 
 import grpc
 import numpy as np
-import pandas as pd
 import pytest
+from conftest import active_users, end_of_data, port
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from loadtest.reference import InProcessModels, reference_settings, start_reference
+from loadtest.reference import reference_settings, start_reference
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
+from orchestrator.local_models import InProcessModels
 from orchestrator.orchestrator_process import start_orchestrator
 from orchestrator.processes import ManagedProcess
 from orchestrator.triton_client import TritonClient, TritonInvalidInput
 from orchestrator.triton_server import ensemble_name, start_triton
 from recstack.settings import Settings
-from tests.conftest import active_users, port
 
 pytestmark = pytest.mark.integration
 
@@ -53,13 +53,6 @@ def servers(trained_settings: Settings) -> Iterator[dict[str, Any]]:
             p.stop()
 
 
-def _end_of_data(s: Settings) -> Timestamp:
-    inter = pd.read_parquet(s.raw_dir / "interactions.parquet", columns=["timestamp"])
-    ts = Timestamp()
-    ts.FromDatetime(inter["timestamp"].max().to_pydatetime())
-    return ts
-
-
 def _ask(stub: Any, user: str, when: Timestamp, k: int) -> pb.RecommendResponse:
     """One answer; retried (at most twice) when it came degraded: a budget overrun on a
     busy machine is timing, not the pipeline, and a degraded answer compares nothing."""
@@ -84,7 +77,7 @@ def _compare(a: pb.RecommendResponse, b: pb.RecommendResponse, user: str) -> flo
 
 def test_reference_answers_equal_recstack(servers: dict[str, Any]) -> None:
     s = servers["settings"]
-    when = _end_of_data(s)
+    when = end_of_data(s)
     users = active_users(s, 200)[::8][:N_USERS]  # heavy to light users
     assert len(users) == N_USERS
     stubs = servers["stubs"]

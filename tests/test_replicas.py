@@ -1,0 +1,331 @@
+"""Several orchestrator replicas behind Debian's nginx (orchestrator/replicas.py): real
+Triton, two replicas as their own processes, real nginx, the project's load generator
+(`recstack loadtest run`) and `recstack release` as processes of their own."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from conftest import active_users, port
+
+from exporters import release
+from exporters.model_repo import copy_committed_repository
+from exporters.release_state import ReleaseState, load_state, save_state
+from loadtest.scenario import load_scenario
+from orchestrator import recommender_pb2 as pb
+from orchestrator import recommender_pb2_grpc as pb_grpc
+from orchestrator.orchestrator_process import settings_env
+from orchestrator.processes import ManagedProcess, pid_alive, read_pid
+from orchestrator.replicas import (
+    NGINX,
+    RECOMMEND_PATH,
+    Replica,
+    check_nginx_conf,
+    nginx_binary,
+    nginx_prefix,
+    render_nginx_conf,
+    replicas,
+    start_replicas,
+    stop_replicas,
+)
+from orchestrator.triton_server import ensemble_name, loaded_models, start_triton
+from recstack.cli import build_parser
+from recstack.errors import UserError
+from recstack.settings import Settings
+
+REPLICAS = 2
+CLI = (sys.executable, "-m", "recstack.cli")
+
+
+def _need_nginx() -> None:
+    try:
+        nginx_binary()
+    except UserError:
+        if __import__("conftest").in_ci():
+            raise
+        pytest.skip("nginx is not installed (make setup installs it)")
+
+
+def test_nginx_config_renders_valid_and_names_every_replica(settings: Settings) -> None:
+    _need_nginx()
+    s = settings.model_copy(
+        update={
+            "orchestrator_replicas": 3,
+            "orchestrator_grpc_port": port(18350),
+            "orchestrator_http_port": port(18351),
+            "orchestrator_replica_port_base": port(18360),
+        }
+    )
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    out = check_nginx_conf(s)  # `nginx -t` with the prefix under tmp, as this user
+    assert "test is successful" in out
+    conf = render_nginx_conf(s)
+    reps = replicas(s)
+    assert [r.grpc_port for r in reps] == [port(18360), port(18370), port(18380)]
+    for r in reps:
+        assert f"server 127.0.0.1:{r.grpc_port} " in conf
+        assert f"server 127.0.0.1:{r.http_port} " in conf
+    assert f"listen 127.0.0.1:{port(18350)} http2;" in conf
+    assert f"location = {RECOMMEND_PATH} " in conf and "non_idempotent" in conf
+    assert str(nginx_prefix(s)) in conf and "/var/" not in conf
+    # Only Recommend may be repeated after it was sent; RecordEvent may not.
+    assert conf.count("non_idempotent") == 1
+    # A setting nginx refuses is a clear error, not a server that never starts.
+    bad = s.model_copy(update={"orchestrator_host": "not a host"})
+    with pytest.raises(UserError, match="nginx rejects"):
+        check_nginx_conf(bad)
+    clash = s.model_copy(update={"orchestrator_replica_port_base": port(18351) - 11})
+    with pytest.raises(UserError, match="overlap"):
+        replicas(clash)
+    with pytest.raises(UserError, match="REPLICAS"):
+        render_nginx_conf(s.model_copy(update={"orchestrator_replicas": 1}))
+
+
+def test_replica_kill_scenario_commands_parse_and_name_replicas() -> None:
+    """The shipped scenario's actions are commands of this CLI, aimed at replica names that
+    `serve orchestrator` gives (a rename on either side fails here)."""
+    sc = load_scenario("replica_kill")
+    names = {r.name for r in replicas(Settings(orchestrator_replicas=3))}
+    for action in sc.actions:
+        argv = shlex.split(action.run)
+        assert argv[0] == "recstack"
+        args = build_parser().parse_args(argv[1:])
+        assert args.name in names and args.signal in ("KILL", "TERM")
+    assert {shlex.split(a.run)[-1] for a in sc.actions} == {"KILL", "TERM"}
+
+
+def test_signal_refuses_a_server_that_does_not_run(settings: Settings) -> None:
+    done = subprocess.run(
+        [*CLI, "serve", "signal", "orchestrator-7", "--signal", "KILL"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "orchestrator-7 does not run" in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------------------- the stack
+@pytest.fixture(scope="module")
+def rs(trained_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    base = tmp_path_factory.mktemp("replicas")
+    s = trained_settings.model_copy(
+        update={
+            "releases_dir": base / "releases",
+            "model_repository": copy_committed_repository(base / "model_repository"),
+            "run_dir": base / "run",
+            "triton_http_port": port(18300),
+            "triton_grpc_port": port(18301),
+            "triton_metrics_port": port(18302),
+            "orchestrator_grpc_port": port(18310),
+            "orchestrator_http_port": port(18311),
+            "orchestrator_metrics_port": port(18312),
+            "orchestrator_admin_port": port(18313),
+            "orchestrator_replicas": REPLICAS,
+            "orchestrator_replica_port_base": port(18320),
+            "release_watch_s": 0.5,
+        }
+    )
+    assert release.publish(s) == 1 and release.publish(s) == 2
+    state = ReleaseState(live=1)
+    state.record("bootstrap", release=1)
+    save_state(s, state)
+    return s
+
+
+@pytest.fixture(scope="module")
+def stack(rs: Settings) -> Iterator[ManagedProcess]:
+    _need_nginx()
+    triton = start_triton(rs)
+    try:
+        start_replicas(rs)
+        yield triton
+    finally:
+        stop_replicas(rs)
+        triton.stop()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return str(r.read().decode())
+
+
+def _served(s: Settings, r: Replica) -> float:
+    """Recommend calls a replica answered (its own metrics endpoint), both fronts."""
+    text = _get(f"http://127.0.0.1:{r.metrics_port}/metrics")
+    pattern = r'^recstack_requests_total\{code="OK",method="(?:http\.)?Recommend"\} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+def _models(s: Settings) -> set[str]:
+    return {name for name, _ in loaded_models(s)}
+
+
+def _admin(r: Replica) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(_get(f"http://127.0.0.1:{r.admin_port}/admin/releases"))
+    return doc
+
+
+def test_calls_are_spread_over_every_replica(rs: Settings, stack: ManagedProcess) -> None:
+    reps = replicas(rs)
+    before = [_served(rs, r) for r in reps]
+    users = active_users(rs, 50)
+    with grpc.insecure_channel(f"127.0.0.1:{rs.orchestrator_grpc_port}") as channel:
+        stub = pb_grpc.RecommenderStub(channel)  # one channel: one HTTP/2 connection
+        for u in users:
+            stub.Recommend(pb.RecommendRequest(user_id=u, k=10), timeout=5)
+    for u in users[:20]:
+        _get(f"http://127.0.0.1:{rs.orchestrator_http_port}/v1/recommendations?user_id={u}&k=5")
+    got = [_served(rs, r) - b for r, b in zip(reps, before, strict=True)]
+    assert sum(got) == 70, got
+    # Round robin per call (not per connection): each replica takes about half.
+    assert all(25 <= g <= 45 for g in got), got
+
+
+def _run_load(
+    s: Settings, tmp: Path, name: str, rate: float, seconds: float, actions: list[dict[str, str]]
+) -> dict[str, Any]:
+    """`recstack loadtest run` (open loop, Poisson) through nginx with timed actions."""
+    scenario = {
+        "name": name,
+        "target": {"kind": "grpc", "timeout": "1s"},
+        "load": {"arrival": "poisson", "rate": rate, "duration": f"{seconds}s", "warmup": "1s"},
+        "traffic": {"cold_start_share": 0.05, "event_share": 0.1},
+        "slo": {"p99_ms": 300, "max_error_share": 0.0},
+        "actions": actions,
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    out = tmp / name
+    done = subprocess.run(
+        [*CLI, "loadtest", "run", str(path), "--out", str(out), "--no-progress"],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc: dict[str, Any] = json.loads((out / "result.json").read_text())
+    for a in doc["actions"]:
+        assert a["returncode"] == 0, (a, Path(a["log"]).read_text())
+    return doc
+
+
+def _access_log(s: Settings, since: float) -> list[tuple[float, str, str, str]]:
+    """nginx's access log lines since ``since``: (time, upstream addrs, their statuses,
+    grpc-status) of each Recommend/RecordEvent call."""
+    time.sleep(1.5)  # the log buffer is flushed every second
+    rows = []
+    for line in (nginx_prefix(s) / "access.log").read_text().splitlines():
+        parts = line.split(" ")
+        t = float(parts[0])
+        if t >= since and '"/recstack.v1.Recommender/' in line:
+            # msec, request_time, status, upstream addrs (", "-separated), statuses, uri, grpc
+            m = re.match(r"^(\S+) (\S+) (\S+) (.+?) (\d.*?|-) (\".*?\") (\S*)$", line)
+            assert m, line
+            rows.append((t, m.group(4), m.group(5), m.group(7)))
+    return rows
+
+
+def _kill_and_count(
+    s: Settings, tmp: Path, signal_name: str
+) -> tuple[dict[str, Any], list[tuple[float, str, str, str]], Replica]:
+    victim = replicas(s)[1]
+    pid = read_pid(s, victim.name)
+    assert pid is not None
+    t0 = time.time()
+    cmd = f"{sys.executable} -m recstack.cli serve signal {victim.name} --signal {signal_name}"
+    doc = _run_load(s, tmp, f"replica_{signal_name.lower()}", 40, 12, [{"at": "5s", "run": cmd}])
+    assert not pid_alive(pid), f"{victim.name} still runs after SIG{signal_name}"
+    return doc, _access_log(s, t0), victim
+
+
+def _restart(s: Settings) -> None:
+    started = start_replicas(s)  # brings back the missing replica, keeps the rest
+    assert set(started) == {replicas(s)[1].name}, started
+
+
+def test_sigkill_of_a_replica_fails_at_most_its_calls_in_flight(
+    rs: Settings, stack: ManagedProcess, tmp_path: Path
+) -> None:
+    doc, rows, victim = _kill_and_count(rs, tmp_path, "KILL")
+    try:
+        addr = f"127.0.0.1:{victim.grpc_port}"
+        # Calls nginx had sent to the replica when it died: their stream was cut and nginx
+        # cannot resend a gRPC call whose body it already streamed (it does not buffer it),
+        # so they fail (UNAVAILABLE). Calls that reached it later found the port closed and
+        # went to the next replica (and so do nginx's probes after fail_timeout).
+        cut = [r for r in rows if r[1] == addr and r[2] != "200"]
+        rerouted = [r for r in rows if r[1].startswith(addr + ",")]
+        failed = doc["requests"]["errors"]
+        print(f"SIGKILL: {failed} failed, {len(cut)} cut in flight, {len(rerouted)} rerouted")
+        assert failed == len(cut), (doc["errors"], cut)
+        if cut:  # all of them at the one moment it died
+            assert max(r[0] for r in cut) - min(r[0] for r in cut) < 1.0, cut
+        assert rerouted and all(r[2].endswith("200") for r in rerouted), rerouted
+        assert doc["requests"]["ok"] > 300
+    finally:
+        _restart(rs)
+
+
+def test_sigterm_of_a_replica_fails_no_call(
+    rs: Settings, stack: ManagedProcess, tmp_path: Path
+) -> None:
+    doc, rows, victim = _kill_and_count(rs, tmp_path, "TERM")
+    try:
+        assert doc["requests"]["errors"] == 0, doc["errors"]
+        assert doc["requests"]["ok"] > 300
+        log = (rs.run_dir / "logs" / f"{victim.name}.log").read_text()
+        assert "draining" in log  # it drained, it was not cut
+        # The replica answered until it stopped: calls went to it after the signal.
+        addr = f"127.0.0.1:{victim.grpc_port}"
+        assert sum(addr in r[1] for r in rows) > 20
+    finally:
+        _restart(rs)
+
+
+def test_promotion_converges_on_every_replica_one_release_per_request(
+    rs: Settings, stack: ManagedProcess, tmp_path: Path
+) -> None:
+    reps = replicas(rs)
+    assert {_admin(r)["revision"] for r in reps} == {load_state(rs).revision}
+    assert ensemble_name(1) in _models(rs)
+    promote = f"{sys.executable} -m recstack.cli release promote 2 --reason replicas"
+    # Validation (a scratch Triton) takes ~10 s here; the swap falls inside the 25 s run.
+    doc = _run_load(rs, tmp_path, "replica_promote", 30, 25, [{"at": "2s", "run": promote}])
+    assert doc["actions"][0]["ended_s"] < 23, doc["actions"]
+    assert doc["requests"]["errors"] == 0, doc["errors"]
+    out = Path(doc["actions"][0]["log"]).read_text()
+    for r in reps:
+        assert f"{r.name} serves revision" in out, out
+    state = load_state(rs)
+    assert state.live == 2
+    # Every replica serves the new revision, and each answer names the release it used.
+    assert {_admin(r)["revision"] for r in reps} == {state.revision}
+    assert {_admin(r)["live"] for r in reps} == {2}
+    assert set(doc["releases"]) <= {"1", "2"} and "2" in doc["releases"], doc["releases"]
+    with grpc.insecure_channel(f"127.0.0.1:{rs.orchestrator_grpc_port}") as channel:
+        stub = pb_grpc.RecommenderStub(channel)
+        seen = Counter(
+            stub.Recommend(pb.RecommendRequest(user_id=u, k=10), timeout=5).release
+            for u in active_users(rs, 20)
+        )
+    assert seen == {"2": 20}, seen
+    # The replicas do not prune; the CLI did, once every replica served the new state.
+    assert "unloaded" in out
+    assert ensemble_name(1) not in _models(rs)
+    assert ensemble_name(2) in _models(rs)
+    assert read_pid(rs, NGINX) is not None
