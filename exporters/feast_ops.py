@@ -244,35 +244,39 @@ def materialize(settings: Settings, incremental: bool = False) -> None:
     end = materialization_end(settings)
     views = [v.name for v in store.list_feature_views() if v.online]
     by_feast = [v for v in views if v not in DIRECT_VIEWS]
-    # Rows stored with a later time than this were pushed (RecordEvent) since the last
-    # materialisation: write_latest keeps them when they are newer than the batch row.
-    previous = max(
-        (end for v in by_feast for _, end in store.get_feature_view(v).materialization_intervals),
-        default=None,
-    )
+    # Materialised before: the store may hold rows pushed (RecordEvent) since, which
+    # write_latest keeps when they are newer than the batch row.
+    materialized_before = any(store.get_feature_view(v).materialization_intervals for v in by_feast)
     if incremental:
         store.materialize_incremental(end_date=end, feature_views=by_feast)
     else:
         store.materialize(start_date=EPOCH, end_date=end, feature_views=by_feast)
     for view in DIRECT_VIEWS:
         if view in views:
-            write_latest(store, view, end, pushed_after=previous)
+            write_latest(store, view, end, keep_pushed=materialized_before)
     log.info("materialized into %s up to %s", settings.online_store, end.isoformat())
 
 
 def write_latest(
-    store: FeatureStore, view_name: str, end: datetime, pushed_after: datetime | None = None
+    store: FeatureStore, view_name: str, end: datetime, keep_pushed: bool = True
 ) -> int:
     """What ``materialize`` does for one view — the newest batch row per entity with
     ``event_timestamp <= end`` into the online store — without Feast's dask reader (see
-    DIRECT_VIEWS), except for entities whose stored row was pushed after ``pushed_after``
-    (the previous materialisation's end) and is newer than the batch row: those keep
-    theirs. Returns the number of rows written."""
+    DIRECT_VIEWS), except, with ``keep_pushed``, for entities whose stored row was pushed
+    after the view's feature table was written and is newer than the batch row: those
+    keep theirs. Returns the number of rows written.
+
+    "Pushed after the table was written" (the table file's modification time), not "after
+    the previous materialisation": a push that an earlier materialisation kept must stay
+    kept by the next one too. Comparing with the previous materialisation's end (wall
+    clock) dropped such a push whenever the two materialisations fell in different
+    seconds."""
     view = store.get_feature_view(view_name)
     source = view.batch_source
     path = Path(source.path)
     if not path.is_absolute() and store.config.repo_path is not None:
         path = Path(store.config.repo_path) / path
+    pushed_after = datetime.fromtimestamp(path.stat().st_mtime, UTC) if keep_pushed else None
     ts = source.timestamp_field
     keys = [c.name for c in view.entity_columns]
     table = pq.read_table(path, columns=[*keys, ts, *(f.name for f in view.features)])
@@ -304,12 +308,12 @@ def _not_older_than_stored(
 ) -> np.ndarray:
     """Per row of ``df``: False where the online store holds a row for its entity that
     is at least as new (to the second) and dates from after ``pushed_after``, i.e. was
-    pushed since the previous materialisation; True elsewhere.
+    pushed since the feature table was written; True elsewhere.
 
     RecordEvent pushes recent/seen items with the event's time; the feature tables were
     built earlier, so their rows are older. Feast's SQLite store upserts unconditionally,
     so without this a full (or incremental) materialisation put back the lists of the
-    last import. Only rows pushed since the previous materialisation are kept: a newer
+    last import. Only rows pushed since the feature table was written are kept: a newer
     row left by an earlier data set (say 2026 data replaced by 1998 ratings) is
     overwritten as before. (Feast's Redis store skips any write older than what it holds,
     so on Redis such leftovers stay; clear the store when changing data sets.)"""
