@@ -6,6 +6,11 @@ on a worker thread (FAISS, numpy and the gRPC clients release the GIL), so the a
 that serves gRPC and HTTP never blocks; the loop waits for it at most until the deadline
 and answers with popular items if it does not finish in time.
 
+Cold start: a user without history (no row in the store, or a profile without events)
+gets popular and fresh items, the popular ones of the user's segment (country, age
+bucket) when the release has a list for it (exporters/candidates.py; the response's
+``fallback_segment``; docs/architecture.md "Cold start").
+
 Degradation, always flagged in the response and counted in metrics
 (``recstack_degraded_total{reason}``); an error in a stage is one log line, never INTERNAL:
 - Feast down: the user is served as cold start (``features_unavailable``);
