@@ -65,6 +65,7 @@ def to_proto(result: RecommendResult) -> pb.RecommendResponse:
         degraded=result.degraded,
         cold_start=result.cold_start,
         request_id=result.request_id,
+        fallback_segment=result.fallback_segment,
     )
 
 
@@ -86,6 +87,7 @@ def to_json(result: RecommendResult) -> dict[str, Any]:
         "degraded": result.degraded,
         "cold_start": result.cold_start,
         "request_id": result.request_id,
+        "fallback_segment": result.fallback_segment,
     }
 
 

@@ -159,3 +159,101 @@ def test_seen_events_come_from_the_data_unless_overridden() -> None:
     assert seen.seen_events({"seen_events": ["view"]}, ("purchase",)) == ("purchase",)
     with pytest.raises(ValueError):
         seen.seen_events({}, ("rated",))
+
+
+def _country_world(seed: int = 3) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """60 items in 3 categories (item i in category i % 3), globally Zipf-popular by id.
+    Country 1's users (120) take category 2 nine times in ten; country 0's (300) follow
+    global popularity; country 2 has 10 users (thin). Ages: 0 or 1 at random."""
+    rng = np.random.default_rng(seed)
+    n_items = 60
+    zipf = 1.0 / np.arange(1, n_items + 1)
+    zipf /= zipf.sum()
+    cat2 = np.flatnonzero(np.arange(n_items) % 3 == 2)
+    country = np.array([0] * 300 + [1] * 120 + [2] * 10)
+    rows = []
+    for u, c in enumerate(country):
+        for _ in range(10):
+            if c == 1 and rng.random() < 0.9:
+                rows.append((u, int(rng.choice(cat2, p=zipf[cat2] / zipf[cat2].sum()))))
+            else:
+                rows.append((u, int(rng.choice(n_items, p=zipf))))
+    events = pd.DataFrame(rows, columns=["user_id", "item_id"])
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    events["timestamp"] = t0 + pd.to_timedelta(np.arange(len(events)), unit="s")
+    events["event"] = "click"
+    users = pd.DataFrame(
+        {
+            "user_id": np.arange(len(country)),
+            "country": country,
+            "age_bucket": rng.integers(0, 2, size=len(country)),
+        }
+    )
+    items = pd.DataFrame(
+        {
+            "item_id": np.arange(n_items),
+            "category": np.arange(n_items) % 3,
+            "created_at": [t0] * n_items,
+        }
+    )
+    return events, users, items
+
+
+def test_segment_lists_follow_the_segment_and_thin_ones_fall_back(tmp_path) -> None:
+    events, users, items = _country_world()
+    item_ids = np.arange(60, dtype=np.int64)
+    model = candidates.build_model(
+        events, item_ids, ["click"], before=None, top_n=5, items=items, users=users
+    )
+    # Global popularity leads with items 0 and 1 (categories 0 and 1) ...
+    assert model.popular_rows[0] == 0
+    # ... country 1's list leads with category 2, most of its head too.
+    name, rows = model.segment_popular({"country": 1, "age_bucket": -1})
+    assert name == "country=1"
+    assert rows[0] % 3 == 2 and (rows[:10] % 3 == 2).mean() >= 0.8
+    # Its order is the count of its users who consumed each item.
+    members = users.loc[users["country"] == 1, "user_id"]
+    pairs = events[events["user_id"].isin(members)].drop_duplicates(["user_id", "item_id"])
+    counts = pairs["item_id"].value_counts()
+    assert counts.loc[rows[:5]].is_monotonic_decreasing
+    assert counts.loc[rows[0]] == counts.max()
+    # Country 2 has 10 users (< SEGMENT_MIN_USERS): no list, so its users get the age
+    # bucket's (the next most specific segment that is not thin) ...
+    assert model.segment_popular({"country": 2, "age_bucket": 1})[0] == "age_bucket=1"
+    # ... or, with nothing else known, no segment: the caller serves the global list.
+    assert model.segment_popular({"country": 2, "age_bucket": -1}) is None
+    assert model.segment_popular({"country": 7, "age_bucket": -1}) is None
+    info = model.info["segments"]
+    assert info["attributes"] == ["country", "age_bucket"]
+    assert "country=2" not in model.segment_names and info["thin"] >= 1
+    assert info["kept"] == len(model.segment_names)
+    # Joint segments exist when not thin: country 0 × age bucket, most specific first.
+    assert model.segment_popular({"country": 0, "age_bucket": 1})[0] == "country=0,age_bucket=1"
+    # Saved and loaded whole; a file without segments (an older release) loads with none.
+    path = tmp_path / "candidates.npz"
+    model.save(path)
+    loaded = candidates.SourceModel.load(path)
+    assert loaded.segment_names == model.segment_names
+    np.testing.assert_array_equal(loaded.segment_rows, model.segment_rows)
+    old = candidates.build_model(events, item_ids, ["click"], before=None, top_n=5)
+    old.save(path)
+    assert candidates.SourceModel.load(path).segment_popular({"country": 1}) is None
+
+
+def test_segment_lists_are_point_in_time_and_skip_constant_attributes() -> None:
+    events, users, items = _country_world()
+    item_ids = np.arange(60, dtype=np.int64)
+    # Before the cut only country 0's users acted (they come first): country 1 is thin.
+    cut = events.loc[events["user_id"] == 300, "timestamp"].min()
+    early = candidates.build_model(
+        events, item_ids, ["click"], before=cut, top_n=5, items=items, users=users
+    )
+    assert early.segment_popular({"country": 1}) is None
+    assert early.segment_popular({"country": 0})[0] == "country=0"
+    # An import without a country column writes 0 for every user: no country segments.
+    flat = users.assign(country=0)
+    model = candidates.build_model(
+        events, item_ids, ["click"], before=None, top_n=5, items=items, users=flat
+    )
+    assert model.info["segments"]["attributes"] == ["age_bucket"]
+    assert all(n.startswith("age_bucket=") for n in model.segment_names)

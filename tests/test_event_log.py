@@ -36,6 +36,7 @@ def served(
 def test_records_round_trip(tmp_path: Path) -> None:
     log = EventLog(LogConfig(tmp_path, flush_ms=20))
     q, result = served(5, [10, 11, 12])
+    result.fallback_segment = "country=3"
     log.served(q, result)
     when = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
     log.event(EventQuery(5, 11, "click", when, result.request_id))
@@ -46,6 +47,7 @@ def test_records_round_trip(tmp_path: Path) -> None:
     assert s["request_id"] == result.request_id and len(result.request_id) == 32
     assert s["items"] == [[10, 1, "popular"], [11, 2, "popular"], [12, 3, "popular"]]
     assert (s["user_id"], s["release"], s["degraded"]) == (5, "7", ["ranking_skipped"])
+    assert s["fallback_segment"] == "country=3"
     # µs exactly: the import writes this value into the raw tables
     assert e["ts_us"] == int(when.timestamp()) * 1_000_000 + 123456
     assert (e["user_id"], e["item_id"], e["event"], e["request_id"]) == (

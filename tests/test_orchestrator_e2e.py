@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from exporters import release
+from exporters.candidates import SourceModel
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.orchestrator_process import start_orchestrator
@@ -182,6 +183,67 @@ def test_cold_start_user_gets_popular_and_fresh(
     assert reply.cold_start
     assert len(reply.items) == 10
     assert {i.source for i in reply.items} <= {"popular", "fresh"}
+
+
+def _segment_top(
+    s: Settings, tables: dict[str, pd.DataFrame], column: str, value: int, n: int
+) -> set[int]:
+    """The items most consumed (distinct users, seen events) by users with ``column ==
+    value``, counted here from the raw tables: every item tied with the n-th too."""
+    from exporters.raw_tables import read_meta
+    from exporters.seen import seen_events
+
+    users = pd.read_parquet(s.raw_dir / "users.parquet")
+    members = users.loc[users[column] == value, "user_id"]
+    inter = tables["interactions"]
+    mine = inter[inter["user_id"].isin(members) & inter["event"].isin(seen_events(read_meta(s)))]
+    counts = mine.drop_duplicates(["user_id", "item_id"])["item_id"].value_counts()
+    return set(counts[counts >= counts.iloc[n - 1]].index.astype(int))
+
+
+def test_cold_start_serves_the_users_segment_else_global(
+    stack: dict[str, Any], tables: dict[str, pd.DataFrame]
+) -> None:
+    """A user with a profile (country, age bucket) and no events yet gets the popular list
+    of their country; a user the store does not know gets the global list."""
+    s = stack["settings"]
+    users = pd.read_parquet(s.raw_dir / "users.parquet")
+    active = set(tables["interactions"]["user_id"].unique())
+    newcomers = users[~users["user_id"].isin(active)]
+    assert len(newcomers), "the small preset has users who signed up without events"
+    info = release.load_manifest(s)["candidates"]["segments"]  # the model's, in the manifest
+    assert info["attributes"] == ["country", "age_bucket"] and info["thin"] > 0
+    manifest = release.load_manifest(s)
+    folder = release.release_dir(s, int(manifest["release_id"]))
+    kept = set(SourceModel.load(folder / manifest["candidates"]["file"]).segment_names)
+    # The newcomer of the biggest country with a list of its own (the joint segment with
+    # the age bucket may be thin: then the country's list is the most specific one).
+    newcomers = newcomers.assign(n=newcomers["country"].map(users["country"].value_counts()))
+    for _, row in newcomers.sort_values("n", ascending=False).iterrows():
+        joint = f"country={row['country']},age_bucket={row['age_bucket']}"
+        if f"country={row['country']}" in kept and joint not in kept:
+            user = row
+            break
+    else:
+        pytest.fail("no newcomer whose country has a list and whose joint segment is thin")
+    name = f"country={user['country']}"
+    reply = _recommend(stack, tables, str(int(user["user_id"])), k=10)
+    assert reply.cold_start and list(reply.degraded) == []
+    assert reply.fallback_segment == name
+    popular = [i for i in reply.items if i.source == "popular"]
+    assert popular and all(i.reason == f"popular in your country ({name})" for i in popular)
+    top = _segment_top(s, tables, "country", int(user["country"]), 35)
+    assert {i.item_id for i in popular} <= top
+    # An unknown user: no attributes, the global list, and no segment in the reasons.
+    cold = _recommend(stack, tables, COLD_USER, k=10)
+    assert cold.cold_start and cold.fallback_segment == "global"
+    assert not any("your" in i.reason for i in cold.items)
+    cold_popular = {i.item_id for i in cold.items if i.source == "popular"}
+    assert cold_popular != {i.item_id for i in popular}
+    # The HTTP front says the same.
+    uid = int(user["user_id"])
+    status, body = _http(stack, f"/v1/recommendations?user_id={uid}&k=10")
+    assert status == 200 and body["cold_start"] and body["fallback_segment"] == name
 
 
 def _metric(stack: dict[str, Any], name: str, **labels: str) -> float:
