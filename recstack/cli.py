@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     repo = groups.add_parser("repo", help="Triton model repository").add_subparsers(
         dest="cmd", required=True
     )
+    p = _cmd(
+        repo,
+        "init",
+        "exporters.model_repo:cli_init",
+        "copy the committed configs and shims a model repository lacks (overwrites nothing)",
+    )
+    p.add_argument("dir", nargs="?", help="repository folder (default: settings.model_repository)")
     p = _cmd(repo, "configs", "exporters.triton_configs:cli", "write config.pbtxt files")
     p.add_argument("--runtime", choices=["embedded", "production"], default="embedded")
     p.add_argument("--out", help="repository folder (default: settings.model_repository)")
