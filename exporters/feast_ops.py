@@ -73,17 +73,21 @@ def yaml_path(settings: Settings) -> Path:
     return settings.feature_repo / YAML_FILES[settings.online_store]
 
 
-def _raw_config(settings: Settings) -> dict[str, Any]:
-    path = yaml_path(settings)
-    if not path.exists():
-        raise UserError(f"{path} is missing (settings.feature_repo = {settings.feature_repo})")
-    values = {
+def placeholders(settings: Settings) -> dict[str, str]:
+    """The ``${RECSTACK_*}`` values of the YAML files and definitions.py, from Settings."""
+    return {
         "RECSTACK_DATA_DIR": str(settings.data_dir),
         FEATURES_DIR_ENV: str(settings.features_dir),
         "RECSTACK_REDIS_HOST": settings.redis_host,
         "RECSTACK_REDIS_PORT": str(settings.redis_port),
     }
-    text = string.Template(path.read_text()).safe_substitute(values)
+
+
+def _raw_config(settings: Settings) -> dict[str, Any]:
+    path = yaml_path(settings)
+    if not path.exists():
+        raise UserError(f"{path} is missing (settings.feature_repo = {settings.feature_repo})")
+    text = string.Template(path.read_text()).safe_substitute(placeholders(settings))
     return yaml.safe_load(os.path.expandvars(text))  # type: ignore[no-any-return]
 
 
@@ -107,7 +111,13 @@ def registry_path(settings: Settings) -> Path:
 
 
 def feature_store(settings: Settings) -> FeatureStore:
-    """A FeatureStore for these settings (registry cached until ``refresh_registry``)."""
+    """A FeatureStore for these settings (registry cached until ``refresh_registry``).
+
+    Feast's getters re-read the registry file on every call unless asked not to
+    (``allow_cache``/``allow_registry_cache`` default to False), and log "Registry cache
+    expired, so refreshing" each time, whatever ``cache_ttl_seconds`` says (0: never
+    expires). recstack's reads go through the cache and refresh explicitly where a newer
+    registry matters (``OnlineFeatures.load``/``refresh``); a new store reads it once."""
     config = repo_config(settings)
     Path(config.registry.path).parent.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(config=config)
@@ -242,12 +252,18 @@ def materialize(settings: Settings, incremental: bool = False) -> None:
         raise UserError("the Feast registry does not exist: run `recstack features apply` first")
     store = feature_store(settings)
     end = materialization_end(settings)
-    views = [v.name for v in store.list_feature_views() if v.online]
+    views = [v.name for v in store.list_feature_views(allow_cache=True) if v.online]
     by_feast = [v for v in views if v not in DIRECT_VIEWS]
     # Rows stored with a later time than this were pushed (RecordEvent) since the last
     # materialisation: write_latest keeps them when they are newer than the batch row.
     previous = max(
-        (end for v in by_feast for _, end in store.get_feature_view(v).materialization_intervals),
+        (
+            end
+            for v in by_feast
+            for _, end in store.get_feature_view(
+                v, allow_registry_cache=True
+            ).materialization_intervals
+        ),
         default=None,
     )
     if incremental:
@@ -268,7 +284,7 @@ def write_latest(
     DIRECT_VIEWS), except for entities whose stored row was pushed after ``pushed_after``
     (the previous materialisation's end) and is newer than the batch row: those keep
     theirs. Returns the number of rows written."""
-    view = store.get_feature_view(view_name)
+    view = store.get_feature_view(view_name, allow_registry_cache=True)
     source = view.batch_source
     path = Path(source.path)
     if not path.is_absolute() and store.config.repo_path is not None:
@@ -348,12 +364,12 @@ def _not_older_than_stored(
 def service_features(store: FeatureStore, service_name: str) -> list[ServiceFeature]:
     """The ordered features of a feature service, read from the registry."""
     try:
-        service: FeatureService = store.get_feature_service(service_name)
+        service: FeatureService = store.get_feature_service(service_name, allow_cache=True)
     except Exception as e:
         raise UserError(f"feature service {service_name!r}: {e}") from e
     out: list[ServiceFeature] = []
     for proj in service.feature_view_projections:
-        view = store.get_feature_view(proj.name)
+        view = store.get_feature_view(proj.name, allow_registry_cache=True)
         keys = [c.name for c in view.entity_columns]
         for f in proj.features:
             out.append(ServiceFeature(proj.name_to_use(), f.name, str(f.dtype), keys[0]))

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from recstack import logs
 from recstack.errors import UserError
 
 log = logging.getLogger("recstack")
@@ -260,10 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, configure logging, dispatch. Errors the user can fix exit 2 with a message."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.configure(verbose=args.verbose)
     try:
         rc = _target(args._run)(args)
     except UserError as e:

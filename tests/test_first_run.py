@@ -79,3 +79,27 @@ def test_train_refuses_a_repository_without_the_configs_before_any_step(tmp_path
     )
     _ok(_recstack(s, "train", "--only", "split"))
     assert (s.work_dir / ".steps" / "split.json").exists()
+
+
+def test_the_feature_steps_print_no_misleading_noise(tmp_path: Path) -> None:
+    """The first steps of `recstack train` (Feast apply and materialize re-read the
+    registry dozens of times) in one child process, through the CLI's main function."""
+    s = _settings(tmp_path)
+    steps = ["split", "features", "feast_apply", "feast_materialize"]
+    script = (
+        "import sys; from recstack.cli import main; "
+        "rc = main(['data', 'generate', '--preset', 'small']) or max("
+        f"main(['train', '--only', step]) for step in {steps!r}); sys.exit(rc)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = _ok(run)
+    assert "feast_materialize: finished" in out
+    assert "materialized into sqlite" in out  # INFO records still come through
+    for noise in NOISE:
+        assert noise not in out, noise
