@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import string
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -476,3 +477,29 @@ def cli_materialize(args: argparse.Namespace) -> int:
     materialize(settings, incremental=bool(getattr(args, "incremental", False)))
     print(f"materialized into the {settings.online_store} online store")
     return 0
+
+
+def cli_feast(args: argparse.Namespace) -> int:
+    """``recstack feast ARGS...``: Feast's own CLI on settings.feature_repo with the YAML
+    ``settings.online_store`` selects and the ``${RECSTACK_*}`` values of these settings in
+    its environment (which the YAML and definitions.py read), e.g. ``recstack feast
+    feature-views list``. Returns Feast's exit status."""
+    settings = get_settings()
+    path = yaml_path(settings)
+    if not path.exists():
+        raise UserError(f"{path} is missing (settings.feature_repo = {settings.feature_repo})")
+    feast_args = list(args.feast_args)
+    if feast_args[:1] == ["--"]:
+        feast_args = feast_args[1:]
+    env = {**os.environ, **placeholders(settings), "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from feast.cli.cli import cli; sys.exit(cli(prog_name='feast'))",
+        "--chdir",
+        str(settings.feature_repo),
+        "--feature-store-yaml",
+        str(path),
+        *feast_args,
+    ]
+    return subprocess.run(command, env=env, check=False).returncode

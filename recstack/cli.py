@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cmd(feats, "build", "exporters.feature_tables:cli", "write the feature parquet tables")
     _cmd(feats, "apply", "exporters.feast_ops:cli_apply", "feast apply on feature_repo/")
+    p = _cmd(
+        groups,
+        "feast",
+        "exporters.feast_ops:cli_feast",
+        "Feast's CLI on feature_repo/ with recstack's settings (e.g. feast feature-views list)",
+    )
+    p.add_argument(
+        "feast_args", nargs=argparse.REMAINDER, metavar="ARGS", help="Feast CLI arguments"
+    )
     p = _cmd(feats, "materialize", "exporters.feast_ops:cli_materialize", "load the online store")
     p.add_argument("--incremental", action="store_true")
 

@@ -81,9 +81,10 @@ def test_train_refuses_a_repository_without_the_configs_before_any_step(tmp_path
     assert (s.work_dir / ".steps" / "split.json").exists()
 
 
-def test_the_feature_steps_print_no_misleading_noise(tmp_path: Path) -> None:
+def test_the_feature_steps_are_quiet_and_the_feast_cli_works(tmp_path: Path) -> None:
     """The first steps of `recstack train` (Feast apply and materialize re-read the
-    registry dozens of times) in one child process, through the CLI's main function."""
+    registry dozens of times) in one child process, through the CLI's main function;
+    then Feast's own CLI on the registry they wrote."""
     s = _settings(tmp_path)
     steps = ["split", "features", "feast_apply", "feast_materialize"]
     script = (
@@ -103,3 +104,21 @@ def test_the_feature_steps_print_no_misleading_noise(tmp_path: Path) -> None:
     assert "materialized into sqlite" in out  # INFO records still come through
     for noise in NOISE:
         assert noise not in out, noise
+    # The `feast` CLI on that registry, through the documented route (docs/features.md),
+    # from a folder that is not feature_repo/ and with no RECSTACK_FEATURES_DIR exported:
+    # `recstack feast` points Feast at the repository, its YAML and the settings' paths.
+    from exporters import feast_ops
+
+    env = settings_env(s)
+    assert "RECSTACK_FEATURES_DIR" not in env
+    run = subprocess.run(
+        [sys.executable, "-m", "recstack.cli", "feast", "feature-views", "list"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    listed = _ok(run)
+    views = {v.name for v in feast_ops.feature_store(s).list_feature_views()}
+    assert views and all(name in listed for name in views), listed
