@@ -60,6 +60,9 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     "c_fresh_rank",  # position in the newest-items list (at the request), or ABSENT
 )
 ABSENT_RANK = 10_000.0
+# The candidate sources in merge order (gather_found's ``found`` bits): the ANN,
+# item-to-item, popular, popular in the user's main category, newest items.
+SOURCES: tuple[str, ...] = ("retrieval", "item_to_item", "popular", "category_popular", "fresh")
 MODEL_FILE = "candidates.npz"
 EASE_LAMBDA = 250.0
 # Up to this many items the release keeps EASE's whole weight matrix (float32: 100 MB at
@@ -466,8 +469,23 @@ def gather(
     allowed: Callable[[np.ndarray], np.ndarray],
     now: float = float("inf"),
 ) -> tuple[np.ndarray, np.ndarray]:
+    """``gather_found`` without the ``found`` masks (training and evaluation)."""
+    rows, feats, _ = gather_found(model, quotas, ann_rows, seen_rows, allowed, now)
+    return rows, feats
+
+
+def gather_found(
+    model: SourceModel,
+    quotas: Quotas,
+    ann_rows: np.ndarray,
+    seen_rows: np.ndarray,
+    allowed: Callable[[np.ndarray], np.ndarray],
+    now: float = float("inf"),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The merged candidates of one request — training, evaluation and serving all call
-    this — as ``(rows int64 [M], features float32 [M, len(CANDIDATE_FEATURES)])``.
+    this — as ``(rows int64 [M], features float32 [M, len(CANDIDATE_FEATURES)], found
+    uint8 [M])``; ``found`` has bit i set where ``SOURCES[i]`` proposed the row (after its
+    filter and quota), so the answer can say which sources found each item.
 
     ``ann_rows``: the ANN result in catalog rows, best first, unfiltered; ``seen_rows``:
     the user's seen items in catalog rows, newest first (-1 for items outside the
@@ -494,9 +512,16 @@ def gather(
         first_ok = int(np.searchsorted(model.newest_neg_created, -now, side="left"))
         head = model.newest_rows[first_ok : first_ok + 4 * quotas.fresh + n_seen]
         fresh = head[allowed(head)][: quotas.fresh]
-    stacked = np.concatenate([ann, i2i[: quotas.i2i], pop, catpop, fresh])
-    _, first = np.unique(stacked, return_index=True)
-    rows = stacked[np.sort(first)]
+    lists = (ann, i2i[: quotas.i2i], pop, catpop, fresh)  # in SOURCES order
+    stacked = np.concatenate(lists)
+    unique, first, inverse = np.unique(stacked, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # unique -> merged (first appearance) order
+    rows = unique[order]
+    # Bit i of a row's mask: SOURCES[i] proposed it (each list is duplicate-free).
+    bits = np.repeat(np.uint8(1) << np.arange(len(lists), dtype=np.uint8), [len(a) for a in lists])
+    found_unique = np.zeros(len(unique), dtype=np.uint8)
+    np.bitwise_or.at(found_unique, inverse.ravel(), bits)
+    found_by = found_unique[order]
     feats = np.empty((len(rows), len(CANDIDATE_FEATURES)), dtype=np.float32)
     feats[:, 0] = _positions(ann, rows)
     feats[:, 1] = _positions(i2i, rows)
@@ -509,7 +534,7 @@ def gather(
     feats[:, 4] = np.log1p(model.pop_count[rows])
     feats[:, 5] = _positions(catpop, rows)
     feats[:, 6] = _positions(fresh, rows)
-    return rows, feats
+    return rows, feats, found_by
 
 
 CATEGORY_HISTORY = 50  # the newest seen items that pick the user's main category
@@ -534,6 +559,12 @@ def _positions(source: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Position of each of ``rows`` in ``source`` (unique values), ABSENT_RANK if absent."""
     pos = baselines.positions(source, rows)
     return np.where(pos >= 0, pos, ABSENT_RANK).astype(np.float32)
+
+
+def found_names(found: np.ndarray) -> list[list[str]]:
+    """Per ``found`` mask (``gather_found``), the names of the sources that set it, in
+    SOURCES order."""
+    return [[name for i, name in enumerate(SOURCES) if int(m) >> i & 1] for m in found]
 
 
 def source_names(features: np.ndarray) -> np.ndarray:

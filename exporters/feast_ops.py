@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import string
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -73,17 +74,21 @@ def yaml_path(settings: Settings) -> Path:
     return settings.feature_repo / YAML_FILES[settings.online_store]
 
 
-def _raw_config(settings: Settings) -> dict[str, Any]:
-    path = yaml_path(settings)
-    if not path.exists():
-        raise UserError(f"{path} is missing (settings.feature_repo = {settings.feature_repo})")
-    values = {
+def placeholders(settings: Settings) -> dict[str, str]:
+    """The ``${RECSTACK_*}`` values of the YAML files and definitions.py, from Settings."""
+    return {
         "RECSTACK_DATA_DIR": str(settings.data_dir),
         FEATURES_DIR_ENV: str(settings.features_dir),
         "RECSTACK_REDIS_HOST": settings.redis_host,
         "RECSTACK_REDIS_PORT": str(settings.redis_port),
     }
-    text = string.Template(path.read_text()).safe_substitute(values)
+
+
+def _raw_config(settings: Settings) -> dict[str, Any]:
+    path = yaml_path(settings)
+    if not path.exists():
+        raise UserError(f"{path} is missing (settings.feature_repo = {settings.feature_repo})")
+    text = string.Template(path.read_text()).safe_substitute(placeholders(settings))
     return yaml.safe_load(os.path.expandvars(text))  # type: ignore[no-any-return]
 
 
@@ -107,7 +112,13 @@ def registry_path(settings: Settings) -> Path:
 
 
 def feature_store(settings: Settings) -> FeatureStore:
-    """A FeatureStore for these settings (registry cached until ``refresh_registry``)."""
+    """A FeatureStore for these settings (registry cached until ``refresh_registry``).
+
+    Feast's getters re-read the registry file on every call unless asked not to
+    (``allow_cache``/``allow_registry_cache`` default to False), and log "Registry cache
+    expired, so refreshing" each time, whatever ``cache_ttl_seconds`` says (0: never
+    expires). recstack's reads go through the cache and refresh explicitly where a newer
+    registry matters (``OnlineFeatures.load``/``refresh``); a new store reads it once."""
     config = repo_config(settings)
     Path(config.registry.path).parent.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(config=config)
@@ -242,11 +253,14 @@ def materialize(settings: Settings, incremental: bool = False) -> None:
         raise UserError("the Feast registry does not exist: run `recstack features apply` first")
     store = feature_store(settings)
     end = materialization_end(settings)
-    views = [v.name for v in store.list_feature_views() if v.online]
+    views = [v.name for v in store.list_feature_views(allow_cache=True) if v.online]
     by_feast = [v for v in views if v not in DIRECT_VIEWS]
     # Materialised before: the store may hold rows pushed (RecordEvent) since, which
     # write_latest keeps when they are newer than the batch row.
-    materialized_before = any(store.get_feature_view(v).materialization_intervals for v in by_feast)
+    materialized_before = any(
+        store.get_feature_view(v, allow_registry_cache=True).materialization_intervals
+        for v in by_feast
+    )
     if incremental:
         store.materialize_incremental(end_date=end, feature_views=by_feast)
     else:
@@ -271,7 +285,7 @@ def write_latest(
     kept by the next one too. Comparing with the previous materialisation's end (wall
     clock) dropped such a push whenever the two materialisations fell in different
     seconds."""
-    view = store.get_feature_view(view_name)
+    view = store.get_feature_view(view_name, allow_registry_cache=True)
     source = view.batch_source
     path = Path(source.path)
     if not path.is_absolute() and store.config.repo_path is not None:
@@ -352,12 +366,12 @@ def _not_older_than_stored(
 def service_features(store: FeatureStore, service_name: str) -> list[ServiceFeature]:
     """The ordered features of a feature service, read from the registry."""
     try:
-        service: FeatureService = store.get_feature_service(service_name)
+        service: FeatureService = store.get_feature_service(service_name, allow_cache=True)
     except Exception as e:
         raise UserError(f"feature service {service_name!r}: {e}") from e
     out: list[ServiceFeature] = []
     for proj in service.feature_view_projections:
-        view = store.get_feature_view(proj.name)
+        view = store.get_feature_view(proj.name, allow_registry_cache=True)
         keys = [c.name for c in view.entity_columns]
         for f in proj.features:
             out.append(ServiceFeature(proj.name_to_use(), f.name, str(f.dtype), keys[0]))
@@ -464,3 +478,29 @@ def cli_materialize(args: argparse.Namespace) -> int:
     materialize(settings, incremental=bool(getattr(args, "incremental", False)))
     print(f"materialized into the {settings.online_store} online store")
     return 0
+
+
+def cli_feast(args: argparse.Namespace) -> int:
+    """``recstack feast ARGS...``: Feast's own CLI on settings.feature_repo with the YAML
+    ``settings.online_store`` selects and the ``${RECSTACK_*}`` values of these settings in
+    its environment (which the YAML and definitions.py read), e.g. ``recstack feast
+    feature-views list``. Returns Feast's exit status."""
+    settings = get_settings()
+    path = yaml_path(settings)
+    if not path.exists():
+        raise UserError(f"{path} is missing (settings.feature_repo = {settings.feature_repo})")
+    feast_args = list(args.feast_args)
+    if feast_args[:1] == ["--"]:
+        feast_args = feast_args[1:]
+    env = {**os.environ, **placeholders(settings), "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from feast.cli.cli import cli; sys.exit(cli(prog_name='feast'))",
+        "--chdir",
+        str(settings.feature_repo),
+        "--feature-store-yaml",
+        str(path),
+        *feast_args,
+    ]
+    return subprocess.run(command, env=env, check=False).returncode

@@ -57,7 +57,15 @@ def to_proto(result: RecommendResult) -> pb.RecommendResponse:
     """The typed result as the .proto's response message."""
     return pb.RecommendResponse(
         items=[
-            pb.Item(item_id=i.item_id, score=i.score, rank=i.rank, reason=i.reason, source=i.source)
+            pb.Item(
+                item_id=i.item_id,
+                score=i.score,
+                rank=i.rank,
+                reason=i.reason,
+                source=i.source,
+                sources=i.sources,
+                ranked=i.ranked,
+            )
             for i in result.items
         ],
         release=result.release,
@@ -79,6 +87,8 @@ def to_json(result: RecommendResult) -> dict[str, Any]:
                 "rank": i.rank,
                 "reason": i.reason,
                 "source": i.source,
+                "sources": list(i.sources),
+                "ranked": i.ranked,
             }
             for i in result.items
         ],

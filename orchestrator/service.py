@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.candidates import gather, source_names
+from exporters.candidates import found_names, gather_found, source_names
 from orchestrator import metrics
 from orchestrator.breaker import BreakerConfig, Breakers, CircuitOpen
 from orchestrator.budget import BudgetConfig, RequestClock, answer_within
@@ -154,6 +154,10 @@ class RecItem:
     rank: int
     reason: str
     source: str
+    # Every candidate source that proposed it (exporters.candidates.SOURCES names, merge
+    # order; a fallback's own list otherwise), and whether the ranker ordered it.
+    sources: tuple[str, ...] = ()
+    ranked: bool = False
 
 
 @dataclass
@@ -503,7 +507,7 @@ class RecommendService:
             return self._fallback(q, clock, degraded, user, state, rel)
 
         try:
-            rows, source_feats, sources = self._candidates(
+            rows, source_feats, sources, found = self._candidates(
                 q, clock, rel, state, user, embedding, now
             )
         except Exception as e:  # e.g. FAISS refusing a NaN embedding (ValueError)
@@ -553,8 +557,10 @@ class RecommendService:
                 catalog.category[rows],
                 catalog.created_at[rows],
                 sources,
+                found,
             )
-            result = self._finish(q, cands, user, now, catalog, rel)
+            ranked = "ranking_skipped" not in degraded
+            result = self._finish(q, cands, user, now, catalog, rel, ranked=ranked)
         result.timings = clock.timings
         result.degraded = degraded
         return result
@@ -568,9 +574,10 @@ class RecommendService:
         user: UserView,
         embedding: np.ndarray,
         now: float,
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """(catalog rows, their source features or None, source names) that pass the
-        filters: the ANN's neighbours of ``embedding`` merged with the other sources."""
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+        """(catalog rows, their source features or None, source names, found masks or
+        None) that pass the filters: the ANN's neighbours of ``embedding`` merged with the
+        other sources."""
         catalog = state.catalog
         with clock.stage("retrieval"):
             _, ids = rel.index.search(
@@ -590,13 +597,13 @@ class RecommendService:
             if rel.sources is not None:
                 seen_rows, seen_known = catalog.rows(seen)
                 seen_rows = np.where(seen_known, seen_rows, -1)
-                rows, source_feats = gather(
+                rows, source_feats, found = gather_found(
                     rel.sources, rel.quotas, ann_rows, seen_rows, allowed, now
                 )
-                return rows, source_feats, source_names(source_feats)
+                return rows, source_feats, source_names(source_feats), found
             # A release from before multi-source candidates: the ANN alone.
             rows = ann_rows[allowed(ann_rows)][: self.cfg.n_ranked]
-            return rows, None, np.full(len(rows), "retrieval", dtype=object)
+            return rows, None, np.full(len(rows), "retrieval", dtype=object), None
 
     def _finish(
         self,
@@ -606,14 +613,18 @@ class RecommendService:
         now: float,
         catalog: Catalog,
         rel: ServingRelease,
+        ranked: bool = False,
     ) -> RecommendResult:
+        """The top ``q.k`` of ``cands`` as the answer's items; ``ranked``: their scores are
+        the ranker's."""
         top, final = select(cands, q.k, now, rel.post)
         recent = list(user.recent_items) if user is not None else []
         rrows, rknown = catalog.rows(np.asarray(recent, dtype=np.int64))
         recent_cats = np.where(rknown, catalog.category[rrows], -1).tolist()
         why = reasons(top, recent, recent_cats)
+        found = found_names(top.found) if top.found is not None else [[str(s)] for s in top.sources]
         items = [
-            RecItem(int(i), float(s), r + 1, why[r], str(src))
+            RecItem(int(i), float(s), r + 1, why[r], str(src), tuple(found[r]), ranked)
             for r, (i, s, src) in enumerate(zip(top.item_ids, final, top.sources, strict=True))
         ]
         return RecommendResult(items=items, release=str(rel.release_id))

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from exporters import candidates, seen
-from exporters.candidates import ABSENT_RANK, CANDIDATE_FEATURES, Quotas
+from exporters.candidates import ABSENT_RANK, CANDIDATE_FEATURES, SOURCES, Quotas
 
 
 def _planted(n_users: int = 400, n_pairs: int = 30, seed: int = 0) -> pd.DataFrame:
@@ -85,7 +85,18 @@ def test_seen_items_never_come_back_property() -> None:
 
         ann = rng.permutation(n)[: int(rng.integers(0, n + 1))]
         now = float(rng.uniform(0, 120))
-        rows, feats = candidates.gather(model, quotas, ann, history, allowed, now)
+        rows, feats, found = candidates.gather_found(model, quotas, ann, history, allowed, now)
+        plain = candidates.gather(model, quotas, ann, history, allowed, now)
+        assert np.array_equal(plain[0], rows) and np.array_equal(plain[1], feats)
+        # Which sources found each row (the answer's `sources`), against the features.
+        bit = {name: (found >> i & 1).astype(bool) for i, name in enumerate(SOURCES)}
+        assert (found > 0).all(), trial
+        assert np.array_equal(bit["retrieval"], feats[:, 0] < ABSENT_RANK), trial
+        assert np.array_equal(bit["item_to_item"], feats[:, 1] < quotas.i2i), trial
+        assert np.array_equal(bit["category_popular"], feats[:, 5] < ABSENT_RANK), trial
+        assert np.array_equal(bit["fresh"], feats[:, 6] < ABSENT_RANK), trial
+        assert np.isin(rows[bit["popular"]], model.popular_rows).all(), trial
+        assert bit["popular"].sum() <= quotas.popular, trial
         assert not np.isin(rows, blocked).any(), trial
         assert not extra[rows].any(), trial
         assert len(np.unique(rows)) == len(rows), trial
@@ -125,6 +136,13 @@ def test_category_popular_and_fresh_sources() -> None:
     assert catpop == [6, 5]  # category 1, most popular first, seen 3 and 4 skipped
     assert fresh == [9, 8]  # the newest created by 9.5
     assert candidates.source_names(feats).tolist() == ["popular", "popular", "fresh", "fresh"]
+    _, _, found = candidates.gather_found(model, quotas, np.array([], np.int64), seen, allowed, 9.5)
+    assert candidates.found_names(found) == [
+        ["category_popular"],
+        ["category_popular"],
+        ["fresh"],
+        ["fresh"],
+    ]
 
 
 def test_seen_table_equals_the_real_time_rule() -> None:

@@ -26,7 +26,10 @@ def served(
 ) -> tuple[RecommendQuery, RecommendResult]:
     q = RecommendQuery(user_id=user, k=len(items), surface="home")
     result = RecommendResult(
-        items=[RecItem(i, 1.0 / (r + 1), r + 1, "popular", "popular") for r, i in enumerate(items)],
+        items=[
+            RecItem(i, 1.0 / (r + 1), r + 1, "popular", "popular", ("popular",))
+            for r, i in enumerate(items)
+        ],
         release=release,
         degraded=["ranking_skipped"],
     )
@@ -45,7 +48,9 @@ def test_records_round_trip(tmp_path: Path) -> None:
     assert [r["kind"] for r in recs] == ["served", "event"]
     s, e = recs
     assert s["request_id"] == result.request_id and len(result.request_id) == 32
-    assert s["items"] == [[10, 1, "popular"], [11, 2, "popular"], [12, 3, "popular"]]
+    assert s["items"] == [
+        [i, r, "popular", ["popular"], False] for r, i in ((1, 10), (2, 11), (3, 12))
+    ]
     assert (s["user_id"], s["release"], s["degraded"]) == (5, "7", ["ranking_skipped"])
     assert s["fallback_segment"] == "country=3"
     # µs exactly: the import writes this value into the raw tables
