@@ -15,6 +15,14 @@ row order):
 - ``category_popular``: the same within the user's most consumed category;
 - ``fresh``: the newest items created by the request's time.
 
+Beside them, for users without history (cold start, orchestrator/service.py): the most
+consumed items per *segment* of users sharing attributes of the users table
+(:data:`SEGMENT_ATTRIBUTES`, alone and together), from the same events as ``popular``.
+A segment is kept only with at least :data:`SEGMENT_MIN_USERS` users and
+:data:`SEGMENT_MIN_CONSUMPTIONS` consumed (user, item) pairs; a thinner one is left out
+and its users get the global list. Fresh items stay global: items carry no segment, and
+a segment's "fresh" would be the new items it already consumed — popularity again.
+
 The merged list keeps the ANN's order, then item-to-item, popular, category-popular and
 fresh items, each cut to its :class:`Quotas` share after the caller's filters, without
 duplicates (:func:`gather`). Every merged candidate carries :data:`CANDIDATE_FEATURES`
@@ -52,6 +60,9 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     "c_fresh_rank",  # position in the newest-items list (at the request), or ABSENT
 )
 ABSENT_RANK = 10_000.0
+# The candidate sources in merge order (gather_found's ``found`` bits): the ANN,
+# item-to-item, popular, popular in the user's main category, newest items.
+SOURCES: tuple[str, ...] = ("retrieval", "item_to_item", "popular", "category_popular", "fresh")
 MODEL_FILE = "candidates.npz"
 EASE_LAMBDA = 250.0
 # Up to this many items the release keeps EASE's whole weight matrix (float32: 100 MB at
@@ -62,6 +73,15 @@ DENSE_MAX_ITEMS = 5000
 # path I2I_HISTORY): heavy raters' older items still carry signal (measured on the sparse
 # preset: EASE over the newest 200 0.095, over all 0.108 NDCG@10).
 DENSE_HISTORY = 1000
+# Users-table attributes that define cold-start segments (exporters/schema.py USERS), in
+# the order a segment's name lists them. Interactions carry no request context (surface,
+# device), so there are no context segments.
+SEGMENT_ATTRIBUTES: tuple[str, ...] = ("country", "age_bucket")
+# A segment thinner than this serves its users the global popular list: its own top
+# items would be a handful of users' tastes.
+SEGMENT_MIN_USERS = 30
+SEGMENT_MIN_CONSUMPTIONS = 500
+SEGMENT_DEPTH = 500  # rows kept per segment list (enough to survive strict filters)
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,25 @@ class SourceModel:
     newest_rows: np.ndarray | None = None  # int64 [n], newest first
     # -created_at of newest_rows (ascending, so a request's cut is one searchsorted).
     newest_neg_created: np.ndarray | None = None
+    # Cold-start segments ("country=3", "country=3,age_bucket=2"): segment_rows
+    # [segment_start[s] : segment_start[s + 1]] are segment s's rows, most consumed first.
+    segment_names: tuple[str, ...] = ()
+    segment_rows: np.ndarray | None = None  # int64
+    segment_start: np.ndarray | None = None  # int64 [S + 1]
+
+    def segment_popular(self, attributes: dict[str, int]) -> tuple[str, np.ndarray] | None:
+        """The most specific kept segment of a user with these attribute values (negative:
+        unknown) and its rows, most consumed first; None when no segment fits."""
+        if not self.segment_names or self.segment_rows is None or self.segment_start is None:
+            return None
+        for name in segment_candidates(attributes):
+            try:
+                s = self.segment_names.index(name)
+            except ValueError:
+                continue
+            lo, hi = self.segment_start[s], self.segment_start[s + 1]
+            return name, self.segment_rows[lo:hi]
+        return None
 
     @property
     def n_neighbours(self) -> int:
@@ -127,6 +166,13 @@ class SourceModel:
                 created_at=self.created_at
                 if self.created_at is not None
                 else np.zeros(0, np.float64),
+                segment_names=np.array(self.segment_names, dtype=np.str_),
+                segment_rows=self.segment_rows
+                if self.segment_rows is not None
+                else np.zeros(0, np.int64),
+                segment_start=self.segment_start
+                if self.segment_start is not None
+                else np.zeros(0, np.int64),
             )
         os.replace(tmp, path)
 
@@ -146,6 +192,14 @@ class SourceModel:
                 dense=optional("dense"),
                 category=optional("category"),
                 created_at=optional("created_at"),
+                # A file from before segments has none: its cold starts get global lists.
+                segments=(
+                    tuple(str(n) for n in z["segment_names"]),
+                    z["segment_rows"],
+                    z["segment_start"],
+                )
+                if "segment_names" in z.files and z["segment_names"].size
+                else None,
             )
 
     @classmethod
@@ -160,7 +214,9 @@ class SourceModel:
         dense: np.ndarray | None = None,
         category: np.ndarray | None = None,
         created_at: np.ndarray | None = None,
+        segments: tuple[tuple[str, ...], np.ndarray, np.ndarray] | None = None,
     ) -> SourceModel:
+        """``segments``: (names, rows, start) as :func:`segment_lists` returns them."""
         n = len(item_ids)
         if neighbours.shape != weights.shape or neighbours.shape[0] != n or len(pop_count) != n:
             raise ValueError(
@@ -184,6 +240,19 @@ class SourceModel:
             newest_at = -created_at[newest]
         else:
             created_at = None
+        names: tuple[str, ...] = ()
+        seg_rows = seg_start = None
+        if segments is not None:
+            names = tuple(segments[0])
+            seg_rows = np.asarray(segments[1], dtype=np.int64)
+            seg_start = np.asarray(segments[2], dtype=np.int64)
+            if len(seg_start) != len(names) + 1 or (
+                len(names) and (seg_start[-1] != len(seg_rows) or (seg_rows >= n).any())
+            ):
+                raise ValueError(
+                    f"candidate model segments disagree: {len(names)} names, "
+                    f"{len(seg_start)} offsets, {len(seg_rows)} rows over {n} items"
+                )
         return cls(
             np.asarray(item_ids, dtype=np.int64),
             np.ascontiguousarray(neighbours, dtype=np.int32),
@@ -199,6 +268,9 @@ class SourceModel:
             start,
             newest,
             newest_at,
+            names,
+            seg_rows,
+            seg_start,
         )
 
 
@@ -219,14 +291,17 @@ def build_model(
     lam: float = EASE_LAMBDA,
     cut: str = "",
     items: pd.DataFrame | None = None,
+    users: pd.DataFrame | None = None,
 ) -> SourceModel:
     """The item-to-item and popularity sources from ``events`` strictly before ``before``
     (all when None; callers may also pass only the rows they may know), over the catalog
     rows ``item_ids``. ``cut`` names the cut-off in the model's info. ``items``
-    (``item_id, category, created_at``) enables the category-popular and fresh sources."""
+    (``item_id, category, created_at``) enables the category-popular and fresh sources,
+    ``users`` (``user_id`` and any of :data:`SEGMENT_ATTRIBUTES`) the cold-start segment
+    lists — from the same events, so they are as point-in-time as the rest."""
     t0 = time.perf_counter()
     df = interactions if before is None else interactions[interactions["timestamp"] < before]
-    X, _ = baselines.interaction_matrix(df, item_ids, events=events)
+    X, row_users = baselines.interaction_matrix(df, item_ids, events=events)
     n = len(item_ids)
     top_n = top_n or default_top_n(n)
     if n <= baselines.EASE_MAX_ITEMS:
@@ -242,6 +317,11 @@ def build_model(
         else None
     )
     del B
+    pop_count = baselines.popularity_scores(X)
+    segments = None
+    segment_info: dict[str, Any] = {"attributes": []}
+    if users is not None:
+        segments, segment_info = segment_lists(X, row_users, users, pop_count)
     info = {
         "method": method,
         "events": list(events),
@@ -251,6 +331,7 @@ def build_model(
         "interactions": int(X.nnz),
         "top_n": int(top_n),
         "dense": dense is not None,
+        "segments": segment_info,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log.info("candidate sources: %s", json.dumps(info))
@@ -264,12 +345,90 @@ def build_model(
         item_ids,
         neighbours,
         weights,
-        baselines.popularity_scores(X),
+        pop_count,
         info,
         dense=dense,
         category=category,
         created_at=created,
+        segments=segments,
     )
+
+
+def segment_name(attributes: dict[str, int]) -> str:
+    """``country=3,age_bucket=2``: the attributes in :data:`SEGMENT_ATTRIBUTES` order."""
+    return ",".join(f"{a}={attributes[a]}" for a in SEGMENT_ATTRIBUTES if a in attributes)
+
+
+def segment_candidates(attributes: dict[str, int]) -> list[str]:
+    """The segments a user with these attribute values (negative: unknown) belongs to,
+    most specific first: all known attributes together, then each alone."""
+    known = {a: int(v) for a, v in attributes.items() if a in SEGMENT_ATTRIBUTES and v >= 0}
+    names = [segment_name(known)] if len(known) > 1 else []
+    names += [segment_name({a: known[a]}) for a in SEGMENT_ATTRIBUTES if a in known]
+    return names
+
+
+def segment_lists(
+    X: Any,
+    row_users: np.ndarray,
+    users: pd.DataFrame,
+    pop_count: np.ndarray,
+    min_users: int = SEGMENT_MIN_USERS,
+    min_consumptions: int = SEGMENT_MIN_CONSUMPTIONS,
+    depth: int = SEGMENT_DEPTH,
+) -> tuple[tuple[tuple[str, ...], np.ndarray, np.ndarray], dict[str, Any]]:
+    """Per-segment popular lists from the binary user × item matrix ``X`` (rows
+    ``row_users``): ``((names, rows, start), info)``. Rows of a segment are the items its
+    users consumed, by how many of them did (ties: global popularity, then row). Only
+    attributes the data has are used: a column of ``users`` that is missing or holds one
+    known value (an import without it writes 0 for everyone) defines no segment."""
+    attrs = [
+        a
+        for a in SEGMENT_ATTRIBUTES
+        if a in users.columns and users.loc[users[a] >= 0, a].nunique() > 1
+    ]
+    info: dict[str, Any] = {
+        "attributes": attrs,
+        "min_users": min_users,
+        "min_consumptions": min_consumptions,
+        "kept": 0,
+        "thin": 0,
+    }
+    empty = ((), np.zeros(0, np.int64), np.zeros(1, np.int64))
+    if not attrs or X.shape[0] == 0:
+        return empty, info
+    table = users.drop_duplicates("user_id").set_index("user_id")[attrs]
+    values = table.reindex(np.asarray(row_users, dtype=np.int64)).fillna(-1).astype(np.int64)
+    groupings = [[a] for a in attrs] + ([attrs] if len(attrs) > 1 else [])
+    X = X.tocsr()
+    per_user = np.diff(X.indptr)  # consumed items per matrix row
+    names: list[str] = []
+    lists: list[np.ndarray] = []
+    n_thin = 0
+    global_rank = np.lexsort((np.arange(len(pop_count)), -pop_count))
+    rank_of = np.empty(len(pop_count), np.int64)
+    rank_of[global_rank] = np.arange(len(pop_count))
+    for group in groupings:
+        cols = values[group]
+        ok = (cols >= 0).all(axis=1).to_numpy()
+        for key, idx in cols[ok].groupby(group).indices.items():
+            member = np.flatnonzero(ok)[idx]
+            keys = key if isinstance(key, tuple) else (key,)
+            name = segment_name({a: int(v) for a, v in zip(group, keys, strict=True)})
+            active = member[per_user[member] > 0]
+            if len(active) < min_users or int(per_user[active].sum()) < min_consumptions:
+                n_thin += 1
+                continue
+            counts = np.asarray(X[active].sum(axis=0)).ravel()
+            rows = np.flatnonzero(counts)
+            rows = rows[np.lexsort((rank_of[rows], -counts[rows]))][:depth]
+            names.append(name)
+            lists.append(rows.astype(np.int64))
+    info["kept"], info["thin"] = len(names), n_thin
+    if not names:
+        return empty, info
+    start = np.concatenate([[0], np.cumsum([len(r) for r in lists])]).astype(np.int64)
+    return (tuple(names), np.concatenate(lists), start), info
 
 
 def created_seconds(items: pd.DataFrame) -> pd.Series:
@@ -310,8 +469,23 @@ def gather(
     allowed: Callable[[np.ndarray], np.ndarray],
     now: float = float("inf"),
 ) -> tuple[np.ndarray, np.ndarray]:
+    """``gather_found`` without the ``found`` masks (training and evaluation)."""
+    rows, feats, _ = gather_found(model, quotas, ann_rows, seen_rows, allowed, now)
+    return rows, feats
+
+
+def gather_found(
+    model: SourceModel,
+    quotas: Quotas,
+    ann_rows: np.ndarray,
+    seen_rows: np.ndarray,
+    allowed: Callable[[np.ndarray], np.ndarray],
+    now: float = float("inf"),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The merged candidates of one request — training, evaluation and serving all call
-    this — as ``(rows int64 [M], features float32 [M, len(CANDIDATE_FEATURES)])``.
+    this — as ``(rows int64 [M], features float32 [M, len(CANDIDATE_FEATURES)], found
+    uint8 [M])``; ``found`` has bit i set where ``SOURCES[i]`` proposed the row (after its
+    filter and quota), so the answer can say which sources found each item.
 
     ``ann_rows``: the ANN result in catalog rows, best first, unfiltered; ``seen_rows``:
     the user's seen items in catalog rows, newest first (-1 for items outside the
@@ -338,9 +512,16 @@ def gather(
         first_ok = int(np.searchsorted(model.newest_neg_created, -now, side="left"))
         head = model.newest_rows[first_ok : first_ok + 4 * quotas.fresh + n_seen]
         fresh = head[allowed(head)][: quotas.fresh]
-    stacked = np.concatenate([ann, i2i[: quotas.i2i], pop, catpop, fresh])
-    _, first = np.unique(stacked, return_index=True)
-    rows = stacked[np.sort(first)]
+    lists = (ann, i2i[: quotas.i2i], pop, catpop, fresh)  # in SOURCES order
+    stacked = np.concatenate(lists)
+    unique, first, inverse = np.unique(stacked, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # unique -> merged (first appearance) order
+    rows = unique[order]
+    # Bit i of a row's mask: SOURCES[i] proposed it (each list is duplicate-free).
+    bits = np.repeat(np.uint8(1) << np.arange(len(lists), dtype=np.uint8), [len(a) for a in lists])
+    found_unique = np.zeros(len(unique), dtype=np.uint8)
+    np.bitwise_or.at(found_unique, inverse.ravel(), bits)
+    found_by = found_unique[order]
     feats = np.empty((len(rows), len(CANDIDATE_FEATURES)), dtype=np.float32)
     feats[:, 0] = _positions(ann, rows)
     feats[:, 1] = _positions(i2i, rows)
@@ -353,7 +534,7 @@ def gather(
     feats[:, 4] = np.log1p(model.pop_count[rows])
     feats[:, 5] = _positions(catpop, rows)
     feats[:, 6] = _positions(fresh, rows)
-    return rows, feats
+    return rows, feats, found_by
 
 
 CATEGORY_HISTORY = 50  # the newest seen items that pick the user's main category
@@ -378,6 +559,12 @@ def _positions(source: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Position of each of ``rows`` in ``source`` (unique values), ABSENT_RANK if absent."""
     pos = baselines.positions(source, rows)
     return np.where(pos >= 0, pos, ABSENT_RANK).astype(np.float32)
+
+
+def found_names(found: np.ndarray) -> list[list[str]]:
+    """Per ``found`` mask (``gather_found``), the names of the sources that set it, in
+    SOURCES order."""
+    return [[name for i, name in enumerate(SOURCES) if int(m) >> i & 1] for m in found]
 
 
 def source_names(features: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import string
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,18 +79,22 @@ def yaml_path(settings: Settings) -> Path:
     return settings.feature_repo / YAML_FILES[settings.online_store]
 
 
-def _raw_config(settings: Settings) -> dict[str, Any]:
-    path = yaml_path(settings)
-    if not path.exists():
-        raise UserError(f"{path} is missing (settings.feature_repo = {settings.feature_repo})")
-    values = {
+def placeholders(settings: Settings) -> dict[str, str]:
+    """The ``${RECSTACK_*}`` values of the YAML files and definitions.py, from Settings."""
+    return {
         "RECSTACK_DATA_DIR": str(settings.data_dir),
         FEATURES_DIR_ENV: str(settings.features_dir),
         "RECSTACK_REDIS_HOST": settings.redis_host,
         "RECSTACK_REDIS_PORT": str(settings.redis_port),
         "RECSTACK_REDIS_CLUSTER_NODES": settings.redis_cluster_nodes,
     }
-    text = string.Template(path.read_text()).safe_substitute(values)
+
+
+def _raw_config(settings: Settings) -> dict[str, Any]:
+    path = yaml_path(settings)
+    if not path.exists():
+        raise UserError(f"{path} is missing (settings.feature_repo = {settings.feature_repo})")
+    text = string.Template(path.read_text()).safe_substitute(placeholders(settings))
     return yaml.safe_load(os.path.expandvars(text))  # type: ignore[no-any-return]
 
 
@@ -113,7 +118,13 @@ def registry_path(settings: Settings) -> Path:
 
 
 def feature_store(settings: Settings) -> FeatureStore:
-    """A FeatureStore for these settings (registry cached until ``refresh_registry``)."""
+    """A FeatureStore for these settings (registry cached until ``refresh_registry``).
+
+    Feast's getters re-read the registry file on every call unless asked not to
+    (``allow_cache``/``allow_registry_cache`` default to False), and log "Registry cache
+    expired, so refreshing" each time, whatever ``cache_ttl_seconds`` says (0: never
+    expires). recstack's reads go through the cache and refresh explicitly where a newer
+    registry matters (``OnlineFeatures.load``/``refresh``); a new store reads it once."""
     config = repo_config(settings)
     Path(config.registry.path).parent.mkdir(parents=True, exist_ok=True)
     store = FeatureStore(config=config)
@@ -309,13 +320,13 @@ def materialize(settings: Settings, incremental: bool = False) -> None:
         raise UserError("the Feast registry does not exist: run `recstack features apply` first")
     store = feature_store(settings)
     end = materialization_end(settings)
-    views = [v.name for v in store.list_feature_views() if v.online]
+    views = [v.name for v in store.list_feature_views(allow_cache=True) if v.online]
     by_feast = [v for v in views if v not in DIRECT_VIEWS]
-    # Rows stored with a later time than this were pushed (RecordEvent) since the last
-    # materialisation: write_latest keeps them when they are newer than the batch row.
-    previous = max(
-        (end for v in by_feast for _, end in store.get_feature_view(v).materialization_intervals),
-        default=None,
+    # Materialised before: the store may hold rows pushed (RecordEvent) since, which
+    # write_latest keeps when they are newer than the batch row.
+    materialized_before = any(
+        store.get_feature_view(v, allow_registry_cache=True).materialization_intervals
+        for v in by_feast
     )
     if incremental:
         store.materialize_incremental(end_date=end, feature_views=by_feast)
@@ -323,23 +334,30 @@ def materialize(settings: Settings, incremental: bool = False) -> None:
         store.materialize(start_date=EPOCH, end_date=end, feature_views=by_feast)
     for view in DIRECT_VIEWS:
         if view in views:
-            write_latest(store, view, end, pushed_after=previous)
+            write_latest(store, view, end, keep_pushed=materialized_before)
     log.info("materialized into %s up to %s", settings.online_store, end.isoformat())
 
 
 def write_latest(
-    store: FeatureStore, view_name: str, end: datetime, pushed_after: datetime | None = None
+    store: FeatureStore, view_name: str, end: datetime, keep_pushed: bool = True
 ) -> int:
     """What ``materialize`` does for one view — the newest batch row per entity with
     ``event_timestamp <= end`` into the online store — without Feast's dask reader (see
-    DIRECT_VIEWS), except for entities whose stored row was pushed after ``pushed_after``
-    (the previous materialisation's end) and is newer than the batch row: those keep
-    theirs. Returns the number of rows written."""
-    view = store.get_feature_view(view_name)
+    DIRECT_VIEWS), except, with ``keep_pushed``, for entities whose stored row was pushed
+    after the view's feature table was written and is newer than the batch row: those
+    keep theirs. Returns the number of rows written.
+
+    "Pushed after the table was written" (the table file's modification time), not "after
+    the previous materialisation": a push that an earlier materialisation kept must stay
+    kept by the next one too. Comparing with the previous materialisation's end (wall
+    clock) dropped such a push whenever the two materialisations fell in different
+    seconds."""
+    view = store.get_feature_view(view_name, allow_registry_cache=True)
     source = view.batch_source
     path = Path(source.path)
     if not path.is_absolute() and store.config.repo_path is not None:
         path = Path(store.config.repo_path) / path
+    pushed_after = datetime.fromtimestamp(path.stat().st_mtime, UTC) if keep_pushed else None
     ts = source.timestamp_field
     keys = [c.name for c in view.entity_columns]
     table = pq.read_table(path, columns=[*keys, ts, *(f.name for f in view.features)])
@@ -371,12 +389,12 @@ def _not_older_than_stored(
 ) -> np.ndarray:
     """Per row of ``df``: False where the online store holds a row for its entity that
     is at least as new (to the second) and dates from after ``pushed_after``, i.e. was
-    pushed since the previous materialisation; True elsewhere.
+    pushed since the feature table was written; True elsewhere.
 
     RecordEvent pushes recent/seen items with the event's time; the feature tables were
     built earlier, so their rows are older. Feast's SQLite store upserts unconditionally,
     so without this a full (or incremental) materialisation put back the lists of the
-    last import. Only rows pushed since the previous materialisation are kept: a newer
+    last import. Only rows pushed since the feature table was written are kept: a newer
     row left by an earlier data set (say 2026 data replaced by 1998 ratings) is
     overwritten as before. (Feast's Redis store skips any write older than what it holds,
     so on Redis such leftovers stay; clear the store when changing data sets.)"""
@@ -415,12 +433,12 @@ def _not_older_than_stored(
 def service_features(store: FeatureStore, service_name: str) -> list[ServiceFeature]:
     """The ordered features of a feature service, read from the registry."""
     try:
-        service: FeatureService = store.get_feature_service(service_name)
+        service: FeatureService = store.get_feature_service(service_name, allow_cache=True)
     except Exception as e:
         raise UserError(f"feature service {service_name!r}: {e}") from e
     out: list[ServiceFeature] = []
     for proj in service.feature_view_projections:
-        view = store.get_feature_view(proj.name)
+        view = store.get_feature_view(proj.name, allow_registry_cache=True)
         keys = [c.name for c in view.entity_columns]
         for f in proj.features:
             out.append(ServiceFeature(proj.name_to_use(), f.name, str(f.dtype), keys[0]))
@@ -527,3 +545,29 @@ def cli_materialize(args: argparse.Namespace) -> int:
     materialize(settings, incremental=bool(getattr(args, "incremental", False)))
     print(f"materialized into the {settings.online_store} online store")
     return 0
+
+
+def cli_feast(args: argparse.Namespace) -> int:
+    """``recstack feast ARGS...``: Feast's own CLI on settings.feature_repo with the YAML
+    ``settings.online_store`` selects and the ``${RECSTACK_*}`` values of these settings in
+    its environment (which the YAML and definitions.py read), e.g. ``recstack feast
+    feature-views list``. Returns Feast's exit status."""
+    settings = get_settings()
+    path = yaml_path(settings)
+    if not path.exists():
+        raise UserError(f"{path} is missing (settings.feature_repo = {settings.feature_repo})")
+    feast_args = list(args.feast_args)
+    if feast_args[:1] == ["--"]:
+        feast_args = feast_args[1:]
+    env = {**os.environ, **placeholders(settings), "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from feast.cli.cli import cli; sys.exit(cli(prog_name='feast'))",
+        "--chdir",
+        str(settings.feature_repo),
+        "--feature-store-yaml",
+        str(path),
+        *feast_args,
+    ]
+    return subprocess.run(command, env=env, check=False).returncode

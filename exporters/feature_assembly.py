@@ -25,6 +25,7 @@ vectors (what training used); ``request_time`` in unix seconds (float64).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -352,7 +353,10 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad():
+    # The legacy (TorchScript) exporter, chosen on purpose as for the towers
+    # (exporters/onnx_export.py), warns that it is deprecated: not a problem of the run.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             module,
             tuple(torch.from_numpy(v) for v in sample.values()),

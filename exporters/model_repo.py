@@ -12,6 +12,7 @@ compiled ranker) in its place."""
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -24,11 +25,14 @@ import numpy as np
 
 from exporters.model_config import load_config
 from recstack.errors import UserError
-from recstack.settings import PROJECT_ROOT, Settings
+from recstack.settings import PROJECT_ROOT, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 SHIMS_DIR = "_shims"
+COMMITTED_REPOSITORY = PROJECT_ROOT / "model_repository"
+# The command that copies the committed configs and shims into a repository of one's own.
+INIT_COMMAND = "recstack repo init"
 
 
 def copy_committed_repository(dest: Path) -> Path:
@@ -37,18 +41,89 @@ def copy_committed_repository(dest: Path) -> Path:
     Left as it is when ``dest`` exists."""
     if not dest.exists():
         shutil.copytree(
-            PROJECT_ROOT / "model_repository",
+            COMMITTED_REPOSITORY,
             dest,
             ignore=shutil.ignore_patterns("[0-9]*", "__pycache__"),
         )
     return dest
 
 
+def committed_entries() -> list[str]:
+    """What a model repository must hold before training publishes into it: each committed
+    model's ``<model>/config.pbtxt`` and each shim ``_shims/<file>``, as relative paths
+    (read from the committed repository, the one source of both)."""
+    configs = sorted(
+        p.relative_to(COMMITTED_REPOSITORY).as_posix()
+        for p in COMMITTED_REPOSITORY.glob("*/config.pbtxt")
+    )
+    shims = sorted(
+        p.relative_to(COMMITTED_REPOSITORY).as_posix()
+        for p in (COMMITTED_REPOSITORY / SHIMS_DIR).glob("*.py")
+    )
+    return [*configs, *shims]
+
+
+def missing_entries(repository: Path) -> list[str]:
+    """The committed configs and shims (``committed_entries``) that ``repository`` lacks."""
+    return [e for e in committed_entries() if not (repository / e).is_file()]
+
+
+def init_repository(repository: Path) -> list[str]:
+    """Copy into ``repository`` the committed configs and shims it lacks (never overwriting
+    a file there); returns the relative paths copied."""
+    copied = missing_entries(repository)
+    for entry in copied:
+        (repository / entry).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(COMMITTED_REPOSITORY / entry, repository / entry)
+    return copied
+
+
+def prepare_repository(settings: Settings) -> list[str]:
+    """Check, before training starts, that ``settings.model_repository`` can take the
+    versions the pipeline publishes. A missing or empty folder is prepared (the committed
+    configs and shims are copied in; returns what was copied); a folder that holds other
+    things but lacks some of them is refused with the fix, since it may be another
+    repository that should not be written into unasked."""
+    repo = settings.model_repository
+    if not repo.exists() or (repo.is_dir() and not any(repo.iterdir())):
+        copied = init_repository(repo)
+        log.info("prepared model repository %s: copied %s", repo, ", ".join(copied))
+        return copied
+    if not repo.is_dir():
+        raise UserError(f"model repository {repo} (RECSTACK_MODEL_REPOSITORY) is not a folder")
+    missing = missing_entries(repo)
+    if missing:
+        raise UserError(
+            f"model repository {repo} (RECSTACK_MODEL_REPOSITORY) lacks {', '.join(missing)}; "
+            f"training publishes model versions beside these committed configs. Fix: run "
+            f"`{INIT_COMMAND}` (copies what is missing from {COMMITTED_REPOSITORY}, "
+            "overwriting nothing), or point RECSTACK_MODEL_REPOSITORY at a new or empty "
+            "folder, which `recstack train` prepares itself"
+        )
+    return []
+
+
+def cli_init(args: argparse.Namespace) -> int:
+    """``recstack repo init [DIR]``: copy the committed configs and shims a repository
+    (default: settings.model_repository) lacks."""
+    repo = Path(args.dir) if args.dir else get_settings().model_repository
+    if repo.exists() and not repo.is_dir():
+        raise UserError(f"{repo} is not a folder")
+    copied = init_repository(repo)
+    for entry in copied:
+        print(repo / entry)
+    print(f"{repo}: {f'copied {len(copied)} file(s)' if copied else 'nothing missing'}")
+    return 0
+
+
 def list_versions(settings: Settings, model: str) -> list[int]:
     """Published versions of ``model``, ascending (numeric folders only)."""
     folder = settings.model_repository / model
     if not folder.is_dir():
-        raise UserError(f"unknown model {model!r}: no folder {folder}")
+        raise UserError(
+            f"unknown model {model!r}: no folder {folder}; run `{INIT_COMMAND}` to copy the "
+            "committed configs into the model repository (RECSTACK_MODEL_REPOSITORY)"
+        )
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 

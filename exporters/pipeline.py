@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from exporters.model_repo import prepare_repository
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -88,6 +89,9 @@ def run(
         if name is not None and name not in STEP_NAMES:
             raise UserError(f"unknown step {name!r}; steps: {', '.join(STEP_NAMES)}")
     snapshot = _snapshot(settings)
+    # Preconditions of later steps, checked before the first one runs: the last step
+    # publishes into the model repository, which must hold the committed configs.
+    prepare_repository(settings)
     start = STEP_NAMES.index(from_step) if from_step else 0
     if from_step:
         for step in STEPS[start:]:

@@ -184,8 +184,9 @@ def candidate_model_path(settings: Settings, cut: str) -> Path:
 
 
 def build_candidate_models(settings: Settings) -> None:
-    """Pipeline step ``candidates``: the item-to-item and popularity sources at the three
-    cut-offs (see :func:`candidate_model_path`), over the index's catalog rows."""
+    """Pipeline step ``candidates``: the item-to-item, popularity and cold-start segment
+    sources at the three cut-offs (see :func:`candidate_model_path`), over the index's
+    catalog rows."""
     split = load_split(settings)
     interactions = read_table(settings, "interactions")
     item_ids = np.load(settings.work_dir / ITEM_IDS_FILE)
@@ -196,9 +197,11 @@ def build_candidate_models(settings: Settings) -> None:
         "all": interactions,
     }
     items = read_table(settings, "items", columns=["item_id", "category", "created_at"])
+    # The users' attributes (static: set at sign-up) define the cold-start segments.
+    users = read_table(settings, "users", columns=["user_id", *candidates.SEGMENT_ATTRIBUTES])
     for cut, events_known in cuts.items():
         model = candidates.build_model(
-            events_known, item_ids, events, before=None, cut=cut, items=items
+            events_known, item_ids, events, before=None, cut=cut, items=items, users=users
         )
         model.save(candidate_model_path(settings, cut))
 

@@ -132,15 +132,23 @@ class Fallbacks:
         n: int,
         now: float,
         fresh_share: float = 0.3,
+        popular_rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows, scores, sources) of up to ``n`` popular and fresh items passing the filters;
-        scores decrease along each list so post-processing keeps their order."""
+        scores decrease along each list so post-processing keeps their order.
+        ``popular_rows``: another popular list to serve (a cold-start segment's), most
+        popular first; its rows run out under strict filters sooner than the global list,
+        which then tops it up."""
         out_rows, out_scores, out_sources = [], [], []
         n_fresh = round(n * fresh_share)
         passes = catalog.request_filter(filters, seen)
+        popular = self.popular_rows
+        if popular_rows is not None:
+            rest = self.popular_rows[~np.isin(self.popular_rows, popular_rows)]
+            popular = np.concatenate([np.asarray(popular_rows, dtype=np.int64), rest])
         for rows, count, source in (
             (self.fresh_rows, n_fresh, "fresh"),
-            (self.popular_rows, n - n_fresh, "popular"),
+            (popular, n - n_fresh, "popular"),
         ):
             rows = rows[catalog.created_at[rows] <= now]  # not yet released: not offered
             rows = rows[passes(rows)][:count]

@@ -3,7 +3,8 @@
 Two kinds of records (one JSON object per line; docs/events.md has the full format):
 
 - ``served``: ``{"kind": "served", "at_us", "request_id", "user_id", "release", "surface",
-  "items": [[item_id, rank, source], ...], "degraded": [...], "cold_start"}``
+  "items": [[item_id, rank, source, sources, ranked], ...], "degraded": [...],
+  "cold_start", "fallback_segment"}``
 - ``event``: ``{"kind": "event", "at_us", "ts_us", "user_id", "item_id", "event",
   "request_id"}`` (``request_id`` "" when the client sent none)
 
@@ -141,9 +142,10 @@ def served_record(at_us: int, q: RecommendQuery, result: RecommendResult) -> dic
         "user_id": q.user_id,
         "release": result.release,
         "surface": q.surface,
-        "items": [[i.item_id, i.rank, i.source] for i in result.items],
+        "items": [[i.item_id, i.rank, i.source, list(i.sources), i.ranked] for i in result.items],
         "degraded": list(result.degraded),
         "cold_start": result.cold_start,
+        "fallback_segment": result.fallback_segment,
     }
 
 

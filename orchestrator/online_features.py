@@ -187,7 +187,7 @@ class ItemSnapshot:
 
 
 def _materialized_end(store: FeatureStore, view: str) -> datetime | None:
-    intervals = store.get_feature_view(view).materialization_intervals
+    intervals = store.get_feature_view(view, allow_registry_cache=True).materialization_intervals
     return max((end for _, end in intervals), default=None)
 
 
@@ -200,7 +200,7 @@ def load_item_snapshot(store: FeatureStore, features: Sequence[ServiceFeature]) 
     frames: list[pd.DataFrame] = []
     as_of: dict[str, datetime | None] = {}
     for view_name, cols in by_view.items():
-        view = store.get_feature_view(view_name)
+        view = store.get_feature_view(view_name, allow_registry_cache=True)
         end = _materialized_end(store, view_name)
         as_of[view_name] = end
         if end is None:
@@ -259,10 +259,15 @@ class EntityRowReader:
         self._config = store.config
         # The provider is what the SDK itself reads through (Redis, SQLite, ...).
         self._provider = store._get_provider()
-        self._views = [(store.get_feature_view(v), tuple(names)) for v, names in by_view.items()]
+        self._views = [
+            (store.get_feature_view(v, allow_registry_cache=True), tuple(names))
+            for v, names in by_view.items()
+        ]
         if not self._views:
             raise ValueError("EntityRowReader needs at least one 'view:feature' reference")
-        self._value_type = store.get_entity(self._views[0][0].entities[0]).value_type
+        self._value_type = store.get_entity(
+            self._views[0][0].entities[0], allow_registry_cache=True
+        ).value_type
 
     def read(self, key: int) -> dict[str, Any]:
         """Feature name -> Python value (None when missing) for the entity ``key``."""
@@ -361,14 +366,14 @@ class OnlineFeatures:
         # stream source is this push source.
         self._push_views = [
             v
-            for v in self.store.list_feature_views()
+            for v in self.store.list_feature_views(allow_cache=True)
             if isinstance(v.stream_source, PushSource) and v.stream_source.name == PUSH_SOURCE
         ]
         if not self._push_views:
             raise UserError(f"no feature view is fed by the push source {PUSH_SOURCE!r}")
         self._seen_push_views = [
             v
-            for v in self.store.list_feature_views()
+            for v in self.store.list_feature_views(allow_cache=True)
             if isinstance(v.stream_source, PushSource) and v.stream_source.name == SEEN_PUSH_SOURCE
         ]
         if self._seen_push_views:

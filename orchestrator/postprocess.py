@@ -54,12 +54,16 @@ class Candidates:
     categories: np.ndarray  # int64
     created_at: np.ndarray  # float64 unix seconds
     sources: np.ndarray  # object/str: "retrieval", "popular", "fresh"
+    # uint8 masks: bit i set where exporters.candidates.SOURCES[i] proposed the candidate
+    # (exporters.candidates.gather_found); None: ``sources`` is the only one (fallbacks).
+    found: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
-        for name in ("scores", "categories", "created_at", "sources"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"candidates.{name} has {len(getattr(self, name))} rows, not {n}")
+        for name in ("scores", "categories", "created_at", "sources", "found"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"candidates.{name} has {len(value)} rows, not {n}")
 
     def take(self, idx: np.ndarray) -> Candidates:
         return Candidates(
@@ -68,6 +72,7 @@ class Candidates:
             self.categories[idx],
             self.created_at[idx],
             self.sources[idx],
+            None if self.found is None else self.found[idx],
         )
 
 

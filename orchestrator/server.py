@@ -57,7 +57,15 @@ def to_proto(result: RecommendResult) -> pb.RecommendResponse:
     """The typed result as the .proto's response message."""
     return pb.RecommendResponse(
         items=[
-            pb.Item(item_id=i.item_id, score=i.score, rank=i.rank, reason=i.reason, source=i.source)
+            pb.Item(
+                item_id=i.item_id,
+                score=i.score,
+                rank=i.rank,
+                reason=i.reason,
+                source=i.source,
+                sources=i.sources,
+                ranked=i.ranked,
+            )
             for i in result.items
         ],
         release=result.release,
@@ -65,6 +73,7 @@ def to_proto(result: RecommendResult) -> pb.RecommendResponse:
         degraded=result.degraded,
         cold_start=result.cold_start,
         request_id=result.request_id,
+        fallback_segment=result.fallback_segment,
     )
 
 
@@ -78,6 +87,8 @@ def to_json(result: RecommendResult) -> dict[str, Any]:
                 "rank": i.rank,
                 "reason": i.reason,
                 "source": i.source,
+                "sources": list(i.sources),
+                "ranked": i.ranked,
             }
             for i in result.items
         ],
@@ -86,6 +97,7 @@ def to_json(result: RecommendResult) -> dict[str, Any]:
         "degraded": result.degraded,
         "cold_start": result.cold_start,
         "request_id": result.request_id,
+        "fallback_segment": result.fallback_segment,
     }
 
 

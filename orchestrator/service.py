@@ -6,6 +6,11 @@ on a worker thread (FAISS, numpy and the gRPC clients release the GIL), so the a
 that serves gRPC and HTTP never blocks; the loop waits for it at most until the deadline
 and answers with popular items if it does not finish in time.
 
+Cold start: a user without history (no row in the store, or a profile without events)
+gets popular and fresh items, the popular ones of the user's segment (country, age
+bucket) when the release has a list for it (exporters/candidates.py; the response's
+``fallback_segment``; docs/architecture.md "Cold start").
+
 Degradation, always flagged in the response and counted in metrics
 (``recstack_degraded_total{reason}``); an error in a stage is one log line, never INTERNAL:
 - Feast down: the user is served as cold start (``features_unavailable``);
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -53,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.candidates import gather, source_names
+from exporters.candidates import found_names, gather_found, source_names
 from orchestrator import metrics
 from orchestrator.breaker import BreakerConfig, Breakers, CircuitOpen
 from orchestrator.budget import BudgetConfig, RequestClock, answer_within
@@ -73,8 +79,11 @@ log = logging.getLogger(__name__)
 EVENT_DEFAULT_S = 2.0
 
 
-# Answers without a user are reused for this many seconds (per filters, k and snapshot).
+# Answers without a user, or for one without history, are reused for this many seconds
+# (per filters, k, cold-start segment and snapshot).
 ANONYMOUS_ANSWER_S = 60
+GLOBAL_SEGMENT = "global"  # fallback_segment when no segment list fits
+SEGMENT_WORDS = {"country": "country", "age_bucket": "age group"}
 
 
 SERVICE_TIME_EWMA = 0.05
@@ -145,6 +154,10 @@ class RecItem:
     rank: int
     reason: str
     source: str
+    # Every candidate source that proposed it (exporters.candidates.SOURCES names, merge
+    # order; a fallback's own list otherwise), and whether the ranker ordered it.
+    sources: tuple[str, ...] = ()
+    ranked: bool = False
 
 
 @dataclass
@@ -156,6 +169,8 @@ class RecommendResult:
     cold_start: bool = False
     # Names this answer in the event log; clients send it back with their events.
     request_id: str = field(default_factory=new_request_id)
+    # Fallback answers: the segment whose popular list was served ("global": none).
+    fallback_segment: str = ""
 
 
 @dataclass(frozen=True)
@@ -469,7 +484,9 @@ class RecommendService:
                 _stage_failed("user features", e)
                 degraded.append("features_unavailable")
                 user = None
-        if user is None or not user.known:
+        if user is None or not user.known or not user.has_history:
+            # No row, or a profile without events yet: popular and fresh items, of the
+            # user's segment when the release has one for it.
             if user is not None and user.missing:
                 degraded.append("features_missing")
             return self._fallback(q, clock, degraded, user, state, rel, cold_start=True)
@@ -490,7 +507,7 @@ class RecommendService:
             return self._fallback(q, clock, degraded, user, state, rel)
 
         try:
-            rows, source_feats, sources = self._candidates(
+            rows, source_feats, sources, found = self._candidates(
                 q, clock, rel, state, user, embedding, now
             )
         except Exception as e:  # e.g. FAISS refusing a NaN embedding (ValueError)
@@ -540,8 +557,10 @@ class RecommendService:
                 catalog.category[rows],
                 catalog.created_at[rows],
                 sources,
+                found,
             )
-            result = self._finish(q, cands, user, now, catalog, rel)
+            ranked = "ranking_skipped" not in degraded
+            result = self._finish(q, cands, user, now, catalog, rel, ranked=ranked)
         result.timings = clock.timings
         result.degraded = degraded
         return result
@@ -555,9 +574,10 @@ class RecommendService:
         user: UserView,
         embedding: np.ndarray,
         now: float,
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """(catalog rows, their source features or None, source names) that pass the
-        filters: the ANN's neighbours of ``embedding`` merged with the other sources."""
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+        """(catalog rows, their source features or None, source names, found masks or
+        None) that pass the filters: the ANN's neighbours of ``embedding`` merged with the
+        other sources."""
         catalog = state.catalog
         with clock.stage("retrieval"):
             _, ids = rel.index.search(
@@ -577,13 +597,13 @@ class RecommendService:
             if rel.sources is not None:
                 seen_rows, seen_known = catalog.rows(seen)
                 seen_rows = np.where(seen_known, seen_rows, -1)
-                rows, source_feats = gather(
+                rows, source_feats, found = gather_found(
                     rel.sources, rel.quotas, ann_rows, seen_rows, allowed, now
                 )
-                return rows, source_feats, source_names(source_feats)
+                return rows, source_feats, source_names(source_feats), found
             # A release from before multi-source candidates: the ANN alone.
             rows = ann_rows[allowed(ann_rows)][: self.cfg.n_ranked]
-            return rows, None, np.full(len(rows), "retrieval", dtype=object)
+            return rows, None, np.full(len(rows), "retrieval", dtype=object), None
 
     def _finish(
         self,
@@ -593,14 +613,18 @@ class RecommendService:
         now: float,
         catalog: Catalog,
         rel: ServingRelease,
+        ranked: bool = False,
     ) -> RecommendResult:
+        """The top ``q.k`` of ``cands`` as the answer's items; ``ranked``: their scores are
+        the ranker's."""
         top, final = select(cands, q.k, now, rel.post)
         recent = list(user.recent_items) if user is not None else []
         rrows, rknown = catalog.rows(np.asarray(recent, dtype=np.int64))
         recent_cats = np.where(rknown, catalog.category[rrows], -1).tolist()
         why = reasons(top, recent, recent_cats)
+        found = found_names(top.found) if top.found is not None else [[str(s)] for s in top.sources]
         items = [
-            RecItem(int(i), float(s), r + 1, why[r], str(src))
+            RecItem(int(i), float(s), r + 1, why[r], str(src), tuple(found[r]), ranked)
             for r, (i, s, src) in enumerate(zip(top.item_ids, final, top.sources, strict=True))
         ]
         return RecommendResult(items=items, release=str(rel.release_id))
@@ -615,20 +639,24 @@ class RecommendService:
         rel: ServingRelease,
         cold_start: bool = False,
     ) -> RecommendResult:
-        """Popular and fresh items (filtered), leaning to the user's categories if known."""
+        """Popular and fresh items (filtered), leaning to the user's categories if known;
+        the popular list is the user's cold-start segment's when the release has one."""
         t0 = time.perf_counter()
         now = self.feature_time(q, rel)
-        if user is None:
-            # No user: the answer depends on the filters, k and the minute only (items
-            # created within the minute wait for the next one).
-            key = (q.filters, q.k, int(now // ANONYMOUS_ANSWER_S))
+        segment = _segment(user, rel)
+        if user is None or not user.has_history:
+            # No user, or one without history: the answer depends on the filters, k, the
+            # segment and the minute only (items created within the minute wait for the
+            # next one).
+            key = (q.filters, q.k, segment[0], int(now // ANONYMOUS_ANSWER_S))
             items = state.anonymous_answers.get(key)
             if items is None:
-                items = self._fallback_items(q, None, state, rel, now)
+                items = self._fallback_items(q, None, state, rel, now, segment)
                 state.remember_answer(key, items)
         else:
-            items = self._fallback_items(q, user, state, rel, now)
+            items = self._fallback_items(q, user, state, rel, now, segment)
         result = RecommendResult(items=list(items), release=str(rel.release_id))
+        result.fallback_segment = segment[0]
         result.timings = dict(clock.timings)
         result.timings["fallback"] = (time.perf_counter() - t0) * 1000
         result.degraded = degraded
@@ -642,11 +670,13 @@ class RecommendService:
         state: ItemState,
         rel: ServingRelease,
         now: float,
+        segment: tuple[str, np.ndarray | None] = (GLOBAL_SEGMENT, None),
     ) -> list[RecItem]:
         catalog = state.catalog
         seen = user.seen_items if user is not None else np.zeros(0, dtype=np.int64)
+        name, segment_rows = segment
         rows, scores, sources = state.fallbacks.candidates(
-            catalog, q.filters, seen, max(4 * q.k, 50), now
+            catalog, q.filters, seen, max(4 * q.k, 50), now, popular_rows=segment_rows
         )
         if user is not None and user.affinity is not None and len(user.affinity):
             # Known user without a model answer: prefer the categories they engage with.
@@ -660,4 +690,31 @@ class RecommendService:
             catalog.created_at[rows],
             sources,
         )
-        return self._finish(q, cands, user, now, catalog, rel).items
+        items = self._finish(q, cands, user, now, catalog, rel).items
+        if segment_rows is None:
+            return items
+        # The segment's own items say so (the global list tops it up under strict filters).
+        from_segment = set(catalog.item_ids[segment_rows].tolist())
+        why = segment_reason(name)
+        return [
+            dataclasses.replace(i, reason=why)
+            if i.source == "popular" and i.item_id in from_segment
+            else i
+            for i in items
+        ]
+
+
+def _segment(user: UserView | None, rel: ServingRelease) -> tuple[str, np.ndarray | None]:
+    """(name, catalog rows) of the user's cold-start segment list in this release, or
+    (GLOBAL_SEGMENT, None): no user, unknown attributes, a thin segment (none kept), or a
+    release from before segment lists."""
+    if user is None or rel.sources is None:
+        return GLOBAL_SEGMENT, None
+    found = rel.sources.segment_popular(user.segment_attributes)
+    return found if found is not None else (GLOBAL_SEGMENT, None)
+
+
+def segment_reason(name: str) -> str:
+    """An item's reason from a segment list: "popular in your country (country=3)"."""
+    attrs = [part.split("=", 1)[0] for part in name.split(",")]
+    return f"popular in your {' and '.join(SEGMENT_WORDS.get(a, a) for a in attrs)} ({name})"

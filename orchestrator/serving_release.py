@@ -15,7 +15,13 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from exporters.candidates import CANDIDATE_FEATURES, Quotas, SourceModel, gather
+from exporters.candidates import (
+    CANDIDATE_FEATURES,
+    SEGMENT_ATTRIBUTES,
+    Quotas,
+    SourceModel,
+    gather,
+)
 from exporters.history import PAD
 from exporters.model_config import input_names
 from exporters.rank_layout import Layout
@@ -56,6 +62,18 @@ class UserView:
     @property
     def known(self) -> bool:
         return self.features.known
+
+    @property
+    def has_history(self) -> bool:
+        """Any seen or recent item, or category affinity: something beyond the profile.
+        A user without (a sign-up with no events yet) is served as a cold start."""
+        return len(self.seen_items) > 0 or bool(self.affinity.any())
+
+    @property
+    def segment_attributes(self) -> dict[str, int]:
+        """The profile attributes that pick a cold-start segment (negative: unknown;
+        exporters/candidates.py SEGMENT_ATTRIBUTES names them)."""
+        return {a: int(getattr(self.features, a)) for a in SEGMENT_ATTRIBUTES}
 
     @property
     def recent_items(self) -> list[int]:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from recstack import logs
 from recstack.errors import UserError
 
 log = logging.getLogger("recstack")
@@ -72,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cmd(feats, "build", "exporters.feature_tables:cli", "write the feature parquet tables")
     _cmd(feats, "apply", "exporters.feast_ops:cli_apply", "feast apply on feature_repo/")
+    p = _cmd(
+        groups,
+        "feast",
+        "exporters.feast_ops:cli_feast",
+        "Feast's CLI on feature_repo/ with recstack's settings (e.g. feast feature-views list)",
+    )
+    p.add_argument(
+        "feast_args", nargs=argparse.REMAINDER, metavar="ARGS", help="Feast CLI arguments"
+    )
     p = _cmd(feats, "materialize", "exporters.feast_ops:cli_materialize", "load the online store")
     p.add_argument("--incremental", action="store_true")
 
@@ -103,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     repo = groups.add_parser("repo", help="Triton model repository").add_subparsers(
         dest="cmd", required=True
     )
+    p = _cmd(
+        repo,
+        "init",
+        "exporters.model_repo:cli_init",
+        "copy the committed configs and shims a model repository lacks (overwrites nothing)",
+    )
+    p.add_argument("dir", nargs="?", help="repository folder (default: settings.model_repository)")
     p = _cmd(repo, "configs", "exporters.triton_configs:cli", "write config.pbtxt files")
     p.add_argument("--runtime", choices=["embedded", "production"], default="embedded")
     p.add_argument("--out", help="repository folder (default: settings.model_repository)")
@@ -270,10 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, configure logging, dispatch. Errors the user can fix exit 2 with a message."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.configure(verbose=args.verbose)
     try:
         rc = _target(args._run)(args)
     except UserError as e:

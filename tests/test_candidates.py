@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from exporters import candidates, seen
-from exporters.candidates import ABSENT_RANK, CANDIDATE_FEATURES, Quotas
+from exporters.candidates import ABSENT_RANK, CANDIDATE_FEATURES, SOURCES, Quotas
 
 
 def _planted(n_users: int = 400, n_pairs: int = 30, seed: int = 0) -> pd.DataFrame:
@@ -85,7 +85,18 @@ def test_seen_items_never_come_back_property() -> None:
 
         ann = rng.permutation(n)[: int(rng.integers(0, n + 1))]
         now = float(rng.uniform(0, 120))
-        rows, feats = candidates.gather(model, quotas, ann, history, allowed, now)
+        rows, feats, found = candidates.gather_found(model, quotas, ann, history, allowed, now)
+        plain = candidates.gather(model, quotas, ann, history, allowed, now)
+        assert np.array_equal(plain[0], rows) and np.array_equal(plain[1], feats)
+        # Which sources found each row (the answer's `sources`), against the features.
+        bit = {name: (found >> i & 1).astype(bool) for i, name in enumerate(SOURCES)}
+        assert (found > 0).all(), trial
+        assert np.array_equal(bit["retrieval"], feats[:, 0] < ABSENT_RANK), trial
+        assert np.array_equal(bit["item_to_item"], feats[:, 1] < quotas.i2i), trial
+        assert np.array_equal(bit["category_popular"], feats[:, 5] < ABSENT_RANK), trial
+        assert np.array_equal(bit["fresh"], feats[:, 6] < ABSENT_RANK), trial
+        assert np.isin(rows[bit["popular"]], model.popular_rows).all(), trial
+        assert bit["popular"].sum() <= quotas.popular, trial
         assert not np.isin(rows, blocked).any(), trial
         assert not extra[rows].any(), trial
         assert len(np.unique(rows)) == len(rows), trial
@@ -125,6 +136,13 @@ def test_category_popular_and_fresh_sources() -> None:
     assert catpop == [6, 5]  # category 1, most popular first, seen 3 and 4 skipped
     assert fresh == [9, 8]  # the newest created by 9.5
     assert candidates.source_names(feats).tolist() == ["popular", "popular", "fresh", "fresh"]
+    _, _, found = candidates.gather_found(model, quotas, np.array([], np.int64), seen, allowed, 9.5)
+    assert candidates.found_names(found) == [
+        ["category_popular"],
+        ["category_popular"],
+        ["fresh"],
+        ["fresh"],
+    ]
 
 
 def test_seen_table_equals_the_real_time_rule() -> None:
@@ -159,3 +177,101 @@ def test_seen_events_come_from_the_data_unless_overridden() -> None:
     assert seen.seen_events({"seen_events": ["view"]}, ("purchase",)) == ("purchase",)
     with pytest.raises(ValueError):
         seen.seen_events({}, ("rated",))
+
+
+def _country_world(seed: int = 3) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """60 items in 3 categories (item i in category i % 3), globally Zipf-popular by id.
+    Country 1's users (120) take category 2 nine times in ten; country 0's (300) follow
+    global popularity; country 2 has 10 users (thin). Ages: 0 or 1 at random."""
+    rng = np.random.default_rng(seed)
+    n_items = 60
+    zipf = 1.0 / np.arange(1, n_items + 1)
+    zipf /= zipf.sum()
+    cat2 = np.flatnonzero(np.arange(n_items) % 3 == 2)
+    country = np.array([0] * 300 + [1] * 120 + [2] * 10)
+    rows = []
+    for u, c in enumerate(country):
+        for _ in range(10):
+            if c == 1 and rng.random() < 0.9:
+                rows.append((u, int(rng.choice(cat2, p=zipf[cat2] / zipf[cat2].sum()))))
+            else:
+                rows.append((u, int(rng.choice(n_items, p=zipf))))
+    events = pd.DataFrame(rows, columns=["user_id", "item_id"])
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    events["timestamp"] = t0 + pd.to_timedelta(np.arange(len(events)), unit="s")
+    events["event"] = "click"
+    users = pd.DataFrame(
+        {
+            "user_id": np.arange(len(country)),
+            "country": country,
+            "age_bucket": rng.integers(0, 2, size=len(country)),
+        }
+    )
+    items = pd.DataFrame(
+        {
+            "item_id": np.arange(n_items),
+            "category": np.arange(n_items) % 3,
+            "created_at": [t0] * n_items,
+        }
+    )
+    return events, users, items
+
+
+def test_segment_lists_follow_the_segment_and_thin_ones_fall_back(tmp_path) -> None:
+    events, users, items = _country_world()
+    item_ids = np.arange(60, dtype=np.int64)
+    model = candidates.build_model(
+        events, item_ids, ["click"], before=None, top_n=5, items=items, users=users
+    )
+    # Global popularity leads with items 0 and 1 (categories 0 and 1) ...
+    assert model.popular_rows[0] == 0
+    # ... country 1's list leads with category 2, most of its head too.
+    name, rows = model.segment_popular({"country": 1, "age_bucket": -1})
+    assert name == "country=1"
+    assert rows[0] % 3 == 2 and (rows[:10] % 3 == 2).mean() >= 0.8
+    # Its order is the count of its users who consumed each item.
+    members = users.loc[users["country"] == 1, "user_id"]
+    pairs = events[events["user_id"].isin(members)].drop_duplicates(["user_id", "item_id"])
+    counts = pairs["item_id"].value_counts()
+    assert counts.loc[rows[:5]].is_monotonic_decreasing
+    assert counts.loc[rows[0]] == counts.max()
+    # Country 2 has 10 users (< SEGMENT_MIN_USERS): no list, so its users get the age
+    # bucket's (the next most specific segment that is not thin) ...
+    assert model.segment_popular({"country": 2, "age_bucket": 1})[0] == "age_bucket=1"
+    # ... or, with nothing else known, no segment: the caller serves the global list.
+    assert model.segment_popular({"country": 2, "age_bucket": -1}) is None
+    assert model.segment_popular({"country": 7, "age_bucket": -1}) is None
+    info = model.info["segments"]
+    assert info["attributes"] == ["country", "age_bucket"]
+    assert "country=2" not in model.segment_names and info["thin"] >= 1
+    assert info["kept"] == len(model.segment_names)
+    # Joint segments exist when not thin: country 0 × age bucket, most specific first.
+    assert model.segment_popular({"country": 0, "age_bucket": 1})[0] == "country=0,age_bucket=1"
+    # Saved and loaded whole; a file without segments (an older release) loads with none.
+    path = tmp_path / "candidates.npz"
+    model.save(path)
+    loaded = candidates.SourceModel.load(path)
+    assert loaded.segment_names == model.segment_names
+    np.testing.assert_array_equal(loaded.segment_rows, model.segment_rows)
+    old = candidates.build_model(events, item_ids, ["click"], before=None, top_n=5)
+    old.save(path)
+    assert candidates.SourceModel.load(path).segment_popular({"country": 1}) is None
+
+
+def test_segment_lists_are_point_in_time_and_skip_constant_attributes() -> None:
+    events, users, items = _country_world()
+    item_ids = np.arange(60, dtype=np.int64)
+    # Before the cut only country 0's users acted (they come first): country 1 is thin.
+    cut = events.loc[events["user_id"] == 300, "timestamp"].min()
+    early = candidates.build_model(
+        events, item_ids, ["click"], before=cut, top_n=5, items=items, users=users
+    )
+    assert early.segment_popular({"country": 1}) is None
+    assert early.segment_popular({"country": 0})[0] == "country=0"
+    # An import without a country column writes 0 for every user: no country segments.
+    flat = users.assign(country=0)
+    model = candidates.build_model(
+        events, item_ids, ["click"], before=None, top_n=5, items=items, users=flat
+    )
+    assert model.info["segments"]["attributes"] == ["age_bucket"]
+    assert all(n.startswith("age_bucket=") for n in model.segment_names)

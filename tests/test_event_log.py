@@ -26,7 +26,10 @@ def served(
 ) -> tuple[RecommendQuery, RecommendResult]:
     q = RecommendQuery(user_id=user, k=len(items), surface="home")
     result = RecommendResult(
-        items=[RecItem(i, 1.0 / (r + 1), r + 1, "popular", "popular") for r, i in enumerate(items)],
+        items=[
+            RecItem(i, 1.0 / (r + 1), r + 1, "popular", "popular", ("popular",))
+            for r, i in enumerate(items)
+        ],
         release=release,
         degraded=["ranking_skipped"],
     )
@@ -36,6 +39,7 @@ def served(
 def test_records_round_trip(tmp_path: Path) -> None:
     log = EventLog(LogConfig(tmp_path, flush_ms=20))
     q, result = served(5, [10, 11, 12])
+    result.fallback_segment = "country=3"
     log.served(q, result)
     when = datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC)
     log.event(EventQuery(5, 11, "click", when, result.request_id))
@@ -44,8 +48,11 @@ def test_records_round_trip(tmp_path: Path) -> None:
     assert [r["kind"] for r in recs] == ["served", "event"]
     s, e = recs
     assert s["request_id"] == result.request_id and len(result.request_id) == 32
-    assert s["items"] == [[10, 1, "popular"], [11, 2, "popular"], [12, 3, "popular"]]
+    assert s["items"] == [
+        [i, r, "popular", ["popular"], False] for r, i in ((1, 10), (2, 11), (3, 12))
+    ]
     assert (s["user_id"], s["release"], s["degraded"]) == (5, "7", ["ranking_skipped"])
+    assert s["fallback_segment"] == "country=3"
     # µs exactly: the import writes this value into the raw tables
     assert e["ts_us"] == int(when.timestamp()) * 1_000_000 + 123456
     assert (e["user_id"], e["item_id"], e["event"], e["request_id"]) == (

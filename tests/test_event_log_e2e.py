@@ -142,7 +142,10 @@ def test_served_lists_and_events_reach_the_log_report_and_training(
     for u, reply in zip(users, replies, strict=True):
         rec = by_id[reply.request_id]
         assert rec["user_id"] == int(u) and rec["release"] == reply.release
-        assert rec["items"] == [[i.item_id, i.rank, i.source] for i in reply.items]
+        assert rec["items"] == [
+            [i.item_id, i.rank, i.source, list(i.sources), i.ranked] for i in reply.items
+        ]
+        assert all(item[3] for item in rec["items"])  # every item names its sources
         assert rec["degraded"] == list(reply.degraded)
     assert [(e["user_id"], e["item_id"], e["event"]) for e in events] == sent
     assert [e["request_id"] for e in events] == [*ids[:3], "", ids[4]]

@@ -5,6 +5,7 @@ Feast's Redis store does itself). A batch row newer than the stored one still wi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +56,10 @@ def test_materialize_keeps_newer_pushed_rows(
     assert online.user(2).recent_items[:3].tolist() == [13, 11, PAD]
     assert 13 in online.user(2).seen_items.tolist()
 
+    # A second apart (the store keeps times to the second): a push that one
+    # materialisation kept must stay kept by the next, whenever it ran. Keeping only
+    # pushes "since the previous materialisation" lost it here (the old flake).
+    time.sleep(1.1)
     feast_ops.materialize(env.settings)  # full
     assert online.user(2).recent_items[:3].tolist() == [13, 11, PAD]
     assert 13 in online.user(2).seen_items.tolist()

@@ -80,6 +80,20 @@ def test_fallbacks_mix_fresh_and_popular(catalog: Catalog) -> None:
     assert np.all(np.diff(scores[sources == "popular"]) < 0)
 
 
+def test_a_segment_list_leads_and_the_global_list_tops_it_up(catalog: Catalog) -> None:
+    fb = Fallbacks.build(catalog)
+    # A segment's list: items 50, 60, 70 (rows), the middle one filtered by category 1.
+    segment = catalog.rows(np.array([50, 60, 70]))[0]
+    rows, _, sources = fb.candidates(
+        catalog, build_filters([], [1], [], 0, 0), np.array([]), 10, NOW, popular_rows=segment
+    )
+    popular = catalog.item_ids[rows[sources == "popular"]].tolist()
+    assert popular[:2] == [50, 70]
+    # Then the global list (most popular first), without repeating the segment's items.
+    global_order = [int(i) for i in range(990, -1, -10) if i // 10 % 5 != 1 and i not in (50, 70)]
+    assert popular[2:] == global_order[:5]
+
+
 def test_build_rejects_misaligned_arrays() -> None:
     with pytest.raises(ValueError, match="category has 1 rows"):
         Catalog.build(

@@ -24,6 +24,7 @@ class BrokenUser:
     """A known user whose recent items cannot be read (a bug below the stages)."""
 
     known = True
+    has_history = True  # served by the model path, not as a cold start
     seen_items = np.zeros(0, np.int64)
     affinity = None
 
@@ -53,6 +54,7 @@ def release() -> SimpleNamespace:
         local=None,  # no in-process model fallback: the tower's failure degrades
         post=PostprocessConfig(),
         data_end=float("inf"),
+        sources=None,  # no candidate sources, hence no cold-start segments
         close=lambda: None,
     )
 
