@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -171,6 +172,27 @@ def stop_process(settings: Settings, name: str, timeout: float = 15.0) -> bool:
     pid_path(settings, name).unlink(missing_ok=True)
     log.info("stopped %s (pid %d)", name, pid)
     return True
+
+
+def hold(procs: Sequence[ManagedProcess], started: str, detach: bool) -> int:
+    """A ``recstack serve ...`` command's end: say what runs; with ``detach`` leave it
+    running, else keep it in the foreground until SIGTERM, Ctrl-C or one of ``procs``
+    exits, then stop them all."""
+    if detach:
+        print(f"{started}; `recstack stop` stops it")
+        return 0
+    print(f"{started}; Ctrl-C stops it")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(1.0) and all(p.alive() for p in procs):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.stop()
+    return 0
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import shutil
-import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
-from orchestrator.processes import ManagedProcess, read_pid, start_process, stop_process
+from orchestrator.processes import ManagedProcess, hold, read_pid, start_process, stop_process
 from orchestrator.redis_server import ping_address, redis_binary, server_config
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
@@ -181,19 +179,5 @@ def cli(args: argparse.Namespace) -> int:
     settings = get_settings()
     procs = start(settings)
     pids = ", ".join(str(p.pid) for p in procs)
-    where = settings.redis_cluster_nodes
-    if args.detach:
-        print(f"Redis Cluster on {where} (pids {pids}); `recstack stop` stops it")
-        return 0
-    print(f"Redis Cluster on {where} (pids {pids}); Ctrl-C stops it")
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    try:
-        while not done.wait(1.0) and all(p.alive() for p in procs):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            p.stop()
-    return 0
+    started = f"Redis Cluster on {settings.redis_cluster_nodes} (pids {pids})"
+    return hold(procs, started, args.detach)

@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import signal
 import socket
-import threading
 from pathlib import Path
 
-from orchestrator.processes import ManagedProcess, read_pid, start_process, stop_process
+from orchestrator.processes import ManagedProcess, hold, read_pid, start_process, stop_process
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -125,17 +123,4 @@ def cli(args: argparse.Namespace) -> int:
     settings = get_settings()
     proc = start(settings)
     where = f"{settings.redis_host}:{settings.redis_port}"
-    if args.detach:
-        print(f"redis-server on {where} (pid {proc.pid}); `recstack stop` stops it")
-        return 0
-    print(f"redis-server on {where} (pid {proc.pid}); Ctrl-C stops it")
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    try:
-        while not done.wait(1.0) and proc.alive():
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        proc.stop()
-    return 0
+    return hold([proc], f"redis-server on {where} (pid {proc.pid})", args.detach)
