@@ -67,6 +67,19 @@ def end_of_data(s: Settings) -> Any:
     return ts
 
 
+def two_releases_first_live(s: Settings) -> Settings:
+    """Publish releases 1 and 2 from the trained models and make 1 the live one (the
+    starting point of the promotion tests); returns ``s``."""
+    from exporters import release
+    from exporters.release_state import ReleaseState, save_state
+
+    assert release.publish(s) == 1 and release.publish(s) == 2
+    state = ReleaseState(live=1)
+    state.record("bootstrap", release=1)
+    save_state(s, state)
+    return s
+
+
 def in_ci() -> bool:
     """CI sets ``CI=true`` (GitHub Actions, GitLab, and ``.ci/run`` do)."""
     import os

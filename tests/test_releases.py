@@ -22,12 +22,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import active_users, port
+from conftest import active_users, port, two_releases_first_live
 
 from exporters import release
 from exporters.model_repo import copy_committed_repository
 from exporters.release_ops import promote
-from exporters.release_state import ReleaseState, load_state, save_state, state_path
+from exporters.release_state import load_state, state_path
 from exporters.release_validate import ValidationFailed
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
@@ -68,11 +68,7 @@ def rs(trained_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
             "ranking_cap_ms": 400.0,
         }
     )
-    assert release.publish(s) == 1 and release.publish(s) == 2
-    state = ReleaseState(live=1)
-    state.record("bootstrap", release=1)
-    save_state(s, state)
-    return s
+    return two_releases_first_live(s)
 
 
 @pytest.fixture(scope="module")
