@@ -133,6 +133,7 @@ def cli(args: argparse.Namespace) -> int:
             "split_test_days",
             "split_val_last",
             "split_test_last",
+            "split_windows",
         )
         if getattr(args, name, None) is not None
     }

@@ -1,10 +1,12 @@
 """Train the LightGBM lambdarank ranker on the candidates the two-tower retrieves (pipeline
 step ``ranker``), so training sees what serving sees.
 
-Queries: users with a click or purchase in the validation window, each a request made at
-``train_end`` (the towers and the index were trained on data before it). Candidates: the
-top ``n_candidates`` of ``exporters.retrieval.retrieve`` as of that time. Labels: the
-user's best event on the item in the validation window (click 1, purchase 2, else 0).
+Queries: users with a click or purchase in a ranker window (the validation window, and
+the split's earlier windows: exporters/split.py), each a request made at the window's
+start (the towers and the index were trained on data before the earliest window).
+Candidates: the merged sources as serving merges them, as of that time, the non-ANN ones
+built from the events before it. Labels: the user's best event on the item in the window
+(click 1, purchase 2, else 0).
 Features: Feast ``get_historical_features`` point-in-time at the request time for the
 ``ranking`` service's user and item features, the user tower's embedding, the index's
 item vectors, all put together by ``exporters.feature_assembly`` (the serving code).
@@ -37,7 +39,7 @@ from exporters.index_build import ITEM_IDS_FILE
 from exporters.rank_layout import ITEM_KEY, USER_KEY, Layout
 from exporters.raw_tables import read_meta, read_table
 from exporters.seen import seen_events, seen_lists
-from exporters.split import load_split
+from exporters.split import Split, load_split
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -178,21 +180,27 @@ class CandidateRows:
 
 def candidate_model_path(settings: Settings, cut: str) -> Path:
     """The candidate-source model built from the events a split's requests may know:
-    ``train`` (ranker training requests: the training window), ``eval`` (evaluation
-    requests: all but the test window) or ``all`` (the release: every event)."""
+    ``train`` (ranker training requests of the validation window), ``train_w<k>`` (those
+    of ranker window k >= 1), ``eval`` (evaluation requests: all but the test window) or
+    ``all`` (the release: every event)."""
     return settings.work_dir / f"candidates_{cut}.npz"
+
+
+def window_cut(k: int) -> str:
+    """The candidate-model cut of ranker window ``k``."""
+    return "train" if k == 0 else f"train_w{k}"
 
 
 def build_candidate_models(settings: Settings) -> None:
     """Pipeline step ``candidates``: the item-to-item, popularity and cold-start segment
-    sources at the three cut-offs (see :func:`candidate_model_path`), over the index's
-    catalog rows."""
+    sources at each cut-off (see :func:`candidate_model_path`), over the index's catalog
+    rows."""
     split = load_split(settings)
     interactions = read_table(settings, "interactions")
     item_ids = np.load(settings.work_dir / ITEM_IDS_FILE)
     events = seen_events(read_meta(settings), settings.seen_events)
     cuts = {
-        "train": split.train(interactions),
+        **{window_cut(k): split.before_window(interactions, k) for k in range(split.windows)},
         "eval": split.not_test(interactions),
         "all": interactions,
     }
@@ -386,48 +394,87 @@ def _dataset(rows: np.ndarray, labels: np.ndarray, query: np.ndarray, names: lis
     )
 
 
+@dataclass(frozen=True)
+class _Window:
+    """One ranker window's requests: users, their candidate rows and labels."""
+
+    k: int
+    cands: CandidateRows
+    labels: pd.DataFrame
+    y: np.ndarray
+
+
+def _window_rows(
+    settings: Settings,
+    params: RankerParams,
+    layout: Layout,
+    split: Split,
+    interactions: pd.DataFrame,
+    k: int,
+    rng: np.random.Generator,
+) -> _Window | None:
+    """Window ``k``'s requests (at most ``max_queries`` users, seeded), each at the
+    window's start with the candidate sources of the events before it."""
+    labels = graded_labels(split.window(interactions, k))
+    if labels.empty:
+        return None
+    users = np.sort(labels["user_id"].unique())
+    if len(users) > params.max_queries:
+        users = np.sort(rng.choice(users, params.max_queries, replace=False))
+    model = candidates.SourceModel.load(candidate_model_path(settings, window_cut(k)))
+    at = split.window_times(users, k)
+    merged = merged_candidates(
+        settings, users, at, model, params.quotas, params.ann_depth, interactions
+    )
+    cands = candidate_rows(settings, layout, users, at, merged)
+    return _Window(k, cands, labels[labels["user_id"].isin(users)], labels_for(cands, labels))
+
+
 def train(settings: Settings, params: RankerParams | None = None) -> None:
     """Pipeline step ``ranker``: see the module docstring."""
     params = params or RankerParams()
     t_start = time.perf_counter()
     split = load_split(settings)
     interactions = read_table(settings, "interactions")
-    labels = graded_labels(split.val(interactions))
-    if labels.empty:
-        raise UserError("no clicks or purchases in the validation window: cannot train a ranker")
     rng = np.random.default_rng(settings.seed)
-    users = np.sort(labels["user_id"].unique())
-    if len(users) > params.max_queries:
-        users = np.sort(rng.choice(users, params.max_queries, replace=False))
-
     layout = layout_for(settings, n_categories_of(settings))
     names = layout.names
-    model = candidates.SourceModel.load(candidate_model_path(settings, "train"))
-    at = split.val_times(users)
-    merged = merged_candidates(
-        settings, users, at, model, params.quotas, params.ann_depth, interactions
-    )
-    cands = candidate_rows(settings, layout, users, at, merged)
-    y = labels_for(cands, labels)
+    windows = [
+        w
+        for k in range(split.windows)
+        if (w := _window_rows(settings, params, layout, split, interactions, k, rng)) is not None
+    ]
+    if not windows or windows[0].k != 0:
+        raise UserError("no clicks or purchases in the validation window: cannot train a ranker")
+    # One query per (window, user); the early-stopping holdout is drawn by user, so a
+    # user's requests in different windows never sit on both sides.
+    offsets = np.cumsum([0] + [len(w.cands.user_ids) for w in windows])
+    query = np.concatenate([w.cands.query + o for w, o in zip(windows, offsets, strict=False)])
+    query_user = np.concatenate([w.cands.user_ids for w in windows])
+    rows = np.concatenate([w.cands.rows for w in windows])
+    y = np.concatenate([w.y for w in windows])
+    n_queries = int(offsets[-1])
 
     # Queries without a positive candidate carry no ranking signal for lambdarank.
-    positives = np.bincount(cands.query, weights=(y > 0), minlength=len(users))
+    positives = np.bincount(query, weights=(y > 0), minlength=n_queries)
     useful = np.flatnonzero(positives > 0)
     if len(useful) < 2:
         raise UserError(
-            f"only {len(useful)} validation users have a clicked/bought item among their "
+            f"only {len(useful)} requests have a clicked/bought item among their "
             f"{params.quotas.total} candidates: too little to train a ranker"
         )
-    holdout = rng.random(len(useful)) < params.holdout_fraction
+    useful_users = np.unique(query_user[useful])
+    held_users = useful_users[rng.random(len(useful_users)) < params.holdout_fraction]
+    holdout = np.isin(query_user[useful], held_users)
     if holdout.all() or not holdout.any():
         holdout[:] = False
-        holdout[0] = True
+        holdout[0] = True  # tiny data: one request, its user may sit on both sides
     hold_q = useful[holdout]
     train_q = useful[~holdout]
-    in_train = np.isin(cands.query, train_q)
-    in_hold = np.isin(cands.query, hold_q)
-    dtrain = _dataset(cands.rows[in_train], y[in_train], cands.query[in_train], names)
-    dhold = _dataset(cands.rows[in_hold], y[in_hold], cands.query[in_hold], names)
+    in_train = np.isin(query, train_q)
+    in_hold = np.isin(query, hold_q)
+    dtrain = _dataset(rows[in_train], y[in_train], query[in_train], names)
+    dhold = _dataset(rows[in_hold], y[in_hold], query[in_hold], names)
 
     t0 = time.perf_counter()
     progress = _Progress(params.num_trees)
@@ -445,21 +492,22 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     if params.refit_all_queries:
         # The holdout chose the number of trees; the released ranker learns from every
         # query (on sparse data the held-out fifth is a fifth of the signal).
-        in_all = np.isin(cands.query, useful)
-        dall = _dataset(cands.rows[in_all], y[in_all], cands.query[in_all], names)
+        in_all = np.isin(query, useful)
+        dall = _dataset(rows[in_all], y[in_all], query[in_all], names)
         rounds = max(1, round(best * (1 + params.holdout_fraction)))
         booster = lgb.train(params.lightgbm(settings.seed), dall, num_boost_round=rounds)
         best = rounds
     train_seconds = time.perf_counter() - t0
 
-    # Candidate recall: the share of validation positives the sources put in the lists.
-    n_pos = len(labels[labels["user_id"].isin(users)])
+    # Candidate recall: the share of the windows' positives the sources put in the lists.
+    n_pos = sum(len(w.labels) for w in windows)
     warnings = []
     if len(useful) < params.min_queries_warning:
         warnings.append(
             f"the ranker learned from only {len(useful)} queries with a positive candidate "
             f"({len(train_q)} for training): small data, its ranking is noisy. Lengthen "
-            "the validation window (recstack train --val-days) or add data."
+            "the validation window (recstack train --val-days), add ranker windows "
+            "(--windows) or add data."
         )
     for w in warnings:
         log.warning("ranker: %s", w)
@@ -468,7 +516,11 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     stats = {
         "request_time": str(split.train_end) if not split.per_user else "per user",
         "split": split.to_json(),
-        "queries": len(users),
+        "queries": n_queries,
+        "windows": [
+            {"window": w.k, "queries": len(w.cands.user_ids), "positives": int((w.y > 0).sum())}
+            for w in windows
+        ],
         "queries_with_positive": len(useful),
         "train_queries": len(train_q),
         "holdout_queries": len(hold_q),
@@ -496,8 +548,8 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     }
     work = settings.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    picked = rng.choice(len(cands.rows), min(params.sample_rows, len(cands.rows)), replace=False)
-    sample = cands.rows[np.sort(picked)]
+    picked = rng.choice(len(rows), min(params.sample_rows, len(rows)), replace=False)
+    sample = rows[np.sort(picked)]
     _write_outputs(work, booster, best, manifest, sample)
     log.info("ranker: %s", json.dumps(stats))
 

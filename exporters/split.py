@@ -18,6 +18,17 @@
 :data:`AUTO_MIN_VAL_SHARE` of the users, else ``per_user``. Every training step filters
 through a :class:`Split`, so no event of a user's validation or test window reaches
 training, and every request sees only events strictly before its own time.
+
+**Ranker windows.** The ranker learns from requests made at the start of a window, labelled
+by the window's events. Window 0 is validation; ``windows`` > 1 adds earlier windows of the
+same size (the ``val_last`` events before a user's validation window, or the ``val_days``
+before ``train_end``), each one more request per user: on sparse ratings data one request
+per user leaves the ranker a few hundred queries (docs/quality.md). Each window's requests
+see only the events before the window's start, candidate sources included. The towers
+behind those requests' retrieval must not have learnt from any window's events (an id
+embedding trained on a window's positives would make retrieval look perfect there), so
+:meth:`Split.train` — what the selection run's towers learn from — ends before the earliest
+window; the released towers are refit on everything anyway.
 """
 
 from __future__ import annotations
@@ -45,6 +56,10 @@ MODES = ("auto", "time", "per_user")
 # auto: a time split whose validation window holds fewer users than this share of all
 # users is replaced by the per-user split.
 AUTO_MIN_VAL_SHARE = 0.3
+# Ranker windows when not set (RECSTACK_SPLIT_WINDOWS): a time split's validation window
+# holds many users' requests; a per-user split's holds one per user, too few for the
+# ranker on sparse data, so it takes two earlier windows (docs/quality.md measures it).
+DEFAULT_WINDOWS = {"time": 1, "per_user": 3}
 _NEVER = pd.Timestamp.max.tz_localize("UTC")
 
 
@@ -61,12 +76,21 @@ class Split:
     val_start: pd.Series | None = None
     test_start: pd.Series | None = None
     params: dict[str, float] | None = None
+    # Ranker windows (module docstring): 1 = validation only. per_user: window k's start
+    # per user (k = 1 .. windows-1, ``earlier[k - 1]``); users with too few events for
+    # window k are absent from it.
+    windows: int = 1
+    earlier: tuple[pd.Series, ...] = ()
 
     def __post_init__(self) -> None:
         if self.train_end > self.val_end:
             raise ValueError(f"train_end {self.train_end} is after val_end {self.val_end}")
         if self.mode not in ("time", "per_user"):
             raise ValueError(f"unknown split mode {self.mode!r}")
+        if self.windows < 1:
+            raise ValueError(f"windows must be >= 1, got {self.windows}")
+        if self.per_user and len(self.earlier) != self.windows - 1:
+            raise ValueError(f"{self.windows} windows need {self.windows - 1} earlier starts")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Split):
@@ -97,11 +121,76 @@ class Split:
     def _ts(self, df: pd.DataFrame, col: str) -> np.ndarray:
         return pd.DatetimeIndex(pd.to_datetime(df[col], utc=True)).as_unit("us").to_numpy()
 
-    def train(self, df: pd.DataFrame, col: str = "timestamp") -> pd.DataFrame:
-        """Rows before their validation window."""
+    @property
+    def window_length(self) -> pd.Timedelta:
+        """The time split's window size (validation's)."""
+        return self.val_end - self.train_end
+
+    def _window_start(self, users: pd.Series | np.ndarray, k: int, absent: str) -> np.ndarray:
+        """Per row, the user's window-``k`` start (datetime64[us, UTC] values). A user
+        without window ``k`` gets the start of their earliest window before it
+        (``absent="earliest"``: the events they contribute to others' window-``k``
+        requests, and never one of their own windows' events) or NaT (``"none"``)."""
+        if k == 0:
+            return self._starts(users, "val")
+        got = self.earlier[k - 1].reindex(np.asarray(users, dtype=np.int64))
+        starts = pd.DatetimeIndex(pd.to_datetime(got, utc=True)).as_unit("us").to_numpy()
+        if absent == "none":
+            return starts
+        return np.where(pd.isna(starts), self._window_start(users, k - 1, absent), starts)
+
+    def _check_window(self, k: int) -> None:
+        if not 0 <= k < self.windows:
+            raise ValueError(f"window {k} out of range: the split has {self.windows}")
+
+    def before_window(self, df: pd.DataFrame, k: int, col: str = "timestamp") -> pd.DataFrame:
+        """What window ``k``'s requests may know: rows before the window's start (per
+        user; a user without window ``k`` contributes the rows before their earliest
+        window). Window 0: the rows before validation."""
+        self._check_window(k)
         if not self.per_user:
-            return df[df[col] < self.train_end]
-        return df[self._ts(df, col) < self._starts(df["user_id"], "val")]
+            return df[df[col] < self.train_end - k * self.window_length]
+        return df[self._ts(df, col) < self._window_start(df["user_id"], k, "earliest")]
+
+    def window(self, df: pd.DataFrame, k: int, col: str = "timestamp") -> pd.DataFrame:
+        """Rows in ranker window ``k`` (0: validation)."""
+        self._check_window(k)
+        if k == 0:
+            return self.val(df, col)
+        if not self.per_user:
+            end = self.train_end - (k - 1) * self.window_length
+            ts = df[col]
+            return df[(ts >= end - self.window_length) & (ts < end)]
+        users = df["user_id"]
+        ts = self._ts(df, col)
+        start = self._window_start(users, k, "none")
+        end = self._window_start(users, k - 1, "none")
+        # NaT compares False: users without the window have no rows in it.
+        return df[(ts >= start) & (ts < end)]
+
+    def window_times(self, user_ids: np.ndarray, k: int) -> pd.DatetimeIndex:
+        """The time of each user's window-``k`` request."""
+        self._check_window(k)
+        if k == 0:
+            return self.val_times(user_ids)
+        if not self.per_user:
+            at = self.train_end - k * self.window_length
+            return pd.DatetimeIndex([at] * len(user_ids)).as_unit("us")
+        starts = self._window_start(user_ids, k, "none")
+        if pd.isna(starts).any():
+            raise ValueError(f"some users have no window {k}")
+        return pd.DatetimeIndex(starts, tz="UTC")
+
+    def train_description(self) -> str:
+        """Where :meth:`train`'s rows end, in words (reports)."""
+        if self.per_user:
+            return f"each user's earliest of {self.windows} ranker window(s)"
+        return (self.train_end - (self.windows - 1) * self.window_length).isoformat()
+
+    def train(self, df: pd.DataFrame, col: str = "timestamp") -> pd.DataFrame:
+        """Rows before the earliest ranker window: what the selection run's towers learn
+        from (module docstring). With one window: the rows before validation."""
+        return self.before_window(df, self.windows - 1, col)
 
     def val(self, df: pd.DataFrame, col: str = "timestamp") -> pd.DataFrame:
         """Rows in their validation window."""
@@ -141,39 +230,61 @@ class Split:
             "mode": self.mode,
             "train_end": self.train_end.isoformat(),
             "val_end": self.val_end.isoformat(),
+            "windows": self.windows,
             **({"params": self.params} if self.params else {}),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any], users: pd.DataFrame | None = None) -> Split:
         mode = str(data.get("mode", "time"))
+        windows = int(data.get("windows", 1))
         if mode == "per_user":
             if users is None:
                 raise ValueError("a per-user split needs its users table")
             idx = users["user_id"].to_numpy(np.int64)
+
+            def column(name: str) -> pd.Series:
+                return pd.Series(pd.to_datetime(users[name], utc=True).to_numpy(), index=idx)
+
             return cls(
                 _utc(data["train_end"]),
                 _utc(data["val_end"]),
                 "per_user",
-                pd.Series(pd.to_datetime(users["val_start"], utc=True).to_numpy(), index=idx),
-                pd.Series(pd.to_datetime(users["test_start"], utc=True).to_numpy(), index=idx),
+                column("val_start"),
+                column("test_start"),
                 data.get("params"),
+                windows,
+                tuple(column(_window_column(k)) for k in range(1, windows)),
             )
-        return cls(_utc(data["train_end"]), _utc(data["val_end"]), params=data.get("params"))
+        return cls(
+            _utc(data["train_end"]),
+            _utc(data["val_end"]),
+            params=data.get("params"),
+            windows=windows,
+        )
 
     def users_table(self) -> pd.DataFrame | None:
         """The per-user boundaries as written to ``split_users.parquet``."""
         if not self.per_user or self.val_start is None or self.test_start is None:
             return None
+        index = self.val_start.index
+
+        def column(starts: pd.Series) -> pd.DatetimeIndex:
+            return pd.to_datetime(starts.reindex(index).to_numpy(), utc=True)
+
         return pd.DataFrame(
             {
-                "user_id": self.val_start.index.to_numpy(np.int64),
-                "val_start": pd.to_datetime(self.val_start.to_numpy(), utc=True),
-                "test_start": pd.to_datetime(
-                    self.test_start.reindex(self.val_start.index).to_numpy(), utc=True
-                ),
+                "user_id": index.to_numpy(np.int64),
+                "val_start": column(self.val_start),
+                "test_start": column(self.test_start),
+                **{_window_column(k): column(s) for k, s in enumerate(self.earlier, 1)},
             }
         )
+
+
+def _window_column(k: int) -> str:
+    """``split_users.parquet``'s column of ranker window ``k``'s start (k >= 1)."""
+    return f"window{k}_start"
 
 
 def _utc(value: str | pd.Timestamp) -> pd.Timestamp:
@@ -185,9 +296,12 @@ def compute_split(
     interactions: pd.DataFrame,
     val_days: float | None = None,
     test_days: float | None = None,
+    windows: int = 1,
 ) -> Split:
     """Boundaries so that the last ``test_days`` of the data are test and the
-    ``val_days`` before them validation (each default: 10% of the time span).
+    ``val_days`` before them validation (each default: 10% of the time span), with
+    ``windows - 1`` earlier ranker windows of the validation's size before it (fewer, with
+    a warning, when they would leave nothing to train the towers on).
 
     Boundaries are whole seconds (floored) so ``split.json`` is exact and readable.
     Raises UserError when the training part would be empty.
@@ -206,13 +320,23 @@ def compute_split(
     # first instant of the test window.
     val_end = (hi - test).floor("s")
     train_end = (val_end - val).floor("s")
-    split = Split(train_end=train_end, val_end=val_end)
     n_train = int((ts < train_end).sum())
     if n_train == 0:
         raise UserError(
             f"cannot split: validation ({val}) + test ({test}) cover the whole time span "
             f"{lo} .. {hi}; nothing is left for training"
         )
+    fits = windows
+    while fits > 1 and not (ts < train_end - (fits - 1) * (val_end - train_end)).any():
+        fits -= 1
+    if fits < windows:
+        log.warning(
+            "split: %d ranker windows of %s would leave no event before the earliest; using %d",
+            windows,
+            val_end - train_end,
+            fits,
+        )
+    split = Split(train_end=train_end, val_end=val_end, windows=fits)
     n_val = int(((ts >= train_end) & (ts < val_end)).sum())
     n_test = len(ts) - n_train - n_val
     for name, n, start, end in (
@@ -242,10 +366,14 @@ def compute_split(
     return split
 
 
-def compute_per_user_split(interactions: pd.DataFrame, val_last: int, test_last: int) -> Split:
+def compute_per_user_split(
+    interactions: pd.DataFrame, val_last: int, test_last: int, windows: int = 1
+) -> Split:
     """Leave-last-N-out: each user's last ``test_last`` events are test and the
     ``val_last`` before them validation (events tied with a boundary go to the later
-    window); users with at most ``val_last + test_last`` events keep all for training."""
+    window); users with at most ``val_last + test_last`` events keep all for training.
+    ``windows - 1`` earlier ranker windows of ``val_last`` events each come before
+    validation, for the users with an event before them."""
     if val_last < 1 or test_last < 1:
         raise UserError(
             f"per-user split needs val_last and test_last >= 1, got {val_last}, {test_last}"
@@ -264,27 +392,38 @@ def compute_per_user_split(interactions: pd.DataFrame, val_last: int, test_last:
         raise UserError(
             f"cannot split per user: no user has more than {val_last + test_last} events"
         )
+
+    def starts(rows: pd.DataFrame) -> pd.Series:
+        by_user = rows.set_index("user_id")["timestamp"]
+        return pd.Series(pd.to_datetime(by_user, utc=True).to_numpy(), index=by_user.index)
+
+    earlier = []
+    for k in range(1, windows):
+        offset = test_last + val_last * (k + 1)
+        earlier.append(starts(df[(sizes > offset) & (from_end == offset - 1)]))
     split = Split(
         train_end=_utc(val_start.max()),
         val_end=_utc(test_start.max()),
         mode="per_user",
-        val_start=pd.Series(pd.to_datetime(val_start, utc=True).to_numpy(), index=val_start.index),
-        test_start=pd.Series(
-            pd.to_datetime(test_start, utc=True).to_numpy(), index=test_start.index
-        ),
+        val_start=starts(val_rows).reindex(test_start.index),
+        test_start=starts(test_rows),
         params={"val_last": val_last, "test_last": test_last},
+        windows=windows,
+        earlier=tuple(earlier),
     )
     n = df["user_id"].nunique()
     log.info(
         "per-user split: the last %d events of %d of %d users are test, the %d before them "
-        "validation (%d / %d / %d rows)",
+        "validation (%d / %d / %d rows); %d earlier ranker windows (users: %s)",
         test_last,
         len(test_start),
         n,
         val_last,
-        len(split.train(interactions)),
+        len(split.before_window(interactions, 0)),
         len(split.val(interactions)),
         len(split.test(interactions)),
+        windows - 1,
+        ", ".join(str(len(e)) for e in earlier) or "-",
     )
     return split
 
@@ -296,13 +435,20 @@ def choose_split(
     test_days: float | None = None,
     val_last: int = 5,
     test_last: int = 5,
+    windows: int | None = None,
 ) -> Split:
-    """The split of ``mode`` (see the module docstring for ``auto``)."""
+    """The split of ``mode`` (see the module docstring for ``auto``); ``windows``: ranker
+    windows, None for the mode's default (:data:`DEFAULT_WINDOWS`)."""
     if mode not in MODES:
         raise UserError(f"unknown split mode {mode!r}; choose one of {', '.join(MODES)}")
+    if windows is not None and windows < 1:
+        raise UserError(f"the split needs at least 1 ranker window, got {windows}")
+    per_user_windows = windows or DEFAULT_WINDOWS["per_user"]
     if mode == "per_user":
-        return compute_per_user_split(interactions, val_last, test_last)
-    split = compute_split(interactions, val_days=val_days, test_days=test_days)
+        return compute_per_user_split(interactions, val_last, test_last, per_user_windows)
+    split = compute_split(
+        interactions, val_days, test_days, windows=windows or DEFAULT_WINDOWS["time"]
+    )
     if mode == "time":
         return split
     users = interactions["user_id"].nunique()
@@ -319,7 +465,7 @@ def choose_split(
         test_last,
         val_last,
     )
-    return compute_per_user_split(interactions, val_last, test_last)
+    return compute_per_user_split(interactions, val_last, test_last, per_user_windows)
 
 
 def split_path(settings: Settings) -> Path:
@@ -340,6 +486,7 @@ def write_split(
         test_days if test_days is not None else settings.split_test_days,
         settings.split_val_last,
         settings.split_test_last,
+        settings.split_windows,
     )
     data = {**split.to_json(), "snapshot": read_meta(settings).get("snapshot")}
     path = split_path(settings)

@@ -448,7 +448,7 @@ def fit(
         "hparams": asdict(hp),
         "vocab": asdict(model.vocab),
         "seed": settings.seed,
-        "train_end": str(split.train_end) if refit_epochs is None else "all events",
+        "train_end": split.train_description() if refit_epochs is None else "all events",
         "metrics": asdict(result),
     }
     log.info(

@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-days", dest="split_test_days", type=float, help="time split")
     p.add_argument("--val-last", dest="split_val_last", type=int, help="per-user split")
     p.add_argument("--test-last", dest="split_test_last", type=int, help="per-user split")
+    p.add_argument(
+        "--windows",
+        dest="split_windows",
+        type=int,
+        help="ranker windows: requests per user the ranker learns from (default: 1 for a "
+        "time split, 3 per user)",
+    )
     p = _cmd(groups, "evaluate", "exporters.evaluate:cli", "offline report on the test split")
     p.add_argument("--out", help="directory for report.md / report.json")
 

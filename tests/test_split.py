@@ -167,3 +167,66 @@ def test_an_empty_window_is_warned_about(caplog: pytest.LogCaptureFixture) -> No
     with caplog.at_level(logging.WARNING, logger="exporters.split"):
         compute_split(_frame([float(h) for h in range(30 * 24)]))  # evenly spread: quiet
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_ranker_windows_per_user_partition_each_users_history() -> None:
+    """Window k holds the ``val_last`` events before window k-1; the towers' training
+    rows (``train``) end before every window a user has; each window's requests know only
+    the rows before it."""
+    from exporters.split import compute_per_user_split
+
+    df = _ratings({1: 21, 2: 16, 3: 11, 4: 3})
+    split = compute_per_user_split(df, val_last=5, test_last=5, windows=3)
+    assert split.windows == 3
+
+    def items(part: pd.DataFrame, u: int) -> list[int]:
+        return sorted(part[part.user_id == u]["item_id"] - 100)
+
+    w1, w2 = split.window(df, 1), split.window(df, 2)
+    assert items(split.test(df), 1) == list(range(16, 21))
+    assert items(split.window(df, 0), 1) == items(split.val(df), 1) == list(range(11, 16))
+    assert items(w1, 1) == list(range(6, 11)) and items(w2, 1) == list(range(1, 6))
+    assert items(split.train(df), 1) == [0]
+    # User 2 (16 events) has window 1 but not 2; user 3 only validation; user 4 nothing.
+    assert items(w1, 2) == list(range(1, 6)) and items(w2, 2) == []
+    assert items(split.train(df), 2) == [0]
+    assert items(split.train(df), 3) == [0] and items(split.train(df), 4) == [0, 1, 2]
+    assert set(w1.user_id) == {1, 2} and set(w2.user_id) == {1}
+    parts = [split.train(df), w2, w1, split.val(df), split.test(df)]
+    assert sum(len(p) for p in parts) == len(df)
+    # A window's requests are at its start and know the rows before it, by user.
+    mine = df[df.user_id == 1]
+    assert split.window_times(np.array([1]), 2)[0] == mine["timestamp"].iloc[1]
+    known = split.before_window(df, 1)
+    assert items(known, 1) == list(range(6)) and items(known, 2) == [0]
+    assert items(known, 3) == [0]  # no window 1: the rows before their earliest window
+    assert items(split.before_window(df, 0), 1) == list(range(11))
+    with pytest.raises(ValueError, match="no window 2"):
+        split.window_times(np.array([2]), 2)
+    with pytest.raises(ValueError, match="out of range"):
+        split.window(df, 3)
+
+
+def test_ranker_windows_of_a_time_split_step_back_by_the_validation_size() -> None:
+    df = _frame([float(h) for h in range(100 * 24 + 1)])
+    split = compute_split(df, val_days=10, test_days=10, windows=3)
+    day = pd.Timedelta(days=1)
+    assert split.window_times(np.array([7]), 2)[0] == T0 + 60 * day
+    w1 = split.window(df, 1)
+    assert w1["timestamp"].min() == T0 + 70 * day and w1["timestamp"].max() < T0 + 80 * day
+    assert split.train(df)["timestamp"].max() < T0 + 60 * day
+    assert len(split.before_window(df, 1)) == 70 * 24
+    # Windows that would leave the towers nothing are dropped, with a warning.
+    assert compute_split(df, val_days=10, test_days=10, windows=20).windows == 8
+
+
+def test_ranker_windows_round_trip(settings: Settings) -> None:
+    generate(settings, preset="small", seed=3)
+    written = write_split(
+        settings.model_copy(update={"split_mode": "per_user", "split_windows": 2})
+    )
+    loaded = load_split(settings)
+    assert loaded.windows == written.windows == 2 and loaded == written
+    inter = read_table(settings, "interactions")
+    assert len(loaded.window(inter, 1)) == len(written.window(inter, 1)) > 0
+    assert json.loads(split_path(settings).read_text())["windows"] == 2
