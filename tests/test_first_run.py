@@ -141,3 +141,21 @@ def test_the_feature_steps_are_quiet_and_the_feast_cli_works(tmp_path: Path) -> 
     listed = _ok(run)
     views = {v.name for v in feast_ops.feature_store(s).list_feature_views()}
     assert views and all(name in listed for name in views), listed
+    # Plain `feast` in feature_repo/ after the documented eval: the YAML cannot hold
+    # defaults (Feast leaves an unset ${VAR} as text), `recstack feast --env` exports them.
+    # Feast runs in an environment of just those exports (and PATH, HOME).
+    feast = Path(sys.executable).parent / "feast"
+    script = (
+        f'exports="$({sys.executable} -m recstack.cli feast --env)" || exit 3; '
+        f'exec env -i PATH="$PATH" HOME="$HOME" bash -c "$exports; {feast} feature-views list"'
+    )
+    run = subprocess.run(
+        ["bash", "-c", script],
+        env=env,
+        cwd=s.feature_repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    listed = _ok(run)
+    assert all(name in listed for name in views), listed
