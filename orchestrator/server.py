@@ -533,5 +533,9 @@ def cli(args: argparse.Namespace) -> int:
         proc = start_orchestrator(settings)
         print(f"orchestrator running (pid {proc.pid}); log {proc.log_path}")
         return 0
+    from orchestrator.orchestrator_process import orchestrator_ports
+    from orchestrator.processes import require_free
+
+    require_free(orchestrator_ports(settings), "the orchestrator")  # before minutes of loading
     asyncio.run(serve(settings))
     return 0
