@@ -130,7 +130,7 @@ def port_holder(port: int) -> str:
             if not any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
                 continue
             command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            command = command.strip()
+            command = " ".join(command.split())  # one line, whatever the arguments hold
             if len(command) > 160:
                 command = command[:157] + "..."
             return f"pid {proc.name} `{command}` (working directory {os.readlink(proc / 'cwd')})"
