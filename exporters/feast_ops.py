@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import logging
 import os
+import shlex
 import shutil
 import string
 import subprocess
@@ -547,11 +548,22 @@ def cli_materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def plain_feast_env(settings: Settings) -> dict[str, str]:
+    """What a shell needs exported for plain ``feast`` in feature_repo/: the placeholders
+    and the YAML ``settings.online_store`` selects. Feast 0.67 expands the YAML with
+    ``os.path.expandvars`` (feast/repo_config.py ``load_repo_config``), which has no
+    ``${VAR:-default}`` form and leaves an unset variable as literal text, so the YAML
+    cannot carry recstack's defaults itself."""
+    # FEAST_FS_YAML_FILE_PATH: Feast's own variable for the YAML (feast/utils.py).
+    return {**placeholders(settings), "FEAST_FS_YAML_FILE_PATH": str(yaml_path(settings))}
+
+
 def cli_feast(args: argparse.Namespace) -> int:
     """``recstack feast ARGS...``: Feast's own CLI on settings.feature_repo with the YAML
     ``settings.online_store`` selects and the ``${RECSTACK_*}`` values of these settings in
     its environment (which the YAML and definitions.py read), e.g. ``recstack feast
-    feature-views list``. Returns Feast's exit status."""
+    feature-views list``. Returns Feast's exit status. ``recstack feast --env`` prints
+    those values as ``export`` lines instead, for ``eval`` before plain ``feast``."""
     settings = get_settings()
     path = yaml_path(settings)
     if not path.exists():
@@ -559,6 +571,12 @@ def cli_feast(args: argparse.Namespace) -> int:
     feast_args = list(args.feast_args)
     if feast_args[:1] == ["--"]:
         feast_args = feast_args[1:]
+    if args.env:
+        if feast_args:
+            raise UserError("--env prints the environment for plain `feast`; it takes no ARGS")
+        for name, value in plain_feast_env(settings).items():
+            print(f"export {name}={shlex.quote(value)}")
+        return 0
     env = {**os.environ, **placeholders(settings), "PYTHONDONTWRITEBYTECODE": "1"}
     command = [
         sys.executable,

@@ -68,6 +68,18 @@ def missing_entries(repository: Path) -> list[str]:
     return [e for e in committed_entries() if not (repository / e).is_file()]
 
 
+def require_committed(repository: Path, *, shims: bool = True) -> None:
+    """Raise UserError naming the fix when ``repository`` lacks a committed config (or,
+    with ``shims``, a shim): commands that read them would otherwise fail deep inside."""
+    missing = [e for e in missing_entries(repository) if shims or not e.startswith(SHIMS_DIR)]
+    if missing:
+        raise UserError(
+            f"model repository {repository} (RECSTACK_MODEL_REPOSITORY) lacks "
+            f"{', '.join(missing)}; run `{INIT_COMMAND}` to copy the committed configs and "
+            "shims into it (overwrites nothing)"
+        )
+
+
 def init_repository(repository: Path) -> list[str]:
     """Copy into ``repository`` the committed configs and shims it lacks (never overwriting
     a file there); returns the relative paths copied."""

@@ -35,7 +35,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from exporters.model_config import load_config
-from exporters.model_repo import SHIMS_DIR, list_versions
+from exporters.model_repo import SHIMS_DIR, list_versions, require_committed
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -257,6 +257,8 @@ def write_configs(
         raise UserError(
             "production configs cannot replace the committed embedded ones; pass --out DIR"
         )
+    # Both runtimes derive from the committed configs; the embedded one copies the shims.
+    require_committed(repo, shims=runtime == "embedded")
     gpu = use_gpu(settings, runtime) if gpu is None else gpu
     if runtime == "production":
         served = release_versions(settings, releases)

@@ -121,7 +121,7 @@ def start_reference(
 ) -> ManagedProcess:
     """Start ``recstack bench reference`` on ``settings``' orchestrator ports (see
     :func:`reference_settings`) in the background; returns once gRPC health says SERVING."""
-    from orchestrator.orchestrator_process import grpc_serving, settings_env
+    from orchestrator.orchestrator_process import grpc_serving, orchestrator_ports, settings_env
     from orchestrator.processes import start_process
 
     argv = [sys.executable, "-m", "recstack.cli", "bench", "reference"]
@@ -139,6 +139,7 @@ def start_reference(
         ready=lambda: grpc_serving(target),
         timeout=timeout,
         env=settings_env(settings),
+        ports=orchestrator_ports(settings),
     )
 
 

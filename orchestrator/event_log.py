@@ -134,6 +134,11 @@ def _us(when: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+# A served record's item: these fields of the answered item (RecItem.served), by position
+# to keep records small (readers index them: exporters/ab_report.py takes [0]).
+LOGGED_ITEM_FIELDS = ("item_id", "rank", "source", "sources", "ranked")
+
+
 def served_record(at_us: int, q: RecommendQuery, result: RecommendResult) -> dict[str, Any]:
     return {
         "kind": "served",
@@ -142,7 +147,7 @@ def served_record(at_us: int, q: RecommendQuery, result: RecommendResult) -> dic
         "user_id": q.user_id,
         "release": result.release,
         "surface": q.surface,
-        "items": [[i.item_id, i.rank, i.source, list(i.sources), i.ranked] for i in result.items],
+        "items": [[s[f] for f in LOGGED_ITEM_FIELDS] for s in (i.served() for i in result.items)],
         "degraded": list(result.degraded),
         "cold_start": result.cold_start,
         "fallback_segment": result.fallback_segment,

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.processes import ManagedProcess, start_process
+from orchestrator.processes import ManagedProcess, Port, start_process
 from recstack.settings import Settings
 
 NAME = "orchestrator"
@@ -46,6 +46,19 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def orchestrator_ports(settings: Settings, setting: str | None = None) -> list[Port]:
+    """The four ports an orchestrator listens on; ``setting``: the variable that moves
+    them all instead of their own (a replica's come from the replica port base)."""
+    host, admin = settings.orchestrator_host, settings.orchestrator_admin_host
+    ports = [
+        Port.of(settings, "orchestrator_grpc_port", host),
+        Port.of(settings, "orchestrator_http_port", host),
+        Port.of(settings, "orchestrator_metrics_port", host),
+        Port.of(settings, "orchestrator_admin_port", admin),
+    ]
+    return [Port(p.host, p.port, setting) for p in ports] if setting else ports
+
+
 def start_orchestrator(settings: Settings, timeout: float = 180.0) -> ManagedProcess:
     """Start ``recstack serve orchestrator`` in the background and wait until it serves."""
     target = f"{settings.orchestrator_host}:{settings.orchestrator_grpc_port}"
@@ -56,4 +69,5 @@ def start_orchestrator(settings: Settings, timeout: float = 180.0) -> ManagedPro
         ready=lambda: grpc_serving(target),
         timeout=timeout,
         env=settings_env(settings),
+        ports=orchestrator_ports(settings),
     )

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -81,6 +83,80 @@ def _terminate_group(pid: int, timeout: float, popen: subprocess.Popen[bytes] | 
         popen.wait(timeout=5)
 
 
+@dataclass(frozen=True)
+class Port:
+    """A port a server listens on, and the setting that moves it (for messages)."""
+
+    host: str
+    port: int
+    setting: str
+
+    @classmethod
+    def of(cls, settings: Settings, field: str, host: str) -> Port:
+        """The port in Settings field ``field`` (its variable: RECSTACK_<FIELD>)."""
+        return cls(host, int(getattr(settings, field)), f"RECSTACK_{field.upper()}")
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` already (a bind test: SO_REUSEADDR, as
+    the servers set it, so a closed socket in TIME_WAIT does not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def port_holder(port: int) -> str:
+    """``pid N `command` (working directory D)`` of the process listening on TCP ``port``
+    (from /proc; "" when it is not visible to this user), so the user can tell whose it
+    is: Triton's working directory is its run dir, an orchestrator's its checkout."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(f"socket:[{f[9]}]")
+    if not inodes:
+        return ""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if not any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                continue
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            command = " ".join(command.split())  # one line, whatever the arguments hold
+            if len(command) > 160:
+                command = command[:157] + "..."
+            return f"pid {proc.name} `{command}` (working directory {os.readlink(proc / 'cwd')})"
+        except OSError:  # gone, or not ours to read
+            continue
+    return ""
+
+
+def require_free(ports: Sequence[Port], what: str) -> None:
+    """Raise UserError naming the taken ports, who holds them and the two ways out, before
+    ``what`` starts: a server of another checkout (a previous ``make demo``) on the same
+    ports would otherwise answer our readiness checks and requests in our server's place."""
+    taken = [p for p in ports if port_taken(p.host, p.port)]
+    if not taken:
+        return
+    listed = ", ".join(f"{p.host}:{p.port} ({p.setting})" for p in taken)
+    holders = sorted({h for h in (port_holder(p.port) for p in taken) if h})
+    by = f", held by {'; '.join(holders)}" if holders else ""
+    variables = ", ".join(sorted({p.setting for p in ports}))
+    raise UserError(
+        f"cannot start {what}: port(s) {listed} already in use{by}. Another recstack's "
+        "servers or another Triton seem to run there (a previous `make demo`?): run "
+        f"`recstack stop` in that checkout, or move this one's ports ({variables})"
+    )
+
+
 def pid_path(settings: Settings, name: str) -> Path:
     """Where the pid of server ``name`` is recorded."""
     return settings.run_dir / f"{name}.pid"
@@ -101,16 +177,19 @@ def start_process(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     die_with_parent: bool = False,
+    ports: Sequence[Port] = (),
 ) -> ManagedProcess:
     """Start ``argv`` in its own process group, logging to a file; return once ``ready()``
     is true. Raises RuntimeError (with the log's tail) if it exits or is not ready in time.
     ``die_with_parent``: the kernel sends it SIGTERM when this process dies (a scratch
-    server must not outlive a killed CLI)."""
+    server must not outlive a killed CLI). ``ports``: where it will listen; UserError if
+    one is taken (``require_free``)."""
     logfile = log_path(settings, name)
     logfile.parent.mkdir(parents=True, exist_ok=True)
     existing = read_pid(settings, name)
     if existing is not None:
         raise UserError(f"{name} already runs (pid {existing}); `recstack stop` first")
+    require_free(ports, name)
     with logfile.open("ab") as out:
         popen = subprocess.Popen(
             list(argv),

@@ -24,7 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from orchestrator.processes import ManagedProcess, hold, read_pid, start_process, stop_process
+from orchestrator.processes import ManagedProcess, Port, hold, start_process, stop_process
 from orchestrator.redis_server import ping_address, redis_binary, server_config
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
@@ -65,6 +65,10 @@ def local_nodes(settings: Settings) -> list[tuple[str, int]]:
     return nodes
 
 
+# A node's cluster bus listens on its port + this (Redis's default, as settings.py states).
+BUS_OFFSET = 10_000
+
+
 def _config(settings: Settings, host: str, port: int) -> str:
     workdir = node_dir(settings, port)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +79,7 @@ def _config(settings: Settings, host: str, port: int) -> str:
         (
             "cluster-enabled yes",
             "cluster-config-file nodes.conf",  # relative to dir: beside the AOF
-            f"cluster-port {port + 10000}",
+            f"cluster-port {port + BUS_OFFSET}",
             f"cluster-node-timeout {NODE_TIMEOUT_MS}",
             "cluster-require-full-coverage no",  # see the module docstring
         ),
@@ -83,10 +87,9 @@ def _config(settings: Settings, host: str, port: int) -> str:
 
 
 def start_node(settings: Settings, host: str, port: int, timeout: float = 20.0) -> ManagedProcess:
-    """Start the node on ``host:port`` (a restart rejoins from its nodes.conf)."""
+    """Start the node on ``host:port`` (a restart rejoins from its nodes.conf); UserError
+    naming who holds it when something else listens on the port or its bus port."""
     name = process_name(port)
-    if ping_address(host, port) and read_pid(settings, name) is None:
-        raise UserError(f"something else already listens on {host}:{port}")
     conf = settings.run_dir / name / "redis.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(_config(settings, host, port))
@@ -96,6 +99,7 @@ def start_node(settings: Settings, host: str, port: int, timeout: float = 20.0) 
         settings,
         ready=lambda: ping_address(host, port),
         timeout=timeout,
+        ports=[Port(host, p, "RECSTACK_REDIS_CLUSTER_NODES") for p in (port, port + BUS_OFFSET)],
     )
 
 

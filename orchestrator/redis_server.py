@@ -23,7 +23,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from orchestrator.processes import ManagedProcess, hold, read_pid, start_process, stop_process
+from orchestrator.processes import ManagedProcess, Port, hold, start_process, stop_process
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -96,11 +96,8 @@ def ping_address(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def start(settings: Settings, timeout: float = 20.0) -> ManagedProcess:
-    """Start redis-server and return once it answers PING."""
-    if ping(settings) and read_pid(settings, process_name(settings)) is None:
-        raise UserError(
-            f"something else already listens on {settings.redis_host}:{settings.redis_port}"
-        )
+    """Start redis-server and return once it answers PING (UserError naming who holds
+    the port when something else listens there)."""
     conf = settings.run_dir / process_name(settings) / "redis.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(_config(settings))
@@ -110,6 +107,7 @@ def start(settings: Settings, timeout: float = 20.0) -> ManagedProcess:
         settings,
         ready=lambda: ping(settings),
         timeout=timeout,
+        ports=[Port.of(settings, "redis_port", settings.redis_host)],
     )
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import recommender_pb2 as pb
-from orchestrator.orchestrator_process import grpc_serving, settings_env
+from orchestrator.orchestrator_process import grpc_serving, orchestrator_ports, settings_env
 from orchestrator.processes import (
     ManagedProcess,
     read_pid,
@@ -266,6 +266,7 @@ def start_nginx(settings: Settings, timeout: float = 30.0) -> ManagedProcess:
         settings,
         ready=lambda: grpc_serving(target),
         timeout=timeout,
+        ports=orchestrator_ports(settings)[:2],  # nginx takes the public gRPC and HTTP ports
     )
 
 
@@ -281,6 +282,7 @@ def start_replica(settings: Settings, replica: Replica, timeout: float = 180.0) 
         ready=lambda: grpc_serving(target),
         timeout=timeout,
         env=settings_env(rs),
+        ports=orchestrator_ports(rs, "RECSTACK_ORCHESTRATOR_REPLICA_PORT_BASE"),
     )
 
 

@@ -56,18 +56,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 def to_proto(result: RecommendResult) -> pb.RecommendResponse:
     """The typed result as the .proto's response message."""
     return pb.RecommendResponse(
-        items=[
-            pb.Item(
-                item_id=i.item_id,
-                score=i.score,
-                rank=i.rank,
-                reason=i.reason,
-                source=i.source,
-                sources=i.sources,
-                ranked=i.ranked,
-            )
-            for i in result.items
-        ],
+        items=[pb.Item(**i.served()) for i in result.items],
         release=result.release,
         timings=[pb.StageTiming(stage=s, ms=ms) for s, ms in result.timings.items()],
         degraded=result.degraded,
@@ -80,18 +69,7 @@ def to_proto(result: RecommendResult) -> pb.RecommendResponse:
 def to_json(result: RecommendResult) -> dict[str, Any]:
     """The same response for the HTTP front (field names from the .proto)."""
     return {
-        "items": [
-            {
-                "item_id": i.item_id,
-                "score": round(i.score, 6),
-                "rank": i.rank,
-                "reason": i.reason,
-                "source": i.source,
-                "sources": list(i.sources),
-                "ranked": i.ranked,
-            }
-            for i in result.items
-        ],
+        "items": [{**i.served(), "score": round(i.score, 6)} for i in result.items],
         "release": result.release,
         "timings": [{"stage": s, "ms": round(ms, 3)} for s, ms in result.timings.items()],
         "degraded": result.degraded,
@@ -533,5 +511,9 @@ def cli(args: argparse.Namespace) -> int:
         proc = start_orchestrator(settings)
         print(f"orchestrator running (pid {proc.pid}); log {proc.log_path}")
         return 0
+    from orchestrator.orchestrator_process import orchestrator_ports
+    from orchestrator.processes import require_free
+
+    require_free(orchestrator_ports(settings), "the orchestrator")  # before minutes of loading
     asyncio.run(serve(settings))
     return 0

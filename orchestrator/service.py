@@ -61,6 +61,7 @@ import numpy as np
 
 from exporters.candidates import found_names, gather_found, source_names
 from orchestrator import metrics
+from orchestrator import recommender_pb2 as pb
 from orchestrator.breaker import BreakerConfig, Breakers, CircuitOpen
 from orchestrator.budget import BudgetConfig, RequestClock, answer_within
 from orchestrator.catalog import Catalog, Fallbacks
@@ -147,6 +148,11 @@ def _event_failure(err: Exception) -> str:
     return "error"
 
 
+# An answered item's fields: the .proto's Item message names them, and RecItem has one
+# attribute per field, so the gRPC and HTTP answers and the event log cannot drift apart.
+ITEM_FIELDS = tuple(pb.Item.DESCRIPTOR.fields_by_name)
+
+
 @dataclass(frozen=True)
 class RecItem:
     item_id: int
@@ -158,6 +164,13 @@ class RecItem:
     # order; a fallback's own list otherwise), and whether the ranker ordered it.
     sources: tuple[str, ...] = ()
     ranked: bool = False
+
+    def served(self) -> dict[str, Any]:
+        """The item as answers carry it: one entry per .proto Item field, JSON-ready (the
+        one place that builds it: server.to_proto/to_json, event_log.served_record)."""
+        out = {name: getattr(self, name) for name in ITEM_FIELDS}
+        out["sources"] = list(self.sources)
+        return out
 
 
 @dataclass

@@ -32,7 +32,14 @@ from google.protobuf import json_format
 
 from exporters.model_config import load_config
 from exporters.model_repo import list_versions
-from orchestrator.processes import ManagedProcess, read_pid, start_process, stop_process
+from orchestrator.processes import (
+    ManagedProcess,
+    Port,
+    port_holder,
+    read_pid,
+    start_process,
+    stop_process,
+)
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -133,9 +140,27 @@ def _http(
         with urllib.request.urlopen(request, timeout=timeout) as response:  # loopback only
             return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+        text = e.read().decode()
+        if e.code == 403 and path.startswith("/v2/repository"):
+            raise UserError(_foreign_triton(settings, text)) from e
+        return e.code, text
     except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
         return 0, str(e)
+
+
+def _foreign_triton(settings: Settings, refusal: str) -> str:
+    """Why a Triton refuses this run dir's repository key, and the ways out: it is most
+    likely another checkout's (a previous ``make demo``) on the same ports."""
+    holder = port_holder(settings.triton_http_port)
+    by = f" ({holder})" if holder else ""
+    return (
+        f"the Triton on {settings.triton_host}:{settings.triton_http_port}{by} refuses this "
+        f"run dir's repository key ({refusal.strip()!r}): another recstack's Triton seems to "
+        "run there (another checkout or RECSTACK_RUN_DIR, a previous `make demo`?), or one "
+        "started with another RECSTACK_TRITON_REPOSITORY_KEY. Run `recstack stop` in that "
+        "checkout, or move this one's ports (RECSTACK_TRITON_HTTP_PORT, "
+        "RECSTACK_TRITON_GRPC_PORT, RECSTACK_TRITON_METRICS_PORT)"
+    )
 
 
 # Triton's model-repository API (load, unload, index) answers only requests carrying this
@@ -403,6 +428,12 @@ def prune_releases(settings: Settings, release_ids: Sequence[int]) -> list[str]:
     return dropped
 
 
+def triton_ports(settings: Settings) -> list[Port]:
+    """The ports tritonserver listens on."""
+    fields = ("triton_http_port", "triton_grpc_port", "triton_metrics_port")
+    return [Port.of(settings, f, settings.triton_host) for f in fields]
+
+
 def triton_argv(settings: Settings, backend_dir: Path, site_packages: Path) -> list[str]:
     key = _ensure_repository_key(settings)
     return [
@@ -468,6 +499,7 @@ def start_triton(
         env=env,
         cwd=settings.run_dir,
         die_with_parent=die_with_parent,
+        ports=triton_ports(settings),
     )
     try:
         if models is not None:

@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Feast's CLI on feature_repo/ with recstack's settings (e.g. feast feature-views list)",
     )
     p.add_argument(
+        "--env",
+        action="store_true",
+        help='print the exports plain `feast` needs: eval "$(recstack feast --env)"',
+    )
+    p.add_argument(
         "feast_args", nargs=argparse.REMAINDER, metavar="ARGS", help="Feast CLI arguments"
     )
     p = _cmd(feats, "materialize", "exporters.feast_ops:cli_materialize", "load the online store")

@@ -78,10 +78,18 @@ def run(settings: Settings, preset: str) -> None:
     """The whole demo; leaves Triton and the orchestrator running."""
     from exporters import pipeline, release
     from exporters.release_ops import promote
-    from orchestrator.orchestrator_process import start_orchestrator
-    from orchestrator.processes import read_pid, stop_process
-    from orchestrator.triton_server import start_triton
+    from orchestrator.orchestrator_process import orchestrator_ports, start_orchestrator
+    from orchestrator.processes import read_pid, require_free, stop_process
+    from orchestrator.triton_server import start_triton, triton_ports
 
+    # Before minutes of training: servers of another checkout on our ports would take our
+    # servers' place (this checkout's own are restarted below).
+    for name, ports in (
+        ("triton", triton_ports(settings)),
+        ("orchestrator", orchestrator_ports(settings)),
+    ):
+        if read_pid(settings, name) is None:
+            require_free(ports, name)
     _data(settings, preset)
     pipeline.run(settings)
     report = settings.reports_dir / "report.md"

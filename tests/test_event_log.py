@@ -4,6 +4,7 @@ it had flushed, and a torn last line is never read."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -204,3 +205,25 @@ def test_a_write_error_drops_and_counts_then_logging_resumes(tmp_path: Path) -> 
     log.served(*served(500, [1]))
     log.close()
     assert [r["user_id"] for r in read_records(folder)] == [500]
+
+
+def test_answers_and_the_log_carry_the_same_item_fields() -> None:
+    """gRPC, HTTP and the event log build an item from one place (RecItem.served): every
+    .proto Item field, set to a non-default value, arrives the same in all three."""
+    from google.protobuf.json_format import MessageToDict
+
+    from orchestrator import recommender_pb2 as pb
+    from orchestrator.server import to_json, to_proto
+
+    item = RecItem(123, 0.25, 2, "because you bought 7", "retrieval", ("retrieval", "fresh"), True)
+    result = RecommendResult(items=[item], release="3")
+    names = [f.name for f in pb.Item.DESCRIPTOR.fields]
+    proto = MessageToDict(to_proto(result).items[0], preserving_proto_field_name=True)
+    proto["item_id"] = int(proto["item_id"])  # int64: a string in proto3 JSON
+    [answered] = to_json(result)["items"]
+    assert list(answered) == names and proto == answered  # 0.25 is exact in float32
+    assert answered == {**dataclasses.asdict(item), "sources": ["retrieval", "fresh"]}
+    q = RecommendQuery(user_id=5, k=1)
+    [logged] = el.served_record(0, q, result)["items"]
+    assert logged == [answered[f] for f in el.LOGGED_ITEM_FIELDS]
+    assert json.loads(json.dumps(logged)) == logged  # JSON-ready as built

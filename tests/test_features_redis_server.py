@@ -24,6 +24,11 @@ def test_start_refuse_second_stop(tmp_path: Path) -> None:
         assert read_pid(s, redis_server.process_name(s)) == proc.pid
         with pytest.raises(UserError, match="already runs"):
             redis_server.start(s)
+        # Another checkout (its own run dir) on the same port: told whose server it is.
+        other = make_settings(tmp_path / "other", redis_port=s.redis_port)
+        with pytest.raises(UserError, match=f"{s.redis_port} \\(RECSTACK_REDIS_PORT\\)") as e:
+            redis_server.start(other)
+        assert f"pid {proc.pid} `" in str(e.value) and "recstack stop" in str(e.value)
     finally:
         assert redis_server.stop(s)
     assert not redis_server.ping(s)

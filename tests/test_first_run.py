@@ -81,6 +81,25 @@ def test_train_refuses_a_repository_without_the_configs_before_any_step(tmp_path
     assert (s.work_dir / ".steps" / "split.json").exists()
 
 
+@pytest.mark.parametrize("layout", ["empty", "model folders without configs"])
+def test_repo_configs_on_a_repository_without_configs_says_what_to_run(
+    tmp_path: Path, layout: str
+) -> None:
+    s = _settings(tmp_path)
+    s.model_repository.mkdir()
+    if layout != "empty":  # what a partial copy or a hand-made repository looks like
+        for entry in committed_entries():
+            (s.model_repository / entry).parent.mkdir(parents=True, exist_ok=True)
+    run = _recstack(s, "repo", "configs")
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.startswith("recstack: error: ") and run.stderr.count("\n") == 1
+    assert "user_tower/config.pbtxt" in run.stderr
+    assert "run `recstack repo init`" in run.stderr  # the fix
+    _ok(_recstack(s, "repo", "init"))
+    assert "user_tower/config.pbtxt" in _ok(_recstack(s, "repo", "configs"))
+
+
 def test_the_feature_steps_are_quiet_and_the_feast_cli_works(tmp_path: Path) -> None:
     """The first steps of `recstack train` (Feast apply and materialize re-read the
     registry dozens of times) in one child process, through the CLI's main function;
@@ -122,3 +141,21 @@ def test_the_feature_steps_are_quiet_and_the_feast_cli_works(tmp_path: Path) -> 
     listed = _ok(run)
     views = {v.name for v in feast_ops.feature_store(s).list_feature_views()}
     assert views and all(name in listed for name in views), listed
+    # Plain `feast` in feature_repo/ after the documented eval: the YAML cannot hold
+    # defaults (Feast leaves an unset ${VAR} as text), `recstack feast --env` exports them.
+    # Feast runs in an environment of just those exports (and PATH, HOME).
+    feast = Path(sys.executable).parent / "feast"
+    script = (
+        f'exports="$({sys.executable} -m recstack.cli feast --env)" || exit 3; '
+        f'exec env -i PATH="$PATH" HOME="$HOME" bash -c "$exports; {feast} feature-views list"'
+    )
+    run = subprocess.run(
+        ["bash", "-c", script],
+        env=env,
+        cwd=s.feature_repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    listed = _ok(run)
+    assert all(name in listed for name in views), listed

@@ -282,3 +282,25 @@ def test_action_windows_count_errors_degraded_and_recovery() -> None:
     assert fault["recovery_s"] == pytest.approx(0.5)
     assert late["errors"] == {} and late["degraded_share"] == 0.0
     assert late["recovery_s"] is None
+
+
+def test_a_burst_reports_the_queue_it_makes() -> None:
+    """loadtest/burst.py (docs/faults.md's 500-call bursts): 40 calls at once to a server
+    that serves one at a time for 10 ms each queue up, so the last answer takes ~400 ms
+    and the median ~200 ms; every 4th answer is degraded, every 10th fails UNAVAILABLE;
+    a 150 ms deadline turns the queue's tail into DEADLINE_EXCEEDED."""
+    import asyncio
+
+    from loadtest.burst import burst
+
+    cfg = StubConfig(delay_ms=10, concurrency=1, degraded_every=4, fail_every=10)
+    with StubServer(cfg, grpc_port=port(19061)) as s:
+        address = f"127.0.0.1:{s.grpc_port}"
+        queued = asyncio.run(burst(address, ["1", "2"], 40, 5.0, (100, 300)))
+        late = asyncio.run(burst(address, ["1"], 40, 0.15, (100,)))
+    assert queued.calls == 40 and queued.errors == {"UNAVAILABLE": 4}
+    assert queued.degraded == queued.reasons["ranking_skipped"] == 8  # 4th, 8th.. not 20th, 40th
+    assert 400 <= queued.max_ms < 4000 and queued.p50_ms < queued.max_ms
+    assert queued.over_ms["100"] > queued.over_ms["300"] > 0
+    assert late.errors.get("DEADLINE_EXCEEDED", 0) >= 20  # ~15 calls fit in 150 ms
+    assert late.max_ms < 1000  # answered calls only

@@ -13,7 +13,6 @@ its users again, with the events accepted before the kill.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -22,21 +21,16 @@ from typing import Any
 import grpc
 import pandas as pd
 import pytest
-from conftest import active_users, port, require_redis_server
+from conftest import active_users, port
 from google.protobuf.timestamp_pb2 import Timestamp
 from test_faults import FAULT_S, SLACK_S, drive
-from test_orchestrator_redis_e2e import http_json, recent, recommend
+from test_orchestrator_redis_e2e import http_json, recent, recommend, served_from
 from test_redis_cluster import owner_port
 
-from exporters import feast_ops, release
 from loadtest import faults
 from orchestrator import recommender_pb2 as pb
-from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator import redis_cluster
 from orchestrator.online_features import OnlineFeatures
-from orchestrator.orchestrator_process import start_orchestrator
-from orchestrator.processes import ManagedProcess
-from orchestrator.triton_server import start_triton
 from recstack.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
@@ -48,45 +42,26 @@ CLUSTER_PORTS = (port(6420), port(6421), port(6422))
 def stack(
     trained_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    """The trained release served from the cluster: a copy of the data (its Feast
-    registry for the cluster and the nodes' files live there), applied and materialised."""
-    require_redis_server()
-    base = tmp_path_factory.mktemp("redis_cluster_e2e")
-    shutil.copytree(trained_settings.data_dir, base / "data")
-    s = trained_settings.model_copy(
-        update={
-            "data_dir": base / "data",
-            "run_dir": base / "run",
-            "online_store": "redis_cluster",
-            "redis_cluster_nodes": ",".join(f"127.0.0.1:{p}" for p in CLUSTER_PORTS),
-            "triton_http_port": port(18300),
-            "triton_grpc_port": port(18301),
-            "triton_metrics_port": port(18302),
-            "orchestrator_grpc_port": port(18303),
-            "orchestrator_http_port": port(18304),
-            "orchestrator_metrics_port": port(18305),
-            "orchestrator_admin_port": port(18306),
-            "feature_refresh_s": 0.0,
-        }
-    )
-    procs: dict[str, ManagedProcess] = {p.name: p for p in redis_cluster.start(s)}
-    try:
-        feast_ops.apply(s)
-        feast_ops.materialize(s)
-        procs["triton"] = start_triton(s, release.model_versions(s))
-        procs["orchestrator"] = start_orchestrator(s)
-        channel = grpc.insecure_channel(f"127.0.0.1:{s.orchestrator_grpc_port}")
-        yield {"settings": s, "procs": procs, "stub": pb_grpc.RecommenderStub(channel)}
-        channel.close()
-    finally:
-        for name in ("orchestrator", "triton"):
-            if name in procs:
-                procs.pop(name).stop()
-        # By pid file first: the node the fault restarted is not in procs (and stopping
-        # its killed predecessor's ManagedProcess would delete that pid file).
-        redis_cluster.stop(s)
-        for p in procs.values():
-            p.stop()
+    """The trained release served from the cluster (the nodes' files live in the data)."""
+    update = {
+        "online_store": "redis_cluster",
+        "redis_cluster_nodes": ",".join(f"127.0.0.1:{p}" for p in CLUSTER_PORTS),
+        "triton_http_port": port(18300),
+        "triton_grpc_port": port(18301),
+        "triton_metrics_port": port(18302),
+        "orchestrator_grpc_port": port(18303),
+        "orchestrator_http_port": port(18304),
+        "orchestrator_metrics_port": port(18305),
+        "orchestrator_admin_port": port(18306),
+    }
+    with served_from(
+        trained_settings,
+        tmp_path_factory.mktemp("redis_cluster_e2e"),
+        update,
+        lambda s: {p.name: p for p in redis_cluster.start(s)},
+        redis_cluster.stop,
+    ) as stack:
+        yield stack
 
 
 def test_a_killed_master_degrades_its_users_only_and_heals(

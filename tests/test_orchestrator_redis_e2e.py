@@ -16,6 +16,7 @@ process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,8 +24,9 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -48,31 +50,26 @@ pytestmark = [pytest.mark.integration, pytest.mark.redis]
 COLD_USER = "987654321"  # not a user of the release's data
 
 
-@pytest.fixture(scope="module")
-def stack(
-    trained_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def served_from(
+    trained_settings: Settings,
+    base: Path,
+    update: dict[str, Any],
+    start_store: Callable[[Settings], dict[str, ManagedProcess]],
+    stop_store: Callable[[Settings], object],
 ) -> Iterator[dict[str, Any]]:
-    """The trained release served from Redis: a copy of the data (its Feast registry for
-    Redis and the AOF live there), applied and materialised into our redis-server."""
+    """The trained release served from an online store of the tests' own (``update``
+    names it and its ports): a copy of the data (the store's Feast registry and files live
+    there), the store started, applied and materialised, then Triton and the orchestrator.
+    Afterwards the store is stopped by its pid files first: a server a test restarted is
+    not the one ``start_store`` returned (whose stop would delete the new pid file)."""
     require_redis_server()
-    base = tmp_path_factory.mktemp("redis_e2e")
     shutil.copytree(trained_settings.data_dir, base / "data")
     s = trained_settings.model_copy(
-        update={
-            "data_dir": base / "data",
-            "run_dir": base / "run",
-            "online_store": "redis",
-            "redis_port": port(18166),
-            "triton_http_port": port(18160),
-            "triton_grpc_port": port(18161),
-            "triton_metrics_port": port(18162),
-            "orchestrator_grpc_port": port(18163),
-            "orchestrator_http_port": port(18164),
-            "orchestrator_metrics_port": port(18165),
-            "feature_refresh_s": 0.0,
-        }
+        update={"data_dir": base / "data", "run_dir": base / "run", "feature_refresh_s": 0.0}
+        | update
     )
-    procs: dict[str, ManagedProcess] = {"redis": rs.start(s)}
+    procs = start_store(s)
     try:
         feast_ops.apply(s)
         feast_ops.materialize(s)
@@ -82,8 +79,37 @@ def stack(
         yield {"settings": s, "procs": procs, "stub": pb_grpc.RecommenderStub(channel)}
         channel.close()
     finally:
-        for p in reversed(procs.values()):
+        for name in ("orchestrator", "triton"):
+            if name in procs:
+                procs.pop(name).stop()
+        stop_store(s)
+        for p in procs.values():
             p.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    trained_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The trained release served from our redis-server (the AOF lives in the data)."""
+    update = {
+        "online_store": "redis",
+        "redis_port": port(18166),
+        "triton_http_port": port(18160),
+        "triton_grpc_port": port(18161),
+        "triton_metrics_port": port(18162),
+        "orchestrator_grpc_port": port(18163),
+        "orchestrator_http_port": port(18164),
+        "orchestrator_metrics_port": port(18165),
+    }
+    with served_from(
+        trained_settings,
+        tmp_path_factory.mktemp("redis_e2e"),
+        update,
+        lambda s: {"redis": rs.start(s)},
+        rs.stop,
+    ) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from orchestrator.processes import read_pid, start_process, stop_process
+from orchestrator.processes import Port, port_taken, read_pid, start_process, stop_process
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -66,6 +66,32 @@ def test_start_ready_stop_leaves_no_orphans(settings: Settings) -> None:
     assert not _alive(child), "child of the stopped server survived"
     assert read_pid(settings, "fake") is None
     assert not stop_process(settings, "fake")
+
+
+def test_a_taken_port_is_refused_before_start_naming_its_holder(settings: Settings) -> None:
+    """Another server on the port (here this test process's socket) would answer the
+    readiness check in our server's place: refuse, naming the port, the variable that
+    moves it, who holds it and `recstack stop`; start nothing."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    marker = settings.data_dir / "started"
+    argv = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert port_taken("127.0.0.1", port)
+        ports = [Port("127.0.0.1", _free_port(), "RECSTACK_A_PORT")]
+        ports.append(Port("127.0.0.1", port, "RECSTACK_B_PORT"))
+        with pytest.raises(UserError) as refused:
+            start_process("fake", argv, settings, ready=lambda: True, ports=ports)
+    message = str(refused.value)
+    assert f"127.0.0.1:{port} (RECSTACK_B_PORT) already in use" in message
+    assert f"127.0.0.1:{ports[0].port}" not in message  # the free one is not blamed
+    assert f"pid {os.getpid()} `" in message and f"working directory {os.getcwd()}" in message
+    assert "`recstack stop` in that checkout" in message
+    assert "RECSTACK_A_PORT, RECSTACK_B_PORT" in message  # the variables that move them
+    assert not marker.exists() and read_pid(settings, "fake") is None
+    assert not port_taken("127.0.0.1", port)  # closed: free again at once
 
 
 def test_early_exit_reports_the_log(settings: Settings) -> None:

@@ -33,7 +33,14 @@ from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.orchestrator_process import settings_env, start_orchestrator
 from orchestrator.processes import ManagedProcess
-from orchestrator.triton_server import _http, ensemble_name, server_ready, start_triton
+from orchestrator.triton_server import (
+    _http,
+    ensemble_name,
+    loaded_models,
+    server_ready,
+    start_triton,
+    unload_model,
+)
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -357,6 +364,32 @@ def _cmdline_has(proc: Path, *parts: str) -> bool:
     except OSError:
         return False
     return all(part in cmdline for part in parts)
+
+
+def test_another_checkouts_servers_on_our_ports_are_named_with_the_fix(
+    rs: Settings, stack: dict[str, ManagedProcess], tmp_path: Path
+) -> None:
+    """A second checkout (its own run dir, so its own repository key) on the same ports,
+    as a `make demo` beside a running one: its commands say which port, whose server,
+    and what to run, instead of Triton's "This API is restricted" refusal."""
+    other = rs.model_copy(update={"run_dir": tmp_path / "run", "triton_repository_key": ""})
+    before = loaded_models(rs)
+    with pytest.raises(UserError) as refused:
+        unload_model(other, "user_tower")
+    message = str(refused.value)
+    assert f"{rs.triton_host}:{rs.triton_http_port}" in message
+    assert f"pid {stack['triton'].pid} " in message  # whose Triton it is
+    assert "`recstack stop` in that checkout" in message
+    assert "RECSTACK_TRITON_HTTP_PORT" in message
+    assert server_ready(rs) and loaded_models(rs) == before  # nothing unloaded
+    for start, server in ((start_triton, "triton"), (start_orchestrator, "orchestrator")):
+        with pytest.raises(UserError, match="already in use") as refused:
+            start(other)
+        message = str(refused.value)
+        assert f"pid {stack[server].pid} " in message
+        assert "`recstack stop` in that checkout" in message
+    assert f"{rs.orchestrator_grpc_port} (RECSTACK_ORCHESTRATOR_GRPC_PORT)" in message
+    assert not list((tmp_path / "run").glob("*.pid"))  # nothing was started
 
 
 def test_cli_killed_mid_promotion_leaves_one_release_serving(
