@@ -4,6 +4,7 @@ with the item snapshot, and the catalog arrays built from them."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from exporters.candidates import (
     gather,
 )
 from exporters.history import PAD
+from exporters.item_delta import delta_dir, read_segment, segment_names
 from exporters.model_config import input_names
 from exporters.rank_layout import Layout
 from exporters.release import load_manifest, release_dir
@@ -32,6 +34,7 @@ from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.faiss_index import FaissIndex
 from orchestrator.local_models import InProcessModels
+from orchestrator.new_items import AddedItems, AddedVectors, merged_search
 from orchestrator.online_features import ItemFeatures, ItemSnapshot, OnlineFeatures, UserFeatures
 from orchestrator.postprocess import PostprocessConfig
 from orchestrator.request import EventQuery
@@ -218,6 +221,8 @@ class ItemState:
     # k and the minute: computed once per key and snapshot, so a burst of shed requests
     # costs a dict lookup each instead of post-processing on the event loop.
     anonymous_answers: dict[Any, list[Any]] = field(default_factory=dict, compare=False, repr=False)
+    # Items added since the release (orchestrator/new_items.py): searched beside the index.
+    added: AddedVectors | None = None
 
     def remember_answer(self, key: Any, items: list[Any], limit: int = 1024) -> None:
         if len(self.anonymous_answers) >= limit:
@@ -226,9 +231,21 @@ class ItemState:
 
     @classmethod
     def build(
-        cls, snapshot: ItemSnapshot, item_ids: np.ndarray, embeddings: np.ndarray
+        cls,
+        snapshot: ItemSnapshot,
+        item_ids: np.ndarray,
+        embeddings: np.ndarray,
+        added: AddedItems | None = None,
+        metric: int = faiss.METRIC_INNER_PRODUCT,
     ) -> ItemState:
-        """Catalog rows follow ``item_ids`` (the index's rows) and ``embeddings``."""
+        """Catalog rows follow ``item_ids`` (the index's rows) and ``embeddings``, then
+        the ``added`` items (their features overlaid on ``snapshot``)."""
+        vectors = None
+        if added is not None and (len(added) or len(added.unavailable)):
+            snapshot = added.overlay(snapshot)
+            item_ids = np.concatenate([np.asarray(item_ids, np.int64), added.item_ids])
+            if added.embeddings is not None:
+                vectors = AddedVectors.build(added.item_ids, added.embeddings, metric)
         snap = snapshot.lookup(item_ids)
         if not snap.known.all():
             log.warning(
@@ -241,8 +258,10 @@ class ItemState:
             created_at=snap.created_at,
             popularity=-snap.columns([POPULARITY_RANK])[:, 0].astype(np.float64),
             embeddings=embeddings,
+            added_embeddings=None if added is None else added.embeddings,
+            unavailable=None if added is None else added.unavailable,
         )
-        return cls(snapshot, catalog, Fallbacks.build(catalog), time.time())
+        return cls(snapshot, catalog, Fallbacks.build(catalog), time.time(), added=vectors)
 
     @property
     def materialized_until(self) -> float:
@@ -274,6 +293,10 @@ class ServingRelease:
     # The same models in process (settings.model_fallback == "in_process"): answers when
     # Triton cannot (orchestrator/local_models.py); None: degrade instead.
     local: InProcessModels | None = None
+    # Items added since the release: its new_items/ folder and what was applied from it
+    # (exporters/item_delta.py, orchestrator/new_items.py); None: not followed (tests).
+    delta_dir: Path | None = None
+    added: AddedItems = field(default_factory=AddedItems)
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -294,8 +317,13 @@ class ServingRelease:
             if not online.refresh():
                 return False
             old = self.items
+            n_index = len(old.catalog.embeddings)  # the index's rows; added rows follow
             self.items = ItemState.build(
-                online.snapshot, old.catalog.item_ids, old.catalog.embeddings
+                online.snapshot,
+                old.catalog.item_ids[:n_index],
+                old.catalog.embeddings,
+                self.added,
+                self.index.index.metric_type,
             )
             log.info(
                 "item snapshot refreshed: %d items (as of %s)",
@@ -303,6 +331,50 @@ class ServingRelease:
                 self.items.snapshot.as_of,
             )
             return True
+
+    def apply_new_items(self) -> int:
+        """Apply the segments written to this release's ``new_items/`` folder since the
+        last call (in write order) and swap the item state; returns how many. A segment
+        that does not load is logged and skipped (segments are checked before their
+        rename, so this is a damaged disk, not a writer in progress)."""
+        if self.delta_dir is None:
+            return 0
+        with self._refresh_lock:
+            names = [n for n in segment_names(self.delta_dir) if n not in self.added.applied]
+            if not names:
+                return 0
+            segments = []
+            for name in names:
+                try:
+                    segments.append(read_segment(self.delta_dir / name, self.index.dim))
+                except (OSError, ValueError, KeyError) as e:
+                    log.error("new-items segment %s skipped: %s", name, e)
+            old = self.items
+            n_index = len(old.catalog.embeddings)
+            added = self.added.with_segments(segments, old.catalog.item_ids[:n_index])
+            added = dataclasses.replace(added, applied=added.applied | set(names))
+            self.items = ItemState.build(
+                self.features.online.snapshot,
+                old.catalog.item_ids[:n_index],
+                old.catalog.embeddings,
+                added,
+                self.index.index.metric_type,
+            )
+            self.added = added
+            log.info(
+                "release %d: %d new-item segments applied (%d added items, %d unavailable)",
+                self.release_id,
+                len(names),
+                len(added),
+                len(added.unavailable),
+            )
+            return len(names)
+
+    def search(
+        self, state: ItemState, queries: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The release's index and ``state``'s added items together (``(scores, ids)``)."""
+        return merged_search(self.index, state.added, queries, k)
 
     def user_embedding(self, user: UserView, timeout_s: float) -> np.ndarray:
         """The user tower's output for ``user``: from this release's cache, else Triton
@@ -392,7 +464,7 @@ class ServingRelease:
             index.search_params or "-",
             versions,
         )
-        return cls(
+        rel = cls(
             rid,
             manifest,
             index,
@@ -408,7 +480,10 @@ class ServingRelease:
             InProcessModels.for_release(settings, rid)
             if settings.model_fallback == "in_process"
             else None,
+            delta_dir(settings, rid),
         )
+        rel.apply_new_items()  # a restart (or another replica) sees what was added
+        return rel
 
     def warm_up(self, n_items: int, rounds: int = 3, probe_users: int = 32) -> None:
         """Run each model once per round before taking traffic: the first calls pay for
@@ -431,7 +506,7 @@ class ServingRelease:
             embedding = self.triton.user_embedding(user.tower_inputs(), timeout_s=30)
             self.index.search(np.asarray(embedding, dtype=np.float32), n_items)
             inputs = user.rank_inputs(
-                embedding, items, self.catalog.embeddings[rows], time.time(), source_feats
+                embedding, items, self.catalog.vectors(rows), time.time(), source_feats
             )
             self.triton.rank(inputs, timeout_s=30)
             if self.local is not None:  # onnxruntime/tl2cgen initialise on first use too
