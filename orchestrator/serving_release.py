@@ -244,8 +244,11 @@ class ItemState:
         if added is not None and (len(added) or len(added.unavailable)):
             snapshot = added.overlay(snapshot)
             item_ids = np.concatenate([np.asarray(item_ids, np.int64), added.item_ids])
-            if added.embeddings is not None:
-                vectors = AddedVectors.build(added.item_ids, added.embeddings, metric)
+            # Out-of-stock added items leave the search (they would fill ANN slots that
+            # every request filters away); the index's own ones stay (filtered only).
+            offer = ~np.isin(added.item_ids, added.unavailable)
+            if added.embeddings is not None and offer.any():
+                vectors = AddedVectors.build(added.item_ids[offer], added.embeddings[offer], metric)
         snap = snapshot.lookup(item_ids)
         if not snap.known.all():
             log.warning(
