@@ -10,7 +10,10 @@ import faiss
 import numpy as np
 import pytest
 
+from exporters.data_generate import generate
 from exporters.item_delta import (
+    delta_dir,
+    fold,
     items_from_json,
     read_items,
     read_segment,
@@ -18,12 +21,14 @@ from exporters.item_delta import (
     segment_names,
     write_segment,
 )
+from exporters.raw_tables import read_raw
 from orchestrator.catalog import Catalog
 from orchestrator.faiss_index import FaissIndex
 from orchestrator.new_items import AddedItems, AddedVectors, merged_search
 from orchestrator.online_features import ItemSnapshot
 from orchestrator.request import Filters
 from recstack.errors import UserError
+from recstack.settings import Settings
 
 
 def _csv(tmp_path: Path, text: str) -> Path:
@@ -170,3 +175,25 @@ def test_added_items_reach_catalog_features_and_filters(tmp_path: Path) -> None:
     np.testing.assert_array_equal(catalog.vectors(np.array([3, 0])), [[1] * 4, [0] * 4])
     mask = catalog.request_filter(Filters(), np.zeros(0, np.int64))(np.arange(4))
     assert mask.tolist() == [True, True, True, False]
+
+
+def test_fold_hands_added_items_to_the_next_training(settings: Settings) -> None:
+    """`recstack items fold`: the added items join the raw item table (atomically, like
+    the import), once; the interactions stay as they were."""
+    generate(settings, preset="small", seed=3)
+    before = read_raw(settings)
+    new_id = int(before.items["item_id"].max()) + 10
+    items = items_from_json(
+        [{"item_id": new_id, "category": 5, "brand": 2, "price": 3.5, "created_at": "2026-01-02"}]
+    )
+    folder = delta_dir(settings, 1)
+    write_segment(folder, "add", items.item_ids, items, np.ones((1, 4), np.float32))
+    write_segment(folder, "unavailable", items.item_ids)
+    assert fold(settings, 1) == 1
+    after = read_raw(settings)
+    assert len(after.items) == len(before.items) + 1
+    row = after.items.set_index("item_id").loc[new_id]
+    assert (row["category"], row["brand"], row["price"]) == (5, 2, 3.5)
+    assert str(row["created_at"]) == "2026-01-02 00:00:00+00:00"
+    assert len(after.interactions) == len(before.interactions)
+    assert fold(settings, 1) == 0
