@@ -152,9 +152,12 @@ def items_from_json(rows: object, source: str = "request body") -> NewItems:
     return _validate(di._Source(Path(source), table, is_csv=False))
 
 
-def refuse_known(items: NewItems, known: np.ndarray, release_id: int) -> None:
-    """Refuse the first item already in the release's catalog (index or earlier adds)."""
-    dup = np.isin(items.item_ids, known)
+def refuse_known(
+    items: NewItems, known: np.ndarray | Callable[[np.ndarray], np.ndarray], release_id: int
+) -> None:
+    """Refuse the first item already in the release's catalog (index or earlier adds);
+    ``known`` is the catalog's ids or a function giving the mask of ids it holds."""
+    dup = known(items.item_ids) if callable(known) else np.isin(items.item_ids, known)
     if dup.any():
         pos = di._first(dup)
         raise items.fail(
@@ -316,7 +319,7 @@ def add_to_release(
     folder: Path,
     manifest: Mapping[str, Any],
     items: NewItems,
-    known: np.ndarray,
+    known: np.ndarray | Callable[[np.ndarray], np.ndarray],
     infer: Callable[[dict[str, np.ndarray]], np.ndarray],
     batch: int,
 ) -> Path:
@@ -327,12 +330,18 @@ def add_to_release(
     return write_segment(folder, "add", items.item_ids, items, emb)
 
 
-def mark(folder: Path, release_id: int, item_ids: np.ndarray, kind: str, known: np.ndarray) -> Path:
+def mark(
+    folder: Path,
+    release_id: int,
+    item_ids: np.ndarray,
+    kind: str,
+    known: np.ndarray | Callable[[np.ndarray], np.ndarray],
+) -> Path:
     """Write an ``unavailable``/``available`` segment; ids must be in the catalog."""
     if kind not in ("unavailable", "available"):
         raise ValueError(f"kind must be unavailable or available, got {kind!r}")
     ids = np.unique(np.asarray(item_ids, dtype=np.int64))
-    missing = ids[~np.isin(ids, known)]
+    missing = ids[~(known(ids) if callable(known) else np.isin(ids, known))]
     if len(missing):
         raise UserError(
             f"item {int(missing[0])} is not in release {release_id}'s catalog "

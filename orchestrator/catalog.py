@@ -93,6 +93,10 @@ class Catalog:
         out[~inside] = self.added_embeddings[rows[~inside] - n]
         return out
 
+    def contains(self, item_ids: np.ndarray) -> np.ndarray:
+        """Which of ``item_ids`` have a row (one table lookup each, not a search)."""
+        return self.rows(item_ids)[1]
+
     def rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, known): the row of each id, and which ids are in the catalog at all."""
         return self._rows.positions(item_ids)
@@ -150,6 +154,20 @@ class Fallbacks:
         popular = np.argsort(-catalog.popularity, kind="stable")[:depth]
         fresh = np.argsort(-catalog.created_at, kind="stable")[:depth]
         return cls(popular.astype(np.int64), fresh.astype(np.int64))
+
+    def extended(self, catalog: Catalog, new_rows: np.ndarray, depth: int = 5000) -> Fallbacks:
+        """The lists of ``catalog`` when it is this one's catalog plus ``new_rows``: each
+        list merged with the new rows (what :meth:`build` gives, ties included, without
+        sorting the whole catalog again)."""
+        new_rows = np.asarray(new_rows, dtype=np.int64)
+        out = []
+        for rows, key in (
+            (self.popular_rows, -catalog.popularity),
+            (self.fresh_rows, -catalog.created_at),
+        ):
+            merged = np.concatenate([rows, new_rows])
+            out.append(merged[np.argsort(key[merged], kind="stable")][:depth])
+        return Fallbacks(out[0], out[1])
 
     def candidates(
         self,

@@ -105,8 +105,11 @@ class AddedItems:
 
     def overlay(self, snapshot: ItemSnapshot) -> ItemSnapshot:
         """``snapshot`` with a row per added item it does not hold yet: the attribute
-        columns from the segments, every other feature at its default (no events yet)."""
-        new = ~np.isin(self.item_ids, snapshot.ids)
+        columns from the segments, every other feature at its default (no events yet).
+        The rows are appended after the snapshot's sorted ones: O(added) checks and one
+        copy, not a re-sort of the whole catalog (1M items: ~0.7 s) on every apply."""
+        _, held = snapshot.positions.positions(self.item_ids)
+        new = ~held
         if not new.any():
             return snapshot
         ids = self.item_ids[new]
@@ -114,14 +117,12 @@ class AddedItems:
         for j, name in enumerate(snapshot.names):
             if name in ATTRIBUTES:
                 rows[:, j] = getattr(self, name)[new]
-        all_ids = np.concatenate([snapshot.ids, ids])
-        order = np.argsort(all_ids, kind="stable")  # the snapshot keeps ids sorted
         return ItemSnapshot(
             names=snapshot.names,
-            ids=all_ids[order],
-            matrix=np.concatenate([snapshot.matrix, rows.astype(snapshot.matrix.dtype)])[order],
-            category=np.concatenate([snapshot.category, self.category[new]])[order],
-            created_at=np.concatenate([snapshot.created_at, self.created_at[new]])[order],
+            ids=np.concatenate([snapshot.ids, ids]),
+            matrix=np.concatenate([snapshot.matrix, rows.astype(snapshot.matrix.dtype)]),
+            category=np.concatenate([snapshot.category, self.category[new]]),
+            created_at=np.concatenate([snapshot.created_at, self.created_at[new]]),
             as_of=dict(snapshot.as_of),
         )
 

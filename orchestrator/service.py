@@ -353,20 +353,31 @@ class RecommendService:
         for rel in served:
             if rel.delta_dir is None:
                 raise UserError(f"release {rel.release_id} keeps no new items (no folder)")
-            refuse_known(items, rel.catalog.item_ids, rel.release_id)
+            refuse_known(items, rel.catalog.contains, rel.release_id)
         written = {}
+        t0 = time.perf_counter()
         for rel in served:
             path = add_to_release(
                 rel.delta_dir,  # type: ignore[arg-type]  # checked above
                 rel.manifest,
                 items,
-                rel.catalog.item_ids,
+                rel.catalog.contains,
                 lambda inputs, rel=rel: rel.triton.item_embedding(inputs, timeout_s=60.0),
                 rel.triton.item_batch(),
             )
             written[str(rel.release_id)] = path.name
+        t1 = time.perf_counter()
         self.apply_new_items()
-        return {"added": len(items), "segments": written}
+        t2 = time.perf_counter()
+        log.info(
+            "%d items added to releases %s: embedded and written in %.3f s, applied in %.3f s",
+            len(items),
+            sorted(written),
+            t1 - t0,
+            t2 - t1,
+        )
+        seconds = {"embed_and_write": round(t1 - t0, 4), "apply": round(t2 - t1, 4)}
+        return {"added": len(items), "segments": written, "seconds": seconds}
 
     def mark_items(self, item_ids: np.ndarray, kind: str) -> dict[str, Any]:
         """Mark items ``unavailable`` (out of stock) or ``available`` again in every
@@ -393,7 +404,7 @@ class RecommendService:
                 rel.release_id,
                 item_ids,
                 kind,
-                rel.catalog.item_ids,
+                rel.catalog.contains,
             ).name
             for rel in served
         }

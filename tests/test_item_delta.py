@@ -22,7 +22,7 @@ from exporters.item_delta import (
     write_segment,
 )
 from exporters.raw_tables import read_raw
-from orchestrator.catalog import Catalog
+from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.faiss_index import FaissIndex
 from orchestrator.new_items import AddedItems, AddedVectors, merged_search
 from orchestrator.online_features import ItemSnapshot
@@ -197,3 +197,30 @@ def test_fold_hands_added_items_to_the_next_training(settings: Settings) -> None
     assert str(row["created_at"]) == "2026-01-02 00:00:00+00:00"
     assert len(after.interactions) == len(before.interactions)
     assert fold(settings, 1) == 0
+
+
+def test_extended_fallbacks_equal_a_full_build() -> None:
+    """Applying added items merges them into the popular/fresh lists instead of sorting
+    the catalog again: the lists must be exactly what a full build gives (ties too)."""
+    rng = np.random.default_rng(4)
+    n, m = 500, 40
+
+    def catalog(size: int) -> Catalog:
+        return Catalog.build(
+            item_ids=np.arange(size),
+            category=np.zeros(size, np.int64),
+            price=np.zeros(size),
+            created_at=created[:size],
+            popularity=popularity[:size],
+            embeddings=np.zeros((size, 2), np.float32),
+        )
+
+    created = rng.integers(0, 50, n + m).astype(np.float64)  # many ties
+    popularity = np.concatenate([rng.integers(0, 20, n), np.full(m, -1)]).astype(np.float64)
+    for depth in (30, 1000):
+        base = Fallbacks.build(catalog(n), depth)
+        full = catalog(n + m)
+        got = base.extended(full, np.arange(n, n + m), depth)
+        want = Fallbacks.build(full, depth)
+        np.testing.assert_array_equal(got.fresh_rows, want.fresh_rows)
+        np.testing.assert_array_equal(got.popular_rows, want.popular_rows)
