@@ -23,7 +23,7 @@ state gets:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import faiss
@@ -65,19 +65,22 @@ class AddedItems:
     def __len__(self) -> int:
         return len(self.item_ids)
 
-    def with_segments(self, segments: Sequence[Segment], base_ids: np.ndarray) -> AddedItems:
-        """These segments applied after the ones already here. An add of an id the
-        catalog already holds (the index's, or an earlier add — two writers raced) keeps
-        the first and logs the rest."""
+    def with_segments(
+        self, segments: Sequence[Segment], in_base: Callable[[np.ndarray], np.ndarray]
+    ) -> AddedItems:
+        """These segments applied after the ones already here; ``in_base(ids)`` says
+        which ids the index's rows hold. An add of an id the catalog already holds (the
+        index's, or an earlier add — two writers raced) keeps the first and logs the
+        rest."""
         cols: dict[str, list[np.ndarray]] = {
             c: [getattr(self, c)] for c in ("item_ids", *ATTRIBUTES, "written_at")
         }
         vectors = [self.embeddings] if self.embeddings is not None else []
         unavailable = set(self.unavailable.tolist())
-        taken = np.concatenate([np.asarray(base_ids, np.int64), self.item_ids])
+        taken = self.item_ids  # the added ones (small); the index's through in_base
         for seg in segments:
             if seg.kind == "add":
-                fresh = ~np.isin(seg.item_ids, taken)
+                fresh = ~in_base(seg.item_ids) & ~np.isin(seg.item_ids, taken)
                 if not fresh.all():
                     log.warning(
                         "segment %s: %d items already in the catalog, kept the first",

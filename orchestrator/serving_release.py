@@ -372,7 +372,7 @@ class ServingRelease:
                 except (OSError, ValueError, KeyError) as e:
                     log.error("new-items segment %s skipped: %s", name, e)
             base = self.base_items or self.items
-            added = self.added.with_segments(segments, base.catalog.item_ids)
+            added = self.added.with_segments(segments, base.catalog.contains)
             added = dataclasses.replace(added, applied=added.applied | set(names))
             t0 = time.perf_counter()
             self.items = base.extended(added, self.index.index.metric_type)

@@ -156,7 +156,7 @@ def test_added_items_reach_catalog_features_and_filters(tmp_path: Path) -> None:
     off = write_segment(tmp_path, "unavailable", np.array([1, 7]))
     back = write_segment(tmp_path, "available", np.array([1]))
     segs = [read_segment(tmp_path / n) for n in (add.name, off.name, back.name)]
-    added = AddedItems().with_segments(segs, base_ids=np.array([1, 2, 3]))
+    added = AddedItems().with_segments(segs, lambda ids: np.isin(ids, [1, 2, 3]))
     assert added.item_ids.tolist() == [7]  # id 2 is the index's: the first wins
     assert added.unavailable.tolist() == [7]
     feats = added.overlay(snapshot).lookup(np.array([7, 3]))
