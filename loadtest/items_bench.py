@@ -16,6 +16,11 @@ Against the stack of the current settings (Triton, the orchestrator and its admi
    its ``POST`` to the first answer that retrieved it; items not retrieved within
    ``--timeout`` are counted apart (the user's top 500 neighbours did not reach them: a
    model question, not a delay).
+   With ``--probe vector`` (large catalogs, where one user's 500 neighbours out of 1M
+   rarely include a copy of their best item under a new id) the items copy random
+   catalog items and "retrieved" means: ``POST /admin/items/probe`` finds the item in
+   the live release's retrieval (its index and added items, searched as a request
+   searches them) for a query equal to the item's own vector.
 2. **Ingestion throughput.** ``--throughput-items`` more (10,000) in calls of 1,000
    (checked, embedded by every served release's item tower on Triton, written,
    applied), timed end to end.
@@ -77,8 +82,11 @@ def run(
     first_id: int | None,
     timeout: float,
     throughput_items: int = 10_000,
+    probe: str = "user",
 ) -> dict[str, Any]:
     """Both measurements; returns the numbers (milliseconds, items per second)."""
+    if probe not in ("user", "vector"):
+        raise UserError(f"--probe must be user or vector, got {probe!r}")
     if n_items < 1 or batch < 1 or throughput_items < 1:
         raise UserError("--items, --batch and --throughput-items must be positive")
     admin = f"http://{settings.orchestrator_admin_host}:{settings.orchestrator_admin_port}"
@@ -86,15 +94,11 @@ def run(
     releases = _served(settings)
     known = np.concatenate([_known(settings, r) for r in releases])
     items = read_table(settings, "items").set_index("item_id")
-    end = read_table(settings, "interactions", columns=["timestamp"])["timestamp"].max()
-    as_of = pd.Timestamp(end).isoformat().replace("+00:00", "Z")
     next_id = (
         int(first_id) if first_id is not None else int(max(known.max(), items.index.max())) + 1
     )
-    n_batches = -(-n_items // batch)
-    users = _active_users(settings, 4 * n_batches)
 
-    def recommend(user: int, category: int | None = None) -> list[dict[str, Any]]:
+    def recommend(user: int, as_of: str, category: int | None = None) -> list[dict[str, Any]]:
         params = {"user_id": str(user), "k": str(PROBE_K), "timestamp": as_of}
         if category is not None:
             params["include_categories"] = str(category)
@@ -104,42 +108,78 @@ def run(
     latencies: list[float] = []
     missed = 0
     added = 0
-    for user in users:
-        if added >= n_items:
-            break
-        best = next((i for i in recommend(user) if "retrieval" in i.get("sources", [])), None)
-        if best is None or int(best["item_id"]) not in items.index:
-            continue
-        attrs = items.loc[int(best["item_id"])]
-        size = min(batch, n_items - added)
-        ids = list(range(next_id, next_id + size))
-        next_id += size
-        rows = [
-            {
-                "item_id": i,
-                "category": int(attrs["category"]),
-                "brand": int(attrs["brand"]),
-                "price": float(attrs["price"]),
-                "created_at": pd.Timestamp(attrs["created_at"]).isoformat(),
-            }
-            for i in ids
-        ]
-        t0 = time.perf_counter()
-        _call(f"{admin}/admin/items", {"items": rows})
-        pending = set(ids)
-        while pending and time.perf_counter() - t0 < timeout:
-            answer = recommend(user, int(attrs["category"]))
-            now = time.perf_counter()
-            for item in answer:
-                if item["item_id"] in pending and "retrieval" in item.get("sources", []):
-                    pending.discard(item["item_id"])
+    if probe == "vector":
+        rng = np.random.default_rng(0)
+        while added < n_items:
+            size = min(batch, n_items - added)
+            ids = list(range(next_id, next_id + size))
+            next_id += size
+            src = items.iloc[rng.integers(0, len(items), size)]
+            rows = [
+                {
+                    "item_id": i,
+                    "category": int(a.category),
+                    "brand": int(a.brand),
+                    "price": float(a.price),
+                    "created_at": pd.Timestamp(a.created_at).isoformat(),
+                }
+                for i, a in zip(ids, src.itertuples(), strict=True)
+            ]
+            t0 = time.perf_counter()
+            _call(f"{admin}/admin/items", {"items": rows})
+            pending = set(ids)
+            while pending and time.perf_counter() - t0 < timeout:
+                doc = _call(f"{admin}/admin/items/probe", {"item_ids": sorted(pending)})
+                now = time.perf_counter()
+                for i in doc["retrieved"][str(releases[0])]:
+                    pending.discard(i)
                     latencies.append((now - t0) * 1000)
-            time.sleep(0.02)
-        missed += len(pending)
-        added += size
-        # Out of stock once measured: an added item that is unavailable leaves the search,
-        # so the next batch competes with the catalog, not with copies of earlier batches.
-        _call(f"{admin}/admin/items/unavailable", {"item_ids": ids})
+                if pending:
+                    time.sleep(0.02)
+            missed += len(pending)
+            added += size
+    else:
+        users = _active_users(settings, 4 * -(-n_items // batch))
+        end = read_table(settings, "interactions", columns=["timestamp"])["timestamp"].max()
+        as_of = pd.Timestamp(end).isoformat().replace("+00:00", "Z")
+        for user in users:
+            if added >= n_items:
+                break
+            best = next(
+                (i for i in recommend(user, as_of) if "retrieval" in i.get("sources", [])), None
+            )
+            if best is None or int(best["item_id"]) not in items.index:
+                continue
+            attrs = items.loc[int(best["item_id"])]
+            size = min(batch, n_items - added)
+            ids = list(range(next_id, next_id + size))
+            next_id += size
+            rows = [
+                {
+                    "item_id": i,
+                    "category": int(attrs["category"]),
+                    "brand": int(attrs["brand"]),
+                    "price": float(attrs["price"]),
+                    "created_at": pd.Timestamp(attrs["created_at"]).isoformat(),
+                }
+                for i in ids
+            ]
+            t0 = time.perf_counter()
+            _call(f"{admin}/admin/items", {"items": rows})
+            pending = set(ids)
+            while pending and time.perf_counter() - t0 < timeout:
+                answer = recommend(user, as_of, int(attrs["category"]))
+                now = time.perf_counter()
+                for item in answer:
+                    if item["item_id"] in pending and "retrieval" in item.get("sources", []):
+                        pending.discard(item["item_id"])
+                        latencies.append((now - t0) * 1000)
+                time.sleep(0.02)
+            missed += len(pending)
+            added += size
+            # Out of stock once measured: an unavailable added item leaves the search, so
+            # the next batch competes with the catalog, not with copies of earlier ones.
+            _call(f"{admin}/admin/items/unavailable", {"item_ids": ids})
 
     start = next_id
     t0 = time.perf_counter()
@@ -153,6 +193,7 @@ def run(
     return {
         "releases": releases,
         "catalog_items": len(known),
+        "probe": probe,
         "latency_items": added,
         "latency_batch": batch,
         "retrieved": len(latencies),
@@ -168,7 +209,13 @@ def run(
 
 def cli(args: argparse.Namespace) -> int:
     result = run(
-        get_settings(), args.items, args.batch, args.first_id, args.timeout, args.throughput_items
+        get_settings(),
+        args.items,
+        args.batch,
+        args.first_id,
+        args.timeout,
+        args.throughput_items,
+        args.probe,
     )
     print(json.dumps(result, indent=2))
     return 0

@@ -383,7 +383,9 @@ def admin_app(service: RecommendService) -> web.Application:
     applied before the answer; ``POST /admin/items/unavailable`` and
     ``/admin/items/available`` ``{"item_ids": [..]}`` — out of stock and back;
     ``POST /admin/items/reload`` — apply segments other writers left (`recstack items`
-    calls it). Bad input answers 400 with a JSON error naming the row and column."""
+    calls it); ``POST /admin/items/probe`` ``{"item_ids": [..]}`` — which of them each
+    served release's retrieval finds for their own vectors (`recstack bench items`).
+    Bad input answers 400 with a JSON error naming the row and column."""
 
     async def releases(request: web.Request) -> web.Response:
         return web.json_response(service.releases())
@@ -426,6 +428,13 @@ def admin_app(service: RecommendService) -> web.Application:
 
         return handler
 
+    async def probe_items(request: web.Request) -> web.Response:
+        async def work() -> Any:
+            ids = parse_ids(await body(request, "item_ids"))
+            return {"retrieved": await asyncio.to_thread(service.probe_items, ids)}
+
+        return await admin_call(request, work)
+
     async def reload_items(request: web.Request) -> web.Response:
         return web.json_response({"applied": await asyncio.to_thread(service.apply_new_items)})
 
@@ -448,6 +457,7 @@ def admin_app(service: RecommendService) -> web.Application:
     app.router.add_post("/admin/items/unavailable", marker("unavailable"))
     app.router.add_post("/admin/items/available", marker("available"))
     app.router.add_post("/admin/items/reload", reload_items)
+    app.router.add_post("/admin/items/probe", probe_items)
     return app
 
 

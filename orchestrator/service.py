@@ -379,6 +379,25 @@ class RecommendService:
         seconds = {"embed_and_write": round(t1 - t0, 4), "apply": round(t2 - t1, 4)}
         return {"added": len(items), "segments": written, "seconds": seconds}
 
+    def probe_items(self, item_ids: np.ndarray) -> dict[str, list[int]]:
+        """Per served release, which of ``item_ids`` its retrieval finds now for a query
+        equal to the item's own vector (the index and the added items searched as a
+        request searches them, ``n_candidates`` deep, unavailable items left out): a
+        check that an item is live, for `recstack bench items` at any catalog size."""
+        out = {}
+        for rel in self.router.served():
+            state = rel.items  # one state, as a request reads it
+            catalog = state.catalog
+            rows, known = catalog.rows(item_ids)
+            ids, rows = item_ids[known], rows[known]
+            found = np.zeros(len(ids), dtype=bool)
+            if len(ids):
+                _, hits = rel.search(state, catalog.vectors(rows), self.cfg.n_candidates)
+                found = (hits == ids[:, None]).any(axis=1)
+                found &= ~np.isin(rows, catalog.unavailable_rows)
+            out[str(rel.release_id)] = [int(i) for i in ids[found]]
+        return out
+
     def mark_items(self, item_ids: np.ndarray, kind: str) -> dict[str, Any]:
         """Mark items ``unavailable`` (out of stock) or ``available`` again in every
         served release, persisted and applied before this returns."""

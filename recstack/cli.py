@@ -274,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-id", type=int, help="default: above every id the catalog holds")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait per batch")
     p.add_argument("--throughput-items", type=int, default=10_000, help="items, 1,000 a call")
+    p.add_argument(
+        "--probe",
+        choices=["user", "vector"],
+        default="user",
+        help="retrieved by: an active user's recommendations, or the item's own vector",
+    )
     p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=30)

@@ -201,6 +201,9 @@ def test_segment_of_another_writer_is_applied_by_polling(stack: dict[str, Any]) 
     while time.monotonic() < deadline:
         answer = _recommend(stack, user, include_categories=category)
         if {i["item_id"] for i in answer["items"]} & new:
+            # Each is found by the release's retrieval for its own vector (the bench probe).
+            status, body = _admin(stack, "/admin/items/probe", {"item_ids": sorted(new)})
+            assert status == 200 and sorted(body["retrieved"][str(rid)]) == sorted(new)
             return
         time.sleep(0.2)
     pytest.fail("the orchestrator did not pick up the segment within 30 s")
@@ -217,6 +220,8 @@ def test_unavailable_item_is_not_offered_on_the_next_request(stack: dict[str, An
     assert status == 200 and body["unavailable"] == 2, body
     shown = {i["item_id"] for i in _recommend(stack, user, include_categories=category)["items"]}
     assert not shown & set(gone)
+    status, body = _admin(stack, "/admin/items/probe", {"item_ids": gone})
+    assert status == 200 and all(v == [] for v in body["retrieved"].values()), body
     status, body = _admin(stack, "/admin/items/unavailable", {"item_ids": [10**15]})
     assert status == 400 and "not in release" in body["error"]["message"]
     done = _cli(stack, "remove", "--available", str(old[0]))
