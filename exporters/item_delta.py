@@ -454,7 +454,11 @@ def fold(settings: Settings, release_id: int | None = None) -> int:
     train`` embeds and indexes them like any other item); returns how many were new."""
     from exporters.raw_tables import read_meta, read_raw, write_raw
 
-    rid = release_id if release_id is not None else _served(settings)[0]
+    from exporters.release_state import load_state
+
+    rid = release_id if release_id is not None else load_state(settings).live
+    if rid is None:
+        raise UserError("no release is live: run `recstack train` first")
     folder = delta_dir(settings, rid)
     segs = [read_segment(folder / n) for n in segment_names(folder)]
     adds = [s for s in segs if s.kind == "add"]
