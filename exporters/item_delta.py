@@ -453,7 +453,6 @@ def fold(settings: Settings, release_id: int | None = None) -> int:
     """Append the live release's added items to the raw item table (the next ``recstack
     train`` embeds and indexes them like any other item); returns how many were new."""
     from exporters.raw_tables import read_meta, read_raw, write_raw
-
     from exporters.release_state import load_state
 
     rid = release_id if release_id is not None else load_state(settings).live
