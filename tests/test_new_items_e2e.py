@@ -22,15 +22,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import port, two_releases_first_live
 
 from exporters import item_delta
+from exporters.model_repo import copy_committed_repository
 from exporters.release import load_manifest, model_versions
 from orchestrator.orchestrator_process import settings_env, start_orchestrator
 from orchestrator.processes import ManagedProcess
 from orchestrator.triton_client import TritonClient
 from orchestrator.triton_server import start_triton
 from recstack.settings import Settings
-from tests.conftest import port
 
 pytestmark = pytest.mark.integration
 
@@ -239,3 +240,72 @@ def test_a_restart_sees_the_added_items(stack: dict[str, Any]) -> None:
     new_before = [i["item_id"] for i in before["items"] if i["item_id"] >= FIRST_NEW_ID]
     new_after = [i["item_id"] for i in after["items"] if i["item_id"] >= FIRST_NEW_ID]
     assert new_after and sorted(new_after) == sorted(new_before)
+
+
+@pytest.fixture(scope="module")
+def ab_settings(
+    trained_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """Releases 1 and 2 of the trained models in an A/B test, on a stack of their own."""
+    base = tmp_path_factory.mktemp("new_items_ab")
+    s = trained_settings.model_copy(
+        update={
+            "releases_dir": base / "releases",
+            "model_repository": copy_committed_repository(base / "model_repository"),
+            "run_dir": base / "run",
+            "triton_http_port": port(18500),
+            "triton_grpc_port": port(18501),
+            "triton_metrics_port": port(18502),
+            "orchestrator_grpc_port": port(18550),
+            "orchestrator_http_port": port(18551),
+            "orchestrator_metrics_port": port(18552),
+            "orchestrator_admin_port": port(18553),
+            "release_watch_s": 0.5,
+        }
+    )
+    two_releases_first_live(s)
+    procs = {"triton": start_triton(s)}
+    try:
+        procs["orchestrator"] = start_orchestrator(s)
+        ab = ["ab", "1", "2", "--split", "50/50", "--reason", "new items in both arms"]
+        done = subprocess.run(
+            [sys.executable, "-m", "recstack.cli", "release", *ab],
+            env=settings_env(s),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        yield s
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def test_during_an_ab_test_both_arms_get_the_items_through_their_own_tower(
+    ab_settings: Settings,
+) -> None:
+    s = ab_settings
+    stack = {"settings": s}
+    rows = [{"item_id": FIRST_NEW_ID + 700 + i, "category": i % 3, "price": 5} for i in range(4)]
+    status, body = _admin(stack, "/admin/items", {"items": rows})
+    assert status == 200 and sorted(body["segments"]) == ["1", "2"], body
+    ids = [r["item_id"] for r in rows]
+    status, body = _admin(stack, "/admin/items/probe", {"item_ids": ids})
+    assert status == 200 and body["retrieved"] == {"1": ids, "2": ids}, body
+    items = item_delta.items_from_json(rows)
+    for rid in (1, 2):
+        folder = item_delta.delta_dir(s, rid)
+        (name,) = item_delta.segment_names(folder)
+        seg = item_delta.read_segment(folder / name)
+        # The vectors are those of this release's item_tower version, on the same inputs.
+        pins = model_versions(s, rid)
+        with TritonClient.from_settings(s, versions=pins, timeout_s=30) as triton:
+            want = item_delta.embed(
+                triton.item_embedding,
+                items,
+                item_delta.embedding_time(load_manifest(s, rid)),
+                64,
+            )
+        np.testing.assert_allclose(seg.embeddings, want, rtol=1e-5, atol=1e-6)
+    assert model_versions(s, 1)["item_tower"] != model_versions(s, 2)["item_tower"]
