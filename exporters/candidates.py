@@ -445,7 +445,8 @@ def i2i_scores(model: SourceModel, history_rows: np.ndarray) -> tuple[np.ndarray
     newest first; -1 (not in the catalog) is skipped."""
     depth = DENSE_HISTORY if model.dense is not None else I2I_HISTORY
     hist = np.asarray(history_rows, dtype=np.int64)[:depth]
-    hist = hist[hist >= 0]
+    # Rows past the model's are items added since the release: no neighbours yet.
+    hist = hist[(hist >= 0) & (hist < len(model.item_ids))]
     if len(hist) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     if model.dense is not None:  # exact EASE scores of every item
@@ -530,8 +531,12 @@ def gather_found(
     found = pos < ABSENT_RANK
     feats[:, 2] = 0.0
     feats[found, 2] = reach_scores[pos[found].astype(np.int64)]
-    feats[:, 3] = model.pop_rank[rows]
-    feats[:, 4] = np.log1p(model.pop_count[rows])
+    # Items added since the release (rows past the model's) have no consumption yet:
+    # ranked after every item of the model, count 0.
+    n = len(model.item_ids)
+    inside = rows < n
+    feats[:, 3] = np.where(inside, model.pop_rank[np.minimum(rows, n - 1)], n)
+    feats[:, 4] = np.where(inside, np.log1p(model.pop_count[np.minimum(rows, n - 1)]), 0.0)
     feats[:, 5] = _positions(catpop, rows)
     feats[:, 6] = _positions(fresh, rows)
     return rows, feats, found_by
@@ -546,7 +551,7 @@ def _category_popular(model: SourceModel, seen_rows: np.ndarray, depth: int) -> 
     if model.category is None or model.category_rows is None or model.category_start is None:
         return np.zeros(0, dtype=np.int64)
     hist = np.asarray(seen_rows, dtype=np.int64)[:CATEGORY_HISTORY]
-    cats = model.category[hist[hist >= 0]]
+    cats = model.category[hist[(hist >= 0) & (hist < len(model.category))]]
     cats = cats[(cats >= 0) & (cats < len(model.category_start) - 1)]
     if len(cats) == 0:
         return np.zeros(0, dtype=np.int64)

@@ -24,7 +24,11 @@ class Catalog:
     price: np.ndarray  # float64
     created_at: np.ndarray  # float64 unix seconds
     popularity: np.ndarray  # float64, higher = more popular (recent engagement)
-    embeddings: np.ndarray  # float32 [n, dim], the item tower's vectors of this release
+    embeddings: np.ndarray  # float32 [n_index, dim], the index rows' item-tower vectors
+    # Rows after the index's: items added since the release (orchestrator/new_items.py),
+    # their vectors kept apart so the index's (often a view into it) are never copied.
+    added_embeddings: np.ndarray | None = None  # float32 [n - n_index, dim]
+    unavailable_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted
     _rows: IdIndex = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -39,33 +43,59 @@ class Catalog:
         created_at: np.ndarray,
         popularity: np.ndarray,
         embeddings: np.ndarray,
+        added_embeddings: np.ndarray | None = None,
+        unavailable: np.ndarray | None = None,
     ) -> Catalog:
         """Check that every array has one row per item and the ids are unique; rows keep
-        the given order (the index's, so FAISS rows are catalog rows)."""
+        the given order (the index's, so FAISS rows are catalog rows). ``embeddings``
+        cover the first rows, ``added_embeddings`` the rest; ``unavailable`` item ids are
+        never offered (ids not in the catalog are ignored)."""
         n = len(item_ids)
-        for name, arr in (
-            ("category", category),
-            ("price", price),
-            ("created_at", created_at),
-            ("popularity", popularity),
-            ("embeddings", embeddings),
+        n_added = 0 if added_embeddings is None else len(added_embeddings)
+        for name, arr, want in (
+            ("category", category, n),
+            ("price", price, n),
+            ("created_at", created_at, n),
+            ("popularity", popularity, n),
+            ("embeddings", embeddings, n - n_added),
         ):
-            if len(arr) != n:
-                raise ValueError(f"catalog {name} has {len(arr)} rows for {n} items")
+            if len(arr) != want:
+                raise ValueError(f"catalog {name} has {len(arr)} rows for {want} items")
         try:
-            return cls(
+            catalog = cls(
                 np.asarray(item_ids, dtype=np.int64),
                 np.asarray(category, dtype=np.int64),
                 np.asarray(price, dtype=np.float64),
                 np.asarray(created_at, dtype=np.float64),
                 np.asarray(popularity, dtype=np.float64),
                 np.ascontiguousarray(embeddings, dtype=np.float32),
+                None if not n_added else np.ascontiguousarray(added_embeddings, dtype=np.float32),
             )
         except ValueError as e:
             raise ValueError(f"catalog item ids: {e}") from None
+        if unavailable is not None and len(unavailable):
+            rows, known = catalog.rows(np.asarray(unavailable, dtype=np.int64))
+            object.__setattr__(catalog, "unavailable_rows", np.unique(rows[known]))
+        return catalog
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The item-tower vectors of ``rows`` (index rows and added rows alike)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.added_embeddings is None:
+            return self.embeddings[rows]
+        n = len(self.embeddings)
+        out = np.empty((len(rows), self.embeddings.shape[1]), dtype=np.float32)
+        inside = rows < n
+        out[inside] = self.embeddings[rows[inside]]
+        out[~inside] = self.added_embeddings[rows[~inside] - n]
+        return out
+
+    def contains(self, item_ids: np.ndarray) -> np.ndarray:
+        """Which of ``item_ids`` have a row (one table lookup each, not a search)."""
+        return self.rows(item_ids)[1]
 
     def rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, known): the row of each id, and which ids are in the catalog at all."""
@@ -85,7 +115,8 @@ class Catalog:
             [np.asarray(seen, dtype=np.int64), np.fromiter(filters.exclude_item_ids, np.int64)]
         )
         excluded_rows, known = self.rows(excluded)
-        blocked = np.unique(excluded_rows[known])  # sorted
+        # Sorted; out-of-stock items (unavailable_rows) are blocked for everyone.
+        blocked = np.unique(np.concatenate([excluded_rows[known], self.unavailable_rows]))
         include = np.fromiter(filters.include_categories, np.int64)
         exclude = np.fromiter(filters.exclude_categories, np.int64)
         price_min, price_max = filters.price_min, filters.price_max
@@ -123,6 +154,20 @@ class Fallbacks:
         popular = np.argsort(-catalog.popularity, kind="stable")[:depth]
         fresh = np.argsort(-catalog.created_at, kind="stable")[:depth]
         return cls(popular.astype(np.int64), fresh.astype(np.int64))
+
+    def extended(self, catalog: Catalog, new_rows: np.ndarray, depth: int = 5000) -> Fallbacks:
+        """The lists of ``catalog`` when it is this one's catalog plus ``new_rows``: each
+        list merged with the new rows (what :meth:`build` gives, ties included, without
+        sorting the whole catalog again)."""
+        new_rows = np.asarray(new_rows, dtype=np.int64)
+        out = []
+        for rows, key in (
+            (self.popular_rows, -catalog.popularity),
+            (self.fresh_rows, -catalog.created_at),
+        ):
+            merged = np.concatenate([rows, new_rows])
+            out.append(merged[np.argsort(key[merged], kind="stable")][:depth])
+        return Fallbacks(out[0], out[1])
 
     def candidates(
         self,

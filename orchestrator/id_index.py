@@ -17,23 +17,32 @@ _MIN_DENSE = 1024  # small catalogs may be sparse and still use a table
 
 
 class IdIndex:
-    """Positions of ids in ``ids`` (unique int64, any order)."""
+    """Positions of ids in ``ids`` (unique int64, any order). Ids inside the dense span
+    go to the table; when most ids are compact and a few are not (items added since a
+    release under far-away ids: at most 10%), only those few are binary-searched."""
 
     def __init__(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.n = len(ids)
         self._table: np.ndarray | None = None
         self._sorted = self._order = np.zeros(0, dtype=np.int64)
-        if self.n and ids.min() >= 0 and ids.max() < max(DENSE_SPAN * self.n, _MIN_DENSE):
-            table = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
-            table[ids] = np.arange(self.n, dtype=np.int64)
-            if int((table >= 0).sum()) != self.n:
+        span = max(DENSE_SPAN * self.n, _MIN_DENSE)
+        inside = (ids >= 0) & (ids < span)
+        n_inside = int(inside.sum())
+        if self.n and 10 * n_inside >= 9 * self.n:  # at least 90% compact
+            table = np.full(int(ids[inside].max()) + 1, -1, dtype=np.int64)
+            rows = np.flatnonzero(inside) if n_inside < self.n else np.arange(self.n)
+            table[ids[rows]] = rows
+            if int((table >= 0).sum()) != n_inside:
                 raise ValueError("ids are not unique")
             self._table = table
+            outside = np.flatnonzero(~inside)
         else:
-            self._order = np.argsort(ids, kind="stable")
+            outside = np.arange(self.n)
+        if len(outside):
+            self._order = outside[np.argsort(ids[outside], kind="stable")]
             self._sorted = ids[self._order]
-            if self.n and np.any(self._sorted[1:] == self._sorted[:-1]):
+            if np.any(self._sorted[1:] == self._sorted[:-1]):
                 raise ValueError("ids are not unique")
 
     @property
@@ -46,12 +55,22 @@ class IdIndex:
         q = np.asarray(ids, dtype=np.int64).reshape(-1)
         if self.n == 0:
             return np.zeros(len(q), dtype=np.int64), np.zeros(len(q), dtype=bool)
-        if self._table is not None:
-            table = self._table
-            inside = (q >= 0) & (q < len(table))
-            pos = table[np.where(inside, q, 0)]
-            known = inside & (pos >= 0)
-            return np.where(known, pos, 0), known
-        i = np.minimum(np.searchsorted(self._sorted, q), self.n - 1)
+        if self._table is None:
+            return self._search(q)
+        table = self._table
+        inside = (q >= 0) & (q < len(table))
+        pos = table[np.where(inside, q, 0)]
+        known = inside & (pos >= 0)
+        pos = np.where(known, pos, 0)
+        if len(self._sorted) and not inside.all():
+            rest = ~inside
+            pos[rest], known[rest] = self._search(q[rest])
+        return pos, known
+
+    def _search(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Binary search among the ids outside the table."""
+        if len(self._sorted) == 0:
+            return np.zeros(len(q), dtype=np.int64), np.zeros(len(q), dtype=bool)
+        i = np.minimum(np.searchsorted(self._sorted, q), len(self._sorted) - 1)
         known = self._sorted[i] == q
         return np.where(known, self._order[i], 0), known

@@ -149,7 +149,7 @@ class ItemSnapshot:
     """Item features for every materialised item, as sorted ids and aligned arrays."""
 
     names: tuple[str, ...]
-    ids: np.ndarray  # int64 [M], sorted
+    ids: np.ndarray  # int64 [M], unique; sorted, then items added since the release
     matrix: np.ndarray  # float32 [M, F]
     category: np.ndarray  # int64 [M]
     created_at: np.ndarray  # float64 [M]

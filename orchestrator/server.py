@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import signal
 import time
@@ -23,6 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from exporters.item_delta import MAX_ITEMS_PER_CALL, items_from_json, parse_ids
 from orchestrator import metrics
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
@@ -46,6 +48,8 @@ from orchestrator.service import (
     ServiceUnavailable,
     UnknownItem,
 )
+from orchestrator.triton_client import TritonError
+from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -349,7 +353,17 @@ def admin_app(service: RecommendService) -> web.Application:
     ``GET /admin/releases`` — what serves (revision, arms, loaded releases, requests in
     flight per release, the last change and its outcome); ``POST /admin/reload`` — apply
     the release state now and answer with the same document once the change is done or
-    refused (the `recstack release` commands call it; the state file is watched anyway)."""
+    refused (the `recstack release` commands call it; the state file is watched anyway).
+
+    Items added between releases (exporters/item_delta.py, docs/data.md "New items"):
+    ``POST /admin/items`` ``{"items": [{"item_id": .., "category": .., ...}]}`` — checked
+    like an imported item file, embedded by each served release's item tower, persisted,
+    applied before the answer; ``POST /admin/items/unavailable`` and
+    ``/admin/items/available`` ``{"item_ids": [..]}`` — out of stock and back;
+    ``POST /admin/items/reload`` — apply segments other writers left (`recstack items`
+    calls it); ``POST /admin/items/probe`` ``{"item_ids": [..]}`` — which of them each
+    served release's retrieval finds for their own vectors (`recstack bench items`).
+    Bad input answers 400 with a JSON error naming the row and column."""
 
     async def releases(request: web.Request) -> web.Response:
         return web.json_response(service.releases())
@@ -358,9 +372,70 @@ def admin_app(service: RecommendService) -> web.Application:
         await service.sync_releases()
         return web.json_response(service.releases())
 
-    app = web.Application()
+    async def body(request: web.Request, key: str) -> Any:
+        try:
+            doc = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"request body is not JSON: {e}") from None
+        if not isinstance(doc, dict) or set(doc) != {key}:
+            raise UserError(f"request body must be a JSON object with exactly {key!r}")
+        return doc[key]
+
+    async def admin_call(request: web.Request, work: Callable[[], Awaitable[Any]]) -> web.Response:
+        try:
+            return web.json_response(await work())
+        except UserError as e:
+            return _error(400, "INVALID_ARGUMENT", str(e))
+        except TritonError as e:  # the item tower could not answer: nothing was written
+            return _error(503, "UNAVAILABLE", f"item_tower on Triton: {e}")
+
+    async def add_items(request: web.Request) -> web.Response:
+        async def work() -> Any:
+            items = items_from_json(await body(request, "items"))
+            return await asyncio.to_thread(service.add_items, items)
+
+        return await admin_call(request, work)
+
+    def marker(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            async def work() -> Any:
+                ids = parse_ids(await body(request, "item_ids"))
+                return await asyncio.to_thread(service.mark_items, ids, kind)
+
+            return await admin_call(request, work)
+
+        return handler
+
+    async def probe_items(request: web.Request) -> web.Response:
+        async def work() -> Any:
+            ids = parse_ids(await body(request, "item_ids"))
+            return {"retrieved": await asyncio.to_thread(service.probe_items, ids)}
+
+        return await admin_call(request, work)
+
+    async def reload_items(request: web.Request) -> web.Response:
+        return web.json_response({"applied": await asyncio.to_thread(service.apply_new_items)})
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except web.HTTPException as e:  # 404/405/413 as JSON too
+            return _error(e.status, e.reason.upper().replace(" ", "_"), e.text or e.reason)
+        except Exception as e:  # never aiohttp's plain-text 500
+            log.exception("admin %s %s failed", request.method, request.path)
+            return _error(500, "INTERNAL", f"{type(e).__name__}: {e}")
+
+    # A full batch of new items as JSON (~150 bytes an item) fits.
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_ITEMS_PER_CALL * 256)
     app.router.add_get("/admin/releases", releases)
     app.router.add_post("/admin/reload", reload)
+    app.router.add_post("/admin/items", add_items)
+    app.router.add_post("/admin/items/unavailable", marker("unavailable"))
+    app.router.add_post("/admin/items/available", marker("available"))
+    app.router.add_post("/admin/items/reload", reload_items)
+    app.router.add_post("/admin/items/probe", probe_items)
     return app
 
 

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from exporters.candidates import found_names, gather_found, source_names
+from exporters.item_delta import NewItems
 from orchestrator import metrics
 from orchestrator import recommender_pb2 as pb
 from orchestrator.breaker import BreakerConfig, Breakers, CircuitOpen
@@ -72,6 +73,7 @@ from orchestrator.release_router import ReleaseRouter
 from orchestrator.request import EventQuery, RecommendQuery
 from orchestrator.serving_release import ItemState, ServingRelease, UserView
 from orchestrator.triton_client import TritonError, TritonInvalidInput
+from recstack.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +225,8 @@ class RecommendService:
         self._queue_lock = threading.Lock()
         self._queued = 0
         self._service_s = 0.010
+        # One item ingestion at a time: its "ids are new" check holds until it is applied.
+        self._items_lock = threading.Lock()
         metrics.ITEM_SNAPSHOT_AGE.set_function(self._snapshot_age)
         self._export_snapshot_time()
 
@@ -245,6 +249,7 @@ class RecommendService:
         svc = cls(router, cfg, settings.max_clock_lead_days, EventLog.from_settings(settings))
         svc.start_refresh(settings.feature_refresh_s)
         svc.start_watch(settings.release_watch_s, settings.triton_watch_s)
+        svc.start_new_items_watch(settings.new_items_watch_s)
         return svc
 
     @property
@@ -323,6 +328,120 @@ class RecommendService:
                 await asyncio.to_thread(self.router.check_triton)
             except Exception as e:
                 log.warning("Triton pin check failed: %s: %s", type(e).__name__, e)
+
+    # ----------------------------------------------------------------- items added since
+    def apply_new_items(self) -> dict[str, int]:
+        """Apply every served release's new delta segments now; segments per release."""
+        return {str(rel.release_id): rel.apply_new_items() for rel in self.router.served()}
+
+    def start_new_items_watch(self, every_s: float) -> None:
+        """Poll the served releases' ``new_items/`` folders (another replica, or
+        ``recstack items`` with no orchestrator answering, may have written a segment)."""
+        if every_s > 0:
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(
+                    self._new_items_every(every_s), name="new-items"
+                )
+            )
+
+    async def _new_items_every(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await asyncio.to_thread(self.apply_new_items)
+            except Exception as e:  # never take the watcher down
+                log.warning("new-item segments not applied: %s: %s", type(e).__name__, e)
+
+    def add_items(self, items: NewItems) -> dict[str, Any]:
+        """Embed ``items`` with each served release's item tower (A/B arms each their
+        own), persist a segment per release, apply them; every check (ids new to every
+        release) passes before the first write. Blocking: call it off the event loop."""
+        from exporters.item_delta import add_to_release, refuse_known
+
+        with self._items_lock:
+            return self._add_items(items, add_to_release, refuse_known)
+
+    def _add_items(self, items: NewItems, add_to_release: Any, refuse_known: Any) -> dict[str, Any]:
+        served = self.router.served()
+        for rel in served:
+            if rel.delta_dir is None:
+                raise UserError(f"release {rel.release_id} keeps no new items (no folder)")
+            refuse_known(items, rel.catalog.contains, rel.release_id)
+        written = {}
+        t0 = time.perf_counter()
+        for rel in served:
+            path = add_to_release(
+                rel.delta_dir,  # type: ignore[arg-type]  # checked above
+                rel.manifest,
+                items,
+                rel.catalog.contains,
+                lambda inputs, rel=rel: rel.triton.item_embedding(inputs, timeout_s=60.0),
+                rel.triton.item_batch(),
+            )
+            written[str(rel.release_id)] = path.name
+        t1 = time.perf_counter()
+        self.apply_new_items()
+        t2 = time.perf_counter()
+        log.info(
+            "%d items added to releases %s: embedded and written in %.3f s, applied in %.3f s",
+            len(items),
+            sorted(written),
+            t1 - t0,
+            t2 - t1,
+        )
+        seconds = {"embed_and_write": round(t1 - t0, 4), "apply": round(t2 - t1, 4)}
+        return {"added": len(items), "segments": written, "seconds": seconds}
+
+    def probe_items(self, item_ids: np.ndarray) -> dict[str, list[int]]:
+        """Per served release, which of ``item_ids`` its retrieval finds now for a query
+        equal to the item's own vector (the index and the added items searched as a
+        request searches them, ``n_candidates`` deep, unavailable items left out): a
+        check that an item is live, for `recstack bench items` at any catalog size."""
+        out = {}
+        for rel in self.router.served():
+            state = rel.items  # one state, as a request reads it
+            catalog = state.catalog
+            rows, known = catalog.rows(item_ids)
+            ids, rows = item_ids[known], rows[known]
+            found = np.zeros(len(ids), dtype=bool)
+            if len(ids):
+                _, hits = rel.search(state, catalog.vectors(rows), self.cfg.n_candidates)
+                found = (hits == ids[:, None]).any(axis=1)
+                found &= ~np.isin(rows, catalog.unavailable_rows)
+            out[str(rel.release_id)] = [int(i) for i in ids[found]]
+        return out
+
+    def mark_items(self, item_ids: np.ndarray, kind: str) -> dict[str, Any]:
+        """Mark items ``unavailable`` (out of stock) or ``available`` again in every
+        served release, persisted and applied before this returns."""
+        from exporters.item_delta import mark
+
+        with self._items_lock:
+            return self._mark_items(item_ids, kind, mark)
+
+    def _mark_items(self, item_ids: np.ndarray, kind: str, mark: Any) -> dict[str, Any]:
+        served = self.router.served()
+        for rel in served:
+            if rel.delta_dir is None:
+                raise UserError(f"release {rel.release_id} keeps no new items (no folder)")
+            _, known = rel.catalog.rows(item_ids)
+            if not known.all():
+                raise UserError(
+                    f"item {int(item_ids[~known][0])} is not in release {rel.release_id}'s "
+                    "catalog; nothing was marked"
+                )
+        written = {
+            str(rel.release_id): mark(
+                rel.delta_dir,  # type: ignore[arg-type]  # checked above
+                rel.release_id,
+                item_ids,
+                kind,
+                rel.catalog.contains,
+            ).name
+            for rel in served
+        }
+        self.apply_new_items()
+        return {kind: len(np.unique(item_ids)), "segments": written}
 
     # ----------------------------------------------------------------- item snapshot refresh
     def refresh_features(self) -> bool:
@@ -543,7 +662,7 @@ class RecommendService:
                     degraded.append("ranking_skipped")
                 else:
                     inputs = user.rank_inputs(
-                        embedding, items, catalog.embeddings[rows], now, source_feats
+                        embedding, items, catalog.vectors(rows), now, source_feats
                     )
                     try:
                         scores = rel.triton.rank(inputs, timeout_s=budget)
@@ -593,8 +712,8 @@ class RecommendService:
         other sources."""
         catalog = state.catalog
         with clock.stage("retrieval"):
-            _, ids = rel.index.search(
-                np.asarray(embedding, dtype=np.float32), self.cfg.n_candidates
+            _, ids = rel.search(
+                state, np.asarray(embedding, dtype=np.float32), self.cfg.n_candidates
             )
             ids = ids[0]
             ann_rows, known = catalog.rows(ids[ids >= 0])

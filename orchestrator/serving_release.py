@@ -4,6 +4,7 @@ with the item snapshot, and the catalog arrays built from them."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from exporters.candidates import (
     gather,
 )
 from exporters.history import PAD
+from exporters.item_delta import delta_dir, read_segment, segment_names
 from exporters.model_config import input_names
 from exporters.rank_layout import Layout
 from exporters.release import load_manifest, release_dir
@@ -32,6 +34,7 @@ from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.embedding_cache import EmbeddingCache
 from orchestrator.faiss_index import FaissIndex
 from orchestrator.local_models import InProcessModels
+from orchestrator.new_items import AddedItems, AddedVectors, merged_search
 from orchestrator.online_features import ItemFeatures, ItemSnapshot, OnlineFeatures, UserFeatures
 from orchestrator.postprocess import PostprocessConfig
 from orchestrator.request import EventQuery
@@ -218,6 +221,8 @@ class ItemState:
     # k and the minute: computed once per key and snapshot, so a burst of shed requests
     # costs a dict lookup each instead of post-processing on the event loop.
     anonymous_answers: dict[Any, list[Any]] = field(default_factory=dict, compare=False, repr=False)
+    # Items added since the release (orchestrator/new_items.py): searched beside the index.
+    added: AddedVectors | None = None
 
     def remember_answer(self, key: Any, items: list[Any], limit: int = 1024) -> None:
         if len(self.anonymous_answers) >= limit:
@@ -243,6 +248,44 @@ class ItemState:
             embeddings=embeddings,
         )
         return cls(snapshot, catalog, Fallbacks.build(catalog), time.time())
+
+    def extended(self, added: AddedItems, metric: int = faiss.METRIC_INNER_PRODUCT) -> ItemState:
+        """This state (built from the index's rows alone) plus the items ``added`` since
+        the release: their rows appended to the catalog, their features overlaid on the
+        snapshot, their vectors searchable, the unavailable ids blocked. Costs copies of
+        the per-row arrays, no sort of the catalog (an apply at 1M items stays well
+        under a second)."""
+        if not len(added) and not len(added.unavailable):
+            return self
+        base = self.catalog
+        snapshot = added.overlay(self.snapshot)
+        feats = snapshot.lookup(added.item_ids)
+        catalog = Catalog.build(
+            item_ids=np.concatenate([base.item_ids, added.item_ids]),
+            category=np.concatenate([base.category, feats.category]),
+            price=np.concatenate([base.price, feats.columns([PRICE])[:, 0]]),
+            created_at=np.concatenate([base.created_at, feats.created_at]),
+            popularity=np.concatenate(
+                [base.popularity, -feats.columns([POPULARITY_RANK])[:, 0].astype(np.float64)]
+            ),
+            embeddings=base.embeddings,
+            added_embeddings=added.embeddings,
+            unavailable=added.unavailable,
+        )
+        new_rows = np.arange(len(base), len(catalog), dtype=np.int64)
+        # Out-of-stock added items leave the search (they would fill ANN slots that every
+        # request filters away); the index's own ones stay (filtered only).
+        offer = ~np.isin(added.item_ids, added.unavailable)
+        vectors = None
+        if added.embeddings is not None and offer.any():
+            vectors = AddedVectors.build(added.item_ids[offer], added.embeddings[offer], metric)
+        return ItemState(
+            snapshot,
+            catalog,
+            self.fallbacks.extended(catalog, new_rows),
+            time.time(),
+            added=vectors,
+        )
 
     @property
     def materialized_until(self) -> float:
@@ -274,6 +317,13 @@ class ServingRelease:
     # The same models in process (settings.model_fallback == "in_process"): answers when
     # Triton cannot (orchestrator/local_models.py); None: degrade instead.
     local: InProcessModels | None = None
+    # Items added since the release: its new_items/ folder and what was applied from it
+    # (exporters/item_delta.py, orchestrator/new_items.py); None: not followed (tests).
+    delta_dir: Path | None = None
+    added: AddedItems = field(default_factory=AddedItems)
+    # The item state of the index's rows alone (what ``items`` extends with ``added``);
+    # None: ``items`` has no additions yet and is its own base.
+    base_items: ItemState | None = None
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -293,16 +343,56 @@ class ServingRelease:
             online = self.features.online
             if not online.refresh():
                 return False
-            old = self.items
-            self.items = ItemState.build(
-                online.snapshot, old.catalog.item_ids, old.catalog.embeddings
-            )
+            old = self.base_items or self.items
+            base = ItemState.build(online.snapshot, old.catalog.item_ids, old.catalog.embeddings)
+            self.base_items = base
+            self.items = base.extended(self.added, self.index.index.metric_type)
             log.info(
                 "item snapshot refreshed: %d items (as of %s)",
                 len(self.items.snapshot.ids),
                 self.items.snapshot.as_of,
             )
             return True
+
+    def apply_new_items(self) -> int:
+        """Apply the segments written to this release's ``new_items/`` folder since the
+        last call (in write order) and swap the item state; returns how many. A segment
+        that does not load is logged and skipped (segments are checked before their
+        rename, so this is a damaged disk, not a writer in progress)."""
+        if self.delta_dir is None:
+            return 0
+        with self._refresh_lock:
+            names = [n for n in segment_names(self.delta_dir) if n not in self.added.applied]
+            if not names:
+                return 0
+            segments = []
+            for name in names:
+                try:
+                    segments.append(read_segment(self.delta_dir / name, self.index.dim))
+                except (OSError, ValueError, KeyError) as e:
+                    log.error("new-items segment %s skipped: %s", name, e)
+            base = self.base_items or self.items
+            added = self.added.with_segments(segments, base.catalog.contains)
+            added = dataclasses.replace(added, applied=added.applied | set(names))
+            t0 = time.perf_counter()
+            self.items = base.extended(added, self.index.index.metric_type)
+            self.base_items, self.added = base, added
+            log.info(
+                "release %d: %d new-item segments applied in %.3f s (%d added items, "
+                "%d unavailable)",
+                self.release_id,
+                len(names),
+                time.perf_counter() - t0,
+                len(added),
+                len(added.unavailable),
+            )
+            return len(names)
+
+    def search(
+        self, state: ItemState, queries: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The release's index and ``state``'s added items together (``(scores, ids)``)."""
+        return merged_search(self.index, state.added, queries, k)
 
     def user_embedding(self, user: UserView, timeout_s: float) -> np.ndarray:
         """The user tower's output for ``user``: from this release's cache, else Triton
@@ -392,7 +482,7 @@ class ServingRelease:
             index.search_params or "-",
             versions,
         )
-        return cls(
+        rel = cls(
             rid,
             manifest,
             index,
@@ -408,7 +498,10 @@ class ServingRelease:
             InProcessModels.for_release(settings, rid)
             if settings.model_fallback == "in_process"
             else None,
+            delta_dir(settings, rid),
         )
+        rel.apply_new_items()  # a restart (or another replica) sees what was added
+        return rel
 
     def warm_up(self, n_items: int, rounds: int = 3, probe_users: int = 32) -> None:
         """Run each model once per round before taking traffic: the first calls pay for
@@ -431,7 +524,7 @@ class ServingRelease:
             embedding = self.triton.user_embedding(user.tower_inputs(), timeout_s=30)
             self.index.search(np.asarray(embedding, dtype=np.float32), n_items)
             inputs = user.rank_inputs(
-                embedding, items, self.catalog.embeddings[rows], time.time(), source_feats
+                embedding, items, self.catalog.vectors(rows), time.time(), source_feats
             )
             self.triton.rank(inputs, timeout_s=30)
             if self.local is not None:  # onnxruntime/tl2cgen initialise on first use too

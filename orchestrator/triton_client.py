@@ -34,6 +34,7 @@ from recstack.settings import Settings
 log = logging.getLogger(__name__)
 
 USER_TOWER = "user_tower"
+ITEM_TOWER = "item_tower"
 RANK = "rank"
 
 _NUMPY: dict[str, np.dtype] = {
@@ -307,6 +308,16 @@ class TritonClient:
         """user_tower: a batch of users -> [batch, dim] embeddings."""
         out = self.infer(USER_TOWER, inputs, **kw)  # type: ignore[arg-type]
         return out[self.spec(USER_TOWER).outputs[0].name]
+
+    def item_embedding(self, inputs: Mapping[str, np.ndarray], **kw: object) -> np.ndarray:
+        """item_tower: a batch of items -> [batch, dim] embeddings (new items between
+        releases, exporters/item_delta.py)."""
+        out = self.infer(ITEM_TOWER, inputs, **kw)  # type: ignore[arg-type]
+        return out[self.spec(ITEM_TOWER).outputs[0].name]
+
+    def item_batch(self) -> int:
+        """The most items one item_tower request may carry (its config's batch limit)."""
+        return self.max_rows(ITEM_TOWER) or 1024
 
     def max_rows(self, model: str) -> int | None:
         """The most rows one request to ``model`` may carry (:func:`row_limit`)."""

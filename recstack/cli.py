@@ -173,6 +173,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(rel, "history", "exporters.release_ops:cli_history", "who changed what, when, why")
     p.add_argument("--last", type=int, default=20)
 
+    # --- items added between releases ---------------------------------------------------
+    items = groups.add_parser(
+        "items", help="add items to the served releases without retraining"
+    ).add_subparsers(dest="cmd", required=True)
+    p = _cmd(
+        items,
+        "add",
+        "exporters.item_delta:cli_add",
+        "check an item file like `data import --items`, embed it with each served release's "
+        "item_tower on Triton, persist and apply it",
+    )
+    p.add_argument("file", help="CSV or parquet: item_id[,category,brand,price,created_at]")
+    p = _cmd(
+        items, "remove", "exporters.item_delta:cli_remove", "mark items unavailable (out of stock)"
+    )
+    p.add_argument("item_ids", nargs="+", help="item ids")
+    p.add_argument("--available", action="store_true", help="back in stock instead")
+    p = _cmd(
+        items,
+        "fold",
+        "exporters.item_delta:cli_fold",
+        "write the added items into the raw item table (run before `recstack train`)",
+    )
+    p.add_argument("--release", type=int, help="whose added items (default: the live release)")
+
     # --- servers --------------------------------------------------------------------------
     serve = groups.add_parser("serve", help="run a server").add_subparsers(
         dest="cmd", required=True
@@ -250,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--release", type=int, help="default: the release state's live release")
     p.add_argument("--detach", action="store_true", help="start, wait until it serves, return")
     p.add_argument("--timeout", type=float, default=600.0, help="--detach: seconds to wait")
+    p = _cmd(
+        bench,
+        "items",
+        "loadtest.items_bench:cli",
+        "new items: ingestion throughput and latency to first retrieval (running stack)",
+    )
+    p.add_argument("--items", type=int, default=1000, help="items to add")
+    p.add_argument("--batch", type=int, default=100, help="items per POST /admin/items")
+    p.add_argument("--first-id", type=int, help="default: above every id the catalog holds")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait per batch")
+    p.add_argument("--throughput-items", type=int, default=10_000, help="items, 1,000 a call")
+    p.add_argument(
+        "--probe",
+        choices=["user", "vector"],
+        default="user",
+        help="retrieved by: an active user's recommendations, or the item's own vector",
+    )
     p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=30)

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     # API), and checks as often that Triton still has every pinned model version ready.
     release_watch_s: float = Field(default=1.0, gt=0)
     triton_watch_s: float = Field(default=2.0, ge=0)
+    # Items added between releases (exporters/item_delta.py): the orchestrator lists each
+    # served release's new_items/ folder this often and applies new segments (0: only at
+    # start and on POST /admin/items/reload, which `recstack items` calls).
+    new_items_watch_s: float = Field(default=1.0, ge=0)
     # After a change the orchestrator unloads from Triton what no served release needs.
     # Turn off where several orchestrators share one Triton and a promotion job prunes
     # (replicas started here get it off; `recstack release` then prunes, see above).

@@ -14,6 +14,9 @@ from orchestrator.id_index import IdIndex
         np.arange(5000)[::-1],  # compact: dense table
         np.arange(5000) * 7 + 3,  # span 7x the count: binary search
         np.array([5, -3, 2**40, 0]),  # negative and huge ids: binary search
+        # compact ids plus a few far away (items added since a release): table + search
+        np.concatenate([np.arange(5000), [10**12, 7 * 10**9, 60_000_000]]),
+        np.concatenate([np.arange(3000), np.arange(3000) * 1000 + 10**7]),  # half and half
     ],
 )
 def test_positions(ids: np.ndarray) -> None:
@@ -33,7 +36,14 @@ def test_dense_only_for_compact_ids() -> None:
     assert IdIndex(np.array([0, 900])).dense  # small catalogs: a table is cheap anyway
 
 
-@pytest.mark.parametrize("ids", [np.array([1, 2, 2]), np.array([10**12, 5, 10**12])])
+@pytest.mark.parametrize(
+    "ids",
+    [
+        np.array([1, 2, 2]),
+        np.array([10**12, 5, 10**12]),
+        np.concatenate([np.arange(5000), [10**12, 10**12]]),
+    ],
+)
 def test_duplicates_rejected(ids: np.ndarray) -> None:
     with pytest.raises(ValueError, match="not unique"):
         IdIndex(ids)
