@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="split_windows",
         type=int,
         help="ranker windows: requests per user the ranker learns from (default: 1 for a "
-        "time split, 3 per user)",
+        "time split, 5 per user)",
     )
     p = _cmd(groups, "evaluate", "exporters.evaluate:cli", "offline report on the test split")
     p.add_argument("--out", help="directory for report.md / report.json")

@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     split_val_last: int = Field(default=5, ge=1)
     split_test_last: int = Field(default=5, ge=1)
     # Ranker windows (exporters/split.py): requests per user the ranker learns from;
-    # None: 1 for a time split, 3 for a per-user split.
+    # None: 1 for a time split, 5 for a per-user split.
     split_windows: int | None = Field(default=None, ge=1)
     # Refit the released towers and index on every event (pipeline step refit); off:
     # release the selection run's towers (trained before the validation window).
