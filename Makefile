@@ -77,14 +77,14 @@ bench-triton: setup
 	$(BIN)/recstack bench triton
 
 # Issue 5's 1M-item benchmark end to end in its own workspace (BENCH_DIR, default /work/perf)
-# and ports (PORT_BASE, default 38000), recstack against the in-process reference (issue 13)
+# and ports (PORT_BASE, default 30000), recstack against the in-process reference (issue 13)
 # REPEATS times: docs/benchmark.md.
 bench-large: setup
 	bash loadtest/bench_large.sh
 
 # Issue 10's served-quality benchmark: leave-last-5-out on the `sparse` preset (or
 # QUALITY_ARGS="--ratings FILE"), served NDCG@10/Recall@10 vs most-popular and EASE, in its
-# own workspace (.bench-quality) and ports (39000+): docs/quality.md.
+# own workspace (.bench-quality) and ports (31000+): docs/quality.md.
 bench-quality: setup
 	$(BIN)/recstack bench quality $(QUALITY_ARGS)
 

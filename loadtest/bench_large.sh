@@ -22,7 +22,7 @@
 # Env:   BENCH_DIR (default /work/perf; falls back to ./.bench-large when not writable),
 #        PRESET (large; small or demo for a quick try), REPEATS (3),
 #        RATE (100), DURATION (60s), LOW_RATE (30), LOW_DURATION (40s), SCENARIO (steady),
-#        PORT_BASE (38000: Triton +0/+1/+2, orchestrator gRPC +51, HTTP +80, metrics +100,
+#        PORT_BASE (30000, below the ephemeral range 32768-60999: Triton +0/+1/+2, orchestrator gRPC +51, HTTP +80, metrics +100,
 #        admin +101; reference gRPC +52, HTTP +82, metrics +102, admin +103),
 #        PYSPY (path to a py-spy binary: records a flame graph of the orchestrator under
 #        load in the first repeat),
@@ -41,7 +41,7 @@ RATE="${RATE:-100}"
 DURATION="${DURATION:-60s}"
 SCENARIO="${SCENARIO:-steady}"
 PRESET="${PRESET:-large}"
-PORT_BASE="${PORT_BASE:-38000}"
+PORT_BASE="${PORT_BASE:-30000}"
 REPEATS="${REPEATS:-3}"
 case "$REPEATS" in '' | *[!0-9]* | 0) echo "REPEATS must be a positive integer" >&2; exit 2 ;; esac
 # This checkout's code, whichever checkout the virtual environment was installed from.

@@ -68,7 +68,7 @@ class QualityOptions:
     k: int = 10
     positive_min: float = 4.0
     ease_lambda: float = 250.0
-    port_base: int = 39000
+    port_base: int = 31000
     time_limit_s: float = 3600.0
     timestamp_pass: bool = True
     # A served pass with this k (the API's maximum is 200) measures how many held-out

@@ -251,7 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--positive-min", type=float, default=4.0, help="held-out positive rating")
     p.add_argument("--ease-lambda", type=float, default=250.0)
-    p.add_argument("--port-base", type=int, default=39000, help="Triton +0..2, orch. +51/+80/+100")
+    p.add_argument(
+        "--port-base",
+        type=int,
+        default=31000,
+        help="Triton +0..2, orch. +51/+80/+100 (keep below 32768)",
+    )
     p.add_argument("--time-limit", type=float, default=3600.0, help="seconds for the whole run")
     p.add_argument("--max-users", type=int, default=0, help="score only the first N (0 = all)")
     p.add_argument("--no-timestamp-pass", action="store_true", help="skip the timestamp= pass")
