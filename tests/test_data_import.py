@@ -95,9 +95,14 @@ ERRORS = {
         },
         ["inter.parquet", "row 2", "column 'timestamp'", "2200-01-01", "outside the accepted"],
     ),
-    "non-integer id": (
-        {"inter.csv": _csv(["1,2,2026-07-01,view", "1,3,2026-07-01,view", "u7,3,2026-07-01,view"])},
-        ["inter.csv", "line 4", "column 'user_id'", "'u7'", "non-negative integers"],
+    # Text ids are keys (docs/data.md "Ids"): "u7" is one, "u 7" (a space) is not.
+    "invalid id": (
+        {
+            "inter.csv": _csv(
+                ["1,2,2026-07-01,view", "u7,3,2026-07-01,view", "u 7,3,2026-07-01,view"]
+            )
+        },
+        ["inter.csv", "line 4", "column 'user_id'", "'u 7'", "not a valid id", "A-Z a-z 0-9"],
     ),
     "fractional id": (
         {"inter.csv": _csv(["1,2.5,2026-07-01,view"])},

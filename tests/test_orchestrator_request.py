@@ -58,7 +58,7 @@ def test_valid_request_round_trip() -> None:
         ({"k": 0}, "k must be in 1..200"),
         ({"k": 1_000_000}, "k must be in 1..200"),
         ({"user_id": ""}, "user_id is empty"),
-        ({"user_id": "abc"}, "non-negative integer"),
+        ({"user_id": "a bc"}, "non-negative integer or a key"),
         ({"user_id": "-3"}, "non-negative integer"),
         ({"filters": pb.Filters(include_categories=[1], exclude_categories=[1])}, "both"),
         ({"filters": pb.Filters(include_categories=[-1])}, "non-negative"),
@@ -154,13 +154,14 @@ def test_event_request_id_over_http_is_a_string_or_null() -> None:
         "１２",  # fullwidth digits
         " 12",
         "12 ",
-        "1_000",
-        "+5",
+        "+5",  # a key may not read as a signed or decimal number
+        "-5",
+        "1.5",
         "1" * 4300,  # int() of it would raise a bare ValueError
         "1" * 20,
     ],
 )
-def test_user_ids_are_ascii_digits_only(raw: str) -> None:
+def test_user_ids_are_ascii_digits_or_keys(raw: str) -> None:
     with pytest.raises(InvalidRequest, match="user_id must be a non-negative integer"):
         parse_user_id(raw)
     with pytest.raises(InvalidRequest):
