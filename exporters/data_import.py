@@ -726,6 +726,12 @@ def cli(args: argparse.Namespace) -> int:
             f"defaults for {', '.join(cols['defaulted']) or 'nothing'}; "
             f"ignored {', '.join(cols['ignored']) or 'nothing'}"
         )
+    if meta.get("id_keys"):
+        keys = dict(meta["id_keys"])  # type: ignore[call-overload]
+        print(
+            f"  string ids: {keys['users']:,} user keys, {keys['items']:,} item keys "
+            '(docs/data.md "Ids")'
+        )
     if meta.get("seen_events"):
         print(f"  ratings: every rated item counts as seen ({', '.join(meta['seen_events'])})")  # type: ignore[arg-type]
     return 0
