@@ -91,6 +91,18 @@ def read_meta(where: Settings | Path) -> dict[str, object]:
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
+def read_keys(where: Settings | Path) -> dict[str, pd.DataFrame]:
+    """The key tables (``KEY_FILES``) of the current raw data, by table name: what a
+    rewrite of the same data (events or new items folded in) passes on to
+    :func:`write_raw`, so the clients' ids survive it."""
+    raw = _raw_dir(where)
+    return {
+        name: pq.read_table(raw / file).to_pandas()
+        for name, file in KEY_FILES.items()
+        if (raw / file).exists()
+    }
+
+
 def to_arrow(name: str, df: pd.DataFrame) -> pa.Table:
     """``df`` as an Arrow table with exactly the canonical schema (column order, types)."""
     schema = TABLES[name]

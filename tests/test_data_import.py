@@ -457,3 +457,27 @@ def test_integer_ids_write_no_key_tables(settings: Settings, tmp_path: Path) -> 
     assert not list(settings.raw_dir.glob("*_keys.parquet"))
     assert "id_keys" not in read_meta(settings)
     assert read_raw(settings).interactions["user_id"].tolist() == [1, 2]
+
+
+def test_folding_logged_events_in_keeps_the_key_tables(settings: Settings, tmp_path: Path) -> None:
+    """``recstack data import-events`` rewrites the raw data: the clients' ids must stay
+    named, or the next release would answer internal ids."""
+    from datetime import UTC, datetime
+
+    from exporters.event_import import import_events
+    from orchestrator.event_log import EventLog, LogConfig
+    from orchestrator.request import EventQuery
+
+    inter = _csv(["u-1,SKU-1,2026-07-01,view", "u-2,SKU-2,2026-07-02,click"])
+    import_data(settings, _write(tmp_path / "inter.csv", inter))
+    before = {p.name: p.read_bytes() for p in settings.raw_dir.glob("*_keys.parquet")}
+    assert sorted(before) == ["item_keys.parquet", "user_keys.parquet"]
+    log = EventLog(LogConfig(settings.events_dir, flush_ms=10))
+    log.event(
+        EventQuery(key_hash("u-2"), key_hash("SKU-1"), "click", datetime(2026, 7, 3, tzinfo=UTC))
+    )
+    log.close()
+    assert import_events(settings).added == 1
+    after = {p.name: p.read_bytes() for p in settings.raw_dir.glob("*_keys.parquet")}
+    assert after == before
+    assert read_meta(settings)["id_keys"] == {"items": 2, "users": 2}

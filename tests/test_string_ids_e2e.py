@@ -137,6 +137,11 @@ def test_import_keeps_the_keys_and_the_release_carries_the_item_keys(
         release.release_dir(s, manifest["release_id"]) / manifest["item_keys"]["file"]
     )
     assert shipped.equals(keys)
+    # The key table is a served artifact: checksummed, and checked by `release validate`.
+    from exporters.release_validate import checksums
+
+    assert "item_keys.parquet" in manifest["checksums"]
+    assert checksums(s, manifest) == manifest["checksums"]
 
 
 def test_recommend_by_uuid_answers_skus_over_grpc(stack: dict[str, Any]) -> None:
