@@ -10,7 +10,6 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,8 +19,7 @@ import pytest
 from conftest import end_of_data, make_settings, port
 
 from exporters import pipeline, release
-from exporters.data_generate import PRESETS, build
-from exporters.data_import import import_data
+from exporters.data_generate import PRESETS, build, generate, item_key, user_key
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.orchestrator_process import start_orchestrator
@@ -32,27 +30,13 @@ from recstack.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-NAMESPACE = uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8")
-
-
-def user_key(user: int) -> str:
-    return str(uuid.uuid5(NAMESPACE, str(user)))
-
-
-def item_key(item: int) -> str:
-    return f"SKU-{item:06d}.A"
-
-
-def _epoch_s(ts: pd.Series) -> pd.Series:
-    return (ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta("1s")
-
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The small preset with every id replaced by a string key, imported and trained."""
-    base = tmp_path_factory.mktemp("strids")
+    """The small preset with every id replaced by a string key (``recstack data generate
+    --string-ids``: CSV files through the importer), trained by the real pipeline."""
     s = make_settings(
-        base,
+        tmp_path_factory.mktemp("strids"),
         triton_http_port=port(18600),
         triton_grpc_port=port(18601),
         triton_metrics_port=port(18602),
@@ -61,34 +45,14 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         orchestrator_metrics_port=port(18605),
         orchestrator_admin_port=port(18606),
     )
-    tables, *_ = build(PRESETS["small"], 11)
-    inter, items, users = tables.interactions, tables.items, tables.users
-    files = {
-        "interactions": pd.DataFrame(
-            {
-                "user_id": inter["user_id"].map(user_key),
-                "item_id": inter["item_id"].map(item_key),
-                "timestamp": _epoch_s(inter["timestamp"]),
-                "event": inter["event"].astype(str),
-            }
-        ),
-        "items": items.assign(
-            item_id=items["item_id"].map(item_key), created_at=_epoch_s(items["created_at"])
-        ),
-        "users": users.assign(
-            user_id=users["user_id"].map(user_key), signup_at=_epoch_s(users["signup_at"])
-        ),
-    }
-    paths = {}
-    for name, df in files.items():
-        paths[name] = base / f"{name}.csv"
-        df.to_csv(paths[name], index=False)
-    import_data(s, paths["interactions"], paths["items"], paths["users"])
+    generate(s, preset="small", seed=11, string_ids=True)
     pipeline.run(s, progress=lambda _: None)
+    tables, *_ = build(PRESETS["small"], 11)  # the same world, with its integer ids
+    inter = tables.interactions
     pos = inter[inter["event"].isin(["click", "purchase"])]
     return {
         "settings": s,
-        "skus": set(files["items"]["item_id"]),
+        "skus": {item_key(int(i)) for i in tables.items["item_id"]},
         "active": [user_key(int(u)) for u in pos["user_id"].value_counts().index[:3]],
     }
 
