@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -624,15 +627,70 @@ def build(
     return RawTables(interactions=interactions, items=items, users=users), start, END
 
 
-def generate(settings: Settings, preset: str = "demo", seed: int | None = None) -> Path:
+# The string ids of ``--string-ids`` (docs/data.md "Ids"): users become UUIDs, items SKUs.
+_USER_NAMESPACE = uuid.UUID("6ba7b811-9dad-11d1-80b4-00c04fd430c8")
+
+
+def user_key(user: int) -> str:
+    """A generated user's string id: a UUID (v5 of its integer id)."""
+    return str(uuid.uuid5(_USER_NAMESPACE, str(user)))
+
+
+def item_key(item: int) -> str:
+    """A generated item's string id: a SKU."""
+    return f"SKU-{item:06d}.A"
+
+
+def write_keyed_csv(tables: RawTables, folder: Path) -> dict[str, Path]:
+    """The tables as the CSV files a client with string ids would import: UUID users, SKU
+    items, unix-second times. Returns ``{"interactions"|"items"|"users": path}``."""
+
+    def secs(ts: pd.Series) -> pd.Series:
+        return (ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta("1s")
+
+    inter, items, users = tables.interactions, tables.items, tables.users
+    frames = {
+        "interactions": pd.DataFrame(
+            {
+                "user_id": inter["user_id"].map(user_key),
+                "item_id": inter["item_id"].map(item_key),
+                "timestamp": secs(inter["timestamp"]),
+                "event": inter["event"].astype(str),
+            }
+        ),
+        "items": items.assign(
+            item_id=items["item_id"].map(item_key), created_at=secs(items["created_at"])
+        ),
+        "users": users.assign(
+            user_id=users["user_id"].map(user_key), signup_at=secs(users["signup_at"])
+        ),
+    }
+    paths = {}
+    for name, df in frames.items():
+        paths[name] = folder / f"{name}.csv"
+        df.to_csv(paths[name], index=False)
+    return paths
+
+
+def generate(
+    settings: Settings, preset: str = "demo", seed: int | None = None, string_ids: bool = False
+) -> Path:
     """Generate the ``preset`` world with ``seed`` (default ``settings.seed``) and write it
-    atomically to ``settings.raw_dir``. Same seed and preset → identical tables."""
+    atomically to ``settings.raw_dir``. Same seed and preset → identical tables.
+    ``string_ids``: name users by UUIDs and items by SKUs, through the importer (the path a
+    client with string ids takes; marketplace presets only)."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if string_ids and isinstance(PRESETS[preset], RatingsPreset):
+        # Its ratings are already events here; imported as such, every rating would no
+        # longer count as seen (docs/data.md "Seen items").
+        raise UserError(f"--string-ids: {preset!r} is a ratings preset; use small, demo or large")
     seed = settings.seed if seed is None else seed
     t0 = time.perf_counter()
     tables, start, end = build(PRESETS[preset], seed)
     log.info("generated preset %s (seed %d) in %.1f s", preset, seed, time.perf_counter() - t0)
+    if string_ids:
+        return _import_keyed(settings, tables)
     # A ratings world is what `recstack data import` makes of ratings: every rating is a
     # consumption, and item "creation" is only the first rating (exporters/seen.py,
     # orchestrator/postprocess.py).
@@ -652,11 +710,25 @@ def generate(settings: Settings, preset: str = "demo", seed: int | None = None) 
     )
 
 
+def _import_keyed(settings: Settings, tables: RawTables) -> Path:
+    from exporters.data_import import import_data
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".keyed-", dir=settings.data_dir))
+    try:
+        paths = write_keyed_csv(tables, folder)
+        return import_data(settings, paths["interactions"], paths["items"], paths["users"])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def cli(args: argparse.Namespace) -> int:
-    """``recstack data generate [--preset P] [--seed S]``."""
+    """``recstack data generate [--preset P] [--seed S] [--string-ids]``."""
     settings = get_settings()
     t0 = time.perf_counter()
-    raw = generate(settings, preset=args.preset, seed=args.seed)
+    raw = generate(
+        settings, preset=args.preset, seed=args.seed, string_ids=getattr(args, "string_ids", False)
+    )
     meta = read_meta(raw)
     events = meta["events"]
     print(

@@ -27,9 +27,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from exporters.raw_tables import RawTables, read_meta, write_raw
+from exporters.raw_tables import KEY_COLUMNS, RawTables, read_meta, write_raw
 from exporters.schema import EVENTS
 from recstack.errors import UserError
+from recstack.ids import KEY_PATTERN, KEY_RULE, NUMBER_PATTERN, key_hash
 from recstack.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -233,8 +234,94 @@ def _matches(arr: pa.Array, pattern: str) -> np.ndarray:
     return pc.fill_null(m, False).to_numpy(zero_copy_only=False)
 
 
-def _ids(src: _Source, col: str, allow_null: bool = False, what: str = "id") -> np.ndarray:
-    """Non-negative int64 values of ``col`` (-1 where null, if ``allow_null``)."""
+class _Keys:
+    """The string ids (keys) of one kind (users or items) met in every file: internal id
+    -> key, and the integer ids seen beside them, so that two ids mapping to one internal
+    id are refused (docs/data.md "Ids")."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, str] = {}
+        self.digits: list[np.ndarray] = []  # integer-id columns (compared once keys exist)
+
+    def add(
+        self,
+        src: _Source,
+        col: str,
+        vals: np.ndarray,
+        is_key: np.ndarray,
+        distinct: tuple[list[str], np.ndarray] = ([], np.zeros(0, np.int64)),
+    ) -> None:
+        """Record ``col``'s values (``is_key``: rows whose value is a key; ``distinct``:
+        its distinct keys and their hashes); raise on the first collision, naming both
+        ids."""
+        self.digits.append(vals[~is_key] if is_key.any() else vals)
+        for key, h in zip(distinct[0], distinct[1].tolist(), strict=True):
+            other = self.keys.setdefault(h, key)
+            if other != key:
+                raise src.fail(_first(is_key & (vals == h)), col, _collision(key, other, h))
+        if not self.keys:
+            return
+        hashed = np.fromiter(self.keys, dtype=np.int64, count=len(self.keys))
+        clash = np.concatenate([hashed[np.isin(hashed, d)] for d in self.digits])
+        if clash.size:
+            h = int(clash[0])
+            raise UserError(f"{src.path}: column {col!r}: " + _collision(self.keys[h], str(h), h))
+
+    def table(self, kind: str) -> pd.DataFrame:
+        id_col, key_col = KEY_COLUMNS[kind]
+        ids = sorted(self.keys)
+        return pd.DataFrame({id_col: ids, key_col: [self.keys[i] for i in ids]})
+
+
+def _collision(key: str, other: str, h: int) -> str:
+    return (
+        f"ids {key!r} and {other!r} both map to internal id {h} (the 63-bit hash of "
+        'docs/data.md "Ids"); rename one of them'
+    )
+
+
+def _id_keys(
+    src: _Source, col: str, arr: pa.Array, null: np.ndarray, what: str, keys: _Keys
+) -> np.ndarray:
+    """A text id column holding keys: digits keep their value, keys are hashed
+    (recstack/ids.py, the rule the orchestrator applies to requests)."""
+    text = pc.utf8_trim_whitespace(arr)
+    digits = _matches(text, r"^[0-9]{1,19}$")
+    ok = digits | (_matches(text, f"^{KEY_PATTERN}$") & ~_matches(text, f"^{NUMBER_PATTERN}$"))
+    bad = ~null & ~ok
+    if bad.any():
+        pos = _first(bad)
+        raise src.fail(
+            pos, col, f"{src.value(col, pos)!r} is not a valid {what}: expected {KEY_RULE}"
+        )
+    vals = np.full(len(arr), -1, dtype=np.int64)
+    if digits.any():
+        num = pc.filter(text, pa.array(digits))
+        as_int = pc.cast(num, pa.uint64()).to_numpy()  # 19 digits fit in uint64
+        over = as_int >= 2**63
+        if over.any():
+            pos = int(np.flatnonzero(digits)[_first(over)])
+            raise src.fail(pos, col, f"{src.value(col, pos)!r} is out of range (below 2**63)")
+        vals[digits] = as_int.astype(np.int64)
+    is_key = ~null & ~digits
+    text_keys = pc.filter(text, pa.array(is_key))
+    uniq = pc.unique(text_keys).to_pylist()
+    hashes = np.fromiter((key_hash(k) for k in uniq), np.int64, len(uniq))
+    if uniq:
+        vals[is_key] = hashes[pc.index_in(text_keys, value_set=pa.array(uniq)).to_numpy()]
+    keys.add(src, col, vals, is_key, (uniq, hashes))
+    return vals
+
+
+def _ids(
+    src: _Source,
+    col: str,
+    allow_null: bool = False,
+    what: str = "id",
+    keys: _Keys | None = None,
+) -> np.ndarray:
+    """Non-negative int64 values of ``col`` (-1 where null, if ``allow_null``); with
+    ``keys``, text values may be keys too (UUIDs, SKUs), recorded there."""
     arr = src.col(col)
     null = _nulls(arr)
     if null.any() and not allow_null:
@@ -254,6 +341,8 @@ def _ids(src: _Source, col: str, allow_null: bool = False, what: str = "id") -> 
         ok[ok] = (f[ok] == np.floor(f[ok])) & (f[ok] >= 0) & (f[ok] < 2**63)
         bad = ~null & ~ok
         vals = np.where(ok & ~null, f, -1).astype(np.int64)
+    elif keys is not None and _is_text(arr) and not _matches(arr, _INT_RE)[~null].all():
+        return _id_keys(src, col, arr, null, what, keys)
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
         try:
             vals = pc.fill_null(pc.cast(pc.utf8_trim_whitespace(arr), pa.int64()), -1).to_numpy()
@@ -273,6 +362,8 @@ def _ids(src: _Source, col: str, allow_null: bool = False, what: str = "id") -> 
             col,
             f"{src.value(col, pos)!r} is not a valid {what} ({what}s are non-negative integers)",
         )
+    if keys is not None:
+        keys.add(src, col, vals, np.zeros(len(vals), dtype=bool))
     return vals
 
 
@@ -503,8 +594,9 @@ def import_data(
     isrc = _read(Path(interactions))
     columns["interactions"] = _apply_map(isrc, "interactions", maps.get("interactions", {}))
     isrc.need("user_id", "item_id", "timestamp")
-    user_ids = _ids(isrc, "user_id")
-    item_ids = _ids(isrc, "item_id")
+    user_keys, item_keys = _Keys(), _Keys()
+    user_ids = _ids(isrc, "user_id", keys=user_keys)
+    item_ids = _ids(isrc, "item_id", keys=item_keys)
     ts = _timestamps(isrc, "timestamp")
     events = _events(isrc)
     # A rating is a consumption whatever its value: every event makes the item "seen"
@@ -521,7 +613,7 @@ def import_data(
     else:
         columns["items"] = _apply_map(item_src, "items", maps.get("items", {}))
         item_src.need("item_id")
-        iids = _ids(item_src, "item_id")
+        iids = _ids(item_src, "item_id", keys=item_keys)
         _unique(item_src, "item_id", iids)
         cat, brand = _codes(item_src, "category"), _codes(item_src, "brand")
         price = _price(item_src)
@@ -542,7 +634,7 @@ def import_data(
     else:
         columns["users"] = _apply_map(user_src, "users", maps.get("users", {}))
         user_src.need("user_id")
-        uids = _ids(user_src, "user_id")
+        uids = _ids(user_src, "user_id", keys=user_keys)
         _unique(user_src, "user_id", uids)
         age, country = _codes(user_src, "age_bucket"), _codes(user_src, "country")
         signup = (
@@ -594,7 +686,21 @@ def import_data(
     }
     if seen:
         extra["seen_events"] = seen
-    return write_raw(settings, tables, source="import:" + ",".join(names), extra_meta=extra)
+    key_tables = {
+        kind: k.table(kind) for kind, k in (("items", item_keys), ("users", user_keys)) if k.keys
+    }
+    if key_tables:
+        # How many ids of each kind are keys (the rest are integers): docs/data.md "Ids".
+        extra["id_keys"] = {
+            kind: len(k.keys) for kind, k in (("items", item_keys), ("users", user_keys))
+        }
+    return write_raw(
+        settings,
+        tables,
+        source="import:" + ",".join(names),
+        extra_meta=extra,
+        keys=key_tables,
+    )
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -619,6 +725,12 @@ def cli(args: argparse.Namespace) -> int:
             f"  {kind} ({cols['file']}): used {', '.join(cols['used'])}; mapped {mapped}; "
             f"defaults for {', '.join(cols['defaulted']) or 'nothing'}; "
             f"ignored {', '.join(cols['ignored']) or 'nothing'}"
+        )
+    if meta.get("id_keys"):
+        keys = dict(meta["id_keys"])  # type: ignore[call-overload]
+        print(
+            f"  string ids: {keys['users']:,} user keys, {keys['items']:,} item keys "
+            '(docs/data.md "Ids")'
         )
     if meta.get("seen_events"):
         print(f"  ratings: every rated item counts as seen ({', '.join(meta['seen_events'])})")  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 
 from exporters.data_import import _events, _first_times, _ids, _Source, _timestamps, _utc
-from exporters.raw_tables import RawTables, read_meta, read_raw, write_raw
+from exporters.raw_tables import RawTables, read_keys, read_meta, read_raw, write_raw
 from exporters.schema import EVENTS
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
@@ -179,6 +179,7 @@ def import_events(settings: Settings, since: datetime | None = None) -> ImportSu
         start=pd.Timestamp(str(meta["start"])),
         end=end,
         extra_meta=extra,
+        keys=read_keys(settings),  # the imported data's string ids stay named
     )
     snapshot = str(read_meta(settings)["snapshot"])
     return ImportSummary(

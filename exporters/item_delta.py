@@ -452,7 +452,7 @@ def cli_remove(args: argparse.Namespace) -> int:
 def fold(settings: Settings, release_id: int | None = None) -> int:
     """Append the live release's added items to the raw item table (the next ``recstack
     train`` embeds and indexes them like any other item); returns how many were new."""
-    from exporters.raw_tables import read_meta, read_raw, write_raw
+    from exporters.raw_tables import read_keys, read_meta, read_raw, write_raw
     from exporters.release_state import load_state
 
     rid = release_id if release_id is not None else load_state(settings).live
@@ -490,10 +490,16 @@ def fold(settings: Settings, release_id: int | None = None) -> int:
     )
     meta = read_meta(settings.raw_dir)
     extra = {
-        k: v for k, v in meta.items() if k in ("import_columns", "item_created_at", "seen_events")
+        k: v
+        for k, v in meta.items()
+        if k in ("import_columns", "item_created_at", "seen_events", "id_keys")
     }
     write_raw(
-        settings, tables, source=f"{meta.get('source', 'raw')}+new_items(r{rid})", extra_meta=extra
+        settings,
+        tables,
+        source=f"{meta.get('source', 'raw')}+new_items(r{rid})",
+        extra_meta=extra,
+        keys=read_keys(settings),  # the imported data's string ids stay named
     )
     return len(frame)
 

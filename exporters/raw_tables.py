@@ -34,6 +34,10 @@ from recstack.settings import Settings
 log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
+# Key tables of data imported with string ids (exporters/data_import.py): internal int64
+# id -> the client's key, only for ids that are keys (digit ids are their own name).
+KEY_FILES = {"items": "item_keys.parquet", "users": "user_keys.parquet"}
+KEY_COLUMNS = {"items": ("item_id", "item_key"), "users": ("user_id", "user_key")}
 CODE_COLUMNS = {"items": ("category", "brand"), "users": ("age_bucket", "country")}
 
 
@@ -85,6 +89,18 @@ def read_meta(where: Settings | Path) -> dict[str, object]:
     if not path.exists():
         raise _missing(path.parent)
     return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def read_keys(where: Settings | Path) -> dict[str, pd.DataFrame]:
+    """The key tables (``KEY_FILES``) of the current raw data, by table name: what a
+    rewrite of the same data (events or new items folded in) passes on to
+    :func:`write_raw`, so the clients' ids survive it."""
+    raw = _raw_dir(where)
+    return {
+        name: pq.read_table(raw / file).to_pandas()
+        for name, file in KEY_FILES.items()
+        if (raw / file).exists()
+    }
 
 
 def to_arrow(name: str, df: pd.DataFrame) -> pa.Table:
@@ -200,8 +216,10 @@ def write_raw(
     start: pd.Timestamp | None = None,
     end: pd.Timestamp | None = None,
     extra_meta: dict[str, object] | None = None,
+    keys: dict[str, pd.DataFrame] | None = None,
 ) -> Path:
     """Write the tables and ``meta.json`` into ``settings.raw_dir`` atomically.
+    ``keys``: the key tables (``KEY_FILES``) by table name, written in the same swap.
 
     Everything is written into a temporary folder beside ``raw_dir``, read back and
     validated, then renamed over ``raw_dir``. On any failure the previous raw data stays
@@ -217,6 +235,15 @@ def write_raw(
         tmp.chmod(0o755)  # mkdtemp makes it private; the data folder is not a secret
         for name, t in arrow.items():
             pq.write_table(t, tmp / f"{name}.parquet", compression="zstd")
+        for name, df in (keys or {}).items():
+            id_col, key_col = KEY_COLUMNS[name]
+            kt = pa.table(
+                {
+                    id_col: pa.array(df[id_col], pa.int64()),
+                    key_col: pa.array(df[key_col], pa.string()),
+                }
+            )
+            pq.write_table(kt, tmp / KEY_FILES[name], compression="zstd")
         # Read back what is on disk: the snapshot describes the files, not our memory.
         written = {name: pq.read_table(tmp / f"{name}.parquet") for name in TABLES}
         validate(written)

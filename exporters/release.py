@@ -32,6 +32,9 @@ CANDIDATES_FILE = "candidates.npz"
 # in the online store once materialised, so the orchestrator can tell a user the store
 # lost from a new one (the ``features_missing`` flag, orchestrator/serving_release.py).
 USERS_FILE = "users.npy"
+# Internal item id -> the client's key, for data imported with string item ids
+# (exporters/raw_tables.py KEY_FILES); the orchestrator answers with the keys.
+ITEM_KEYS_FILE = "item_keys.parquet"
 
 # Triton model -> the work/ artifacts that make one version of it.
 MODEL_ARTIFACTS: dict[str, tuple[str, ...]] = {
@@ -186,6 +189,9 @@ def publish(settings: Settings, force_reason: str | None = None) -> int:
         shutil.copy2(candidates_src, staged / CANDIDATES_FILE)
         manifest["candidates"].update(_validate_candidates(staged, manifest["index"]))
         manifest["users"] = _write_users(settings, staged / USERS_FILE)
+        keys = _copy_item_keys(settings, staged / ITEM_KEYS_FILE)
+        if keys is not None:
+            manifest["item_keys"] = keys
         # Models last: once versions exist in the repository they are loadable, and the
         # release that names them must follow right away.
         for model, names in MODEL_ARTIFACTS.items():
@@ -222,6 +228,19 @@ def _write_users(settings: Settings, path: Path) -> dict[str, Any]:
     users = np.unique(read_table(settings, "users", ["user_id"])["user_id"].to_numpy(np.int64))
     np.save(path, users)
     return {"file": path.name, "n_users": len(users)}
+
+
+def _copy_item_keys(settings: Settings, path: Path) -> dict[str, Any] | None:
+    """The raw data's item key table as ``path`` (None: the items have integer ids)."""
+    import pyarrow.parquet as pq
+
+    from exporters.raw_tables import KEY_FILES
+
+    src = settings.raw_dir / KEY_FILES["items"]
+    if not src.exists():
+        return None
+    shutil.copy2(src, path)
+    return {"file": path.name, "n_keys": pq.read_metadata(path).num_rows}
 
 
 def _validate_index(folder: Path, index: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from exporters.model_config import load_config
 from exporters.release import (
     CANDIDATES_FILE,
     INDEX_FILES,
+    ITEM_KEYS_FILE,
     MODEL_ARTIFACTS,
     VERSION_FILE_NAMES,
     load_manifest,
@@ -77,6 +78,8 @@ def artifact_paths(settings: Settings, manifest: dict[str, Any]) -> dict[str, Pa
     paths = {name: folder / name for name in INDEX_FILES}
     if "candidates" in manifest:
         paths[CANDIDATES_FILE] = folder / manifest["candidates"]["file"]
+    if "item_keys" in manifest:  # data imported with string item ids
+        paths[ITEM_KEYS_FILE] = folder / manifest["item_keys"]["file"]
     for model, files in MODEL_ARTIFACTS.items():
         version = manifest["models"][model]
         for name in files:

@@ -3,7 +3,7 @@ and one human-readable reason per item. Pure numpy on the candidate arrays, no I
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -174,9 +174,10 @@ def reasons(
     top: Candidates,
     recent_items: Sequence[int],
     recent_categories: Sequence[int],
+    name: Callable[[int], str] = str,
 ) -> list[str]:
     """One reason per item: the user's own recent item in the same category when there is
-    one, else why the source proposed it."""
+    one (``name``: its id as the client knows it), else why the source proposed it."""
     by_category: dict[int, int] = {}
     for item, cat in zip(recent_items, recent_categories, strict=True):
         by_category.setdefault(int(cat), int(item))  # most recent first
@@ -184,7 +185,7 @@ def reasons(
     for cat, source in zip(top.categories, top.sources, strict=True):
         cat = int(cat)
         if source == "retrieval" and cat in by_category:
-            out.append(f"because you engaged with item {by_category[cat]}")
+            out.append(f"because you engaged with item {name(by_category[cat])}")
         elif source == "fresh":
             out.append(f"new in category {cat}")
         elif source == "popular":

@@ -4,8 +4,11 @@ an :class:`InvalidRequest` naming the offending field. Field names come from the
 One set of rules for both fronts (documented in docs/architecture.md, "Bad input"):
 
 - ids (user, item, category) are integers in ``[0, 2**63)`` (int64, Feast's join keys);
-  a user id travels as a string of 1..19 ASCII digits ``0-9`` (no sign, no whitespace,
-  no other Unicode digits); over HTTP, query-string integers follow the same rule and
+  a user id travels as a string: 1..19 ASCII digits ``0-9`` (no sign, no whitespace,
+  no other Unicode digits) are that integer, any other string is a key (a UUID, a SKU)
+  of 1..64 characters of ``A-Z a-z 0-9 . _ : - @ / +`` mapped by recstack/ids.py (the
+  same rule as the importer's); items may be named by such keys too (``item_key``,
+  ``exclude_item_keys``); over HTTP, query-string integers follow the digits rule and
   JSON ids must be JSON integers (not floats, booleans or strings);
 - ``k`` in 1..200; ``surface``/``device`` at most 128 characters;
 - at most 1,000 ids in each category list and 10,000 in ``exclude_item_ids``;
@@ -32,13 +35,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import recommender_pb2 as pb
+from recstack.ids import ID_LIMIT, ID_MAX_DIGITS, KEY_MAX_CHARS, InvalidId, internal_id
 
 if TYPE_CHECKING:
     from recstack.settings import Settings
 
 K_MIN, K_MAX = 1, 200
-ID_LIMIT = 2**63  # ids are int64: 0 <= id < 2**63
-ID_MAX_DIGITS = len(str(ID_LIMIT - 1))  # 19
 MAX_CATEGORIES = 1_000  # per include/exclude list
 MAX_EXCLUDE_ITEMS = 10_000
 MAX_TEXT = 128  # surface, device
@@ -60,10 +62,11 @@ HTTP_PARAMS = (
     "include_categories",
     "exclude_categories",
     "exclude_item_ids",
+    "exclude_item_keys",
     "price_min",
     "price_max",
 )
-EVENT_FIELDS = ("user_id", "item_id", "event", "timestamp", "request_id")
+EVENT_FIELDS = ("user_id", "item_id", "item_key", "event", "timestamp", "request_id")
 
 _ID_LIST = re.compile(r"[0-9]{1,19}(?:,[0-9]{1,19})*", re.ASCII)
 _PRICE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
@@ -146,22 +149,25 @@ def _ascii_digits(raw: str) -> bool:
     return raw.isascii() and raw.isdigit()
 
 
-def parse_user_id(raw: object) -> int:
-    """User ids travel as decimal strings (the proto's ``user_id``): 1..19 ASCII digits,
-    below 2**63."""
+def parse_key(raw: object, name: str) -> int:
+    """An external id as a string (recstack/ids.py): 1..19 ASCII digits below 2**63 are
+    that integer; a key (UUID, SKU) of 1..64 characters of ``A-Z a-z 0-9 . _ : - @ / +``
+    is its 63-bit hash."""
     if not isinstance(raw, str):
-        raise InvalidRequest("user_id must be a string of decimal digits")
-    if not raw:
-        raise InvalidRequest("user_id is empty")
-    if len(raw) > ID_MAX_DIGITS or not _ascii_digits(raw):
-        raise InvalidRequest(
-            f"user_id must be a non-negative integer of at most {ID_MAX_DIGITS} ASCII digits,"
-            f" got {_show(raw)}"
-        )
-    value = int(raw)
-    if value >= ID_LIMIT:
-        raise InvalidRequest("user_id is out of range (must be below 2**63)")
-    return value
+        raise InvalidRequest(f"{name} must be a string (decimal digits or a key)")
+    try:
+        return internal_id(raw, name)
+    except InvalidId as e:
+        raise InvalidRequest(f"{e}, got {_show(raw)}" if raw else str(e)) from None
+
+
+def parse_user_id(raw: object) -> int:
+    """User ids travel as strings (the proto's ``user_id``): see :func:`parse_key`."""
+    return parse_key(raw, "user_id")
+
+
+def _item_keys(raw: Iterable[str], name: str) -> list[int]:
+    return [parse_key(k, name) for k in raw]
 
 
 def _id_text(raw: str, name: str) -> int:
@@ -291,7 +297,7 @@ def from_grpc(req: pb.RecommendRequest) -> RecommendQuery:
     # len() of a repeated field is O(1): refuse oversized lists before copying them.
     _check_count("include_categories", len(f.include_categories))
     _check_count("exclude_categories", len(f.exclude_categories))
-    _check_count("exclude_item_ids", len(f.exclude_item_ids))
+    _check_count("exclude_item_ids", len(f.exclude_item_ids) + len(f.exclude_item_keys))
     ctx = req.context
     return RecommendQuery(
         user_id=parse_user_id(req.user_id),
@@ -306,7 +312,7 @@ def from_grpc(req: pb.RecommendRequest) -> RecommendQuery:
         filters=build_filters(
             list(f.include_categories),
             list(f.exclude_categories),
-            list(f.exclude_item_ids),
+            [*f.exclude_item_ids, *_item_keys(f.exclude_item_keys, "filters.exclude_item_keys")],
             f.price.min,
             f.price.max,
         ),
@@ -321,13 +327,18 @@ def event_from_grpc(
         raise InvalidRequest("event must be VIEW, CLICK or PURCHASE")
     if req.item_id < 0:
         raise InvalidRequest("item_id must be non-negative")
+    item_id = int(req.item_id)
+    if req.item_key:
+        if item_id:
+            raise InvalidRequest("give item_id or item_key, not both")
+        item_id = parse_key(req.item_key, "item_key")
     user_id = parse_user_id(req.user_id)
     now = now or datetime.now(UTC)
     when = now
     if req.HasField("timestamp"):
         when = window.check(_proto_time(req.timestamp, "timestamp"), now)
     request_id = check_request_id(req.request_id)
-    return EventQuery(user_id, int(req.item_id), EVENT_NAMES[req.event], when, request_id)
+    return EventQuery(user_id, item_id, EVENT_NAMES[req.event], when, request_id)
 
 
 # ---------------------------------------------------------------------------------- HTTP
@@ -363,6 +374,16 @@ def _id_list(raw: str, name: str) -> list[int]:
     return values
 
 
+def _key_list(raw: str) -> list[int]:
+    """Comma-separated item keys (keys hold no commas); the count is checked first."""
+    if raw == "":
+        return []
+    if len(raw) > MAX_EXCLUDE_ITEMS * (KEY_MAX_CHARS + 1):
+        raise InvalidRequest(f"filters.exclude_item_keys holds more than {MAX_EXCLUDE_ITEMS} ids")
+    _check_count("exclude_item_ids", raw.count(",") + 1)
+    return _item_keys(raw.split(","), "exclude_item_keys")
+
+
 def _price(raw: str, name: str, default: float) -> float:
     if raw == "":
         return default
@@ -391,7 +412,8 @@ def from_http(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> Recommen
         filters=build_filters(
             _id_list(p.get("include_categories", ""), "include_categories"),
             _id_list(p.get("exclude_categories", ""), "exclude_categories"),
-            _id_list(p.get("exclude_item_ids", ""), "exclude_item_ids"),
+            _id_list(p.get("exclude_item_ids", ""), "exclude_item_ids")
+            + _key_list(p.get("exclude_item_keys", "")),
             _price(p.get("price_min", ""), "price_min", 0.0),
             _price(p.get("price_max", ""), "price_max", 0.0),
         ),
@@ -428,7 +450,8 @@ def parse_json_body(raw: bytes, limit: int = MAX_EVENT_BODY_BYTES) -> Any:
 
 def event_from_http(body: Any, window: EventWindow, now: datetime | None = None) -> EventQuery:
     """Validate a ``POST /v1/events`` JSON body (already decoded by
-    :func:`parse_json_body`): ``user_id`` a digit string, ``item_id`` a JSON integer,
+    :func:`parse_json_body`): ``user_id`` a digit string or key, ``item_id`` a JSON
+    integer or ``item_key`` a string (digits or a key),
     ``event`` view/click/purchase (any case), optional ISO-8601 ``timestamp`` and
     ``request_id``."""
     if not isinstance(body, dict):
@@ -441,9 +464,14 @@ def event_from_http(body: Any, window: EventWindow, now: datetime | None = None)
     event = body.get("event", "")
     if not isinstance(event, str) or event.lower() not in EVENT_NAMES.values():
         raise InvalidRequest("event must be one of view, click, purchase")
-    if "item_id" not in body:
-        raise InvalidRequest("item_id must be an integer")
-    item_id = _json_id(body["item_id"], "item_id")
+    if "item_key" in body:
+        if "item_id" in body:
+            raise InvalidRequest("give item_id or item_key, not both")
+        item_id = parse_key(body["item_key"], "item_key")
+    elif "item_id" not in body:
+        raise InvalidRequest("item_id must be an integer (or give item_key)")
+    else:
+        item_id = _json_id(body["item_id"], "item_id")
     user_id = parse_user_id(body.get("user_id", ""))
     now = now or datetime.now(UTC)
     when = now

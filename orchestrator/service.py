@@ -166,12 +166,15 @@ class RecItem:
     # order; a fallback's own list otherwise), and whether the ranker ordered it.
     sources: tuple[str, ...] = ()
     ranked: bool = False
+    # The client's id (the imported key, e.g. a SKU); "" = the decimal digits of item_id.
+    item_key: str = ""
 
     def served(self) -> dict[str, Any]:
         """The item as answers carry it: one entry per .proto Item field, JSON-ready (the
         one place that builds it: server.to_proto/to_json, event_log.served_record)."""
         out = {name: getattr(self, name) for name in ITEM_FIELDS}
         out["sources"] = list(self.sources)
+        out["item_key"] = self.item_key or str(self.item_id)
         return out
 
 
@@ -753,10 +756,19 @@ class RecommendService:
         recent = list(user.recent_items) if user is not None else []
         rrows, rknown = catalog.rows(np.asarray(recent, dtype=np.int64))
         recent_cats = np.where(rknown, catalog.category[rrows], -1).tolist()
-        why = reasons(top, recent, recent_cats)
+        why = reasons(top, recent, recent_cats, rel.item_key)
         found = found_names(top.found) if top.found is not None else [[str(s)] for s in top.sources]
         items = [
-            RecItem(int(i), float(s), r + 1, why[r], str(src), tuple(found[r]), ranked)
+            RecItem(
+                int(i),
+                float(s),
+                r + 1,
+                why[r],
+                str(src),
+                tuple(found[r]),
+                ranked,
+                rel.item_key(int(i)),
+            )
             for r, (i, s, src) in enumerate(zip(top.item_ids, final, top.sources, strict=True))
         ]
         return RecommendResult(items=items, release=str(rel.release_id))

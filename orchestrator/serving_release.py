@@ -41,6 +41,7 @@ from orchestrator.request import EventQuery
 from orchestrator.store_watch import StoreWatch
 from orchestrator.triton_client import TritonClient
 from orchestrator.triton_server import ENSEMBLE, ENSEMBLE_VERSION, ensemble_name
+from recstack.ids import external_id
 from recstack.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,21 @@ def _release_users(folder: Path, manifest: dict[str, Any]) -> np.ndarray | None:
     return users
 
 
+def _release_item_keys(folder: Path, manifest: dict[str, Any]) -> dict[int, str]:
+    """The release's item key table (exporters/release.py ITEM_KEYS_FILE): internal id ->
+    the client's key, for items imported by key; empty for integer-id data."""
+    entry = manifest.get("item_keys")
+    if entry is None:
+        return {}
+    table = pd.read_parquet(folder / entry["file"])
+    keys = dict(zip(table["item_id"].tolist(), table["item_key"].tolist(), strict=True))
+    if len(keys) != int(entry["n_keys"]):
+        raise ValueError(
+            f"{folder / entry['file']} holds {len(keys)} item keys, the manifest {entry['n_keys']}"
+        )
+    return keys
+
+
 def _index_vectors(index: FaissIndex) -> np.ndarray:
     """The item vectors stored in the index, row-aligned with ``index.item_ids``.
 
@@ -324,7 +340,13 @@ class ServingRelease:
     # The item state of the index's rows alone (what ``items`` extends with ``added``);
     # None: ``items`` has no additions yet and is its own base.
     base_items: ItemState | None = None
+    # Internal item id -> the client's key (items imported by key; others answer digits).
+    item_keys: dict[int, str] = field(default_factory=dict)
     _refresh_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def item_key(self, item_id: int) -> str:
+        """The id the client knows ``item_id`` by (docs/data.md "Ids")."""
+        return external_id(item_id, self.item_keys)
 
     @property
     def catalog(self) -> Catalog:
@@ -500,6 +522,7 @@ class ServingRelease:
             else None,
             delta_dir(settings, rid),
         )
+        rel.item_keys = _release_item_keys(folder, manifest)
         rel.apply_new_items()  # a restart (or another replica) sees what was added
         return rel
 

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(data, "generate", "exporters.data_generate:cli", "synthetic marketplace data")
     p.add_argument("--preset", choices=["small", "demo", "large", "sparse"], default="demo")
     p.add_argument("--seed", type=int, default=None, help="default: settings.seed")
+    p.add_argument(
+        "--string-ids",
+        action="store_true",
+        help='UUID users and SKU items, imported like a client\'s (docs/data.md "Ids")',
+    )
     p = _cmd(data, "import", "exporters.data_import:cli", "import real data (CSV or parquet)")
     p.add_argument("--interactions", required=True, help="user_id,item_id,timestamp,event|rating")
     p.add_argument("--items", help="item_id[,category,brand,price,created_at]")
@@ -340,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     # --- the demo ---------------------------------------------------------------------------
     p = _cmd(groups, "demo", "recstack.demo:cli", "data -> train -> serve -> recommendations")
     p.add_argument("--preset", choices=["small", "demo", "large", "sparse"], default="demo")
+    p.add_argument(
+        "--string-ids", action="store_true", help="UUID users and SKU items (docs/data.md)"
+    )
     return parser
 
 

@@ -15,10 +15,18 @@ import pandas as pd
 from recstack.settings import Settings, get_settings
 
 
-def _data(settings: Settings, preset: str) -> None:
+def _data(settings: Settings, preset: str, string_ids: bool = False) -> None:
     from exporters.data_generate import generate
 
     meta_path = settings.raw_dir / "meta.json"
+    if string_ids:
+        t0 = time.perf_counter()
+        generate(settings, preset=preset, seed=settings.seed, string_ids=True)
+        print(
+            f"data: the {preset} preset with UUID users and SKU items, imported in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+        return
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if f"preset={preset}" in json.dumps(meta.get("source", "")):
@@ -29,10 +37,19 @@ def _data(settings: Settings, preset: str) -> None:
     print(f"data: generated the {preset} preset in {time.perf_counter() - t0:.1f} s")
 
 
-def _known_user(settings: Settings) -> int:
-    """A user with a long history: the most active one in the training data."""
+def _known_user(settings: Settings) -> str:
+    """A user with a long history: the most active one in the training data, by the id
+    the client knows (its key when the data was imported with string ids)."""
+    from exporters.raw_tables import read_keys
+
     inter = pd.read_parquet(settings.raw_dir / "interactions.parquet", columns=["user_id"])
-    return int(inter["user_id"].value_counts().index[0])
+    user = int(inter["user_id"].value_counts().index[0])
+    keys = read_keys(settings).get("users")
+    if keys is not None:
+        match = keys.loc[keys["user_id"] == user, "user_key"]
+        if len(match):
+            return str(match.iloc[0])
+    return str(user)
 
 
 def _show(title: str, reply: object, client_ms: list[float]) -> None:
@@ -43,7 +60,7 @@ def _show(title: str, reply: object, client_ms: list[float]) -> None:
     )  # type: ignore[attr-defined]
     for it in reply.items:  # type: ignore[attr-defined]
         print(
-            f"  {it.rank:2d}. item {it.item_id:>8d}  score {it.score:8.4f}  "
+            f"  {it.rank:2d}. item {it.item_key:>8}  score {it.score:8.4f}  "
             f"[{it.source}] {it.reason}"
         )
     stages = ", ".join(f"{t.stage} {t.ms:.2f}" for t in reply.timings)  # type: ignore[attr-defined]
@@ -54,7 +71,7 @@ def _show(title: str, reply: object, client_ms: list[float]) -> None:
     )
 
 
-def _query(settings: Settings, user_id: int, k: int = 10) -> None:
+def _query(settings: Settings, user_id: str, k: int = 10) -> None:
     from orchestrator import recommender_pb2 as pb
     from orchestrator import recommender_pb2_grpc as pb_grpc
 
@@ -62,7 +79,7 @@ def _query(settings: Settings, user_id: int, k: int = 10) -> None:
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         request = pb.RecommendRequest(
-            user_id=str(user_id), k=k, context=pb.Context(surface="home", device="web")
+            user_id=user_id, k=k, context=pb.Context(surface="home", device="web")
         )
         stub.Recommend(request, timeout=5)  # warm-up
         client_ms = []
@@ -74,7 +91,7 @@ def _query(settings: Settings, user_id: int, k: int = 10) -> None:
         _show(f"Recommend(user_id={user_id}, k={k})", reply, client_ms)
 
 
-def run(settings: Settings, preset: str) -> None:
+def run(settings: Settings, preset: str, string_ids: bool = False) -> None:
     """The whole demo; leaves Triton and the orchestrator running."""
     from exporters import pipeline, release
     from exporters.release_ops import promote
@@ -90,7 +107,7 @@ def run(settings: Settings, preset: str) -> None:
     ):
         if read_pid(settings, name) is None:
             require_free(ports, name)
-    _data(settings, preset)
+    _data(settings, preset, string_ids)
     pipeline.run(settings)
     report = settings.reports_dir / "report.md"
     headline = [line for line in report.read_text().splitlines() if line.startswith("**")]
@@ -109,7 +126,7 @@ def run(settings: Settings, preset: str) -> None:
     print(f"orchestrator up (pid {orch.pid}); log {orch.log_path}")
 
     _query(settings, _known_user(settings))
-    _query(settings, 999_999_999)  # never seen: cold start
+    _query(settings, "999999999")  # never seen: cold start
 
     host = settings.orchestrator_host
     print(f"""
@@ -126,6 +143,6 @@ Stop everything with: .venv/bin/recstack stop""")
 
 
 def cli(args: argparse.Namespace) -> int:
-    """``recstack demo [--preset P]``."""
-    run(get_settings(), args.preset)
+    """``recstack demo [--preset P] [--string-ids]``."""
+    run(get_settings(), args.preset, getattr(args, "string_ids", False))
     return 0

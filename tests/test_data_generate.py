@@ -225,3 +225,9 @@ def test_sparse_preset_generates_canonical_tables(settings: Settings) -> None:
     assert (raw.items["brand"] == 0).all() and (raw.items["price"] == 0).all()
     assert (raw.users["country"] == 0).all()
     assert raw.items["category"].min() >= 1
+
+
+def test_string_ids_refuse_a_ratings_preset(settings: Settings) -> None:
+    with pytest.raises(UserError, match="ratings preset"):
+        generate(settings, preset="sparse", string_ids=True)
+    assert not settings.raw_dir.exists()

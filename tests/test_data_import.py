@@ -13,6 +13,7 @@ import pytest
 from exporters.data_import import import_data
 from exporters.raw_tables import read_meta, read_raw
 from recstack.errors import UserError
+from recstack.ids import key_hash
 from recstack.settings import Settings
 
 GOOD = "user_id,item_id,timestamp,event\n1,10,2026-07-01T00:00:00Z,view\n2,11,1782864000,click\n"
@@ -95,9 +96,41 @@ ERRORS = {
         },
         ["inter.parquet", "row 2", "column 'timestamp'", "2200-01-01", "outside the accepted"],
     ),
-    "non-integer id": (
-        {"inter.csv": _csv(["1,2,2026-07-01,view", "1,3,2026-07-01,view", "u7,3,2026-07-01,view"])},
-        ["inter.csv", "line 4", "column 'user_id'", "'u7'", "non-negative integers"],
+    # Text ids are keys (docs/data.md "Ids"): "u7" is one, "u 7" (a space) is not.
+    "invalid id": (
+        {
+            "inter.csv": _csv(
+                ["1,2,2026-07-01,view", "u7,3,2026-07-01,view", "u 7,3,2026-07-01,view"]
+            )
+        },
+        ["inter.csv", "line 4", "column 'user_id'", "'u 7'", "not a valid id", "A-Z a-z 0-9"],
+    ),
+    "id too long": (
+        {"inter.csv": _csv(["1,2,2026-07-01,view", "u" * 65 + ",3,2026-07-01,view"])},
+        ["inter.csv", "line 3", "column 'user_id'", "1..64 characters"],
+    ),
+    "control character in id": (
+        {"inter.csv": _csv(["1,SKU-1,2026-07-01,view", "1,SKU\x072,2026-07-01,view"])},
+        ["inter.csv", "line 3", "column 'item_id'", "'SKU\\x072'", "not a valid id"],
+    ),
+    "non-ASCII id": (
+        {"inter.csv": _csv(["1,2,2026-07-01,view", "usér,3,2026-07-01,view"])},
+        ["inter.csv", "line 3", "column 'user_id'", "'usér'", "A-Z a-z 0-9"],
+    ),
+    "signed id among keys": (
+        {"inter.csv": _csv(["u1,2,2026-07-01,view", "+3,3,2026-07-01,view"])},
+        ["inter.csv", "line 3", "column 'user_id'", "'+3'", "not a signed or decimal number"],
+    ),
+    "key and integer id collide": (
+        {"inter.csv": _csv(["u1,2,2026-07-01,view", f"{key_hash('u1')},3,2026-07-01,view"])},
+        ["inter.csv", "column 'user_id'", "'u1'", str(key_hash("u1")), "both map to internal id"],
+    ),
+    "unknown item key": (
+        {
+            "inter.csv": _csv(["1,SKU-1,2026-07-01,view", "1,SKU-9,2026-07-01,view"]),
+            "items.csv": "item_id,category\nSKU-1,1\nSKU-2,2\n",
+        },
+        ["inter.csv", "line 3", "column 'item_id'", "items.csv"],
     ),
     "fractional id": (
         {"inter.csv": _csv(["1,2.5,2026-07-01,view"])},
@@ -386,3 +419,65 @@ def test_extra_columns_are_reported_or_mapped(settings: Settings, tmp_path: Path
         )
     with pytest.raises(UserError, match="not a column of users"):
         parse_column_maps(["users:age=height"])
+
+
+def test_string_ids_are_hashed_and_their_keys_kept(settings: Settings, tmp_path: Path) -> None:
+    """UUID users and SKU items beside integer ids: digits keep their value, keys become
+    their documented hash, and the key tables name every key (docs/data.md "Ids")."""
+    uuid_a, uuid_b = "550e8400-e29b-41d4-a716-446655440000", "6BA7B811-9DAD-11D1-80B4-00C04FD430C8"
+    inter = _write(
+        tmp_path / "inter.csv",
+        _csv(
+            [
+                f"{uuid_a},SKU-1,2026-07-01,view",
+                f"{uuid_b},sku/2@b:x+y_z,2026-07-02,click",
+                "42, 7 ,2026-07-03,purchase",
+                f" {uuid_a} ,SKU-1,2026-07-04,click",
+            ]
+        ),
+    )
+    items = _write(tmp_path / "items.csv", "item_id,category\nSKU-1,1\nsku/2@b:x+y_z,2\n7,1\n")
+    import_data(settings, inter, items)
+    raw = read_raw(settings)
+    want_users = [key_hash(uuid_a), key_hash(uuid_b), 42, key_hash(uuid_a)]
+    assert raw.interactions["user_id"].tolist() == want_users
+    assert set(raw.items["item_id"]) == {key_hash("SKU-1"), key_hash("sku/2@b:x+y_z"), 7}
+    item_keys = pd.read_parquet(settings.raw_dir / "item_keys.parquet")
+    assert dict(zip(item_keys["item_key"], item_keys["item_id"], strict=True)) == {
+        "SKU-1": key_hash("SKU-1"),
+        "sku/2@b:x+y_z": key_hash("sku/2@b:x+y_z"),
+    }
+    user_keys = pd.read_parquet(settings.raw_dir / "user_keys.parquet")
+    assert sorted(user_keys["user_key"]) == sorted([uuid_a, uuid_b])  # case is kept
+    assert read_meta(settings)["id_keys"] == {"items": 2, "users": 2}
+
+
+def test_integer_ids_write_no_key_tables(settings: Settings, tmp_path: Path) -> None:
+    import_data(settings, _write(tmp_path / "inter.csv", GOOD))
+    assert not list(settings.raw_dir.glob("*_keys.parquet"))
+    assert "id_keys" not in read_meta(settings)
+    assert read_raw(settings).interactions["user_id"].tolist() == [1, 2]
+
+
+def test_folding_logged_events_in_keeps_the_key_tables(settings: Settings, tmp_path: Path) -> None:
+    """``recstack data import-events`` rewrites the raw data: the clients' ids must stay
+    named, or the next release would answer internal ids."""
+    from datetime import UTC, datetime
+
+    from exporters.event_import import import_events
+    from orchestrator.event_log import EventLog, LogConfig
+    from orchestrator.request import EventQuery
+
+    inter = _csv(["u-1,SKU-1,2026-07-01,view", "u-2,SKU-2,2026-07-02,click"])
+    import_data(settings, _write(tmp_path / "inter.csv", inter))
+    before = {p.name: p.read_bytes() for p in settings.raw_dir.glob("*_keys.parquet")}
+    assert sorted(before) == ["item_keys.parquet", "user_keys.parquet"]
+    log = EventLog(LogConfig(settings.events_dir, flush_ms=10))
+    log.event(
+        EventQuery(key_hash("u-2"), key_hash("SKU-1"), "click", datetime(2026, 7, 3, tzinfo=UTC))
+    )
+    log.close()
+    assert import_events(settings).added == 1
+    after = {p.name: p.read_bytes() for p in settings.raw_dir.glob("*_keys.parquet")}
+    assert after == before
+    assert read_meta(settings)["id_keys"] == {"items": 2, "users": 2}

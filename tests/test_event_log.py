@@ -215,7 +215,9 @@ def test_answers_and_the_log_carry_the_same_item_fields() -> None:
     from orchestrator import recommender_pb2 as pb
     from orchestrator.server import to_json, to_proto
 
-    item = RecItem(123, 0.25, 2, "because you bought 7", "retrieval", ("retrieval", "fresh"), True)
+    item = RecItem(
+        123, 0.25, 2, "because you bought 7", "retrieval", ("retrieval", "fresh"), True, "SKU-1"
+    )
     result = RecommendResult(items=[item], release="3")
     names = [f.name for f in pb.Item.DESCRIPTOR.fields]
     proto = MessageToDict(to_proto(result).items[0], preserving_proto_field_name=True)
@@ -227,3 +229,6 @@ def test_answers_and_the_log_carry_the_same_item_fields() -> None:
     [logged] = el.served_record(0, q, result)["items"]
     assert logged == [answered[f] for f in el.LOGGED_ITEM_FIELDS]
     assert json.loads(json.dumps(logged)) == logged  # JSON-ready as built
+    # An item without a key (integer ids) is named by its digits.
+    plain = dataclasses.replace(item, item_key="")
+    assert to_proto(RecommendResult(items=[plain], release="3")).items[0].item_key == "123"

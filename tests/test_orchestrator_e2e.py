@@ -126,6 +126,8 @@ def test_recommend_known_user_over_grpc(
     assert {"user_features", "user_tower", "retrieval", "ranking", "postprocess"} <= stages
     assert all(i.reason for i in reply.items)
     assert set(ids) <= set(tables["items"].index)
+    # Integer-id data: items are named by their digits (docs/data.md "Ids").
+    assert [i.item_key for i in reply.items] == [str(i) for i in ids]
     scores = [i.score for i in reply.items]
     assert scores == sorted(scores, reverse=True)
     # Ranked, and each item says which candidate sources found it (issue 15).

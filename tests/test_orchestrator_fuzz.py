@@ -36,6 +36,7 @@ from orchestrator.request import (
     from_http,
     parse_json_body,
 )
+from recstack.ids import KEY_PATTERN
 from recstack.settings import Settings
 
 WINDOW = EventWindow.from_settings(Settings())
@@ -70,7 +71,10 @@ def mostly(valid: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> st.Sea
 
 
 ID = st.integers(0, 2**63 - 1)
-user_ids = mostly(ID.map(str), tricky_text)
+# Client keys (UUIDs, SKUs; recstack/ids.py): valid ones, and near misses.
+KEY = st.from_regex(KEY_PATTERN, fullmatch=True)
+user_ids = mostly(ID.map(str) | KEY, tricky_text)
+key_lists = mostly(st.lists(KEY, max_size=4), st.lists(tricky_text, max_size=3))
 id_lists = mostly(
     st.lists(ID, max_size=8),
     st.one_of(
@@ -95,6 +99,7 @@ def recommend_requests(draw: st.DrawFn) -> pb.RecommendRequest:
         include_categories=draw(id_lists),
         exclude_categories=draw(st.lists(mostly(st.integers(2**62, 2**63 - 1), INT64), max_size=4)),
         exclude_item_ids=draw(id_lists),
+        exclude_item_keys=draw(key_lists),
         price=pb.PriceRange(
             min=price_min,
             max=draw(mostly(st.just(0.0) | st.floats(1000, 2000), st.floats())),
@@ -117,6 +122,7 @@ def event_requests(draw: st.DrawFn) -> pb.RecordEventRequest:
     return pb.RecordEventRequest(
         user_id=draw(user_ids),
         item_id=draw(mostly(ID, INT64)),
+        item_key=draw(mostly(st.just(""), KEY | tricky_text)),
         event=draw(mostly(st.integers(1, 3), st.integers(-5, 5))),
         timestamp=draw(timestamps),
     )
@@ -132,6 +138,7 @@ def _query_value(name: str) -> st.SearchStrategy[str]:
         "include_categories": st.lists(ID.map(str), max_size=5).map(",".join),
         "exclude_categories": st.just(""),
         "exclude_item_ids": st.lists(ID.map(str), max_size=5).map(",".join),
+        "exclude_item_keys": st.lists(KEY, max_size=5).map(",".join),
         "price_min": st.decimals(0, 100, places=2).map(str),
         "price_max": st.decimals(100, 200, places=2).map(str),
     }

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -24,6 +26,7 @@ from orchestrator.request import (
     parse_json_body,
     parse_user_id,
 )
+from recstack.ids import key_hash
 from recstack.settings import Settings
 
 WINDOW = EventWindow(max_future_s=300, max_age_s=86_400)
@@ -58,7 +61,7 @@ def test_valid_request_round_trip() -> None:
         ({"k": 0}, "k must be in 1..200"),
         ({"k": 1_000_000}, "k must be in 1..200"),
         ({"user_id": ""}, "user_id is empty"),
-        ({"user_id": "abc"}, "non-negative integer"),
+        ({"user_id": "a bc"}, "non-negative integer or a key"),
         ({"user_id": "-3"}, "non-negative integer"),
         ({"filters": pb.Filters(include_categories=[1], exclude_categories=[1])}, "both"),
         ({"filters": pb.Filters(include_categories=[-1])}, "non-negative"),
@@ -154,13 +157,14 @@ def test_event_request_id_over_http_is_a_string_or_null() -> None:
         "１２",  # fullwidth digits
         " 12",
         "12 ",
-        "1_000",
-        "+5",
+        "+5",  # a key may not read as a signed or decimal number
+        "-5",
+        "1.5",
         "1" * 4300,  # int() of it would raise a bare ValueError
         "1" * 20,
     ],
 )
-def test_user_ids_are_ascii_digits_only(raw: str) -> None:
+def test_user_ids_are_ascii_digits_or_keys(raw: str) -> None:
     with pytest.raises(InvalidRequest, match="user_id must be a non-negative integer"):
         parse_user_id(raw)
     with pytest.raises(InvalidRequest):
@@ -423,3 +427,75 @@ def test_event_window_comes_from_settings() -> None:
 def test_events_without_timestamp_are_now() -> None:
     e = event_from_grpc(pb.RecordEventRequest(user_id="1", item_id=1, event=pb.VIEW), WINDOW, NOW)
     assert e.timestamp == NOW
+
+
+# ------------------------------------------------------------------------ string ids
+
+
+def test_keys_name_users_and_items_like_the_importer() -> None:
+    """Keys (UUIDs, SKUs) map by recstack/ids.py, digits stay integers (docs/data.md)."""
+    uuid = "550e8400-e29b-41d4-a716-446655440000"
+    q = from_grpc(
+        _req(user_id=uuid, filters=pb.Filters(exclude_item_ids=[5], exclude_item_keys=["SKU-1"]))
+    )
+    assert q.user_id == key_hash(uuid)
+    assert q.filters.exclude_item_ids == {5, key_hash("SKU-1")}
+    h = from_http({"user_id": uuid, "exclude_item_keys": "SKU-1,SKU-2", "exclude_item_ids": "5"})
+    assert h.user_id == q.user_id
+    assert h.filters.exclude_item_ids == {5, key_hash("SKU-1"), key_hash("SKU-2")}
+    e = event_from_grpc(pb.RecordEventRequest(user_id="7", item_key="SKU-1", event=pb.VIEW), WINDOW)
+    assert (e.user_id, e.item_id) == (7, key_hash("SKU-1"))
+    e = event_from_http({"user_id": uuid, "item_key": "42", "event": "click"}, WINDOW)
+    assert (e.user_id, e.item_id) == (key_hash(uuid), 42)
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (
+            lambda: from_grpc(_req(filters=pb.Filters(exclude_item_keys=["a b"]))),
+            "filters.exclude_item_keys must be",
+        ),
+        (
+            lambda: from_http({"user_id": "1", "exclude_item_keys": "SKU-1,,SKU-2"}),
+            "exclude_item_keys is empty",
+        ),
+        (
+            lambda: from_http({"user_id": "1", "exclude_item_keys": "x," * MAX_EXCLUDE_ITEMS}),
+            "at most",
+        ),
+        (
+            lambda: from_grpc(
+                _req(
+                    filters=pb.Filters(
+                        exclude_item_ids=[1] * MAX_EXCLUDE_ITEMS, exclude_item_keys=["a"]
+                    )
+                )
+            ),
+            "at most",
+        ),
+        (
+            lambda: event_from_grpc(
+                pb.RecordEventRequest(user_id="1", item_id=3, item_key="a", event=pb.VIEW), WINDOW
+            ),
+            "not both",
+        ),
+        (
+            lambda: event_from_http(
+                {"user_id": "1", "item_id": 3, "item_key": "a", "event": "view"}, WINDOW
+            ),
+            "not both",
+        ),
+        (
+            lambda: event_from_http({"user_id": "1", "item_key": 3, "event": "view"}, WINDOW),
+            "item_key must be a string",
+        ),
+        (
+            lambda: event_from_http({"user_id": "1", "item_key": "é", "event": "view"}, WINDOW),
+            "item_key must be",
+        ),
+    ],
+)
+def test_bad_keys_are_refused_naming_the_field(call: Any, needle: str) -> None:
+    with pytest.raises(InvalidRequest, match=re.escape(needle)):
+        call()

@@ -56,6 +56,7 @@ def release() -> SimpleNamespace:
         data_end=float("inf"),
         sources=None,  # no candidate sources, hence no cold-start segments
         close=lambda: None,
+        item_key=str,  # integer ids: items are named by their digits
     )
 
 
