@@ -50,7 +50,7 @@ $(RUN)/nginx.stamp:
 
 # --- the two commands --------------------------------------------------------------------
 demo: setup
-	$(BIN)/recstack demo --preset $(PRESET)
+	$(BIN)/recstack demo --preset $(PRESET) $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/ruff check .
