@@ -237,6 +237,29 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return reply
 
 
+def _json_errors(admin: bool) -> Any:
+    """The HTTP fronts' middleware: every error is a JSON body, never aiohttp's plain
+    text. Unexpected failures: the public front maps them like gRPC does
+    (:func:`_status_of`: a generic message, one log line); the admin port, reached only by
+    operators, answers with the exception and logs its traceback."""
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except web.HTTPException as e:  # 404/405/413 as JSON too
+            return _error(e.status, e.reason.upper().replace(" ", "_"), e.text or e.reason)
+        except Exception as e:
+            if admin:
+                log.exception("admin %s %s failed", request.method, request.path)
+                return _error(500, "INTERNAL", f"{type(e).__name__}: {e}")
+            _, http_status, message = _status_of(f"http {request.method} {request.path}", e)
+            return _error(http_status, "INTERNAL", message)
+
+    return json_errors
+
+
 def _error(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -330,18 +353,9 @@ def http_app(
         }
         return web.json_response(body, status=503 if drain.started else 200)
 
-    @web.middleware
-    async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            response: web.StreamResponse = await handler(request)
-            return response
-        except web.HTTPException as e:  # 404/405/413 as JSON too
-            return _error(e.status, e.reason.upper().replace(" ", "_"), e.text or e.reason)
-        except Exception as e:  # never aiohttp's plain-text 500
-            _, http_status, message = _status_of(f"http {request.method} {request.path}", e)
-            return _error(http_status, "INTERNAL", message)
-
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.request_max_bytes)
+    app = web.Application(
+        middlewares=[_json_errors(admin=False)], client_max_size=settings.request_max_bytes
+    )
     app.router.add_get("/v1/recommendations", recommendations)
     app.router.add_post("/v1/events", events)
     app.router.add_get("/healthz", health)
@@ -416,19 +430,10 @@ def admin_app(service: RecommendService) -> web.Application:
     async def reload_items(request: web.Request) -> web.Response:
         return web.json_response({"applied": await asyncio.to_thread(service.apply_new_items)})
 
-    @web.middleware
-    async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            response: web.StreamResponse = await handler(request)
-            return response
-        except web.HTTPException as e:  # 404/405/413 as JSON too
-            return _error(e.status, e.reason.upper().replace(" ", "_"), e.text or e.reason)
-        except Exception as e:  # never aiohttp's plain-text 500
-            log.exception("admin %s %s failed", request.method, request.path)
-            return _error(500, "INTERNAL", f"{type(e).__name__}: {e}")
-
     # A full batch of new items as JSON (~150 bytes an item) fits.
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_ITEMS_PER_CALL * 256)
+    app = web.Application(
+        middlewares=[_json_errors(admin=True)], client_max_size=MAX_ITEMS_PER_CALL * 256
+    )
     app.router.add_get("/admin/releases", releases)
     app.router.add_post("/admin/reload", reload)
     app.router.add_post("/admin/items", add_items)
