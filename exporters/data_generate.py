@@ -643,10 +643,16 @@ def item_key(item: int) -> str:
 
 def write_keyed_csv(tables: RawTables, folder: Path) -> dict[str, Path]:
     """The tables as the CSV files a client with string ids would import: UUID users, SKU
-    items, unix-second times. Returns ``{"interactions"|"items"|"users": path}``."""
+    items, ISO-8601 UTC times to the microsecond. Returns ``{"interactions"|"items"|"users":
+    path}``.
+
+    Full precision, not unix seconds: whole seconds put a session's view and click in the
+    same second, and the world differed from the integer-id one by more than its ids (the
+    string-id demo's gate margin was 1.03-1.04x against 1.10x; with these times the two
+    imports hold the same events)."""
 
     def secs(ts: pd.Series) -> pd.Series:
-        return (ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta("1s")
+        return ts.dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     inter, items, users = tables.interactions, tables.items, tables.users
     frames = {
