@@ -38,6 +38,7 @@ import pyarrow as pa
 from exporters import data_import as di
 from exporters.tower_inputs import item_inputs, take
 from recstack.errors import UserError
+from recstack.ids import ID_LIMIT, InvalidId, internal_id
 from recstack.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class NewItems:
     price: np.ndarray  # float64
     created_at: np.ndarray  # float64 unix seconds
     where: Callable[[int], str]
+    # The client's id of each row when it was a key (UUID, SKU; recstack/ids.py), else "".
+    item_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.str_))
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -79,6 +82,11 @@ class NewItems:
 
     def fail(self, row: int, column: str, problem: str) -> UserError:
         return UserError(f"{self.source}: {self.where(row)}, column {column!r}: {problem}")
+
+    def name(self, row: int) -> str:
+        """Row ``row``'s id as the client wrote it."""
+        key = str(self.item_keys[row]) if len(self.item_keys) else ""
+        return repr(key) if key else str(int(self.item_ids[row]))
 
 
 def _no_labels(src: Any, col: str) -> None:
@@ -105,7 +113,8 @@ def _validate(src: Any, now: float | None = None) -> NewItems:
     """The importer's item checks on one source (di._Source)."""
     di._apply_map(src, "items", {})  # logs the columns it ignores
     src.need("item_id")
-    ids = di._ids(src, "item_id")
+    keys = di._Keys()
+    ids = di._ids(src, "item_id", what="item id", keys=keys)
     di._unique(src, "item_id", ids)
     for col in ("category", "brand"):
         _no_labels(src, col)
@@ -120,7 +129,21 @@ def _validate(src: Any, now: float | None = None) -> NewItems:
     # An item without a creation time is created now: it exists from its ingestion on.
     created = np.where(created_us == di._NAT, now, created_us / 1e6)
     return NewItems(
-        str(src.path), ids, category, brand, price, created.astype(np.float64), src.where
+        str(src.path),
+        ids,
+        category,
+        brand,
+        price,
+        created.astype(np.float64),
+        src.where,
+        item_keys=key_column(ids, keys.keys),
+    )
+
+
+def key_column(item_ids: np.ndarray, keys: Mapping[int, str]) -> np.ndarray:
+    """Each id's key ("" for an integer id), aligned with ``item_ids``."""
+    return np.array(
+        [keys.get(int(i), "") for i in item_ids] if keys else [""] * len(item_ids), dtype=np.str_
     )
 
 
@@ -146,7 +169,9 @@ def items_from_json(rows: object, source: str = "request body") -> NewItems:
         for key, value in row.items():
             text = None if value is None else str(value)
             if isinstance(value, bool | dict | list):
-                text = repr(value)  # never a number: refused by the column's check
+                # Never a number nor a key ("<" is outside the key charset): refused by
+                # the column's check, whatever the column.
+                text = f"<{type(value).__name__} {value!r}>"
             columns[str(key).strip().lower()][i] = text
     table = pa.table({k: pa.array(v, pa.string()) for k, v in columns.items()})
     return _validate(di._Source(Path(source), table, is_csv=False))
@@ -163,7 +188,7 @@ def refuse_known(
         raise items.fail(
             pos,
             "item_id",
-            f"item {int(items.item_ids[pos])} is already in release {release_id}'s catalog "
+            f"item {items.name(pos)} is already in release {release_id}'s catalog "
             "(only new items can be added; mark it unavailable/available instead)",
         )
 
@@ -182,6 +207,9 @@ class Segment:
     created_at: np.ndarray  # float64 unix s
     embeddings: np.ndarray  # float32 [n, dim] (add only)
     written_at: float  # unix s, when the segment became visible (latency measurements)
+    # Added items' keys ("" for integer ids; add only). Absent from segments written
+    # before string ids: read as all "".
+    item_keys: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.str_))
 
 
 def delta_dir(settings: Settings, release_id: int) -> Path:
@@ -207,7 +235,7 @@ def _check(seg: Segment, dim: int | None) -> None:
         raise ValueError(f"segment {seg.name}: item ids are not unique non-negative integers")
     if seg.kind != "add":
         return
-    for col in ("category", "brand", "price", "created_at"):
+    for col in ("category", "brand", "price", "created_at", "item_keys"):
         if len(getattr(seg, col)) != n:
             raise ValueError(
                 f"segment {seg.name}: {col} has {len(getattr(seg, col))} rows, not {n}"
@@ -233,6 +261,11 @@ def read_segment(path: Path, dim: int | None = None) -> Segment:
             created_at=z["created_at"].astype(np.float64),
             embeddings=z["embeddings"].astype(np.float32),
             written_at=float(z["written_at"]),
+            item_keys=(
+                z["item_keys"].astype(np.str_)
+                if "item_keys" in z.files
+                else np.full(len(z["item_ids"]) if str(z["kind"]) == "add" else 0, "", np.str_)
+            ),
         )
     _check(seg, dim)
     return seg
@@ -260,6 +293,7 @@ def write_segment(
         "embeddings": np.zeros((0, 0), np.float32)
         if embeddings is None
         else np.ascontiguousarray(embeddings, dtype=np.float32),
+        "item_keys": _keys_of(items) if items is not None else np.zeros(0, np.str_),
     }
     try:
         with open(tmp, "wb") as f:
@@ -279,6 +313,12 @@ def write_segment(
     finally:
         os.close(fd)
     return final
+
+
+def _keys_of(items: NewItems) -> np.ndarray:
+    if len(items.item_keys) == len(items):
+        return items.item_keys.astype(np.str_)
+    return np.full(len(items), "", np.str_)
 
 
 def added_ids(settings: Settings, release_id: int) -> np.ndarray:
@@ -330,37 +370,183 @@ def add_to_release(
     return write_segment(folder, "add", items.item_ids, items, emb)
 
 
-def mark(
-    folder: Path,
-    release_id: int,
-    item_ids: np.ndarray,
-    kind: str,
-    known: np.ndarray | Callable[[np.ndarray], np.ndarray],
-) -> Path:
+Known = np.ndarray | Callable[[np.ndarray], np.ndarray]
+
+
+def refuse_unknown(
+    item_ids: np.ndarray, known: Mapping[int, Known], given: Sequence[object] | None = None
+) -> None:
+    """Refuse ids some release's catalog (``known`` by release id: its ids, or a mask
+    function) does not hold, naming the first as the client wrote it (``given``: the raw
+    values ``item_ids`` were parsed from). Every release is checked before any is marked."""
+    for rid, k in known.items():
+        held = k(item_ids) if callable(k) else np.isin(item_ids, k)
+        if not held.all():
+            pos = int(np.flatnonzero(~held)[0])
+            name = given[pos] if given is not None else int(item_ids[pos])
+            raise UserError(
+                f"item {name} is not in release {rid}'s catalog ({int((~held).sum())} unknown "
+                "ids); nothing was marked"
+            )
+
+
+def mark(folder: Path, release_id: int, item_ids: np.ndarray, kind: str, known: Known) -> Path:
     """Write an ``unavailable``/``available`` segment; ids must be in the catalog."""
     if kind not in ("unavailable", "available"):
         raise ValueError(f"kind must be unavailable or available, got {kind!r}")
     ids = np.unique(np.asarray(item_ids, dtype=np.int64))
-    missing = ids[~(known(ids) if callable(known) else np.isin(ids, known))]
-    if len(missing):
-        raise UserError(
-            f"item {int(missing[0])} is not in release {release_id}'s catalog "
-            f"({len(missing)} unknown ids); nothing was marked"
-        )
+    refuse_unknown(ids, {release_id: known})
     return write_segment(folder, kind, ids)
 
 
 def parse_ids(values: Sequence[object], source: str = "item_ids") -> np.ndarray:
-    """Item ids from the command line or a JSON list: non-negative integers."""
+    """Item ids from the command line or a JSON list: non-negative integers (JSON numbers
+    or digits) or the catalog's keys (SKUs; recstack/ids.py's rule, hashed as on import)."""
     if not isinstance(values, list | tuple) or not values:
         raise UserError(f"{source}: expected a non-empty list of item ids")
     out = []
     for i, v in enumerate(values):
-        text = str(v).strip() if not isinstance(v, bool) else ""
-        if not re.fullmatch(r"\d{1,18}", text):
-            raise UserError(f"{source}[{i}]: {v!r} is not an item id (a non-negative integer)")
-        out.append(int(text))
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            raise UserError(f"{source}[{i}]: {v!r} is not an item id (an integer or a key)")
+        try:
+            out.append(v if isinstance(v, int) and v >= 0 else internal_id(str(v).strip()))
+        except InvalidId as e:
+            raise UserError(f"{source}[{i}]: {v!r}: {e}") from None
+        if out[-1] >= ID_LIMIT:
+            raise UserError(f"{source}[{i}]: {v!r} is out of range (below 2**63)")
     return np.asarray(out, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- carrying
+@dataclass
+class Replayed:
+    """A release's segments replayed in order: its added items (first add of an id wins,
+    as the orchestrator applies them) and the ids out of stock at the end."""
+
+    added: NewItems
+    unavailable: set[int]
+
+
+def replay(folder: Path, source: str) -> Replayed:
+    segs = [read_segment(folder / n) for n in segment_names(folder)]
+    adds = [s for s in segs if s.kind == "add"]
+    cols = {
+        c: np.concatenate([getattr(s, c) for s in adds]) if adds else np.zeros(0)
+        for c in ("item_ids", "category", "brand", "price", "created_at", "item_keys")
+    }
+    _, first = np.unique(cols["item_ids"], return_index=True)
+    keep = np.sort(first)
+    unavailable: set[int] = set()
+    for seg in segs:
+        if seg.kind == "unavailable":
+            unavailable.update(seg.item_ids.tolist())
+        elif seg.kind == "available":
+            unavailable.difference_update(seg.item_ids.tolist())
+    added = NewItems(
+        source,
+        cols["item_ids"][keep].astype(np.int64),
+        cols["category"][keep].astype(np.int64),
+        cols["brand"][keep].astype(np.int64),
+        cols["price"][keep].astype(np.float64),
+        cols["created_at"][keep].astype(np.float64),
+        lambda i: f"added item {i + 1}",
+        item_keys=cols["item_keys"][keep].astype(np.str_),
+    )
+    return Replayed(added, unavailable)
+
+
+def _take(items: NewItems, mask: np.ndarray) -> NewItems:
+    return dataclasses.replace(
+        items,
+        item_ids=items.item_ids[mask],
+        category=items.category[mask],
+        brand=items.brand[mask],
+        price=items.price[mask],
+        created_at=items.created_at[mask],
+        item_keys=items.item_keys[mask],
+    )
+
+
+def carry(
+    settings: Settings,
+    sources: Sequence[int],
+    target: int,
+    infer: Callable[[dict[str, np.ndarray]], np.ndarray] | None,
+    batch: int = 256,
+) -> tuple[int, int]:
+    """Give release ``target`` what was added to the catalog since it was built: the items
+    added to the ``sources`` (the releases that served before a change, live first) that
+    its catalog lacks, embedded by *its* item tower (``infer``), and the live source's
+    out-of-stock state for the items both hold. Without it a promotion or a rollback would
+    drop every item added since the target was trained (``recstack train`` folds them in
+    only for the releases it builds). Idempotent; returns ``(items added, ids re-marked)``.
+    ``infer`` None: count only (Triton is down; nothing is written)."""
+    from exporters.release import load_manifest
+
+    sources = [r for r in sources if r != target]
+    if not sources:
+        return 0, 0
+    folder = delta_dir(settings, target)
+    base = _known(settings, target)
+    pending: list[NewItems] = []
+    seen = np.zeros(0, np.int64)
+    for rid in sources:
+        added = replay(delta_dir(settings, rid), f"release {rid}'s new items").added
+        fresh = ~np.isin(added.item_ids, base) & ~np.isin(added.item_ids, seen)
+        if fresh.any():
+            pending.append(_take(added, fresh))
+            seen = np.concatenate([seen, added.item_ids[fresh]])
+    n_new = int(sum(len(p) for p in pending))
+    if infer is None:
+        return n_new, 0
+    manifest = load_manifest(settings, target)
+    for items in pending:
+        add_to_release(folder, manifest, items, base, infer, batch)
+        base = np.concatenate([base, items.item_ids])
+    # The live source's stock state wins for the items both catalogs hold.
+    live = sources[0]
+    live_known = _known(settings, live)
+    want = replay(delta_dir(settings, live), "").unavailable
+    have = replay(folder, "").unavailable
+    shared = set(np.intersect1d(base, live_known).tolist())
+    off = np.array(sorted((want - have) & shared), np.int64)
+    on = np.array(sorted((have - want) & shared), np.int64)
+    if len(off):
+        write_segment(folder, "unavailable", off)
+    if len(on):
+        write_segment(folder, "available", on)
+    return n_new, len(off) + len(on)
+
+
+def carry_all(settings: Settings, sources: Sequence[int], targets: Sequence[int]) -> list[str]:
+    """:func:`carry` into each of ``targets`` through its pinned item tower on Triton;
+    lines to print. Triton down: say what waits for `recstack items carry`."""
+    from exporters.release import model_versions
+    from orchestrator.triton_client import TritonClient
+    from orchestrator.triton_server import server_ready
+
+    lines = []
+    up = server_ready(settings)
+    for rid in targets:
+        if not up:
+            n, _ = carry(settings, sources, rid, None)
+            if n:
+                lines.append(
+                    f"release {rid}: {n:,} items added to releases {list(sources)} are not in "
+                    f"its catalog and Triton is not running: run `recstack items carry "
+                    f"--from {sources[0]}` once it is"
+                )
+            continue
+        with TritonClient.from_settings(
+            settings, versions=model_versions(settings, rid), timeout_s=60.0
+        ) as triton:
+            n, m = carry(settings, sources, rid, triton.item_embedding, triton.item_batch())
+        if n or m:
+            lines.append(
+                f"release {rid}: carried {n:,} added items and {m:,} stock marks from "
+                f"releases {[r for r in sources if r != rid]}"
+            )
+    return lines
 
 
 # ----------------------------------------------------------------------------- commands
@@ -436,12 +622,7 @@ def cli_remove(args: argparse.Namespace) -> int:
     kind = "available" if args.available else "unavailable"
     releases = _served(settings)
     known = {rid: _known(settings, rid) for rid in releases}
-    for rid in releases:
-        missing = ids[~np.isin(ids, known[rid])]
-        if len(missing):
-            raise UserError(
-                f"item {int(missing[0])} is not in release {rid}'s catalog; nothing was marked"
-            )
+    refuse_unknown(ids, known, list(args.item_ids))
     for rid in releases:
         path = mark(delta_dir(settings, rid), rid, ids, kind, known[rid])
         print(f"release {rid}: {len(ids)} items {kind} -> {path}")
@@ -472,6 +653,7 @@ def fold(settings: Settings, release_id: int | None = None) -> int:
                     "brand": s.brand,
                     "price": s.price,
                     "created_at": pd.to_datetime(s.created_at, unit="s", utc=True),
+                    "item_key": s.item_keys,
                 }
             )
             for s in adds
@@ -482,6 +664,11 @@ def fold(settings: Settings, release_id: int | None = None) -> int:
     frame = frame[~frame["item_id"].isin(tables.items["item_id"])]
     if frame.empty:
         return 0
+    keys = read_keys(settings)  # the imported data's string ids stay named
+    keyed = frame.loc[frame["item_key"] != "", ["item_id", "item_key"]]
+    if len(keyed):
+        keys["items"] = pd.concat([keys.get("items"), keyed], ignore_index=True)
+    frame = frame.drop(columns="item_key")
     old = tables.items
     frame = frame.astype({c: old[c].dtype for c in frame.columns if c in old.columns})
     items = pd.concat([old, frame], ignore_index=True)
@@ -499,9 +686,28 @@ def fold(settings: Settings, release_id: int | None = None) -> int:
         tables,
         source=f"{meta.get('source', 'raw')}+new_items(r{rid})",
         extra_meta=extra,
-        keys=read_keys(settings),  # the imported data's string ids stay named
+        keys=keys,
     )
     return len(frame)
+
+
+def cli_carry(args: argparse.Namespace) -> int:
+    """``recstack items carry --from R``: release R's added items (and stock marks) into
+    every served release that lacks them (promotions do this themselves when Triton runs)."""
+    settings = get_settings()
+    if args.source not in _release_ids(settings):
+        raise UserError(f"release {args.source} does not exist")
+    lines = carry_all(settings, [args.source], _served(settings))
+    print("\n".join(lines) or "nothing to carry: every served release has them")
+    if lines:
+        print(_reload_orchestrators(settings))
+    return 0
+
+
+def _release_ids(settings: Settings) -> list[int]:
+    from exporters.release import release_ids
+
+    return list(release_ids(settings))
 
 
 def cli_fold(args: argparse.Namespace) -> int:

@@ -66,6 +66,21 @@ def _snapshot(settings: Settings) -> str:
     return str(json.loads(meta.read_text())["snapshot"])
 
 
+def _fold_added_items(settings: Settings, snapshot: str, progress: Callable[[str], None]) -> str:
+    """Items added to the served releases since their training (``recstack items add``)
+    join the raw item table before the split, so the release built now indexes them
+    (exporters/item_delta.py ``fold``); returns the snapshot to train on."""
+    from exporters.item_delta import fold
+    from exporters.release_state import load_state
+
+    served = load_state(settings).serving
+    n = sum(fold(settings, rid) for rid in served)
+    if not n:
+        return snapshot
+    progress(f"folded {n:,} items added to releases {served} into the raw item table")
+    return _snapshot(settings)
+
+
 def _marker(settings: Settings, step: str) -> Path:
     return settings.work_dir / ".steps" / f"{step}.json"
 
@@ -89,6 +104,8 @@ def run(
         if name is not None and name not in STEP_NAMES:
             raise UserError(f"unknown step {name!r}; steps: {', '.join(STEP_NAMES)}")
     snapshot = _snapshot(settings)
+    if only in (None, STEP_NAMES[0]) and from_step in (None, STEP_NAMES[0]):
+        snapshot = _fold_added_items(settings, snapshot, progress)
     # Preconditions of later steps, checked before the first one runs: the last step
     # publishes into the model repository, which must hold the committed configs.
     prepare_repository(settings)

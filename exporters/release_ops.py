@@ -129,6 +129,7 @@ def _apply(
             load_releases(settings, sorted({*before.serving, *state.serving}), keep=True)
         except Exception as e:
             raise UserError(f"Triton could not load the release: {e}. Nothing changed.") from e
+    _carry_items(settings, before, state)
     save_state(settings, state)  # the commit point
     print(f"state revision {state.revision}: {describe_routing(state)}")
     if running is None:
@@ -176,6 +177,28 @@ def _apply(
         else:
             print("not every orchestrator serves the new state: Triton is not pruned")
     return state
+
+
+def _carry_items(settings: Settings, before: ReleaseState, state: ReleaseState) -> None:
+    """Before the commit point: releases that start serving get the items added to the
+    ones that served until now (exporters/item_delta.py ``carry``), so a promotion, a
+    rollback or an A/B arm never drops an item the catalog had."""
+    from exporters.item_delta import carry_all
+
+    fresh = [r for r in state.serving if r not in before.serving]
+    if not fresh or not before.serving:
+        return
+    try:
+        lines = carry_all(settings, before.serving, fresh)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(
+            f"the items added to releases {before.serving} could not be carried into "
+            f"{fresh}: {e}. Nothing changed."
+        ) from e
+    for line in lines:
+        print(line)
 
 
 @contextlib.contextmanager

@@ -60,6 +60,7 @@ class AddedItems:
     created_at: np.ndarray = field(default_factory=_empty_f)
     embeddings: np.ndarray | None = None  # float32 [m, dim]; None while m == 0
     written_at: np.ndarray = field(default_factory=_empty_f)  # per item: its segment's
+    item_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.str_))  # "" = digits
     unavailable: np.ndarray = field(default_factory=_empty_i)  # sorted ids
 
     def __len__(self) -> int:
@@ -73,7 +74,7 @@ class AddedItems:
         index's, or an earlier add — two writers raced) keeps the first and logs the
         rest."""
         cols: dict[str, list[np.ndarray]] = {
-            c: [getattr(self, c)] for c in ("item_ids", *ATTRIBUTES, "written_at")
+            c: [getattr(self, c)] for c in ("item_ids", *ATTRIBUTES, "written_at", "item_keys")
         }
         vectors = [self.embeddings] if self.embeddings is not None else []
         unavailable = set(self.unavailable.tolist())
@@ -91,6 +92,7 @@ class AddedItems:
                 for c in ATTRIBUTES:
                     cols[c].append(getattr(seg, c)[fresh])
                 cols["written_at"].append(np.full(int(fresh.sum()), seg.written_at))
+                cols["item_keys"].append(seg.item_keys[fresh])
                 vectors.append(seg.embeddings[fresh])
                 taken = np.concatenate([taken, seg.item_ids[fresh]])
             elif seg.kind == "unavailable":
@@ -105,6 +107,11 @@ class AddedItems:
             unavailable=np.array(sorted(unavailable), dtype=np.int64),
             **arrays,
         )
+
+    def keys(self) -> dict[int, str]:
+        """Added items' keys by internal id (items added by integer id left out)."""
+        named = self.item_keys != ""
+        return dict(zip(self.item_ids[named].tolist(), self.item_keys[named].tolist(), strict=True))
 
     def overlay(self, snapshot: ItemSnapshot) -> ItemSnapshot:
         """``snapshot`` with a row per added item it does not hold yet: the attribute

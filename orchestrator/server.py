@@ -373,7 +373,8 @@ def admin_app(service: RecommendService) -> web.Application:
     ``POST /admin/items`` ``{"items": [{"item_id": .., "category": .., ...}]}`` — checked
     like an imported item file, embedded by each served release's item tower, persisted,
     applied before the answer; ``POST /admin/items/unavailable`` and
-    ``/admin/items/available`` ``{"item_ids": [..]}`` — out of stock and back;
+    ``/admin/items/available`` ``{"item_ids": [..]}`` — out of stock and back (ids or
+    the catalog's keys);
     ``POST /admin/items/reload`` — apply segments other writers left (`recstack items`
     calls it); ``POST /admin/items/probe`` ``{"item_ids": [..]}`` — which of them each
     served release's retrieval finds for their own vectors (`recstack bench items`).
@@ -413,8 +414,9 @@ def admin_app(service: RecommendService) -> web.Application:
     def marker(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
             async def work() -> Any:
-                ids = parse_ids(await body(request, "item_ids"))
-                return await asyncio.to_thread(service.mark_items, ids, kind)
+                given = await body(request, "item_ids")
+                ids = parse_ids(given)
+                return await asyncio.to_thread(service.mark_items, ids, kind, given)
 
             return await admin_call(request, work)
 

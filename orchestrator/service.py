@@ -52,7 +52,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -414,37 +414,32 @@ class RecommendService:
             out[str(rel.release_id)] = [int(i) for i in ids[found]]
         return out
 
-    def mark_items(self, item_ids: np.ndarray, kind: str) -> dict[str, Any]:
+    def mark_items(
+        self, item_ids: np.ndarray, kind: str, given: Sequence[object] | None = None
+    ) -> dict[str, Any]:
         """Mark items ``unavailable`` (out of stock) or ``available`` again in every
-        served release, persisted and applied before this returns."""
-        from exporters.item_delta import mark
+        served release, persisted and applied before this returns (``given``: the ids as
+        the client wrote them, for the error)."""
+        from exporters.item_delta import mark, refuse_unknown
 
         with self._items_lock:
-            return self._mark_items(item_ids, kind, mark)
-
-    def _mark_items(self, item_ids: np.ndarray, kind: str, mark: Any) -> dict[str, Any]:
-        served = self.router.served()
-        for rel in served:
-            if rel.delta_dir is None:
-                raise UserError(f"release {rel.release_id} keeps no new items (no folder)")
-            _, known = rel.catalog.rows(item_ids)
-            if not known.all():
-                raise UserError(
-                    f"item {int(item_ids[~known][0])} is not in release {rel.release_id}'s "
-                    "catalog; nothing was marked"
-                )
-        written = {
-            str(rel.release_id): mark(
-                rel.delta_dir,  # type: ignore[arg-type]  # checked above
-                rel.release_id,
-                item_ids,
-                kind,
-                rel.catalog.contains,
-            ).name
-            for rel in served
-        }
-        self.apply_new_items()
-        return {kind: len(np.unique(item_ids)), "segments": written}
+            served = self.router.served()
+            for rel in served:
+                if rel.delta_dir is None:
+                    raise UserError(f"release {rel.release_id} keeps no new items (no folder)")
+            refuse_unknown(item_ids, {r.release_id: r.catalog.contains for r in served}, given)
+            written = {
+                str(rel.release_id): mark(
+                    rel.delta_dir,  # type: ignore[arg-type]  # checked above
+                    rel.release_id,
+                    item_ids,
+                    kind,
+                    rel.catalog.contains,
+                ).name
+                for rel in served
+            }
+            self.apply_new_items()
+            return {kind: len(np.unique(item_ids)), "segments": written}
 
     # ----------------------------------------------------------------- item snapshot refresh
     def refresh_features(self) -> bool:

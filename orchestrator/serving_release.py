@@ -398,6 +398,8 @@ class ServingRelease:
             added = dataclasses.replace(added, applied=added.applied | set(names))
             t0 = time.perf_counter()
             self.items = base.extended(added, self.index.index.metric_type)
+            # Only new entries: the table is read (never iterated) by requests in flight.
+            self.item_keys.update(added.keys())
             self.base_items, self.added = base, added
             log.info(
                 "release %d: %d new-item segments applied in %.3f s (%d added items, "

@@ -202,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         "write the added items into the raw item table (run before `recstack train`)",
     )
     p.add_argument("--release", type=int, help="whose added items (default: the live release)")
+    p = _cmd(
+        items,
+        "carry",
+        "exporters.item_delta:cli_carry",
+        "give the served releases the items added to another release (promotions do it)",
+    )
+    p.add_argument("--from", dest="source", type=int, required=True, help="release id")
 
     # --- servers --------------------------------------------------------------------------
     serve = groups.add_parser("serve", help="run a server").add_subparsers(

@@ -15,19 +15,21 @@ from exporters.item_delta import (
     delta_dir,
     fold,
     items_from_json,
+    parse_ids,
     read_items,
     read_segment,
     refuse_known,
     segment_names,
     write_segment,
 )
-from exporters.raw_tables import read_raw
+from exporters.raw_tables import read_keys, read_raw
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.faiss_index import FaissIndex
 from orchestrator.new_items import AddedItems, AddedVectors, merged_search
 from orchestrator.online_features import ItemSnapshot
 from orchestrator.request import Filters
 from recstack.errors import UserError
+from recstack.ids import key_hash
 from recstack.settings import Settings
 
 
@@ -224,3 +226,62 @@ def test_extended_fallbacks_equal_a_full_build() -> None:
         want = Fallbacks.build(full, depth)
         np.testing.assert_array_equal(got.fresh_rows, want.fresh_rows)
         np.testing.assert_array_equal(got.popular_rows, want.popular_rows)
+
+
+def test_new_items_by_key_keep_their_keys_to_the_next_training(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """SKUs in an item file: hashed like the importer hashes them, kept in the segment,
+    named in refusals, accepted by the mark/probe id parser, and written to the raw key
+    table by the fold."""
+    path = _csv(tmp_path, "item_id,category\nSKU-9.a,3\n1234,4\n")
+    items = read_items(path)
+    assert items.item_ids.tolist() == [key_hash("SKU-9.a"), 1234]
+    assert items.item_keys.tolist() == ["SKU-9.a", ""]
+    with pytest.raises(UserError, match=r"line 2, column 'item_id': item 'SKU-9\.a' is already"):
+        refuse_known(items, np.array([key_hash("SKU-9.a")]), 1)
+    with pytest.raises(UserError, match="line 3, column 'item_id': item 1234 is already"):
+        refuse_known(items, np.array([1234]), 1)
+    assert parse_ids(["SKU-9.a", 7, "8"]).tolist() == [key_hash("SKU-9.a"), 7, 8]
+    for bad in (["-1"], [True], ["ümlaut"], [2**63], [1.5]):
+        with pytest.raises(UserError, match=r"item_ids\[0\]"):
+            parse_ids(bad)
+    with pytest.raises(UserError, match=r"line 2, column 'item_id'.*not a valid item id"):
+        read_items(_csv(tmp_path, "item_id\nbad key!\n"))
+
+    generate(settings, preset="small", seed=3)
+    folder = delta_dir(settings, 1)
+    seg = write_segment(folder, "add", items.item_ids, items, np.ones((2, 4), np.float32))
+    assert read_segment(seg).item_keys.tolist() == ["SKU-9.a", ""]
+    assert fold(settings, 1) == 2
+    keys = read_keys(settings)["items"]
+    assert keys.loc[keys["item_key"] == "SKU-9.a", "item_id"].tolist() == [key_hash("SKU-9.a")]
+    assert 1234 not in keys["item_id"].tolist()
+
+
+def test_train_folds_the_items_added_to_the_served_releases(settings: Settings) -> None:
+    """`recstack train` starts by folding what `recstack items add` gave the served
+    releases, so the release it builds indexes them; a later run folds nothing more."""
+    from exporters import pipeline
+    from exporters.release_state import ReleaseState, save_state
+
+    generate(settings, preset="small", seed=3)
+    before = read_raw(settings)
+    new_id = int(before.items["item_id"].max()) + 1
+    save_state(settings, ReleaseState(live=1))
+    items = items_from_json([{"item_id": new_id, "category": 2}, {"item_id": "SKU-x"}])
+    write_segment(delta_dir(settings, 1), "add", items.item_ids, items, np.ones((2, 4), np.float32))
+    said: list[str] = []
+    assert pipeline.run(settings, only="split", progress=said.append) == ["split"]
+    assert "folded 2 items added to releases [1] into the raw item table" in said
+    after = read_raw(settings)
+    assert {new_id, key_hash("SKU-x")} <= set(after.items["item_id"])
+    said.clear()
+    pipeline.run(settings, only="split", progress=said.append)
+    assert not [m for m in said if "folded" in m]
+    more = items_from_json([{"item_id": new_id + 1}])
+    write_segment(delta_dir(settings, 1), "add", more.item_ids, more, np.ones((1, 4), np.float32))
+    said.clear()
+    pipeline.run(settings, only="features", progress=said.append)  # not the first step
+    assert not [m for m in said if "folded" in m]
+    assert new_id + 1 not in set(read_raw(settings).items["item_id"])

@@ -309,3 +309,58 @@ def test_during_an_ab_test_both_arms_get_the_items_through_their_own_tower(
             )
         np.testing.assert_allclose(seg.embeddings, want, rtol=1e-5, atol=1e-6)
     assert model_versions(s, 1)["item_tower"] != model_versions(s, 2)["item_tower"]
+
+
+def _release_cli(s: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "recstack.cli", "release", *args],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_promotion_carries_the_added_items_and_stock_marks(ab_settings: Settings) -> None:
+    """Items added to the live release after the next one was built are not dropped when
+    the next one is promoted: it gets them through its own item tower, with their stock
+    state; rolling back to a release that holds them all carries nothing."""
+    s = ab_settings
+    stack = {"settings": s}
+    done = _release_cli(s, "promote", "1", "--reason", "end the A/B test")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "carried" not in done.stdout  # release 1 served all along: it has everything
+    rows = [{"item_id": FIRST_NEW_ID + 800 + i, "category": i % 3, "price": 7} for i in range(3)]
+    status, body = _admin(stack, "/admin/items", {"items": rows})
+    assert status == 200 and sorted(body["segments"]) == ["1"], body
+    ids = [r["item_id"] for r in rows]
+    status, body = _admin(stack, "/admin/items/unavailable", {"item_ids": [ids[0]]})
+    assert status == 200, body
+
+    done = _release_cli(s, "promote", "2", "--reason", "the next release")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "release 2: carried 3 added items and 1 stock marks from releases [1]" in done.stdout
+    status, body = _admin(stack, "/admin/items/probe", {"item_ids": ids})
+    assert status == 200 and body["retrieved"] == {"2": ids[1:]}, body
+    # Embedded by release 2's own item tower, like an item added to it directly.
+    folder = item_delta.delta_dir(s, 2)
+    carried = [
+        seg
+        for seg in (item_delta.read_segment(folder / n) for n in item_delta.segment_names(folder))
+        if seg.kind == "add" and FIRST_NEW_ID + 800 in seg.item_ids
+    ]
+    assert len(carried) == 1 and carried[0].item_ids.tolist() == ids
+    with TritonClient.from_settings(s, versions=model_versions(s, 2), timeout_s=30) as triton:
+        want = item_delta.embed(
+            triton.item_embedding,
+            item_delta.items_from_json(rows),
+            item_delta.embedding_time(load_manifest(s, 2)),
+            64,
+        )
+    np.testing.assert_allclose(carried[0].embeddings, want, rtol=1e-5, atol=1e-6)
+
+    done = _release_cli(s, "rollback", "--reason", "back")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "carried" not in done.stdout
+    # Idempotent: a second carry finds nothing to do.
+    assert item_delta.carry(s, [1], 2, None) == (0, 0)

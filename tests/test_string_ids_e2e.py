@@ -50,10 +50,22 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tables, *_ = build(PRESETS["small"], 11)  # the same world, with its integer ids
     inter = tables.interactions
     pos = inter[inter["event"].isin(["click", "purchase"])]
+    top = int(pos["user_id"].value_counts().index[0])
+    items = tables.items.set_index("item_id")
+    loved = int(items.loc[pos.loc[pos["user_id"] == top, "item_id"], "category"].mode().iloc[0])
+    typical = items[items["category"] == loved]
     return {
         "settings": s,
         "skus": {item_key(int(i)) for i in tables.items["item_id"]},
         "active": [user_key(int(u)) for u in pos["user_id"].value_counts().index[:3]],
+        # The most active user's favourite category, and an item shaped like its typical one.
+        "loved": loved,
+        "typical": {
+            "category": loved,
+            "brand": int(typical["brand"].mode().iloc[0]),
+            "price": float(typical["price"].median()),
+            "created_at": (inter["timestamp"].max() - pd.Timedelta(hours=2)).isoformat(),
+        },
     }
 
 
@@ -71,10 +83,12 @@ def stack(keyed: dict[str, Any]) -> Iterator[dict[str, Any]]:
             p.stop()
 
 
-def _http(s: Settings, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+def _http(
+    s: Settings, path: str, body: dict[str, Any] | None = None, port_: int | None = None
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
-        f"http://127.0.0.1:{s.orchestrator_http_port}{path}",
+        f"http://127.0.0.1:{port_ or s.orchestrator_http_port}{path}",
         data=data,
         method="POST" if body is not None else "GET",
     )
@@ -196,3 +210,42 @@ def test_a_digit_user_id_is_an_integer_id_beside_keys(stack: dict[str, Any]) -> 
     ctx = pb.Context(timestamp=stack["when"])
     reply = stack["stub"].Recommend(pb.RecommendRequest(user_id="123", k=5, context=ctx), timeout=5)
     assert reply.cold_start and {i.item_key for i in reply.items} <= stack["skus"]
+
+
+def test_new_items_are_added_marked_and_answered_by_their_keys(stack: dict[str, Any]) -> None:
+    """Items that arrive after the release, named by SKUs: added through the admin API,
+    retrieved for a user who loves their category and answered by their keys; events and
+    the out-of-stock mark take the keys too; a key the catalog holds is refused."""
+    s: Settings = stack["settings"]
+    admin = s.orchestrator_admin_port
+    new = [f"SKU-NEW-{i}" for i in range(5)]
+    status, body = _http(
+        s, "/admin/items", {"items": [{"item_id": k, **stack["typical"]} for k in new]}, admin
+    )
+    assert status == 200, body
+    status, body = _http(
+        s, "/admin/items", {"items": [{"item_id": sorted(stack["skus"])[0]}]}, admin
+    )
+    assert (
+        status == 400
+        and f"item '{sorted(stack['skus'])[0]}' is already in release" in (body["error"]["message"])
+    )
+    user = stack["active"][0]
+    when = stack["when"].ToDatetime().isoformat()
+    query = {"user_id": user, "k": 200, "timestamp": when, "include_categories": stack["loved"]}
+    status, body = _http(s, f"/v1/recommendations?{urllib.parse.urlencode(query)}")
+    assert status == 200, body
+    found = [i for i in body["items"] if i["item_key"] in new]
+    assert found, body["items"][:5]
+    assert all(i["item_id"] == key_hash(i["item_key"]) for i in found)
+    ok = stack["stub"].RecordEvent(
+        pb.RecordEventRequest(user_id=stack["active"][1], item_key=new[0], event=pb.CLICK),
+        timeout=5,
+    )
+    assert ok.accepted
+    status, body = _http(s, "/admin/items/unavailable", {"item_ids": new}, admin)
+    assert status == 200 and body["unavailable"] == len(new), body
+    status, body = _http(s, f"/v1/recommendations?{urllib.parse.urlencode(query)}")
+    assert status == 200 and not [i for i in body["items"] if i["item_key"] in new]
+    status, body = _http(s, "/admin/items/available", {"item_ids": ["SKU-never-added"]}, admin)
+    assert status == 400 and "not in release" in body["error"]["message"]
