@@ -67,6 +67,33 @@ def end_of_data(s: Settings) -> Any:
     return ts
 
 
+def own_stack(
+    trained: Settings, base: Path, triton_port: int, orchestrator_port: int, **update: Any
+) -> Settings:
+    """``trained`` (the trained small preset) on a stack of its own: empty releases folder,
+    a copy of the committed model repository, its run folder, Triton on ``triton_port``
+    +0/+1/+2 and the orchestrator's gRPC/HTTP/metrics/admin on ``orchestrator_port``
+    +0..+3 (both before the test offset: :func:`port` applies it); ``update``: more
+    settings."""
+    from exporters.model_repo import copy_committed_repository
+
+    return trained.model_copy(
+        update={
+            "releases_dir": base / "releases",
+            "model_repository": copy_committed_repository(base / "model_repository"),
+            "run_dir": base / "run",
+            "triton_http_port": port(triton_port),
+            "triton_grpc_port": port(triton_port + 1),
+            "triton_metrics_port": port(triton_port + 2),
+            "orchestrator_grpc_port": port(orchestrator_port),
+            "orchestrator_http_port": port(orchestrator_port + 1),
+            "orchestrator_metrics_port": port(orchestrator_port + 2),
+            "orchestrator_admin_port": port(orchestrator_port + 3),
+            **update,
+        }
+    )
+
+
 def two_releases_first_live(s: Settings) -> Settings:
     """Publish releases 1 and 2 from the trained models and make 1 the live one (the
     starting point of the promotion tests); returns ``s``."""

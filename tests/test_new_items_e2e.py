@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import port, two_releases_first_live
+from conftest import own_stack, port, two_releases_first_live
 
 from exporters import item_delta
-from exporters.model_repo import copy_committed_repository
 from exporters.release import load_manifest, model_versions
 from orchestrator.orchestrator_process import settings_env, start_orchestrator
 from orchestrator.processes import ManagedProcess
@@ -247,21 +246,8 @@ def ab_settings(
     trained_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
     """Releases 1 and 2 of the trained models in an A/B test, on a stack of their own."""
-    base = tmp_path_factory.mktemp("new_items_ab")
-    s = trained_settings.model_copy(
-        update={
-            "releases_dir": base / "releases",
-            "model_repository": copy_committed_repository(base / "model_repository"),
-            "run_dir": base / "run",
-            "triton_http_port": port(18500),
-            "triton_grpc_port": port(18501),
-            "triton_metrics_port": port(18502),
-            "orchestrator_grpc_port": port(18550),
-            "orchestrator_http_port": port(18551),
-            "orchestrator_metrics_port": port(18552),
-            "orchestrator_admin_port": port(18553),
-            "release_watch_s": 0.5,
-        }
+    s = own_stack(
+        trained_settings, tmp_path_factory.mktemp("new_items_ab"), 18500, 18550, release_watch_s=0.5
     )
     two_releases_first_live(s)
     procs = {"triton": start_triton(s)}

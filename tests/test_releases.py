@@ -22,10 +22,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import active_users, port, two_releases_first_live
+from conftest import active_users, own_stack, two_releases_first_live
 
 from exporters import release
-from exporters.model_repo import copy_committed_repository
 from exporters.release_ops import promote
 from exporters.release_state import load_state, state_path
 from exporters.release_validate import ValidationFailed
@@ -49,31 +48,22 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def rs(trained_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    base = tmp_path_factory.mktemp("lifecycle")
-    s = trained_settings.model_copy(
-        update={
-            "releases_dir": base / "releases",
-            "model_repository": copy_committed_repository(base / "model_repository"),
-            "run_dir": base / "run",
-            "triton_http_port": port(18200),
-            "triton_grpc_port": port(18201),
-            "triton_metrics_port": port(18202),
-            "orchestrator_grpc_port": port(18250),
-            "orchestrator_http_port": port(18251),
-            "orchestrator_metrics_port": port(18252),
-            "orchestrator_admin_port": port(18253),
-            "user_embedding_cache": 0,  # every request calls its user tower (counted below)
-            "release_watch_s": 0.5,
-            "triton_watch_s": 0.5,
-            # What is under test here is the change of release, not the stage caps (those
-            # bound hung dependencies: tests/test_faults.py). Loading a release starts a
-            # stub process per model version in Triton; on 2 shared cores a healthy call
-            # then overran the 50 ms user-tower cap now and then (2-4 % of the answers
-            # during a promotion), so the caps and ceiling here are the client's second.
-            "latency_ceiling_ms": 900.0,
-            "user_tower_cap_ms": 200.0,
-            "ranking_cap_ms": 400.0,
-        }
+    s = own_stack(
+        trained_settings,
+        tmp_path_factory.mktemp("lifecycle"),
+        18200,
+        18250,
+        user_embedding_cache=0,  # every request calls its user tower (counted below)
+        release_watch_s=0.5,
+        triton_watch_s=0.5,
+        # What is under test here is the change of release, not the stage caps (those
+        # bound hung dependencies: tests/test_faults.py). Loading a release starts a
+        # stub process per model version in Triton; on 2 shared cores a healthy call
+        # then overran the 50 ms user-tower cap now and then (2-4 % of the answers
+        # during a promotion), so the caps and ceiling here are the client's second.
+        latency_ceiling_ms=900.0,
+        user_tower_cap_ms=200.0,
+        ranking_cap_ms=400.0,
     )
     return two_releases_first_live(s)
 

@@ -19,9 +19,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from conftest import active_users, port, two_releases_first_live
+from conftest import active_users, own_stack, port, two_releases_first_live
 
-from exporters.model_repo import copy_committed_repository
 from exporters.release_state import load_state
 from loadtest.scenario import load_scenario
 from orchestrator import recommender_pb2 as pb
@@ -120,23 +119,14 @@ def test_signal_refuses_a_server_that_does_not_run(settings: Settings) -> None:
 # ------------------------------------------------------------------------- the stack
 @pytest.fixture(scope="module")
 def rs(trained_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    base = tmp_path_factory.mktemp("replicas")
-    s = trained_settings.model_copy(
-        update={
-            "releases_dir": base / "releases",
-            "model_repository": copy_committed_repository(base / "model_repository"),
-            "run_dir": base / "run",
-            "triton_http_port": port(18300),
-            "triton_grpc_port": port(18301),
-            "triton_metrics_port": port(18302),
-            "orchestrator_grpc_port": port(18310),
-            "orchestrator_http_port": port(18311),
-            "orchestrator_metrics_port": port(18312),
-            "orchestrator_admin_port": port(18313),
-            "orchestrator_replicas": REPLICAS,
-            "orchestrator_replica_port_base": port(18320),
-            "release_watch_s": 0.5,
-        }
+    s = own_stack(
+        trained_settings,
+        tmp_path_factory.mktemp("replicas"),
+        18300,
+        18310,
+        orchestrator_replicas=REPLICAS,
+        orchestrator_replica_port_base=port(18320),
+        release_watch_s=0.5,
     )
     return two_releases_first_live(s)
 
