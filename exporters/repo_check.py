@@ -447,10 +447,16 @@ def check_repository(
     embedded runtime pins versions when it loads them). Returns the problems; empty
     means every backend would load it."""
     folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder}: no such folder"]
+    paths = sorted(folder.glob(f"*/{CONFIG}"))
+    if not paths:
+        # Nothing to load is not "loadable": Triton would start and serve no model.
+        return [f"{folder}: no model folder with a {CONFIG} (prepare it: `recstack repo init`)"]
     configs: dict[str, model_config_pb2.ModelConfig] = {}
     served: dict[str, list[int]] = {}
     errors: list[str] = []
-    for path in sorted(folder.glob(f"*/{CONFIG}")):
+    for path in paths:
         config = load_config_file(path)
         model = path.parent.name
         if config.name and config.name != model:

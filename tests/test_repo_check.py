@@ -299,3 +299,14 @@ def test_the_trained_release_makes_loadable_repositories(trained_settings, tmp_p
 
 def load_config_from(path: Path) -> model_config_pb2.ModelConfig:
     return _config(path.read_text())
+
+
+def test_an_empty_or_missing_folder_is_not_loadable(tmp_path: Path) -> None:
+    from exporters.repo_check import check_repository
+
+    (tmp_path / "empty").mkdir()
+    assert check_repository(tmp_path / "empty") == [
+        f"{tmp_path / 'empty'}: no model folder with a config.pbtxt (prepare it: "
+        "`recstack repo init`)"
+    ]
+    assert check_repository(tmp_path / "absent") == [f"{tmp_path / 'absent'}: no such folder"]
