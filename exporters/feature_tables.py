@@ -143,21 +143,30 @@ def decode_vector(value: object, width: int | None = None) -> np.ndarray:
 class _Windows:
     """Trailing-window sums at arbitrary (entity, day) points, vectorised.
 
-    Events are keyed ``entity * stride + day``; a global cumulative sum over sorted keys
-    gives ``cum(e, d)`` = sum of weights with key <= (e, d) by binary search, and
-    ``cum(e, d) - cum(e, d - w)`` is the window sum (earlier entities cancel out).
+    Events are keyed ``rank(entity) * stride + day``; a global cumulative sum over sorted
+    keys gives ``cum(e, d)`` = sum of weights with key <= (e, d) by binary search, and
+    ``cum(e, d) - cum(e, d - w)`` is the window sum (earlier entities cancel out). The
+    entity's rank among the sorted distinct entities, not its id, keeps the key inside
+    int64: ids of string keys are 63-bit hashes (recstack/ids.py), and ``id * stride``
+    overflowed, putting 99 % of their rows under wrong ids.
     """
 
     def __init__(self, ent: np.ndarray, day: np.ndarray, stride: int, tiebreak: np.ndarray) -> None:
         self.stride = stride
-        key = ent * stride + day
+        self.entities, rank = np.unique(ent, return_inverse=True)
+        key = rank.astype(np.int64) * stride + day
         # Within a key, events are in time order, so the last one at a position is the newest.
         self.order = np.lexsort((tiebreak, key))
         self.keys = key[self.order]
 
     def positions(self, ent: np.ndarray, day: np.ndarray) -> np.ndarray:
-        """Number of events with key <= (ent, day): an index into :meth:`cumsum`."""
-        return np.searchsorted(self.keys, ent * self.stride + day, side="right")
+        """Number of events with key <= (ent, day): an index into :meth:`cumsum`. An entity
+        without events is placed before the next one's events (every window sums to 0)."""
+        rank = np.searchsorted(self.entities, ent)
+        known = rank < len(self.entities)
+        known[known] = self.entities[rank[known]] == ent[known]
+        key = np.where(known, rank * self.stride + day, rank * self.stride - 1)
+        return np.searchsorted(self.keys, key, side="right")
 
     def cumsum(self, weights: np.ndarray) -> np.ndarray:
         return np.concatenate([[0.0], np.cumsum(weights[self.order], dtype=np.float64)])
@@ -172,9 +181,10 @@ class _Windows:
 def _change_days(ent: np.ndarray, day: np.ndarray, last_day: int) -> tuple[np.ndarray, np.ndarray]:
     """Unique (entity, day) rows: event days and the days events leave each window."""
     stride = int(day.max()) + max(WINDOWS_DAYS) + 2
-    keys = [ent * stride + day] + [ent * stride + day + w for w in WINDOWS_DAYS]
-    key = np.unique(np.concatenate(keys))
-    e, d = key // stride, key % stride
+    entities, rank = np.unique(ent, return_inverse=True)  # ranks keep the keys in int64
+    base = rank.astype(np.int64) * stride + day
+    key = np.unique(np.concatenate([base] + [base + w for w in WINDOWS_DAYS]))
+    e, d = entities[key // stride], key % stride
     keep = d <= last_day
     return e[keep], d[keep]
 
