@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from exporters import baselines
+from exporters.schema import CONTEXT_COLUMNS
 from exporters.seen import I2I_HISTORY
 
 log = logging.getLogger(__name__)
@@ -74,9 +76,15 @@ DENSE_MAX_ITEMS = 5000
 # preset: EASE over the newest 200 0.095, over all 0.108 NDCG@10).
 DENSE_HISTORY = 1000
 # Users-table attributes that define cold-start segments (exporters/schema.py USERS), in
-# the order a segment's name lists them. Interactions carry no request context (surface,
-# device), so there are no context segments.
+# the order a segment's name lists them.
 SEGMENT_ATTRIBUTES: tuple[str, ...] = ("country", "age_bucket")
+# Context segments: the interactions' request context (exporters/schema.py
+# CONTEXT_COLUMNS), one list per value ("surface=cart"), tried after the user's attribute
+# segments (who the user is says more than where they are, when both are known). Only
+# values of this shape make a segment (free text such as a URL does not).
+CONTEXT_VALUE = re.compile(r"[A-Za-z0-9_.:-]{1,32}")
+# A set of segment lists: (names, rows, start), segment s's rows rows[start[s]:start[s+1]].
+Segments = tuple[tuple[str, ...], np.ndarray, np.ndarray]
 # A segment thinner than this serves its users the global popular list: its own top
 # items would be a handful of users' tastes.
 SEGMENT_MIN_USERS = 30
@@ -132,12 +140,15 @@ class SourceModel:
     segment_rows: np.ndarray | None = None  # int64
     segment_start: np.ndarray | None = None  # int64 [S + 1]
 
-    def segment_popular(self, attributes: dict[str, int]) -> tuple[str, np.ndarray] | None:
+    def segment_popular(
+        self, attributes: dict[str, int], context: dict[str, str] | None = None
+    ) -> tuple[str, np.ndarray] | None:
         """The most specific kept segment of a user with these attribute values (negative:
-        unknown) and its rows, most consumed first; None when no segment fits."""
+        unknown) in this request ``context`` (``surface``/``device``; "" unknown) and its
+        rows, most consumed first; None when no segment fits."""
         if not self.segment_names or self.segment_rows is None or self.segment_start is None:
             return None
-        for name in segment_candidates(attributes):
+        for name in segment_candidates(attributes, context):
             try:
                 s = self.segment_names.index(name)
             except ValueError:
@@ -322,6 +333,8 @@ def build_model(
     segment_info: dict[str, Any] = {"attributes": []}
     if users is not None:
         segments, segment_info = segment_lists(X, row_users, users, pop_count)
+        by_context, segment_info["context"] = context_lists(df, item_ids, events, pop_count)
+        segments = _joined(segments, by_context)
     info = {
         "method": method,
         "events": list(events),
@@ -359,12 +372,19 @@ def segment_name(attributes: dict[str, int]) -> str:
     return ",".join(f"{a}={attributes[a]}" for a in SEGMENT_ATTRIBUTES if a in attributes)
 
 
-def segment_candidates(attributes: dict[str, int]) -> list[str]:
-    """The segments a user with these attribute values (negative: unknown) belongs to,
-    most specific first: all known attributes together, then each alone."""
+def segment_candidates(
+    attributes: dict[str, int], context: dict[str, str] | None = None
+) -> list[str]:
+    """The segments a user with these attribute values (negative: unknown) belongs to in
+    this request ``context``, most specific first: all known attributes together, then
+    each alone, then each context value (``surface=cart``, ``device=ios``)."""
     known = {a: int(v) for a, v in attributes.items() if a in SEGMENT_ATTRIBUTES and v >= 0}
     names = [segment_name(known)] if len(known) > 1 else []
     names += [segment_name({a: known[a]}) for a in SEGMENT_ATTRIBUTES if a in known]
+    for col in CONTEXT_COLUMNS:
+        value = (context or {}).get(col, "")
+        if value and CONTEXT_VALUE.fullmatch(value):
+            names.append(f"{col}={value}")
     return names
 
 
@@ -376,7 +396,7 @@ def segment_lists(
     min_users: int = SEGMENT_MIN_USERS,
     min_consumptions: int = SEGMENT_MIN_CONSUMPTIONS,
     depth: int = SEGMENT_DEPTH,
-) -> tuple[tuple[tuple[str, ...], np.ndarray, np.ndarray], dict[str, Any]]:
+) -> tuple[Segments, dict[str, Any]]:
     """Per-segment popular lists from the binary user × item matrix ``X`` (rows
     ``row_users``): ``((names, rows, start), info)``. Rows of a segment are the items its
     users consumed, by how many of them did (ties: global popularity, then row). Only
@@ -405,9 +425,7 @@ def segment_lists(
     names: list[str] = []
     lists: list[np.ndarray] = []
     n_thin = 0
-    global_rank = np.lexsort((np.arange(len(pop_count)), -pop_count))
-    rank_of = np.empty(len(pop_count), np.int64)
-    rank_of[global_rank] = np.arange(len(pop_count))
+    rank_of = _global_rank(pop_count)
     for group in groupings:
         cols = values[group]
         ok = (cols >= 0).all(axis=1).to_numpy()
@@ -419,12 +437,74 @@ def segment_lists(
             if len(active) < min_users or int(per_user[active].sum()) < min_consumptions:
                 n_thin += 1
                 continue
-            counts = np.asarray(X[active].sum(axis=0)).ravel()
-            rows = np.flatnonzero(counts)
-            rows = rows[np.lexsort((rank_of[rows], -counts[rows]))][:depth]
             names.append(name)
-            lists.append(rows.astype(np.int64))
+            lists.append(_by_popularity(np.asarray(X[active].sum(axis=0)).ravel(), rank_of, depth))
     info["kept"], info["thin"] = len(names), n_thin
+    if not names:
+        return empty, info
+    start = np.concatenate([[0], np.cumsum([len(r) for r in lists])]).astype(np.int64)
+    return (tuple(names), np.concatenate(lists), start), info
+
+
+def _joined(a: Segments, b: Segments) -> Segments:
+    """Two (names, rows, start) segment sets as one."""
+    if not b[0]:
+        return a
+    start = np.concatenate([a[2], a[2][-1] + b[2][1:]]).astype(np.int64)
+    return (tuple(a[0]) + tuple(b[0]), np.concatenate([a[1], b[1]]).astype(np.int64), start)
+
+
+def _by_popularity(counts: np.ndarray, rank_of: np.ndarray, depth: int) -> np.ndarray:
+    """Rows with a count, most counted first (ties: the global popularity rank)."""
+    rows = np.flatnonzero(counts)
+    return rows[np.lexsort((rank_of[rows], -counts[rows]))][:depth].astype(np.int64)
+
+
+def _global_rank(pop_count: np.ndarray) -> np.ndarray:
+    """Each row's place in the global popular order (ties by row)."""
+    order = np.lexsort((np.arange(len(pop_count)), -pop_count))
+    rank_of = np.empty(len(pop_count), np.int64)
+    rank_of[order] = np.arange(len(pop_count))
+    return rank_of
+
+
+def context_lists(
+    interactions: pd.DataFrame,
+    item_ids: np.ndarray,
+    events: Sequence[str],
+    pop_count: np.ndarray,
+    min_users: int = SEGMENT_MIN_USERS,
+    min_consumptions: int = SEGMENT_MIN_CONSUMPTIONS,
+    depth: int = SEGMENT_DEPTH,
+) -> tuple[Segments, dict[str, Any]]:
+    """Per request-context value popular lists (``surface=cart``): the items most users
+    consumed in that context, from the same events as the global list, with the user
+    segments' thinness rules. A context column that is absent or holds fewer than two
+    segment-shaped values defines none."""
+    info: dict[str, Any] = {"columns": [], "kept": 0, "thin": 0}
+    empty: Segments = ((), np.zeros(0, np.int64), np.zeros(1, np.int64))
+    cols = [c for c in CONTEXT_COLUMNS if c in interactions.columns]
+    if not cols or interactions.empty:
+        return empty, info
+    consumed = interactions[interactions["event"].astype(str).isin(list(events))]
+    rank_of = _global_rank(pop_count)
+    names: list[str] = []
+    lists: list[np.ndarray] = []
+    for col in cols:
+        values = consumed[col].astype(str)
+        shaped = [v for v in values.unique() if CONTEXT_VALUE.fullmatch(v)]
+        if len(shaped) < 2:
+            continue
+        info["columns"].append(col)
+        for value in sorted(shaped):
+            X, _ = baselines.interaction_matrix(consumed[values == value], item_ids)
+            per_user = np.diff(X.indptr)
+            if (per_user > 0).sum() < min_users or int(per_user.sum()) < min_consumptions:
+                info["thin"] += 1
+                continue
+            names.append(f"{col}={value}")
+            lists.append(_by_popularity(np.asarray(X.sum(axis=0)).ravel(), rank_of, depth))
+    info["kept"] = len(names)
     if not names:
         return empty, info
     start = np.concatenate([[0], np.cumsum([len(r) for r in lists])]).astype(np.int64)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from exporters.data_import import RATING_EVENTS
 from exporters.raw_tables import RawTables, read_meta, write_raw
-from exporters.schema import EVENTS
+from exporters.schema import CONTEXT_COLUMNS, EVENTS
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -567,6 +567,7 @@ def ratings_to_raw(world: RatingsTables) -> RawTables:
             "item_id": r["item_id"].to_numpy()[order],
             "timestamp": r["timestamp"].to_numpy()[order],
             "event": pd.Categorical.from_codes(codes[order], categories=list(EVENTS)),
+            **{c: "" for c in CONTEXT_COLUMNS},  # ratings carry no request context
         }
     )
     inter["timestamp"] = pd.to_datetime(inter["timestamp"], utc=True)
@@ -590,6 +591,34 @@ def ratings_to_raw(world: RatingsTables) -> RawTables:
                 "country": np.zeros(len(users), np.int64),
                 "signup_at": first_user.reindex(users["user_id"]).to_numpy(),
             }
+        ),
+    )
+
+
+SURFACES: tuple[str, ...] = ("home", "search", "cart")
+DEVICES: tuple[str, ...] = ("ios", "android", "web")
+
+
+def _with_context(
+    rng: np.random.Generator, inter: pd.DataFrame, item_cat: np.ndarray
+) -> pd.DataFrame:
+    """The request context of each event: a device per user (ios 40 %, android 35 %, web
+    25 %) and a surface per event whose odds depend on the item's category — categories
+    ``c`` with ``c % 3 == s`` are 3× as likely on surface ``s`` — so each surface's popular
+    items differ (what the cold-start context segments can learn)."""
+    n_users = int(inter["user_id"].max()) + 1 if len(inter) else 0
+    device = rng.choice(len(DEVICES), size=n_users, p=[0.4, 0.35, 0.25])
+    base = np.array([0.5, 0.3, 0.2])
+    n_cat = int(item_cat.max()) + 1 if len(item_cat) else 1
+    odds = np.tile(base, (n_cat, 1))
+    odds[np.arange(n_cat), np.arange(n_cat) % len(SURFACES)] *= 3.0
+    cum = np.cumsum(odds / odds.sum(axis=1, keepdims=True), axis=1)
+    cat = item_cat[inter["item_id"].to_numpy()]
+    surface = (rng.random(len(inter))[:, None] > cum[cat]).sum(axis=1)
+    return inter.assign(
+        surface=pd.Categorical.from_codes(surface, categories=list(SURFACES)),
+        device=pd.Categorical.from_codes(
+            device[inter["user_id"].to_numpy()], categories=list(DEVICES)
         ),
     )
 
@@ -623,6 +652,8 @@ def build(
     )
     u, i, t = _impressions(preset, rng, world, start_us, end_us)
     interactions = _funnel(rng, world, u, i, t, end_us)
+    # Its own random stream: the rest of the world is the same with or without context.
+    interactions = _with_context(np.random.default_rng([seed, 0xC0]), interactions, il["cat"])
     start = pd.Timestamp(start_us * 1000, tz="UTC")
     return RawTables(interactions=interactions, items=items, users=users), start, END
 
@@ -662,6 +693,7 @@ def write_keyed_csv(tables: RawTables, folder: Path) -> dict[str, Path]:
                 "item_id": inter["item_id"].map(item_key),
                 "timestamp": secs(inter["timestamp"]),
                 "event": inter["event"].astype(str),
+                **{c: inter[c].astype(str) for c in CONTEXT_COLUMNS if c in inter.columns},
             }
         ),
         "items": items.assign(

@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from exporters.raw_tables import KEY_COLUMNS, RawTables, read_meta, write_raw
-from exporters.schema import EVENTS
+from exporters.schema import CONTEXT_COLUMNS, CONTEXT_MAX_CHARS, EVENTS
 from recstack.errors import UserError
 from recstack.ids import KEY_PATTERN, KEY_RULE, NUMBER_PATTERN, key_hash
 from recstack.settings import Settings, get_settings
@@ -118,7 +118,7 @@ def _ragged_row(path: Path, width: int) -> None:
 
 # The columns each file may carry (docs/data.md); anything else is reported as ignored.
 KNOWN_COLUMNS: dict[str, tuple[str, ...]] = {
-    "interactions": ("user_id", "item_id", "timestamp", "event", "rating"),
+    "interactions": ("user_id", "item_id", "timestamp", "event", "rating", *CONTEXT_COLUMNS),
     "items": ("item_id", "category", "brand", "price", "created_at"),
     "users": ("user_id", "age_bucket", "country", "signup_at"),
 }
@@ -499,6 +499,20 @@ def _iso_us(src: _Source, col: str, text: pa.Array, rows: np.ndarray) -> np.ndar
     return parsed.dt.tz_convert(None).to_numpy().astype("datetime64[us]").view(np.int64)
 
 
+def _context(src: _Source, col: str) -> np.ndarray:
+    """A request-context column (``surface``/``device``): free text of at most
+    CONTEXT_MAX_CHARS characters, trimmed; missing column or cell: "" (not known)."""
+    if not src.has(col):
+        return np.full(src.table.num_rows, "", dtype=object)
+    arr = pc.utf8_trim_whitespace(pc.cast(src.col(col), pa.string()))
+    long = pc.fill_null(pc.greater(pc.utf8_length(arr), CONTEXT_MAX_CHARS), False)
+    bad = np.asarray(long.to_numpy(zero_copy_only=False), dtype=bool)
+    if bad.any():
+        pos = _first(bad)
+        raise src.fail(pos, col, f"longer than {CONTEXT_MAX_CHARS} characters")
+    return np.asarray(pc.fill_null(arr, "").to_numpy(zero_copy_only=False), dtype=object)
+
+
 def _events(src: _Source) -> np.ndarray:
     """Event codes (indices into EVENTS) from ``event`` or, failing that, from ``rating``
     (docs/data.md)."""
@@ -599,6 +613,7 @@ def import_data(
     item_ids = _ids(isrc, "item_id", keys=item_keys)
     ts = _timestamps(isrc, "timestamp")
     events = _events(isrc)
+    context = {c: _context(isrc, c) for c in CONTEXT_COLUMNS}
     # A rating is a consumption whatever its value: every event makes the item "seen"
     # (exporters/seen.py). An explicit event column keeps the marketplace meaning.
     seen = list(EVENTS) if not isrc.has("event") else None
@@ -657,6 +672,7 @@ def import_data(
                 "item_id": item_ids[order],
                 "timestamp": _utc(ts[order]),
                 "event": pd.Categorical.from_codes(events[order], categories=list(EVENTS)),
+                **{c: v[order] for c, v in context.items()},
             }
         ),
         items=pd.DataFrame(

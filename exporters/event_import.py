@@ -2,10 +2,11 @@
 so the next ``recstack train`` learns from what users did with the served lists.
 
 Each logged event (orchestrator/event_log.py) is one interaction ``(user_id, item_id,
-timestamp, event)`` with the event's own timestamp to the microsecond. The values go
-through the same column checks as ``recstack data import`` (exporters/data_import.py)
-and the result through the same whole-table validation and atomic swap
-(exporters/raw_tables.write_raw). Rules:
+timestamp, event)`` with the event's own timestamp to the microsecond, and the
+``surface`` and ``device`` of the answer its ``request_id`` names (the served record; ""
+without one). The values go through the same column checks as ``recstack data import``
+(exporters/data_import.py) and the result through the same whole-table validation and
+atomic swap (exporters/raw_tables.write_raw). Rules:
 
 - an event already in the raw interactions (same user, item, timestamp and event) or
   twice in the log is skipped: running the import twice adds nothing the second time;
@@ -29,9 +30,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from exporters.data_import import _events, _first_times, _ids, _Source, _timestamps, _utc
+from exporters.data_import import (
+    _context,
+    _events,
+    _first_times,
+    _ids,
+    _Source,
+    _timestamps,
+    _utc,
+)
 from exporters.raw_tables import RawTables, read_keys, read_meta, read_raw, write_raw
-from exporters.schema import EVENTS
+from exporters.schema import CONTEXT_COLUMNS, EVENTS
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -70,12 +79,28 @@ def _logged_events(settings: Settings, since: datetime | None) -> pa.Table:
     if not folder.is_dir():
         raise UserError(f"no event log in {folder} (RECSTACK_EVENTS_DIR)")
     since_us = None if since is None else int(since.timestamp() * 1_000_000)
-    cols: dict[str, list[object]] = {"user_id": [], "item_id": [], "timestamp": [], "event": []}
-    for rec in read_records(folder, since_us, kinds=("event",)):
+    cols: dict[str, list[object]] = {
+        "user_id": [],
+        "item_id": [],
+        "timestamp": [],
+        "event": [],
+        "request_id": [],
+    }
+    # The request context of an event is that of the answer it names (its request_id):
+    # served records come before the events that follow them in the log.
+    context: dict[str, tuple[str, str]] = {}
+    for rec in read_records(folder, since_us, kinds=("served", "event")):
+        if rec.get("kind") == "served":
+            rid = rec.get("request_id")
+            if rid:
+                context[str(rid)] = (str(rec.get("surface") or ""), str(rec.get("device") or ""))
+            continue
         cols["user_id"].append(rec.get("user_id"))
         cols["item_id"].append(rec.get("item_id"))
         cols["timestamp"].append(rec.get("ts_us"))
         cols["event"].append(rec.get("event"))
+        cols["request_id"].append(str(rec.get("request_id") or ""))
+    ctx = [context.get(r, ("", "")) for r in cols.pop("request_id")]
     try:
         return pa.table(
             {
@@ -85,6 +110,8 @@ def _logged_events(settings: Settings, since: datetime | None) -> pa.Table:
                     pa.timestamp("us", tz="UTC")
                 ),
                 "event": pa.array(cols["event"], pa.string()),
+                "surface": pa.array([c[0] for c in ctx], pa.string()),
+                "device": pa.array([c[1] for c in ctx], pa.string()),
             }
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
@@ -115,6 +142,7 @@ def import_events(settings: Settings, since: datetime | None = None) -> ImportSu
             "item_id": item_ids[known],
             "timestamp": ts[known],
             "event": np.asarray(EVENTS, dtype=object)[codes[known]],
+            **{c: _context(src, c)[known] for c in CONTEXT_COLUMNS},
         }
     )
     old = raw.interactions
@@ -162,9 +190,11 @@ def import_events(settings: Settings, since: datetime | None = None) -> ImportSu
             "item_id": fresh["item_id"].to_numpy(np.int64),
             "timestamp": _utc(fresh["timestamp"].to_numpy(np.int64)),
             "event": fresh["event"].to_numpy(object),
+            **{c: fresh[c].to_numpy(object) for c in CONTEXT_COLUMNS},
         }
     )
-    inter = pd.concat([old.assign(event=old["event"].astype(str)), added], ignore_index=True)
+    as_text = {c: old[c].astype(str) for c in ("event", *CONTEXT_COLUMNS)}
+    inter = pd.concat([old.assign(**as_text), added], ignore_index=True)
     inter = inter.sort_values(["timestamp", "user_id", "item_id", "event"], kind="stable")
     end = max(pd.Timestamp(str(meta["end"])), added["timestamp"].max())
     extra = {k: v for k, v in meta.items() if k not in COMPUTED_META}

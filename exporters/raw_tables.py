@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from exporters.schema import EVENTS, TABLES
+from exporters.schema import CONTEXT_COLUMNS, CONTEXT_MAX_CHARS, EVENTS, OPTIONAL_COLUMNS, TABLES
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -71,11 +71,17 @@ def _missing(raw: Path) -> UserError:
 
 
 def read_table(where: Settings | Path, name: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """One canonical table (optionally only some columns); timestamps are UTC, µs."""
+    """One canonical table (optionally only some columns); timestamps are UTC, µs. Optional
+    columns a file from before them lacks read as their default (schema.OPTIONAL_COLUMNS)."""
     path = table_path(where, name)
     if not path.exists():
         raise _missing(path.parent)
-    return pq.read_table(path, columns=columns).to_pandas()
+    optional = OPTIONAL_COLUMNS.get(name, {})
+    present = set(pq.read_schema(path).names)
+    absent = [c for c in (columns or TABLES[name].names) if c in optional and c not in present]
+    wanted = None if columns is None else [c for c in columns if c not in absent]
+    df = pq.read_table(path, columns=wanted).to_pandas()
+    return df.assign(**{c: optional[c] for c in absent}) if absent else df
 
 
 def read_raw(where: Settings | Path) -> RawTables:
@@ -106,6 +112,10 @@ def read_keys(where: Settings | Path) -> dict[str, pd.DataFrame]:
 def to_arrow(name: str, df: pd.DataFrame) -> pa.Table:
     """``df`` as an Arrow table with exactly the canonical schema (column order, types)."""
     schema = TABLES[name]
+    optional = OPTIONAL_COLUMNS.get(name, {})
+    absent = {c: v for c, v in optional.items() if c not in df.columns}
+    if absent:
+        df = df.assign(**absent)
     missing = [f for f in schema.names if f not in df.columns]
     if missing:
         raise UserError(f"{name} table: missing column(s) {missing}")
@@ -147,6 +157,12 @@ def validate(tables: dict[str, pa.Table]) -> None:
     price = items["price"].to_numpy()
     if price.size and not (np.isfinite(price).all() and price.min() >= 0):
         raise UserError("items table: price must be finite and >= 0")
+    for col in CONTEXT_COLUMNS:
+        longest = pc.max(pc.utf8_length(inter[col])).as_py() if inter.num_rows else 0
+        if longest and longest > CONTEXT_MAX_CHARS:
+            raise UserError(
+                f"interactions table: a {col!r} value is longer than {CONTEXT_MAX_CHARS} characters"
+            )
     bad_events = set(inter["event"].unique().to_pylist()) - set(EVENTS)
     if bad_events:
         raise UserError(f"interactions table: unknown event(s) {sorted(bad_events)}")

@@ -4,7 +4,10 @@
 files under ``<data_dir>/raw/``; nothing downstream reads any other raw format.
 
 - interactions: one row per event. ``event`` is one of EVENTS (imported ratings are
-  mapped to events, see exporters/data_import.py).
+  mapped to events, see exporters/data_import.py). ``surface`` and ``device`` are the
+  request context the event happened in (``""``: not known), the same free text as a
+  Recommend's ``context``; they define the cold-start context segments
+  (exporters/candidates.py). Optional: a table without them gets ``""``.
 - items: catalog metadata. ``category`` and ``brand`` are small non-negative integer codes.
 - users: profile attributes. ``age_bucket`` and ``country`` are small integer codes.
 
@@ -25,8 +28,18 @@ INTERACTIONS = pa.schema(
         ("item_id", pa.int64()),
         ("timestamp", TS),
         ("event", pa.string()),
+        ("surface", pa.string()),
+        ("device", pa.string()),
     ]
 )
+
+# The interactions' request-context columns, and the longest value (as a Recommend's
+# context.surface / context.device: orchestrator/request.py MAX_TEXT).
+CONTEXT_COLUMNS: tuple[str, ...] = ("surface", "device")
+CONTEXT_MAX_CHARS = 128
+# Columns a table may lack: filled with this value (tables written before they existed,
+# generators and imports without a request context).
+OPTIONAL_COLUMNS: dict[str, dict[str, object]] = {"interactions": {c: "" for c in CONTEXT_COLUMNS}}
 
 ITEMS = pa.schema(
     [

@@ -147,6 +147,7 @@ def served_record(at_us: int, q: RecommendQuery, result: RecommendResult) -> dic
         "user_id": q.user_id,
         "release": result.release,
         "surface": q.surface,
+        "device": q.device,
         "items": [[s[f] for f in LOGGED_ITEM_FIELDS] for s in (i.served() for i in result.items)],
         "degraded": list(result.degraded),
         "cold_start": result.cold_start,

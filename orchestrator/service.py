@@ -61,6 +61,7 @@ import numpy as np
 
 from exporters.candidates import found_names, gather_found, source_names
 from exporters.item_delta import NewItems
+from exporters.schema import CONTEXT_COLUMNS
 from orchestrator import metrics
 from orchestrator import recommender_pb2 as pb
 from orchestrator.breaker import BreakerConfig, Breakers, CircuitOpen
@@ -782,7 +783,7 @@ class RecommendService:
         the popular list is the user's cold-start segment's when the release has one."""
         t0 = time.perf_counter()
         now = self.feature_time(q, rel)
-        segment = _segment(user, rel)
+        segment = _segment(user, rel, q)
         if user is None or not user.has_history:
             # No user, or one without history: the answer depends on the filters, k, the
             # segment and the minute only (items created within the minute wait for the
@@ -843,17 +844,25 @@ class RecommendService:
         ]
 
 
-def _segment(user: UserView | None, rel: ServingRelease) -> tuple[str, np.ndarray | None]:
-    """(name, catalog rows) of the user's cold-start segment list in this release, or
-    (GLOBAL_SEGMENT, None): no user, unknown attributes, a thin segment (none kept), or a
-    release from before segment lists."""
-    if user is None or rel.sources is None:
+def _segment(
+    user: UserView | None, rel: ServingRelease, q: RecommendQuery
+) -> tuple[str, np.ndarray | None]:
+    """(name, catalog rows) of the cold-start segment list of this user (their attributes;
+    none for an unknown user) in this request's context (surface, device) in this release,
+    or (GLOBAL_SEGMENT, None): nothing known, a thin segment (none kept), or a release from
+    before segment lists."""
+    if rel.sources is None:
         return GLOBAL_SEGMENT, None
-    found = rel.sources.segment_popular(user.segment_attributes)
+    attributes = user.segment_attributes if user is not None else {}
+    found = rel.sources.segment_popular(attributes, {"surface": q.surface, "device": q.device})
     return found if found is not None else (GLOBAL_SEGMENT, None)
 
 
 def segment_reason(name: str) -> str:
-    """An item's reason from a segment list: "popular in your country (country=3)"."""
+    """An item's reason from a segment list: "popular in your country (country=3)",
+    "popular on cart (surface=cart)"."""
+    attr, _, value = name.partition("=")
+    if attr in CONTEXT_COLUMNS:
+        return f"popular on {value} ({name})"
     attrs = [part.split("=", 1)[0] for part in name.split(",")]
     return f"popular in your {' and '.join(SEGMENT_WORDS.get(a, a) for a in attrs)} ({name})"

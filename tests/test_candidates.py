@@ -275,3 +275,35 @@ def test_segment_lists_are_point_in_time_and_skip_constant_attributes() -> None:
     )
     assert model.info["segments"]["attributes"] == ["age_bucket"]
     assert all(n.startswith("age_bucket=") for n in model.segment_names)
+
+
+def test_context_lists_follow_the_request_context() -> None:
+    """Popular lists per request context value (``surface=cart``) from the events' own
+    context: what was consumed there, thin values dropped, one-valued columns ignored;
+    the user's attribute segments come first."""
+    events, users, items = _country_world()
+    rng = np.random.default_rng(1)
+    on_cart = (events["item_id"] % 3 == 2) & (rng.random(len(events)) < 0.8)
+    events["surface"] = np.where(on_cart, "cart", "home")
+    events.loc[events.index[:40], "surface"] = "tiny"  # 40 events: thin
+    events["device"] = "web"  # one value: no device segments
+    item_ids = np.arange(60, dtype=np.int64)
+    model = candidates.build_model(
+        events, item_ids, ["click"], before=None, top_n=5, items=items, users=users
+    )
+    name, rows = model.segment_popular({}, {"surface": "cart", "device": "web"})
+    assert name == "surface=cart" and (rows[:10] % 3 == 2).all()
+    pairs = events[events["surface"] == "cart"].drop_duplicates(["user_id", "item_id"])
+    counts = pairs["item_id"].value_counts()
+    assert counts.loc[rows[0]] == counts.max()
+    assert model.segment_popular({}, {"surface": "home"})[0] == "surface=home"
+    for surface in ("tiny", "search", "a page/with spaces", ""):
+        assert model.segment_popular({}, {"surface": surface}) is None
+    # Who the user is comes before where they are.
+    assert model.segment_popular({"country": 1}, {"surface": "cart"})[0] == "country=1"
+    assert model.info["segments"]["context"] == {"columns": ["surface"], "kept": 2, "thin": 1}
+    assert candidates.segment_candidates({"country": 3}, {"surface": "cart", "device": "ios"}) == [
+        "country=3",
+        "surface=cart",
+        "device=ios",
+    ]

@@ -481,3 +481,20 @@ def test_folding_logged_events_in_keeps_the_key_tables(settings: Settings, tmp_p
     after = {p.name: p.read_bytes() for p in settings.raw_dir.glob("*_keys.parquet")}
     assert after == before
     assert read_meta(settings)["id_keys"] == {"items": 2, "users": 2}
+
+
+def test_request_context_columns_are_kept_or_refused(settings: Settings, tmp_path: Path) -> None:
+    """``surface``/``device`` of an event (what cold-start context lists learn from):
+    optional, trimmed, empty when missing; a value over 128 characters is refused."""
+    header = "user_id,item_id,timestamp,event,surface,device"
+    rows = ["1,10,2026-03-01T00:00:00Z,click, cart ,ios", "2,11,2026-03-02T00:00:00Z,view,,"]
+    import_data(settings, _write(tmp_path / "inter.csv", _csv(rows, header)))
+    inter = read_raw(settings).interactions
+    assert inter[["surface", "device"]].values.tolist() == [["cart", "ios"], ["", ""]]
+    import_data(settings, _write(tmp_path / "plain.csv", _csv(["1,10,2026-03-01T00:00:00Z,view"])))
+    assert read_raw(settings).interactions[["surface", "device"]].values.tolist() == [["", ""]]
+    bad = _write(
+        tmp_path / "bad.csv", _csv([f"1,10,2026-03-01T00:00:00Z,view,{'x' * 129},"], header)
+    )
+    with pytest.raises(UserError, match=r"bad\.csv: line 2, column 'surface': longer than 128"):
+        import_data(settings, bad)

@@ -100,3 +100,24 @@ def test_no_log_is_a_clear_error(settings: Settings) -> None:
         import_events(settings)
     settings.events_dir.mkdir()
     assert import_events(settings).snapshot is None
+
+
+def test_events_take_the_context_of_the_answer_they_name(settings: Settings) -> None:
+    """An event's surface and device are those of the served answer its request_id names
+    (what the cold-start context lists learn from); without one they are unknown ("")."""
+    from orchestrator.request import RecommendQuery
+    from orchestrator.service import RecItem, RecommendResult
+
+    log = EventLog(LogConfig(settings.events_dir, flush_ms=10))
+    q = RecommendQuery(user_id=1, k=1, surface="cart", device="ios")
+    result = RecommendResult(
+        items=[RecItem(13, 1.0, 1, "popular", "popular", ("popular",))], release="1"
+    )
+    log.served(q, result)
+    log.event(EventQuery(1, 13, "click", T1, result.request_id))
+    log.event(EventQuery(2, 12, "click", T2))  # no request_id
+    log.close()
+    assert import_events(settings).added == 2
+    after = read_table(settings, "interactions").set_index(["user_id", "item_id"])
+    assert tuple(after.loc[(1, 13), ["surface", "device"]].iloc[-1]) == ("cart", "ios")
+    assert tuple(after.loc[(2, 12), ["surface", "device"]].iloc[-1]) == ("", "")

@@ -84,12 +84,13 @@ def _recommend(
     user: str,
     k: int = 10,
     timeout: float = 2.0,
+    surface: str = "home",
     **kw: Any,
 ) -> pb.RecommendResponse:
     req = pb.RecommendRequest(
         user_id=user,
         k=k,
-        context=pb.Context(surface="home", timestamp=_end_of_data(tables)),
+        context=pb.Context(surface=surface, timestamp=_end_of_data(tables)),
         **kw,
     )
     reply: pb.RecommendResponse = stack["stub"].Recommend(req, timeout=timeout)
@@ -200,17 +201,22 @@ def test_cold_start_user_gets_popular_and_fresh(
 
 
 def _segment_top(
-    s: Settings, tables: dict[str, pd.DataFrame], column: str, value: int, n: int
+    s: Settings, tables: dict[str, pd.DataFrame], column: str, value: object, n: int
 ) -> set[int]:
     """The items most consumed (distinct users, seen events) by users with ``column ==
-    value``, counted here from the raw tables: every item tied with the n-th too."""
+    value`` (a users-table attribute), or in events with ``column == value`` (a context
+    column of the interactions), counted here from the raw tables: every item tied with
+    the n-th too."""
     from exporters.raw_tables import read_meta
     from exporters.seen import seen_events
 
-    users = pd.read_parquet(s.raw_dir / "users.parquet")
-    members = users.loc[users[column] == value, "user_id"]
     inter = tables["interactions"]
-    mine = inter[inter["user_id"].isin(members) & inter["event"].isin(seen_events(read_meta(s)))]
+    if column in inter.columns:
+        mine = inter[inter[column].astype(str) == value]
+    else:
+        users = pd.read_parquet(s.raw_dir / "users.parquet")
+        mine = inter[inter["user_id"].isin(users.loc[users[column] == value, "user_id"])]
+    mine = mine[mine["event"].isin(seen_events(read_meta(s)))]
     counts = mine.drop_duplicates(["user_id", "item_id"])["item_id"].value_counts()
     return set(counts[counts >= counts.iloc[n - 1]].index.astype(int))
 
@@ -248,12 +254,25 @@ def test_cold_start_serves_the_users_segment_else_global(
     assert popular and all(i.reason == f"popular in your country ({name})" for i in popular)
     top = _segment_top(s, tables, "country", int(user["country"]), 35)
     assert {i.item_id for i in popular} <= top
-    # An unknown user: no attributes, the global list, and no segment in the reasons.
-    cold = _recommend(stack, tables, COLD_USER, k=10)
+    # An unknown user without a context: no attributes, the global list, and no segment
+    # in the reasons.
+    cold = _recommend(stack, tables, COLD_USER, k=10, surface="")
     assert cold.cold_start and cold.fallback_segment == "global"
-    assert not any("your" in i.reason for i in cold.items)
+    assert not any("your" in i.reason or "popular on" in i.reason for i in cold.items)
     cold_popular = {i.item_id for i in cold.items if i.source == "popular"}
     assert cold_popular != {i.item_id for i in popular}
+    # The same unknown user on the cart page: what users consumed there (the small
+    # preset's cart favours a third of the categories).
+    assert "surface=cart" in kept and info["context"]["columns"] == ["surface", "device"]
+    on_cart = _recommend(stack, tables, COLD_USER, k=10, surface="cart")
+    assert on_cart.cold_start and on_cart.fallback_segment == "surface=cart"
+    cart = [i for i in on_cart.items if i.source == "popular"]
+    assert cart and all(i.reason == "popular on cart (surface=cart)" for i in cart)
+    assert {i.item_id for i in cart} <= _segment_top(s, tables, "surface", "cart", 35)
+    assert {i.item_id for i in cart} != cold_popular
+    # A value the data never had, or one that is not segment-shaped: the global list.
+    for other in ("checkout-v2", "a page/with spaces"):
+        assert _recommend(stack, tables, COLD_USER, surface=other).fallback_segment == "global"
     # The HTTP front says the same.
     uid = int(user["user_id"])
     status, body = _http(stack, f"/v1/recommendations?user_id={uid}&k=10")
