@@ -334,7 +334,7 @@ def build_model(
     if users is not None:
         segments, segment_info = segment_lists(X, row_users, users, pop_count)
         by_context, segment_info["context"] = context_lists(df, item_ids, events, pop_count)
-        segments = _joined(segments, by_context)
+        segments = join_segments(segments, by_context)
     info = {
         "method": method,
         "events": list(events),
@@ -446,7 +446,7 @@ def segment_lists(
     return (tuple(names), np.concatenate(lists), start), info
 
 
-def _joined(a: Segments, b: Segments) -> Segments:
+def join_segments(a: Segments, b: Segments) -> Segments:
     """Two (names, rows, start) segment sets as one."""
     if not b[0]:
         return a
