@@ -84,8 +84,8 @@ def _logged_events(settings: Settings, since: datetime | None) -> pa.Table:
         "item_id": [],
         "timestamp": [],
         "event": [],
-        "request_id": [],
     }
+    request_ids: list[str] = []
     # The request context of an event is that of the answer it names (its request_id):
     # served records come before the events that follow them in the log.
     context: dict[str, tuple[str, str]] = {}
@@ -99,8 +99,8 @@ def _logged_events(settings: Settings, since: datetime | None) -> pa.Table:
         cols["item_id"].append(rec.get("item_id"))
         cols["timestamp"].append(rec.get("ts_us"))
         cols["event"].append(rec.get("event"))
-        cols["request_id"].append(str(rec.get("request_id") or ""))
-    ctx = [context.get(r, ("", "")) for r in cols.pop("request_id")]
+        request_ids.append(str(rec.get("request_id") or ""))
+    ctx = [context.get(r, ("", "")) for r in request_ids]
     try:
         return pa.table(
             {
