@@ -348,5 +348,9 @@ def test_a_promotion_carries_the_added_items_and_stock_marks(ab_settings: Settin
     done = _release_cli(s, "rollback", "--reason", "back")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "carried" not in done.stdout
-    # Idempotent: a second carry finds nothing to do.
+    # Idempotent: a second carry finds nothing to do, by hand or by the command.
     assert item_delta.carry(s, [1], 2, None) == (0, 0)
+    done = _cli(stack, "carry", "--from", "2")
+    assert done.returncode == 0 and "nothing to carry" in done.stdout, done.stderr
+    done = _cli(stack, "carry", "--from", "9")
+    assert done.returncode == 2 and "release 9 does not exist" in done.stderr
