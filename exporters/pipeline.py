@@ -134,11 +134,16 @@ def cli(args: argparse.Namespace) -> int:
             "split_val_last",
             "split_test_last",
             "split_windows",
+            "offline_engine",
         )
         if getattr(args, name, None) is not None
     }
     if overrides:
         settings = settings.model_copy(update=overrides)
+    if settings.offline_engine == "spark":
+        from exporters.spark_engine import require_spark
+
+        require_spark()  # before the first step, not after the split
     run(settings, from_step=args.from_step, only=args.only)
     print(f"offline pipeline finished in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -17,6 +17,16 @@ from recstack.errors import UserError
 log = logging.getLogger("recstack")
 
 
+def _engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        dest="offline_engine",
+        choices=["pandas", "spark"],
+        help="offline engine of the feature tables (default RECSTACK_OFFLINE_ENGINE, pandas); "
+        "spark needs `make setup-spark` (docs/offline.md)",
+    )
+
+
 def _target(spec: str) -> Callable[[argparse.Namespace], int | None]:
     """Resolve ``"package.module:function"`` at run time."""
     module, _, func = spec.partition(":")
@@ -76,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     feats = groups.add_parser("features", help="feature tables and Feast").add_subparsers(
         dest="cmd", required=True
     )
-    _cmd(feats, "build", "exporters.feature_tables:cli", "write the feature parquet tables")
+    p = _cmd(feats, "build", "exporters.feature_tables:cli", "write the feature parquet tables")
+    _engine_arg(p)
     _cmd(feats, "apply", "exporters.feast_ops:cli_apply", "feast apply on feature_repo/")
     p = _cmd(
         groups,
@@ -100,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-step", help="re-run from this step (default: resume)")
     p.add_argument("--only", help="run just this step")
     p.add_argument("--list-steps", action="store_true")
+    _engine_arg(p)
     p.add_argument(
         "--force-release",
         metavar="REASON",
