@@ -55,6 +55,9 @@ STEPS: tuple[Step, ...] = (
     Step("release", "exporters.release:publish", "model versions + a release"),
 )
 STEP_NAMES = [s.name for s in STEPS]
+# Steps whose output depends on the offline engine (the registry holds FileSources or
+# SparkSources): done only if done with the same engine.
+ENGINE_STEPS = ("features", "feast_apply", "feast_materialize")
 
 
 def _snapshot(settings: Settings) -> str:
@@ -72,9 +75,12 @@ def _marker(settings: Settings, step: str) -> Path:
 
 def _done(settings: Settings, step: str, snapshot: str) -> bool:
     try:
-        return json.loads(_marker(settings, step).read_text())["snapshot"] == snapshot
-    except (OSError, ValueError, KeyError):
+        marker = json.loads(_marker(settings, step).read_text())
+    except (OSError, ValueError):
         return False
+    if step in ENGINE_STEPS and marker.get("engine", "pandas") != settings.offline_engine:
+        return False
+    return bool(marker.get("snapshot") == snapshot)
 
 
 def run(
@@ -110,7 +116,15 @@ def run(
         seconds = time.perf_counter() - t0
         marker = _marker(settings, step.name)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"snapshot": snapshot, "seconds": round(seconds, 2)}))
+        marker.write_text(
+            json.dumps(
+                {
+                    "snapshot": snapshot,
+                    "seconds": round(seconds, 2),
+                    "engine": settings.offline_engine,
+                }
+            )
+        )
         progress(f"[{i}/{total}] {step.name}: finished in {seconds:.1f} s")
         ran.append(step.name)
     return ran

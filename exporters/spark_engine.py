@@ -62,24 +62,37 @@ def require_spark() -> None:
         raise UserError(f"the spark offline engine needs a Java runtime: {SETUP_HINT}")
 
 
-def session(settings: Settings) -> SparkSession:
-    """The Spark session of ``settings`` (master, memory), in UTC."""
+def prepare_python() -> None:
+    """Check the set-up; make Spark's Python workers run this interpreter (the venv, with
+    pandas and pyarrow), not PATH's python3."""
     require_spark()
-    from pyspark.sql import SparkSession
-
-    # Python workers run this interpreter (the venv has pandas/pyarrow), not PATH's python3.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    builder = (
-        SparkSession.builder.appName("recstack-offline")
-        .master(settings.spark_master)
-        .config("spark.driver.memory", settings.spark_driver_memory)
-        .config("spark.executor.memory", settings.spark_executor_memory)
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-    )
+
+
+def spark_conf(settings: Settings) -> dict[str, str]:
+    """The Spark session's configuration (settings.spark_*): the feature-table build's and
+    Feast's (its Spark offline store and engine start theirs from it)."""
+    return {
+        "spark.app.name": "recstack-offline",
+        "spark.master": settings.spark_master,
+        "spark.driver.memory": settings.spark_driver_memory,
+        "spark.executor.memory": settings.spark_executor_memory,
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+    }
+
+
+def session(settings: Settings) -> SparkSession:
+    """The Spark session of ``settings`` (see :func:`spark_conf`)."""
+    prepare_python()
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder
+    for key, value in spark_conf(settings).items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
