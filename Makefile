@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN := .run
 PRESET ?= demo
 
-.PHONY: setup setup-spark demo test lint fmt typecheck stop bench-features bench-triton bench-large bench-quality clean-data help
+.PHONY: setup setup-spark demo test lint fmt typecheck stop bench-offline bench-features bench-triton bench-large bench-quality clean-data help
 
 help:
 	@echo "make demo   - set up everything, then data -> training -> export -> servers -> recommendations"
@@ -80,6 +80,12 @@ typecheck: setup
 
 stop:
 	-$(BIN)/recstack stop
+
+# Issue 17: `recstack train` with the pandas and the Spark offline engine on one preset
+# (BENCH_PRESET, default small), seconds per step and peak memory: docs/offline.md.
+BENCH_PRESET ?= small
+bench-offline: setup setup-spark
+	$(BIN)/recstack bench offline --preset $(BENCH_PRESET)
 
 bench-features: setup
 	$(BIN)/recstack bench features

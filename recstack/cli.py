@@ -18,10 +18,12 @@ log = logging.getLogger("recstack")
 
 
 def _engine_arg(p: argparse.ArgumentParser) -> None:
+    from recstack.settings import ENGINES
+
     p.add_argument(
         "--engine",
         dest="offline_engine",
-        choices=["pandas", "spark"],
+        choices=ENGINES,
         help="offline engine of the feature tables (default RECSTACK_OFFLINE_ENGINE, pandas); "
         "spark needs `make setup-spark` (docs/offline.md)",
     )
@@ -314,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="user",
         help="retrieved by: an active user's recommendations, or the item's own vector",
     )
+    p = _cmd(
+        bench,
+        "offline",
+        "exporters.bench_offline:cli",
+        "recstack train per offline engine: seconds per step, peak memory (docs/offline.md)",
+    )
+    p.add_argument("--preset", choices=["small", "demo", "large"], default="small")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--engines", default="pandas,spark", help="comma-separated")
+    p.add_argument("--workspace", help="own data folders (default: .bench-offline)")
+    p.add_argument("--timeout", type=float, default=7200.0, help="seconds per engine")
     p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=30)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Offline engines (docs/offline.md): pandas on this host, or Spark (local mode or a cluster).
-ENGINES: tuple[str, ...] = ("pandas", "spark")
+Engine = Literal["pandas", "spark"]
+ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 class Settings(BaseSettings):
@@ -178,7 +179,7 @@ class Settings(BaseSettings):
     # local mode on this host's cores, spark://host:7077 (or yarn, k8s://...) a cluster.
     # ``spark_partitions`` entity-hash partitions (0: about one per 1M events, at least
     # the default parallelism); each must fit in one executor's memory.
-    offline_engine: Literal["pandas", "spark"] = "pandas"
+    offline_engine: Engine = "pandas"
     spark_master: str = "local[*]"
     spark_driver_memory: str = "2g"
     spark_executor_memory: str = "2g"
