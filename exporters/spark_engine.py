@@ -166,7 +166,7 @@ def build_feature_tables(settings: Settings) -> None:
             for name in ("interactions", "items", "users")
         }
         inter = frames["interactions"]
-        stats = inter.agg(F.count(F.lit(1)), F.max(F.unix_micros("timestamp"))).first()
+        stats = inter.agg(F.count(F.lit(1)), F.max(F.unix_micros("timestamp"))).collect()[0]
         n_events, last_us = int(stats[0]), stats[1]
         last_day = None if last_us is None else int(last_us) // ft.US_PER_DAY
         partitions = settings.spark_partitions or max(

@@ -88,6 +88,31 @@ def test_spark_tables_equal_pandas_tables(both: tuple[Settings, Settings], name:
     )
 
 
+def test_spark_tables_equal_pandas_on_the_hand_made_timeline(
+    tmp_path: Path,
+) -> None:
+    """The hand-made timeline (tests/_features_fixtures.py): its two users' events end on
+    different days (03-20, 03-02) and land in different partitions, so a table function
+    that took the last day of data, or the popularity rank's competitors, from its own
+    partition instead of the Context would differ here."""
+    require_spark()
+    from _features_fixtures import timeline_settings
+
+    pandas_s = timeline_settings(tmp_path / "pandas")
+    spark_s = timeline_settings(tmp_path / "spark").model_copy(
+        update={"spark_master": "local[2]", "spark_partitions": 8, "spark_driver_memory": "1g"}
+    )
+    ft.build(pandas_s, "pandas")
+    ft.build(spark_s, "spark")
+    for name in ft.TABLE_FILES:
+        want = pq.read_table(ft.table_path(pandas_s, name))
+        got = pq.read_table(ft.table_path(spark_s, name))
+        assert got.schema == want.schema, name
+        pd.testing.assert_frame_equal(
+            _canonical(got.to_pandas()), _canonical(want.to_pandas()), check_exact=False, rtol=1e-6
+        )
+
+
 def test_spark_build_leaves_no_part_files(both: tuple[Settings, Settings]) -> None:
     _, spark_s = both
     assert sorted(p.name for p in spark_s.features_dir.iterdir()) == sorted(ft.TABLE_FILES.values())
