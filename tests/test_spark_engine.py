@@ -1,7 +1,10 @@
-"""The Spark offline engine (exporters/spark_engine.py) against the pandas engine on the
-small preset: same feature tables (rows, values within float tolerance, schemas), and a
-clear error without its set-up. Needs `make setup-spark` (Java + pyspark): skipped on a
-developer's machine without it, a failure under CI, where `make test` installs it."""
+"""The Spark offline engine (exporters/spark_engine.py, docs/offline.md) against the pandas
+engine on the small preset and the hand-made timeline: the same feature tables (schemas,
+rows, values within float tolerance), the same ranker point-in-time rows through Feast's
+Spark offline store, the same online rows after materialisation through Feast's Spark
+engine, and a clear error without its set-up. Needs `make setup-spark` (Java + pyspark):
+skipped on a developer's machine without it, a failure under CI, where `make test`
+installs it."""
 
 from __future__ import annotations
 
