@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN := .run
 PRESET ?= demo
 
-.PHONY: setup demo test lint fmt typecheck stop bench-features bench-triton bench-large bench-quality clean-data help
+.PHONY: setup setup-spark demo test lint fmt typecheck stop bench-offline bench-features bench-triton bench-large bench-quality clean-data help
 
 help:
 	@echo "make demo   - set up everything, then data -> training -> export -> servers -> recommendations"
@@ -48,11 +48,22 @@ $(RUN)/nginx.stamp:
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || { apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq nginx >/dev/null; }
 	touch $@
 
+# The Spark offline engine (RECSTACK_OFFLINE_ENGINE=spark, `recstack train --engine spark`,
+# docs/offline.md): Debian's Java 17 runtime and pyspark (requirements/spark.lock) in the
+# application venv, constrained by app.lock so that no installed package changes. Not part
+# of `make setup`: only the Spark engine needs it (and `make test`, which tests it).
+setup-spark: $(VENV)/.spark.stamp
+
+$(VENV)/.spark.stamp: requirements/spark.txt requirements/spark.lock $(VENV)/.stamp
+	command -v java >/dev/null || { apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq openjdk-17-jre-headless >/dev/null; }
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements/app.lock -c requirements/spark.lock -r requirements/spark.txt
+	touch $@
+
 # --- the two commands --------------------------------------------------------------------
 demo: setup
 	$(BIN)/recstack demo --preset $(PRESET) $(DEMO_ARGS)
 
-test: setup
+test: setup setup-spark
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
@@ -69,6 +80,12 @@ typecheck: setup
 
 stop:
 	-$(BIN)/recstack stop
+
+# Issue 17: `recstack train` with the pandas and the Spark offline engine on one preset
+# (BENCH_PRESET, default small), seconds per step and peak memory: docs/offline.md.
+BENCH_PRESET ?= small
+bench-offline: setup setup-spark
+	$(BIN)/recstack bench offline --preset $(BENCH_PRESET)
 
 bench-features: setup
 	$(BIN)/recstack bench features

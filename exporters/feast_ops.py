@@ -51,8 +51,9 @@ YAML_FILES = {
     "redis": "feature_store.redis.yaml",
     "redis_cluster": "feature_store.redis-cluster.yaml",
 }
-# Read by feature_repo/definitions.py at import time (FileSource paths).
+# Read by feature_repo/definitions.py at import time (FileSource paths, source class).
 FEATURES_DIR_ENV = "RECSTACK_FEATURES_DIR"
+OFFLINE_STORE_ENV = "RECSTACK_OFFLINE_STORE"
 # Full materialisation starts at the tables' baseline rows (Feast needs a start).
 EPOCH = BASELINE_TS.to_pydatetime()
 # redis-py retries a refused connection 10 times with backoff (~5 s); a request must fail
@@ -62,6 +63,16 @@ REDIS_RETRIES = 1
 # materialize: Feast's file offline store reads them through dask, which tokenizes list
 # columns row by row (~0.7 ms per row: 190 s for the demo's 264k recent-items rows).
 DIRECT_VIEWS = ("user_activity", "user_recent_items", "user_seen_items")
+# With the Spark offline store there is no dask to avoid: only the views whose rows are
+# also pushed in real time (their pushed rows must be kept, see write_latest) stay direct.
+PUSHED_VIEWS = ("user_recent_items", "user_seen_items")
+
+
+def direct_views(settings: Settings) -> tuple[str, ...]:
+    """The views ``materialize`` writes itself (write_latest) rather than through Feast."""
+    return PUSHED_VIEWS if settings.offline_engine == "spark" else DIRECT_VIEWS
+
+
 SCALAR_TYPES = ("Int64", "Int32", "Float64", "Float32", "Bool")
 
 
@@ -85,10 +96,16 @@ def placeholders(settings: Settings) -> dict[str, str]:
     return {
         "RECSTACK_DATA_DIR": str(settings.data_dir),
         FEATURES_DIR_ENV: str(settings.features_dir),
+        OFFLINE_STORE_ENV: offline_store_type(settings),
         "RECSTACK_REDIS_HOST": settings.redis_host,
         "RECSTACK_REDIS_PORT": str(settings.redis_port),
         "RECSTACK_REDIS_CLUSTER_NODES": settings.redis_cluster_nodes,
     }
+
+
+def offline_store_type(settings: Settings) -> str:
+    """Feast's offline store of ``settings.offline_engine``: file (pandas) or spark."""
+    return "spark" if settings.offline_engine == "spark" else "file"
 
 
 def _raw_config(settings: Settings) -> dict[str, Any]:
@@ -96,7 +113,16 @@ def _raw_config(settings: Settings) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"{path} is missing (settings.feature_repo = {settings.feature_repo})")
     text = string.Template(path.read_text()).safe_substitute(placeholders(settings))
-    return yaml.safe_load(os.path.expandvars(text))  # type: ignore[no-any-return]
+    raw: dict[str, Any] = yaml.safe_load(os.path.expandvars(text))
+    if settings.offline_engine == "spark":
+        # The YAMLs name the online store; the offline store and the materialisation
+        # engine follow the offline engine (one YAML per online store, not two).
+        from exporters.spark_engine import prepare_python, spark_conf
+
+        prepare_python()
+        raw["offline_store"] = {"type": "spark", "spark_conf": spark_conf(settings)}
+        raw["batch_engine"] = {"type": "spark.engine", "spark_conf": spark_conf(settings)}
+    return raw
 
 
 def _config(raw: dict[str, Any], settings: Settings) -> RepoConfig:
@@ -132,6 +158,21 @@ def feature_store(settings: Settings) -> FeatureStore:
     if settings.online_store in ("redis", "redis_cluster"):
         _fail_fast_redis(store)
     return store
+
+
+def offline_feature_store(settings: Settings) -> FeatureStore:
+    """A FeatureStore for offline work (point-in-time rows, materialisation).
+
+    With the Spark engine the Spark session is started here, from ``settings.spark_*``:
+    Feast's Spark offline store and engine reuse an active session, and Feast 0.67's Spark
+    engine, when it has to start one itself, passes its whole ``batch_engine`` block as
+    Spark properties (``type``, ``spark_conf``: ignored) instead of ``spark_conf``, so its
+    session would miss the master and memory settings."""
+    if settings.offline_engine == "spark":
+        from exporters.spark_engine import session
+
+        session(settings)
+    return feature_store(settings)
 
 
 def _redis_client(store: FeatureStore) -> Any:
@@ -230,7 +271,11 @@ def _definitions_context(settings: Settings) -> Iterator[None]:
     """What parsing feature_repo/ needs: cwd = the repo (Feast names modules relative to
     it), the repo on sys.path, fresh imports of edited files, RECSTACK_FEATURES_DIR set."""
     repo = settings.feature_repo.resolve()
-    old_cwd, old_env = os.getcwd(), os.environ.get(FEATURES_DIR_ENV)
+    env = {
+        FEATURES_DIR_ENV: str(settings.features_dir),
+        OFFLINE_STORE_ENV: offline_store_type(settings),
+    }
+    old_cwd, old_env = os.getcwd(), {name: os.environ.get(name) for name in env}
     old_bytecode = sys.dont_write_bytecode
     # Feast imports each file as a module named by its path relative to the repo: drop any
     # cached module of those names (an earlier apply, maybe of another repo copy).
@@ -240,7 +285,7 @@ def _definitions_context(settings: Settings) -> Iterator[None]:
     importlib.invalidate_caches()
     os.chdir(repo)
     sys.path.insert(0, str(repo))
-    os.environ[FEATURES_DIR_ENV] = str(settings.features_dir)
+    os.environ.update(env)
     sys.dont_write_bytecode = True  # no __pycache__ inside feature_repo/
     try:
         yield
@@ -248,10 +293,11 @@ def _definitions_context(settings: Settings) -> Iterator[None]:
         os.chdir(old_cwd)
         with contextlib.suppress(ValueError):
             sys.path.remove(str(repo))
-        if old_env is None:
-            os.environ.pop(FEATURES_DIR_ENV, None)
-        else:
-            os.environ[FEATURES_DIR_ENV] = old_env
+        for name, value in old_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         sys.dont_write_bytecode = old_bytecode
 
 
@@ -319,10 +365,11 @@ def materialize(settings: Settings, incremental: bool = False) -> None:
     new since the last materialisation."""
     if not registry_path(settings).exists():
         raise UserError("the Feast registry does not exist: run `recstack features apply` first")
-    store = feature_store(settings)
+    store = offline_feature_store(settings)
     end = materialization_end(settings)
     views = [v.name for v in store.list_feature_views(allow_cache=True) if v.online]
-    by_feast = [v for v in views if v not in DIRECT_VIEWS]
+    direct = direct_views(settings)
+    by_feast = [v for v in views if v not in direct]
     # Materialised before: the store may hold rows pushed (RecordEvent) since, which
     # write_latest keeps when they are newer than the batch row.
     materialized_before = any(
@@ -333,7 +380,7 @@ def materialize(settings: Settings, incremental: bool = False) -> None:
         store.materialize_incremental(end_date=end, feature_views=by_feast)
     else:
         store.materialize(start_date=EPOCH, end_date=end, feature_views=by_feast)
-    for view in DIRECT_VIEWS:
+    for view in direct:
         if view in views:
             write_latest(store, view, end, keep_pushed=materialized_before)
     log.info("materialized into %s up to %s", settings.online_store, end.isoformat())
@@ -465,7 +512,7 @@ def historical_features(
     ts = "event_timestamp"
     if ts not in entity_df.columns:
         raise UserError("entity_df needs an event_timestamp column")
-    store = feature_store(settings)
+    store = offline_feature_store(settings)
     features = service_features(store, service_name)
     out = entity_df.copy()
     out[ts] = pd.to_datetime(out[ts], utc=True)
@@ -555,7 +602,21 @@ def plain_feast_env(settings: Settings) -> dict[str, str]:
     ``${VAR:-default}`` form and leaves an unset variable as literal text, so the YAML
     cannot carry recstack's defaults itself."""
     # FEAST_FS_YAML_FILE_PATH: Feast's own variable for the YAML (feast/utils.py).
-    return {**placeholders(settings), "FEAST_FS_YAML_FILE_PATH": str(yaml_path(settings))}
+    return {**placeholders(settings), "FEAST_FS_YAML_FILE_PATH": str(cli_yaml_path(settings))}
+
+
+def cli_yaml_path(settings: Settings) -> Path:
+    """The YAML for Feast's own CLI: ``yaml_path``, or with the Spark engine a generated
+    variant of it (its offline store and engine replaced as :func:`_raw_config` does), at
+    ``<registry dir>/feature_store.spark.yaml``."""
+    if settings.offline_engine != "spark":
+        return yaml_path(settings)
+    raw = _raw_config(settings)
+    path = Path(raw["registry"]["path"]).parent / "feature_store.spark.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# Generated by recstack from {yaml_path(settings)} (offline engine spark).\n"
+    path.write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    return path
 
 
 def cli_feast(args: argparse.Namespace) -> int:
@@ -585,7 +646,7 @@ def cli_feast(args: argparse.Namespace) -> int:
         "--chdir",
         str(settings.feature_repo),
         "--feature-store-yaml",
-        str(path),
+        str(cli_yaml_path(settings)),
         *feast_args,
     ]
     return subprocess.run(command, env=env, check=False).returncode

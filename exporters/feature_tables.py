@@ -41,6 +41,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,8 @@ from tqdm import tqdm
 
 from exporters import history, seen
 from exporters.raw_tables import read_meta, read_table
-from recstack.settings import Settings, get_settings
+from recstack.errors import UserError
+from recstack.settings import ENGINES, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -293,14 +295,20 @@ def user_seen_items_table(inter: pd.DataFrame, events: Sequence[str]) -> pa.Tabl
     )
 
 
-def user_activity_table(inter: pd.DataFrame, items: pd.DataFrame, n_categories: int) -> pa.Table:
+def user_activity_table(
+    inter: pd.DataFrame, items: pd.DataFrame, n_categories: int, last_day: int | None = None
+) -> pa.Table:
     """Trailing counts, last event time, mean purchase price and category affinity per
-    user and change day (see the module docstring)."""
+    user and change day (see the module docstring).
+
+    ``last_day`` (UTC day index, default: the last day of ``inter``) caps the change days:
+    an engine that runs this on a subset of the users passes the whole data's last day."""
     ev = _event_arrays(inter)
     user = inter["user_id"].to_numpy(np.int64)
     if len(user) == 0:
         return _empty_user_activity()
-    last_day = int(ev["day"].max())
+    if last_day is None:
+        last_day = int(ev["day"].max())
     first = int(ev["day"].min())
     day = ev["day"] - first + _DAY_OFFSET
     q_user, q_day = _change_days(user, day, last_day - first + _DAY_OFFSET)
@@ -382,12 +390,35 @@ def _affinity(
     return out.astype(np.float32)
 
 
-def item_statistics_table(inter: pd.DataFrame) -> pa.Table:
+def item_daily_counts(inter: pd.DataFrame) -> pd.DataFrame:
+    """``item_id, day, n``: events per item and UTC day index (the popularity rank's input)."""
+    day = _us(inter["timestamp"]) // US_PER_DAY
+    counts = (
+        pd.DataFrame({"item_id": inter["item_id"].to_numpy(np.int64), "day": day})
+        .groupby(["item_id", "day"], sort=True)
+        .size()
+    )
+    return pd.DataFrame(
+        {
+            "item_id": counts.index.get_level_values(0).to_numpy(np.int64),
+            "day": counts.index.get_level_values(1).to_numpy(np.int64),
+            "n": counts.to_numpy(np.int64),
+        }
+    )
+
+
+def item_statistics_table(
+    inter: pd.DataFrame, last_day: int | None = None, daily: pd.DataFrame | None = None
+) -> pa.Table:
     """Trailing counts, CTR and popularity rank per item and change day.
 
     ``item_popularity_rank`` = 1 + the number of items with more events in the trailing 7
     days (ties share a rank; items without events rank after every item with some), as of
     the end of the row's day. It is refreshed on the item's change days only.
+
+    The rank compares an item with every item, so an engine that runs this on a subset of
+    the items passes ``daily`` (:func:`item_daily_counts` of all events) and ``last_day``
+    (the whole data's last UTC day index); both default to those of ``inter``.
     """
     ev = _event_arrays(inter)
     item = inter["item_id"].to_numpy(np.int64)
@@ -398,13 +429,21 @@ def item_statistics_table(inter: pd.DataFrame) -> pa.Table:
         return pa.table(cols)
     first = int(ev["day"].min())
     day = ev["day"] - first + _DAY_OFFSET
-    last = int(day.max())
+    last = (int(ev["day"].max()) if last_day is None else last_day) - first + _DAY_OFFSET
     q_item, q_day = _change_days(item, day, last)
-    stride = last + 2 * _DAY_OFFSET
+    stride = max(last, int(day.max())) + 2 * _DAY_OFFSET
     win = _Windows(item, day, stride, ev["us"])
     cols = _counts(win, ev, q_item, q_day, "item")
     ctr = cols["item_clicks_30d"] / np.maximum(cols["item_views_30d"], 1)
-    rank = _popularity_rank(item, day, q_item, q_day)
+    if daily is None:
+        daily = item_daily_counts(inter)
+    rank = _popularity_rank(
+        daily["item_id"].to_numpy(np.int64),
+        daily["day"].to_numpy(np.int64) - first + _DAY_OFFSET,
+        daily["n"].to_numpy(np.int64),
+        q_item,
+        q_day,
+    )
     return pa.table(
         {
             "item_id": pa.array(q_item),
@@ -422,16 +461,17 @@ def _item_stat_names() -> list[str]:
 
 
 def _popularity_rank(
-    item: np.ndarray, day: np.ndarray, q_item: np.ndarray, q_day: np.ndarray
+    item: np.ndarray, day: np.ndarray, n: np.ndarray, q_item: np.ndarray, q_day: np.ndarray
 ) -> np.ndarray:
     """Rank by trailing-7-day event count among all items, per query day (one pass per day
-    with dense per-item counts: O(days × items-with-events))."""
+    with dense per-item counts: O(days × items-with-events)); ``n`` events of ``item`` on
+    ``day``."""
     uniq, idx = np.unique(item, return_inverse=True)
     q_idx = np.searchsorted(uniq, q_item)
     days = np.unique(q_day)
     # Daily per-item counts as a sparse (day, item) list; a rolling 7-day dense sum per day.
     order = np.argsort(day, kind="stable")
-    d_sorted, i_sorted = day[order], idx[order]
+    d_sorted, i_sorted, n_sorted = day[order], idx[order], n[order]
     bounds = np.searchsorted(d_sorted, np.arange(day.min(), day.max() + 2))
     base = int(day.min())
     rank = np.zeros(len(q_item), dtype=np.int64)
@@ -444,7 +484,8 @@ def _popularity_rank(
     def add(d: int, sign: int) -> None:
         k = d - base
         if 0 <= k < len(bounds) - 1:
-            np.add.at(window, i_sorted[bounds[k] : bounds[k + 1]], sign)
+            lo, hi = bounds[k], bounds[k + 1]
+            np.add.at(window, i_sorted[lo:hi], sign * n_sorted[lo:hi])
 
     for j, d in enumerate(tqdm(days, desc="popularity rank", leave=False, disable=None)):
         while current < d:  # slide the 7-day window forward one day at a time
@@ -458,41 +499,128 @@ def _popularity_rank(
     return rank
 
 
-def build(settings: Settings) -> None:
-    """Write every feature table from the raw tables under ``settings.raw_dir``."""
-    t0 = time.perf_counter()
-    inter = read_table(settings, "interactions")
-    items = read_table(settings, "items")
-    users = read_table(settings, "users")
-    meta = read_meta(settings)
-    n_cat = int(meta.get("n_categories") or 0)
+@dataclass(frozen=True)
+class Context:
+    """What a table function needs beyond its entities' rows: small tables and values of
+    the whole data, the same whichever engine (and which subset of entities) runs it."""
+
+    items: pd.DataFrame  # item_id, category, price (the catalog's columns the logic reads)
+    n_categories: int
+    last_day: int | None  # the last UTC day index with events (None: no events)
+    seen_events: tuple[str, ...]
+    item_daily: pd.DataFrame  # item_daily_counts of all events
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One feature table: which raw table it reads, its entity, and its one definition.
+
+    ``make`` is *per-entity separable*: its rows for an entity depend only on that entity's
+    rows of ``source`` (and the Context), so running it on any partition of the entities
+    and concatenating gives the same table as running it on everything. The pandas engine
+    calls it once on the whole frame; the Spark engine (exporters/spark_engine.py) once per
+    entity-hash partition."""
+
+    name: str
+    source: str  # "interactions" | "users" | "items"
+    key: str  # the entity column rows are partitioned by
+    make: Callable[[pd.DataFrame, Context], pa.Table]
+
+
+def _user_profile(df: pd.DataFrame, ctx: Context) -> pa.Table:
+    return with_baseline(user_profile_table(df), "user_id")
+
+
+def _item_profile(df: pd.DataFrame, ctx: Context) -> pa.Table:
+    return with_baseline(item_profile_table(df), "item_id")
+
+
+def _user_recent_items(df: pd.DataFrame, ctx: Context) -> pa.Table:
+    return with_baseline(user_recent_items_table(df), "user_id")
+
+
+def _user_seen_items(df: pd.DataFrame, ctx: Context) -> pa.Table:
+    return user_seen_items_table(df, ctx.seen_events)
+
+
+def _user_activity(df: pd.DataFrame, ctx: Context) -> pa.Table:
+    table = user_activity_table(df, ctx.items, ctx.n_categories, ctx.last_day)
+    return with_baseline(table, "user_id", ctx.n_categories)
+
+
+def _item_statistics(df: pd.DataFrame, ctx: Context) -> pa.Table:
+    return with_baseline(item_statistics_table(df, ctx.last_day, ctx.item_daily), "item_id")
+
+
+TABLES: tuple[TableSpec, ...] = (
+    TableSpec("user_profile", "users", "user_id", _user_profile),
+    TableSpec("item_profile", "items", "item_id", _item_profile),
+    TableSpec("user_recent_items", "interactions", "user_id", _user_recent_items),
+    TableSpec("user_seen_items", "interactions", "user_id", _user_seen_items),
+    TableSpec("user_activity", "interactions", "user_id", _user_activity),
+    TableSpec("item_statistics", "interactions", "item_id", _item_statistics),
+)
+assert sorted(t.name for t in TABLES) == sorted(TABLE_FILES)
+
+
+def make_context(
+    items: pd.DataFrame,
+    meta: dict[str, object],
+    settings: Settings,
+    last_day: int | None,
+    item_daily: pd.DataFrame,
+) -> Context:
+    """The Context of a build; ``last_day`` and ``item_daily`` come from the engine."""
+    n_cat = int(meta.get("n_categories") or 0)  # type: ignore[call-overload]
     if len(items):
         n_cat = max(n_cat, int(items["category"].max()) + 1)
-    steps: dict[str, Callable[[], pa.Table]] = {
-        "user_profile": lambda: with_baseline(user_profile_table(users), "user_id"),
-        "item_profile": lambda: with_baseline(item_profile_table(items), "item_id"),
-        "user_recent_items": lambda: with_baseline(user_recent_items_table(inter), "user_id"),
-        "user_seen_items": lambda: user_seen_items_table(
-            inter, seen.seen_events(meta, settings.seen_events)
-        ),
-        "user_activity": lambda: with_baseline(
-            user_activity_table(inter, items, n_cat), "user_id", n_cat
-        ),
-        "item_statistics": lambda: with_baseline(item_statistics_table(inter), "item_id"),
-    }
-    for name, make in tqdm(steps.items(), desc="feature tables", disable=None):
-        t = time.perf_counter()
-        table = make()
-        _write(table, table_path(settings, name))
-        log.info("%s: %d rows in %.1f s", name, table.num_rows, time.perf_counter() - t)
-    log.info(
-        "feature tables written to %s in %.1f s", settings.features_dir, time.perf_counter() - t0
+    return Context(
+        items=items[["item_id", "category", "price"]],
+        n_categories=n_cat,
+        last_day=last_day,
+        seen_events=seen.seen_events(meta, settings.seen_events),
+        item_daily=item_daily,
     )
 
 
+def build(settings: Settings, engine: str | None = None) -> None:
+    """Write every feature table from the raw tables under ``settings.raw_dir`` with
+    ``engine`` ("pandas" or "spark"; default ``settings.offline_engine``)."""
+    engine = engine or settings.offline_engine
+    if engine not in ENGINES:
+        raise UserError(f"unknown offline engine {engine!r}; expected one of {ENGINES}")
+    t0 = time.perf_counter()
+    if engine == "spark":
+        from exporters import spark_engine  # pyspark is installed only for this engine
+
+        spark_engine.build_feature_tables(settings)
+    else:
+        _build_pandas(settings)
+    log.info(
+        "feature tables (%s) written to %s in %.1f s",
+        engine,
+        settings.features_dir,
+        time.perf_counter() - t0,
+    )
+
+
+def _build_pandas(settings: Settings) -> None:
+    frames = {name: read_table(settings, name) for name in ("interactions", "items", "users")}
+    inter = frames["interactions"]
+    last_day = int(_us(inter["timestamp"]).max() // US_PER_DAY) if len(inter) else None
+    ctx = make_context(
+        frames["items"], read_meta(settings), settings, last_day, item_daily_counts(inter)
+    )
+    for spec in tqdm(TABLES, desc="feature tables", disable=None):
+        t = time.perf_counter()
+        table = spec.make(frames[spec.source], ctx)
+        _write(table, table_path(settings, spec.name))
+        log.info("%s: %d rows in %.1f s", spec.name, table.num_rows, time.perf_counter() - t)
+
+
 def cli(args: argparse.Namespace) -> int:
-    """``recstack features build``."""
+    """``recstack features build [--engine pandas|spark]``."""
     settings = get_settings()
-    build(settings)
+    build(settings, getattr(args, "offline_engine", None))
     print(f"feature tables written to {settings.features_dir}")
     return 0

@@ -55,6 +55,9 @@ STEPS: tuple[Step, ...] = (
     Step("release", "exporters.release:publish", "model versions + a release"),
 )
 STEP_NAMES = [s.name for s in STEPS]
+# Steps whose output depends on the offline engine (the registry holds FileSources or
+# SparkSources): done only if done with the same engine.
+ENGINE_STEPS = ("features", "feast_apply", "feast_materialize")
 
 
 def _snapshot(settings: Settings) -> str:
@@ -87,9 +90,12 @@ def _marker(settings: Settings, step: str) -> Path:
 
 def _done(settings: Settings, step: str, snapshot: str) -> bool:
     try:
-        return json.loads(_marker(settings, step).read_text())["snapshot"] == snapshot
-    except (OSError, ValueError, KeyError):
+        marker = json.loads(_marker(settings, step).read_text())
+    except (OSError, ValueError):
         return False
+    if step in ENGINE_STEPS and marker.get("engine", "pandas") != settings.offline_engine:
+        return False
+    return bool(marker.get("snapshot") == snapshot)
 
 
 def run(
@@ -127,7 +133,15 @@ def run(
         seconds = time.perf_counter() - t0
         marker = _marker(settings, step.name)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"snapshot": snapshot, "seconds": round(seconds, 2)}))
+        marker.write_text(
+            json.dumps(
+                {
+                    "snapshot": snapshot,
+                    "seconds": round(seconds, 2),
+                    "engine": settings.offline_engine,
+                }
+            )
+        )
         progress(f"[{i}/{total}] {step.name}: finished in {seconds:.1f} s")
         ran.append(step.name)
     return ran
@@ -151,11 +165,16 @@ def cli(args: argparse.Namespace) -> int:
             "split_val_last",
             "split_test_last",
             "split_windows",
+            "offline_engine",
         )
         if getattr(args, name, None) is not None
     }
     if overrides:
         settings = settings.model_copy(update=overrides)
+    if settings.offline_engine == "spark":
+        from exporters.spark_engine import require_spark
+
+        require_spark()  # before the first step, not after the split
     run(settings, from_step=args.from_step, only=args.only)
     print(f"offline pipeline finished in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -114,14 +114,14 @@ def point_in_time_features(
     one per row) through Feast's ``get_historical_features``: one row per input row, in
     its order; an entity with no value as of its time gets NaN/None (Feast itself drops
     such rows)."""
-    from exporters.feast_ops import feature_store, identity_dask_tokens
+    from exporters.feast_ops import identity_dask_tokens, offline_feature_store
 
     ids = np.asarray(ids, dtype=np.int64)
     times = at if isinstance(at, pd.DatetimeIndex) else pd.Timestamp(at)
     entity_df = pd.DataFrame(
         {key: ids, "event_timestamp": times, ROW: np.arange(len(ids), dtype=np.int64)}
     )
-    store = feature_store(settings)
+    store = offline_feature_store(settings)
     with identity_dask_tokens():
         df = store.get_historical_features(entity_df=entity_df, features=list(refs)).to_df()
     names = [r.split(":", 1)[1] for r in refs]

@@ -17,6 +17,10 @@ Two feature services are the contracts readers ask for by name:
 FileSource paths come from ``RECSTACK_FEATURES_DIR``, which ``recstack features apply``
 sets to ``settings.features_dir`` while it parses this file (the paths are stored in the
 registry, which lives beside them under the same data_dir).
+
+``RECSTACK_OFFLINE_STORE`` (set the same way from ``settings.offline_engine``) picks the
+source class of the same parquet files: ``file`` (FileSource, Feast's file offline store)
+or ``spark`` (SparkSource, Feast's Spark offline store, docs/offline.md).
 """
 
 import os
@@ -24,6 +28,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource
+from feast.data_source import DataSource
+from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 from feast.types import Array, Float32, Float64, Int64
 from feast.value_type import ValueType
 
@@ -41,12 +47,21 @@ user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, de
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="an item")
 
 
-def _file(name: str) -> FileSource:
-    return FileSource(
-        name=f"{name}_source",
-        path=str(FEATURES_DIR / f"{name}.parquet"),
-        timestamp_field="event_timestamp",
-    )
+OFFLINE_STORE = os.environ.get("RECSTACK_OFFLINE_STORE") or "file"
+if OFFLINE_STORE not in ("file", "spark"):
+    raise ValueError(f"RECSTACK_OFFLINE_STORE={OFFLINE_STORE!r}: expected file or spark")
+
+
+def _file(name: str) -> DataSource:
+    path = str(FEATURES_DIR / f"{name}.parquet")
+    if OFFLINE_STORE == "spark":
+        return SparkSource(
+            name=f"{name}_source",
+            path=path,
+            file_format="parquet",
+            timestamp_field="event_timestamp",
+        )
+    return FileSource(name=f"{name}_source", path=path, timestamp_field="event_timestamp")
 
 
 user_profile_source = _file("user_profile")

@@ -17,6 +17,18 @@ from recstack.errors import UserError
 log = logging.getLogger("recstack")
 
 
+def _engine_arg(p: argparse.ArgumentParser) -> None:
+    from recstack.settings import ENGINES
+
+    p.add_argument(
+        "--engine",
+        dest="offline_engine",
+        choices=ENGINES,
+        help="offline engine of the feature tables (default RECSTACK_OFFLINE_ENGINE, pandas); "
+        "spark needs `make setup-spark` (docs/offline.md)",
+    )
+
+
 def _target(spec: str) -> Callable[[argparse.Namespace], int | None]:
     """Resolve ``"package.module:function"`` at run time."""
     module, _, func = spec.partition(":")
@@ -76,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     feats = groups.add_parser("features", help="feature tables and Feast").add_subparsers(
         dest="cmd", required=True
     )
-    _cmd(feats, "build", "exporters.feature_tables:cli", "write the feature parquet tables")
+    p = _cmd(feats, "build", "exporters.feature_tables:cli", "write the feature parquet tables")
+    _engine_arg(p)
     _cmd(feats, "apply", "exporters.feast_ops:cli_apply", "feast apply on feature_repo/")
     p = _cmd(
         groups,
@@ -100,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-step", help="re-run from this step (default: resume)")
     p.add_argument("--only", help="run just this step")
     p.add_argument("--list-steps", action="store_true")
+    _engine_arg(p)
     p.add_argument(
         "--force-release",
         metavar="REASON",
@@ -309,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="user",
         help="retrieved by: an active user's recommendations, or the item's own vector",
     )
+    p = _cmd(
+        bench,
+        "offline",
+        "exporters.bench_offline:cli",
+        "recstack train per offline engine: seconds per step, peak memory (docs/offline.md)",
+    )
+    p.add_argument("--preset", choices=["small", "demo", "large"], default="small")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--engines", default="pandas,spark", help="comma-separated")
+    p.add_argument("--workspace", help="own data folders (default: .bench-offline)")
+    p.add_argument("--timeout", type=float, default=7200.0, help="seconds per engine")
     p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=30)

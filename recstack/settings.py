@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Offline engines (docs/offline.md): pandas on this host, or Spark (local mode or a cluster).
+Engine = Literal["pandas", "spark"]
+ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 class Settings(BaseSettings):
@@ -171,6 +174,16 @@ class Settings(BaseSettings):
     # Refit the released towers and index on every event (pipeline step refit); off:
     # release the selection run's towers (trained before the validation window).
     refit_towers: bool = True
+    # The offline engine of the feature tables (docs/offline.md): pandas on this host, or
+    # Spark (`make setup-spark`: Java + pyspark) at ``spark_master`` — local[*] is Spark's
+    # local mode on this host's cores, spark://host:7077 (or yarn, k8s://...) a cluster.
+    # ``spark_partitions`` entity-hash partitions (0: about one per 1M events, at least
+    # the default parallelism); each must fit in one executor's memory.
+    offline_engine: Engine = "pandas"
+    spark_master: str = "local[*]"
+    spark_driver_memory: str = "2g"
+    spark_executor_memory: str = "2g"
+    spark_partitions: int = Field(default=0, ge=0)
     # Publish a release although its evaluation loses to the baselines; the reason is
     # recorded in the manifest (`recstack train --force-release REASON`).
     force_release: str = ""
