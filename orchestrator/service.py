@@ -688,6 +688,7 @@ class RecommendService:
                 catalog.created_at[rows],
                 sources,
                 found,
+                unique=True,  # merged without duplicates (gather_found, or the ANN's ids)
             )
             ranked = "ranking_skipped" not in degraded
             result = self._finish(q, cands, user, now, catalog, rel, ranked=ranked)
