@@ -288,7 +288,7 @@ class EntityRowReader:
             rows = self._provider.online_read(self._config, view, [entity_key], list(names))
             stamp, values = rows[0] if rows else (None, None)
             if values and stamp is not None:
-                stamp = _utc(stamp).to_pydatetime()
+                stamp = _utc_datetime(stamp)
                 newest = stamp if newest is None else max(newest, stamp)
             for name in names:
                 proto = values.get(name) if values else None
@@ -669,6 +669,14 @@ def _n_categories(settings: Settings, snapshot: ItemSnapshot) -> int:
     if len(snapshot.category):
         n = max(n, int(snapshot.category.max()) + 1)
     return n
+
+
+def _utc_datetime(when: datetime) -> datetime:
+    """``when`` as an aware UTC datetime (naive values are taken as UTC): :func:`_utc`
+    without the pandas round trip, for the stamps of every user read."""
+    if type(when) is not datetime:  # a pandas Timestamp or another subclass
+        return _utc(when).to_pydatetime()  # type: ignore[no-any-return]
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def _utc(when: datetime) -> pd.Timestamp:

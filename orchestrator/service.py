@@ -711,12 +711,9 @@ class RecommendService:
         other sources."""
         catalog = state.catalog
         with clock.stage("retrieval"):
-            _, ids = rel.search(
+            ann_rows = rel.search_rows(
                 state, np.asarray(embedding, dtype=np.float32), self.cfg.n_candidates
             )
-            ids = ids[0]
-            ann_rows, known = catalog.rows(ids[ids >= 0])
-            ann_rows = ann_rows[known]
         with clock.stage("filter"):
             seen = user.seen_items
             created = catalog.created_at

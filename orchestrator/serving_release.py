@@ -422,6 +422,18 @@ class ServingRelease:
         """The release's index and ``state``'s added items together (``(scores, ids)``)."""
         return merged_search(self.index, state.added, queries, k)
 
+    def search_rows(self, state: ItemState, query: np.ndarray, k: int) -> np.ndarray:
+        """The catalog rows of :meth:`search` for one query, best first, unfilled slots
+        dropped. The index's rows are the catalog's first rows, so without added items
+        FAISS's own labels are the answer: no round trip through item ids (two gathers
+        over 1M-entry tables per request)."""
+        if state.added is None or state.added.index.ntotal == 0:
+            _, rows = self.index.search_rows(query, k)
+            return rows[0][rows[0] >= 0]
+        _, ids = self.search(state, query, k)
+        rows, known = state.catalog.rows(ids[0][ids[0] >= 0])
+        return rows[known]
+
     def user_embedding(self, user: UserView, timeout_s: float) -> np.ndarray:
         """The user tower's output for ``user``: from this release's cache, else Triton
         (at the pinned version), then cached. Raises TritonError like the client."""
