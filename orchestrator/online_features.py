@@ -31,6 +31,7 @@ master has its own breaker, chosen by the slot of the user's key.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sqlite3
 import threading
@@ -85,6 +86,7 @@ class FeatureStoreUnavailable(RuntimeError):
         self.store = store
 
 
+@functools.cache  # asked on every user read: the tuple is built once
 def _unavailable_errors() -> tuple[type[BaseException], ...]:
     import redis.exceptions as rex
 
