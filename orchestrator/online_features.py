@@ -316,7 +316,8 @@ class EntityRowReader:
             entity_key,
             entity_key_serialization_version=self._config.entity_key_serialization_version,
         )
-        conn = self._provider.online_store._get_conn(self._config)
+        online: Any = self._provider.online_store  # SqliteOnlineStore (checked at init)
+        conn = online._get_conn(self._config)  # the store's one connection
         stamps: list[datetime | None] = [None] * len(self._views)
         values: list[dict[str, Any]] = [{} for _ in self._views]
         for i, name, raw, stamp in conn.execute(self._sqlite, (key,)).fetchall():
