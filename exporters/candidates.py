@@ -577,48 +577,69 @@ def gather_found(
     user's most consumed category (of their newest seen items), newest. Only a bounded
     head of each list is filtered (quota × 4 plus the user's seen items), so the cost does
     not grow with the catalog."""
-    ann = np.asarray(ann_rows, dtype=np.int64)
-    ann = ann[allowed(ann)][: quotas.ann]
+    ann_head = np.asarray(ann_rows, dtype=np.int64)
     n_seen = int((np.asarray(seen_rows) >= 0).sum())
     reach_rows, reach_scores = i2i_scores(model, seen_rows)
-    head = reach_rows[: 4 * quotas.i2i + n_seen]
-    i2i = head[allowed(head)]
-    head = model.popular_rows[: 4 * quotas.popular + n_seen]
-    pop = head[allowed(head)][: quotas.popular]
-    catpop = _category_popular(model, seen_rows, 4 * quotas.category_popular + n_seen)
-    catpop = catpop[allowed(catpop)][: quotas.category_popular]
-    fresh = np.zeros(0, dtype=np.int64)
+    i2i_head = reach_rows[: 4 * quotas.i2i + n_seen]
+    pop_head = model.popular_rows[: 4 * quotas.popular + n_seen]
+    catpop_head = _category_popular(model, seen_rows, 4 * quotas.category_popular + n_seen)
+    fresh_head = np.zeros(0, dtype=np.int64)
     if model.newest_rows is not None and model.newest_neg_created is not None:
         # The items created at or before now start here.
         first_ok = int(np.searchsorted(model.newest_neg_created, -now, side="left"))
-        head = model.newest_rows[first_ok : first_ok + 4 * quotas.fresh + n_seen]
-        fresh = head[allowed(head)][: quotas.fresh]
-    lists = (ann, i2i[: quotas.i2i], pop, catpop, fresh)  # in SOURCES order
+        fresh_head = model.newest_rows[first_ok : first_ok + 4 * quotas.fresh + n_seen]
+    # One filter call for the five heads (``allowed`` is elementwise): each call costs
+    # several numpy calls, and these lists are short.
+    heads = (ann_head, i2i_head, pop_head, catpop_head, fresh_head)
+    ok = np.split(allowed(np.concatenate(heads)), np.cumsum([len(h) for h in heads])[:-1])
+    i2i_ok = ok[1]
+    i2i = i2i_head[i2i_ok]
+    lists = (  # in SOURCES order, each cut to its quota
+        ann_head[ok[0]][: quotas.ann],
+        i2i[: quotas.i2i],
+        pop_head[ok[2]][: quotas.popular],
+        catpop_head[ok[3]][: quotas.category_popular],
+        fresh_head[ok[4]][: quotas.fresh],
+    )
+    lengths = [len(a) for a in lists]
     stacked = np.concatenate(lists)
     unique, first, inverse = np.unique(stacked, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")  # unique -> merged (first appearance) order
     rows = unique[order]
-    # Bit i of a row's mask: SOURCES[i] proposed it (each list is duplicate-free).
-    bits = np.repeat(np.uint8(1) << np.arange(len(lists), dtype=np.uint8), [len(a) for a in lists])
-    found_unique = np.zeros(len(unique), dtype=np.uint8)
-    np.bitwise_or.at(found_unique, inverse.ravel(), bits)
-    found_by = found_unique[order]
-    feats = np.empty((len(rows), len(CANDIDATE_FEATURES)), dtype=np.float32)
-    feats[:, 0] = _positions(ann, rows)
-    feats[:, 1] = _positions(i2i, rows)
-    # The score of every candidate, also of those found by another source.
-    pos = _positions(reach_rows, rows)
-    found = pos < ABSENT_RANK
+    merged_at = np.empty(len(unique), dtype=np.int64)  # unique index -> merged position
+    merged_at[order] = np.arange(len(unique))
+    at = merged_at[inverse.ravel()]  # each stacked entry's merged position
+    # Bit i of a row's mask: SOURCES[i] proposed it. Each list is duplicate-free, so a
+    # row gets each bit at most once and the sum is the bitwise or.
+    bits = np.repeat(1 << np.arange(len(lists)), lengths)
+    found_by = np.bincount(at, weights=bits, minlength=len(rows)).astype(np.uint8)
+    feats = np.full((len(rows), len(CANDIDATE_FEATURES)), ABSENT_RANK, dtype=np.float32)
+    # Positions in the ANN, category-popular and fresh lists: those lists are merged
+    # whole, so each entry's merged position is known from the merge itself.
+    ends = np.cumsum(lengths)
+    for column, source in ((0, 0), (5, 3), (6, 4)):
+        feats[at[ends[source] - lengths[source] : ends[source]], column] = np.arange(
+            lengths[source]
+        )
+    # The item-to-item score of every candidate, also of those found by another source,
+    # and its position in the (filtered, uncut) item-to-item list: found by looking the
+    # reachable rows up among the merged ones.
     feats[:, 2] = 0.0
-    feats[found, 2] = reach_scores[pos[found].astype(np.int64)]
+    if len(unique) and len(reach_rows):
+        j = np.minimum(np.searchsorted(unique, reach_rows), len(unique) - 1)
+        hit = unique[j] == reach_rows
+        where = merged_at[j[hit]]
+        feats[where, 2] = reach_scores[hit]
+        i2i_pos = np.full(len(reach_rows), -1, dtype=np.int64)
+        i2i_pos[: len(i2i_head)][i2i_ok] = np.arange(len(i2i))
+        pos = i2i_pos[hit]
+        feats[where[pos >= 0], 1] = pos[pos >= 0]
     # Items added since the release (rows past the model's) have no consumption yet:
     # ranked after every item of the model, count 0.
     n = len(model.item_ids)
     inside = rows < n
     feats[:, 3] = np.where(inside, model.pop_rank[np.minimum(rows, n - 1)], n)
     feats[:, 4] = np.where(inside, np.log1p(model.pop_count[np.minimum(rows, n - 1)]), 0.0)
-    feats[:, 5] = _positions(catpop, rows)
-    feats[:, 6] = _positions(fresh, rows)
     return rows, feats, found_by
 
 
@@ -640,12 +661,6 @@ def _category_popular(model: SourceModel, seen_rows: np.ndarray, depth: int) -> 
     return model.category_rows[lo : min(hi, lo + depth)]
 
 
-def _positions(source: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Position of each of ``rows`` in ``source`` (unique values), ABSENT_RANK if absent."""
-    pos = baselines.positions(source, rows)
-    return np.where(pos >= 0, pos, ABSENT_RANK).astype(np.float32)
-
-
 def found_names(found: np.ndarray) -> list[list[str]]:
     """Per ``found`` mask (``gather_found``), the names of the sources that set it, in
     SOURCES order."""
@@ -655,9 +670,13 @@ def found_names(found: np.ndarray) -> list[list[str]]:
 def source_names(features: np.ndarray) -> np.ndarray:
     """The first source that found each merged candidate (for the response's ``source``):
     ``retrieval`` (ANN), ``item_to_item``, ``popular`` or ``fresh``."""
-    out = np.full(len(features), "popular", dtype=object)
-    out[features[:, 6] < ABSENT_RANK] = "fresh"
-    out[features[:, 5] < ABSENT_RANK] = "popular"
-    out[features[:, 1] < ABSENT_RANK] = "item_to_item"
-    out[features[:, 0] < ABSENT_RANK] = "retrieval"
-    return out
+    # Codes into _SOURCE_NAMES, later rules winning; one gather of the names at the end.
+    code = np.zeros(len(features), dtype=np.intp)
+    code[features[:, 6] < ABSENT_RANK] = 1
+    code[features[:, 5] < ABSENT_RANK] = 0
+    code[features[:, 1] < ABSENT_RANK] = 2
+    code[features[:, 0] < ABSENT_RANK] = 3
+    return _SOURCE_NAMES[code]
+
+
+_SOURCE_NAMES = np.array(["popular", "fresh", "item_to_item", "retrieval"], dtype=object)

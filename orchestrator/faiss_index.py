@@ -153,6 +153,13 @@ class FaissIndex:
         """Top-``k`` items for each query row: ``(scores [n, k] float32, item_ids [n, k]
         int64)``, best first. ``k`` larger than the catalog is cut to its size; slots the
         index could not fill hold item id ``-1``."""
+        scores, rows = self.search_rows(queries, k)
+        item_ids = np.where(rows >= 0, self.item_ids[np.clip(rows, 0, None)], -1)
+        return scores, item_ids
+
+    def search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` in the index's rows (``item_ids`` positions; ``-1`` where
+        unfilled) instead of item ids."""
         if not isinstance(queries, np.ndarray):
             raise ValueError(f"queries must be a numpy array, got {type(queries).__name__}")
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -168,5 +175,4 @@ class FaissIndex:
         if len(q) == 0 or k == 0:
             return np.zeros((len(q), k), np.float32), np.zeros((len(q), k), np.int64)
         scores, rows = self.index.search(q, k)
-        item_ids = np.where(rows >= 0, self.item_ids[np.clip(rows, 0, None)], -1)
-        return scores, item_ids
+        return scores, rows

@@ -57,6 +57,9 @@ class Candidates:
     # uint8 masks: bit i set where exporters.candidates.SOURCES[i] proposed the candidate
     # (exporters.candidates.gather_found); None: ``sources`` is the only one (fallbacks).
     found: np.ndarray | None = None
+    # The caller knows no item id repeats (the merged candidates of a request): dedupe
+    # has nothing to do and is skipped.
+    unique: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
@@ -73,11 +76,14 @@ class Candidates:
             self.created_at[idx],
             self.sources[idx],
             None if self.found is None else self.found[idx],
+            self.unique,
         )
 
 
 def dedupe(c: Candidates) -> Candidates:
     """Keep the best-scored entry of each item id (sources may overlap)."""
+    if c.unique:
+        return c
     order = np.argsort(-c.scores, kind="stable")
     _, first = np.unique(c.item_ids[order], return_index=True)
     return c.take(np.sort(order[first]))
@@ -130,29 +136,31 @@ def diverse_top_k(
     first (by their place in ``order``)."""
     order = np.asarray(order, dtype=np.int64)
     k = min(k, len(order))
-    top = list(order[:k])
-    cats = np.asarray(categories)
-    shown = {int(cats[i]) for i in top}
-    if len(shown) >= min_categories or k == 0:
+    if k == 0:
+        return order[:0]
+    # The walk is in positions of ``order`` (a candidate's rank is its position) over
+    # plain ints: no per-candidate numpy scalars, no rank table of every candidate.
+    cats = np.asarray(categories)[order].astype(np.int64).tolist()
+    shown = set(cats[:k])
+    if len(shown) >= min_categories:
         return order[:k]
-    rank = {int(i): r for r, i in enumerate(order)}
-    for cand in order[k:]:
+    top = list(range(k))
+    for pos in range(k, len(order)):
         if len(shown) >= min_categories:
             break
-        c = int(cats[cand])
+        c = cats[pos]
         if c in shown:
             continue
         counts: dict[int, int] = {}
-        for i in top:
-            counts[int(cats[i])] = counts.get(int(cats[i]), 0) + 1
+        for p in top:
+            counts[cats[p]] = counts.get(cats[p], 0) + 1
         crowded = max(counts, key=lambda x: counts[x])
         if counts[crowded] < 2:
             break
-        victim = max((i for i in top if int(cats[i]) == crowded), key=lambda i: rank[int(i)])
-        top.remove(victim)
-        top.append(int(cand))
+        top.remove(max(p for p in top if cats[p] == crowded))  # its lowest-ranked item
+        top.append(pos)
         shown.add(c)
-    return np.array(sorted(top, key=lambda i: rank[int(i)]), dtype=np.int64)
+    return order[sorted(top)]
 
 
 def select(

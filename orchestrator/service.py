@@ -689,6 +689,7 @@ class RecommendService:
                 catalog.created_at[rows],
                 sources,
                 found,
+                unique=True,  # merged without duplicates (gather_found, or the ANN's ids)
             )
             ranked = "ranking_skipped" not in degraded
             result = self._finish(q, cands, user, now, catalog, rel, ranked=ranked)
@@ -711,12 +712,9 @@ class RecommendService:
         other sources."""
         catalog = state.catalog
         with clock.stage("retrieval"):
-            _, ids = rel.search(
+            ann_rows = rel.search_rows(
                 state, np.asarray(embedding, dtype=np.float32), self.cfg.n_candidates
             )
-            ids = ids[0]
-            ann_rows, known = catalog.rows(ids[ids >= 0])
-            ann_rows = ann_rows[known]
         with clock.stage("filter"):
             seen = user.seen_items
             created = catalog.created_at

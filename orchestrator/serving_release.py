@@ -5,6 +5,7 @@ with the item snapshot, and the catalog arrays built from them."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -54,7 +55,9 @@ USER_TOWER = "user_tower"
 
 @dataclass(frozen=True)
 class UserView:
-    """A user's online features shaped for the models of this release."""
+    """A user's online features shaped for the models of this release. The derived
+    lists (recent and seen items, affinity) are computed once per view: a request reads
+    them in several stages. Treat them as read-only."""
 
     features: UserFeatures
     tower_input_names: tuple[str, ...]
@@ -79,11 +82,12 @@ class UserView:
         exporters/candidates.py SEGMENT_ATTRIBUTES names them)."""
         return {a: int(getattr(self.features, a)) for a in SEGMENT_ATTRIBUTES}
 
-    @property
+    @functools.cached_property
     def recent_items(self) -> list[int]:
-        return [int(i) for i in self.features.recent_items if i != PAD]
+        recent = np.asarray(self.features.recent_items, dtype=np.int64)
+        return recent[recent != PAD].tolist()  # type: ignore[no-any-return]
 
-    @property
+    @functools.cached_property
     def seen_items(self) -> np.ndarray:
         """Everything never to recommend again: the seen items (newest first), then any
         recent item not among them (a push of either list may be the newer)."""
@@ -92,7 +96,7 @@ class UserView:
         extra = recent[~np.isin(recent, seen)] if len(recent) else recent
         return np.concatenate([extra, seen]) if len(extra) else seen
 
-    @property
+    @functools.cached_property
     def affinity(self) -> np.ndarray:
         """Category affinity with the release's width (zeros for users without events)."""
         aff = np.zeros(self.layout.n_categories, dtype=np.float32)
@@ -417,6 +421,18 @@ class ServingRelease:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The release's index and ``state``'s added items together (``(scores, ids)``)."""
         return merged_search(self.index, state.added, queries, k)
+
+    def search_rows(self, state: ItemState, query: np.ndarray, k: int) -> np.ndarray:
+        """The catalog rows of :meth:`search` for one query, best first, unfilled slots
+        dropped. The index's rows are the catalog's first rows, so without added items
+        FAISS's own labels are the answer: no round trip through item ids (two gathers
+        over 1M-entry tables per request)."""
+        if state.added is None or state.added.index.ntotal == 0:
+            _, rows = self.index.search_rows(query, k)
+            return rows[0][rows[0] >= 0]
+        _, ids = self.search(state, query, k)
+        rows, known = state.catalog.rows(ids[0][ids[0] >= 0])
+        return rows[known]
 
     def user_embedding(self, user: UserView, timeout_s: float) -> np.ndarray:
         """The user tower's output for ``user``: from this release's cache, else Triton

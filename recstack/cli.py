@@ -334,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", default="pandas,spark", help="comma-separated")
     p.add_argument("--workspace", help="own data folders (default: .bench-offline)")
     p.add_argument("--timeout", type=float, default=7200.0, help="seconds per engine")
+    p = _cmd(
+        bench,
+        "pipeline",
+        "loadtest.pipeline_bench:cli",
+        "CPU per stage of the request path in one thread, models in process (issue 13)",
+    )
+    p.add_argument("--users", type=int, default=500, help="release users, each once a repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="draws the users")
+    p.add_argument("--release", type=int, help="default: the release state's live release")
+    p.add_argument("--record", help="write the answers (and numbers) to this JSON file")
+    p.add_argument("--check", help="compare the answers with a --record file (exit 1: differ)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="--check: score difference")
+    p.add_argument("--json", help="write the numbers to this JSON file")
     p = _cmd(bench, "ranker", "exporters.ranker_cost:cli", "NDCG@10 vs ranker cost")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=30)

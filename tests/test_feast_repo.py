@@ -135,6 +135,21 @@ def test_user_row_reader_equals_sdk(online: OnlineFeatures) -> None:
     assert all(v is None for v in reader.read(424242).values())
 
 
+def test_one_statement_read_equals_the_per_view_reads(online: OnlineFeatures) -> None:
+    """On SQLite a user read is one statement for every view; it returns what one provider
+    read per view returns (values and the newest row time), for known and unknown users."""
+    refs = online._user_refs
+    fast = EntityRowReader(online.store, "user_id", refs)
+    plain = EntityRowReader(online.store, "user_id", refs, one_statement=False)
+    assert fast.one_statement == (online.settings.online_store == "sqlite")
+    assert not plain.one_statement
+    for user in (1, 2, 3, 424242):
+        assert fast.read_row(user) == plain.read_row(user), user
+    stamp, values = fast.read_row(1)
+    assert stamp is not None and stamp.tzinfo is not None and values["recent_items"]
+    assert fast.read_row(424242)[1] == dict.fromkeys(values)  # no row: every value None
+
+
 def test_push_is_visible_within_a_second(online: OnlineFeatures) -> None:
     assert online.user(2).recent_items[:2].tolist() == [11, PAD]
     assert online.push_event(2, 12, "view") is None  # views do not change recent items

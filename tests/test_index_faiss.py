@@ -97,6 +97,10 @@ def test_search_maps_rows_to_item_ids(flat_files: tuple) -> None:
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
     _, all_items = idx.search(x[:1], 10_000)  # k beyond the catalog is cut to its size
     assert all_items.shape == (1, len(x))
+    # The same search in index rows (the request path's: rows are catalog rows).
+    row_scores, rows = idx.search_rows(x[:3], 5)
+    assert rows[:, 0].tolist() == [0, 1, 2] and np.array_equal(row_scores, scores)
+    assert np.array_equal(idx.item_ids[rows], items)
 
 
 @pytest.mark.parametrize(
@@ -117,6 +121,8 @@ def test_bad_queries_raise_value_error(flat_files: tuple, queries, k) -> None:  
     idx = FaissIndex.load(path, meta, ids, device="cpu")
     with pytest.raises(ValueError):
         idx.search(queries, k)
+    with pytest.raises(ValueError):
+        idx.search_rows(queries, k)
 
 
 def test_mismatch_detected_at_load(flat_files: tuple, tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from orchestrator.postprocess import (
@@ -146,3 +148,73 @@ def test_served_lists_hold_three_categories_when_they_can() -> None:
         top, _ = select(c, 10, NOW, PostprocessConfig(freshness_boost=0))
         assert len(top.item_ids) == 10
         assert len(set(top.categories.tolist())) >= min(3, len(set(cats.tolist())))
+
+
+def _diverse_top_k_plainly(
+    order: np.ndarray, categories: np.ndarray, k: int, min_categories: int
+) -> np.ndarray:
+    """diverse_top_k as first written (candidate ids and a rank table): the oracle."""
+    order = np.asarray(order, dtype=np.int64)
+    k = min(k, len(order))
+    top = list(order[:k])
+    cats = np.asarray(categories)
+    shown = {int(cats[i]) for i in top}
+    if len(shown) >= min_categories or k == 0:
+        return order[:k]
+    rank = {int(i): r for r, i in enumerate(order)}
+    for cand in order[k:]:
+        if len(shown) >= min_categories:
+            break
+        c = int(cats[cand])
+        if c in shown:
+            continue
+        counts: dict[int, int] = {}
+        for i in top:
+            counts[int(cats[i])] = counts.get(int(cats[i]), 0) + 1
+        crowded = max(counts, key=lambda x: counts[x])
+        if counts[crowded] < 2:
+            break
+        victim = max((i for i in top if int(cats[i]) == crowded), key=lambda i: rank[int(i)])
+        top.remove(victim)
+        top.append(int(cand))
+        shown.add(c)
+    return np.array(sorted(top, key=lambda i: rank[int(i)]), dtype=np.int64)
+
+
+def test_diverse_top_k_equals_the_plain_walk() -> None:
+    """The walk over positions (issue 13) picks exactly what the walk over candidate ids
+    picked, on random orders, category mixes, k and floors."""
+    from orchestrator.postprocess import diverse_top_k
+
+    rng = np.random.default_rng(3)
+    changed = 0
+    for trial in range(2000):
+        n = int(rng.integers(0, 60))
+        cats = rng.integers(0, int(rng.integers(1, 8)), size=n)
+        order = rng.permutation(n)
+        k, floor = int(rng.integers(0, 15)), int(rng.integers(0, 6))
+        got = diverse_top_k(order, cats, k, floor)
+        want = _diverse_top_k_plainly(order, cats, k, floor)
+        assert got.dtype == want.dtype and got.tolist() == want.tolist(), trial
+        changed += got.tolist() != order[: min(k, n)].tolist()
+    assert changed > 100  # the floor did act in many trials
+
+
+def test_unique_candidates_skip_dedupe() -> None:
+    """Candidates marked unique (a request's merged list) pass dedupe untouched; dedupe of
+    the same ids unmarked gives the same candidates."""
+    rng = np.random.default_rng(4)
+    ids = rng.permutation(200)[:50].astype(np.int64)
+    c = Candidates(
+        ids,
+        rng.random(50),
+        rng.integers(0, 5, 50),
+        rng.uniform(0, 1e6, 50),
+        np.full(50, "retrieval", dtype=object),
+    )
+    marked = dataclasses.replace(c, unique=True)
+    assert dedupe(marked) is marked
+    plain = dedupe(c)
+    for name in ("item_ids", "scores", "categories", "created_at", "sources"):
+        assert np.array_equal(getattr(plain, name), getattr(marked, name))
+    assert dedupe(marked).take(np.arange(3)).unique
