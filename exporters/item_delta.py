@@ -488,10 +488,13 @@ def carry(
         return 0, 0
     folder = delta_dir(settings, target)
     base = _known(settings, target)
+    replayed = {
+        rid: replay(delta_dir(settings, rid), f"release {rid}'s new items") for rid in sources
+    }
     pending: list[NewItems] = []
     seen = np.zeros(0, np.int64)
     for rid in sources:
-        added = replay(delta_dir(settings, rid), f"release {rid}'s new items").added
+        added = replayed[rid].added
         fresh = ~np.isin(added.item_ids, base) & ~np.isin(added.item_ids, seen)
         if fresh.any():
             pending.append(_take(added, fresh))
@@ -506,7 +509,7 @@ def carry(
     # The live source's stock state wins for the items both catalogs hold.
     live = sources[0]
     live_known = _known(settings, live)
-    want = replay(delta_dir(settings, live), "").unavailable
+    want = replayed[live].unavailable
     have = replay(folder, "").unavailable
     shared = set(np.intersect1d(base, live_known).tolist())
     off = np.array(sorted((want - have) & shared), np.int64)
@@ -639,27 +642,10 @@ def fold(settings: Settings, release_id: int | None = None) -> int:
     rid = release_id if release_id is not None else load_state(settings).live
     if rid is None:
         raise UserError("no release is live: run `recstack train` first")
-    folder = delta_dir(settings, rid)
-    segs = [read_segment(folder / n) for n in segment_names(folder)]
-    adds = [s for s in segs if s.kind == "add"]
-    if not adds:
+    added = replay(delta_dir(settings, rid), f"release {rid}'s new items").added
+    if not len(added):
         return 0
-    frame = pd.concat(
-        [
-            pd.DataFrame(
-                {
-                    "item_id": s.item_ids,
-                    "category": s.category,
-                    "brand": s.brand,
-                    "price": s.price,
-                    "created_at": pd.to_datetime(s.created_at, unit="s", utc=True),
-                    "item_key": s.item_keys,
-                }
-            )
-            for s in adds
-        ],
-        ignore_index=True,
-    ).drop_duplicates("item_id")
+    frame = added.frame().assign(item_key=added.item_keys)
     tables = read_raw(settings)
     frame = frame[~frame["item_id"].isin(tables.items["item_id"])]
     if frame.empty:
