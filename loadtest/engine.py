@@ -58,6 +58,7 @@ class WorkerResult:
     cold: np.ndarray  # bool
     degraded: np.ndarray  # bool
     release: np.ndarray  # int16 index into releases
+    deadline: np.ndarray  # float64: the call's client deadline, s
     codes: list[str]
     releases: list[str]
     degraded_reasons: dict[str, int]  # counted after warm-up
@@ -105,7 +106,8 @@ class Engine:
             sc.load.phases(), sc.load.arrival, rng, share=1.0 / spec.workers, phase=phase
         )
         catalog = load_catalog(spec.settings.raw_dir, sc.traffic)
-        self.plan = build_plan(len(self.times), sc.traffic, catalog, rng)
+        deadlines = tuple(sc.target.deadlines) or (sc.target.timeout,)
+        self.plan = build_plan(len(self.times), sc.traffic, catalog, rng, deadlines)
         self.target: Target = make_target(sc.target, spec.settings)
 
     async def open(self) -> None:
@@ -228,7 +230,7 @@ class Engine:
         cpu1, wall1 = time.process_time(), time.perf_counter()
         # Every target call has its own timeout; this is only a safety net.
         if tasks:
-            _, pending = await asyncio.wait(set(tasks), timeout=sc.target.timeout + 2.0)
+            _, pending = await asyncio.wait(set(tasks), timeout=sc.target.longest_deadline + 2.0)
             for t in pending:
                 t.cancel()
             if pending:
@@ -249,6 +251,7 @@ class Engine:
             cold=plan.cold,
             degraded=degraded,
             release=release,
+            deadline=plan.deadline,
             codes=list(codes),
             releases=list(releases),
             degraded_reasons=reasons,

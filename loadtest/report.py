@@ -82,6 +82,8 @@ def run_markdown(doc: dict[str, Any], plot_name: str | None = "run.png") -> str:
                 f"{_ms(kl['p99'])} | {_ms(kl['max'])} |"
             )
         lines.append("")
+    if len(doc.get("by_deadline") or []) > 1:
+        lines += _deadlines_markdown("By client deadline", doc["by_deadline"])
     lines += [
         "## Generator self-check",
         "",
@@ -140,6 +142,33 @@ def _windows_markdown(windows: list[dict[str, Any]]) -> list[str]:
             f"{errors or 'none'} | {'-' if share is None else f'{share:.1%}'} | "
             f"{_ms(lat['p50'])} / {_ms(lat['p99'])} / {_ms(lat['max'])} | "
             f"{_s(w['recovery_s'])} |"
+        )
+    lines.append("")
+    for w in windows:
+        if len(w.get("by_deadline") or []) > 1:
+            lines += _deadlines_markdown(f"While {w['label']} ran, by deadline", w["by_deadline"])
+    return lines
+
+
+def _deadline_text(seconds: float) -> str:
+    return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
+
+
+def _deadlines_markdown(title: str, rows: list[dict[str, Any]]) -> list[str]:
+    """One row per client deadline: calls, errors by code, degraded share, latency."""
+    lines = [
+        f"### {title}",
+        "",
+        "| deadline | calls | errors | degraded | Recommend p50 / p99 / max (ms) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        errors = ", ".join(f"{c} {n}" for c, n in sorted(r["errors"].items())) or "none"
+        share, lat = r["degraded_share"], r["latency_ms"]
+        lines.append(
+            f"| {_deadline_text(r['deadline_s'])} | {r['calls']} | {errors} | "
+            f"{'-' if share is None else f'{share:.1%}'} | "
+            f"{_ms(lat['p50'])} / {_ms(lat['p99'])} / {_ms(lat['max'])} |"
         )
     return [*lines, ""]
 

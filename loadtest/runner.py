@@ -118,7 +118,9 @@ def _run_processes(
         actions.start(start_at.value)
         latest: dict[int, dict[str, Any]] = {}
         results: dict[int, WorkerResult] = {}
-        deadline = start_at.value + scenario.load.total_duration + scenario.target.timeout + 30
+        deadline = (
+            start_at.value + scenario.load.total_duration + scenario.target.longest_deadline + 30
+        )
         while len(results) < n:
             kind, worker, payload = _get(q, deadline, procs)
             if kind == "error":

@@ -50,6 +50,9 @@ class Target(_Strict):
     kind: Literal["grpc", "http", "triton"] = "grpc"
     address: str | None = None
     timeout: Duration = 1.0
+    # Client deadlines drawn per call, uniformly (e.g. [50ms, 100ms, 1s, 30s]): the report
+    # then breaks errors and latency down by deadline. Empty: every call gets ``timeout``.
+    deadlines: list[Duration] = Field(default_factory=list, max_length=16)
     connections: int = Field(default=1, ge=1, le=64)
     # http only: polled before the run when set (the orchestrator's health endpoint).
     health_path: str | None = None
@@ -64,7 +67,16 @@ class Target(_Strict):
     def _check(self) -> Target:
         if self.timeout <= 0:
             raise ValueError("timeout must be > 0")
+        if any(d <= 0 for d in self.deadlines):
+            raise ValueError("deadlines must be > 0")
+        if self.deadlines and self.kind == "triton":
+            raise ValueError("deadlines: per-call deadlines are for the orchestrator's fronts")
         return self
+
+    @property
+    def longest_deadline(self) -> float:
+        """The longest deadline any call can get (the generator's safety net waits it)."""
+        return max(self.deadlines) if self.deadlines else self.timeout
 
 
 class Stage(_Strict):

@@ -90,6 +90,7 @@ class Merged:
         self.kind = cat([r.kind for r in results])[order]
         self.cold = cat([r.cold for r in results])[order]
         self.degraded = cat([r.degraded for r in results])[order]
+        self.deadline = cat([r.deadline for r in results])[order]
         self.reasons: dict[str, int] = {}
         for r in results:
             for k, v in r.degraded_reasons.items():
@@ -153,6 +154,33 @@ def action_windows(m: Merged, actions: list[dict[str, Any]]) -> list[dict[str, A
                 else None,
                 "latency_ms": {k: lat[k] for k in ("p50", "p99", "max")},
                 "recovery_s": None if end is None else _recovery(m, ok & rec, end),
+                "by_deadline": by_deadline(m, sel),
+            }
+        )
+    return out
+
+
+def by_deadline(m: Merged, sel: np.ndarray) -> list[dict[str, Any]]:
+    """Per client deadline among ``sel``'s calls (one row unless the scenario draws
+    ``target.deadlines``): calls, errors by code, the Recommend answers' degraded share and
+    latency."""
+    ok = m.status == m.codes.index(OK)
+    rec = m.kind == KINDS.index("recommend")
+    out = []
+    for d in np.unique(m.deadline[sel]):
+        mine = sel & (m.deadline == d)
+        codes, counts = np.unique(m.status[mine & ~ok], return_counts=True)
+        answered = mine & rec & ok
+        lat = hdr_summary(m.latency[mine & rec & ~np.isnan(m.latency)])
+        out.append(
+            {
+                "deadline_s": float(d),
+                "calls": int(mine.sum()),
+                "errors": {m.codes[int(c)]: int(n) for c, n in zip(codes, counts, strict=True)},
+                "degraded_share": float((m.degraded & answered).sum() / answered.sum())
+                if answered.any()
+                else None,
+                "latency_ms": {k: lat[k] for k in ("p50", "p99", "max")},
             }
         )
     return out
@@ -242,6 +270,7 @@ def summarize(
         # Diagnostic: from the actual send; the gap to latency_ms is the generator's lag.
         "latency_from_send_ms": hdr_summary(m.latency[sent] - m.send_lag[sent]),
         "by_kind": by_kind,
+        "by_deadline": by_deadline(m, meas),
         "errors": err_counts,
         "error_share": error_share,
         "degraded_share": float((m.degraded & rec_ok).sum() / rec_ok.sum())

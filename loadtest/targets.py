@@ -134,7 +134,7 @@ class GrpcRecommender(Target):
                         item_id=int(plan.item_id[i]),
                         event=EVENT_NAMES[plan.event[i]],
                     ),
-                    timeout=self.spec.timeout,
+                    timeout=float(plan.deadline[i]),
                 )
                 return OK, (), ""
             f = int(plan.filters[i])
@@ -144,7 +144,7 @@ class GrpcRecommender(Target):
                 context=self._contexts[(int(plan.surface[i]), int(plan.device[i]))],
                 filters=self._filters[f] if f >= 0 else None,
             )
-            resp = await stub.Recommend(req, timeout=self.spec.timeout)
+            resp = await stub.Recommend(req, timeout=float(plan.deadline[i]))
             return OK, tuple(resp.degraded), resp.release
         except grpc.aio.AioRpcError as e:
             return e.code().name, (), ""
@@ -197,6 +197,11 @@ class HttpRecommender(Target):
     async def send(self, plan: OpPlan, i: int) -> Outcome:
         import aiohttp
 
+        # The client's deadline, told to the server as the orchestrator's HTTP front reads
+        # it (orchestrator/request.py DEADLINE_HEADERS), and kept by the client.
+        deadline = float(plan.deadline[i])
+        headers = {"X-Request-Timeout-Ms": str(max(1, round(deadline * 1000)))}
+        timeout = aiohttp.ClientTimeout(total=deadline)
         try:
             if plan.kind[i] == EVENT:
                 body = {
@@ -204,11 +209,15 @@ class HttpRecommender(Target):
                     "item_id": int(plan.item_id[i]),
                     "event": EVENT_NAMES[plan.event[i]],
                 }
-                async with self._session.post(self.base + "/v1/events", json=body) as r:
+                url = self.base + "/v1/events"
+                async with self._session.post(
+                    url, json=body, headers=headers, timeout=timeout
+                ) as r:
                     await r.read()
                     return (OK if r.status < 400 else f"HTTP_{r.status}"), (), ""
             params = {"user_id": str(plan.user_id[i]), "k": str(int(plan.k[i]))}
-            async with self._session.get(self.base + "/v1/recommendations", params=params) as r:
+            url = self.base + "/v1/recommendations"
+            async with self._session.get(url, params=params, headers=headers, timeout=timeout) as r:
                 if r.status >= 400:
                     await r.read()
                     return f"HTTP_{r.status}", (), ""

@@ -79,6 +79,7 @@ class OpPlan:
     device: np.ndarray  # int8: index into devices
     item_id: np.ndarray  # int64 (events)
     event: np.ndarray  # int8: index into EVENT_NAMES (events)
+    deadline: np.ndarray  # float64: the call's client deadline, s
     filter_variants: list[dict[str, Any]] = field(default_factory=list)
     surfaces: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
@@ -121,8 +122,15 @@ def filter_variants(cat: Catalog, rng: np.random.Generator) -> list[dict[str, An
     return out
 
 
-def build_plan(n: int, traffic: Traffic, cat: Catalog, rng: np.random.Generator) -> OpPlan:
-    """Draw the whole request mix for ``n`` arrivals."""
+def build_plan(
+    n: int,
+    traffic: Traffic,
+    cat: Catalog,
+    rng: np.random.Generator,
+    deadlines: tuple[float, ...] = (1.0,),
+) -> OpPlan:
+    """Draw the whole request mix for ``n`` arrivals, each call's deadline uniformly from
+    ``deadlines``."""
     kind = (rng.random(n) < traffic.event_share).astype(np.int8)
     cold = rng.random(n) < traffic.cold_start_share
     users = zipf_users(cat.user_ids, traffic.zipf_s, n, rng)
@@ -135,6 +143,12 @@ def build_plan(n: int, traffic: Traffic, cat: Catalog, rng: np.random.Generator)
     filt = np.where(
         rng.random(n) < traffic.filters_share, rng.integers(0, len(variants), size=n), -1
     ).astype(np.int16)
+    item_id = rng.choice(cat.item_ids, size=n)
+    event = rng.choice(len(EVENT_NAMES), size=n, p=EVENT_MIX).astype(np.int8)
+    # Drawn last, and only when there is a choice: the rest of the mix stays what the
+    # same seed drew before per-call deadlines existed.
+    ds = np.asarray(deadlines, dtype=np.float64)
+    deadline = ds[rng.integers(0, ds.size, size=n)] if ds.size > 1 else np.full(n, ds[0])
     return OpPlan(
         kind=kind,
         user_id=user_id,
@@ -143,8 +157,9 @@ def build_plan(n: int, traffic: Traffic, cat: Catalog, rng: np.random.Generator)
         filters=filt,
         surface=rng.integers(0, len(traffic.surfaces), size=n).astype(np.int8),
         device=rng.integers(0, len(traffic.devices), size=n).astype(np.int8),
-        item_id=rng.choice(cat.item_ids, size=n),
-        event=rng.choice(len(EVENT_NAMES), size=n, p=EVENT_MIX).astype(np.int8),
+        item_id=item_id,
+        event=event,
+        deadline=deadline,
         filter_variants=variants,
         surfaces=list(traffic.surfaces),
         devices=list(traffic.devices),

@@ -398,6 +398,33 @@ def _k_text(raw: str) -> int:
     return check_k(int(raw) if len(raw) <= 4 else K_MAX + 1)
 
 
+# HTTP has no deadline of its own. A client (or a proxy in front: Envoy sets the second
+# header to the route's timeout) says how long it waits, in whole milliseconds, and the
+# answer is then due by it as a gRPC answer is by the call's deadline.
+DEADLINE_HEADERS = ("X-Request-Timeout-Ms", "X-Envoy-Expected-Rq-Timeout-Ms")
+DEADLINE_MAX_MS = 3_600_000
+
+
+def deadline_from_headers(headers: Any) -> float | None:
+    """Seconds the HTTP client waits (the shortest of DEADLINE_HEADERS), None without one.
+    ``headers``: a case-insensitive multi-dict (aiohttp's ``request.headers``)."""
+    shortest: int | None = None
+    for name in DEADLINE_HEADERS:
+        values = headers.getall(name, [])
+        if not values:
+            continue
+        raw = values[0]
+        ok = len(values) == 1 and len(raw) <= 7 and _ascii_digits(raw)
+        if not ok or not 1 <= int(raw) <= DEADLINE_MAX_MS:
+            raise InvalidRequest(
+                f"header {name} must be given once, as whole milliseconds in "
+                f"1..{DEADLINE_MAX_MS}, got {_show(', '.join(values))}"
+            )
+        ms = int(raw)
+        shortest = ms if shortest is None else min(shortest, ms)
+    return None if shortest is None else shortest / 1000
+
+
 def from_http(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> RecommendQuery:
     """Validate ``GET /v1/recommendations`` query parameters (same rules as gRPC); takes
     a mapping or the (name, value) pairs of the query string (duplicates are refused)."""

@@ -36,6 +36,7 @@ from orchestrator.request import (
     EventWindow,
     InvalidRequest,
     PayloadTooLarge,
+    deadline_from_headers,
     event_from_grpc,
     event_from_http,
     from_grpc,
@@ -321,10 +322,11 @@ def http_app(
 
     async def recommendations(request: web.Request) -> web.Response:
         async def parse() -> Any:
-            return from_http(request.query.items())
+            return from_http(request.query.items()), deadline_from_headers(request.headers)
 
-        async def call(q: Any) -> web.Response:
-            return web.json_response(to_json(await service.recommend(q, None)))
+        async def call(parsed: Any) -> web.Response:
+            q, deadline = parsed
+            return web.json_response(to_json(await service.recommend(q, deadline)))
 
         return await handle("http.Recommend", parse, call)
 
@@ -332,11 +334,15 @@ def http_app(
         async def parse() -> Any:
             if request.query:
                 raise InvalidRequest(f"unknown query parameter {next(iter(request.query))!r}")
+            deadline, t0 = deadline_from_headers(request.headers), time.perf_counter()
             raw = await _read_body(request, MAX_EVENT_BODY_BYTES, settings.http_body_timeout_s)
-            return event_from_http(parse_json_body(raw), window)
+            if deadline is not None:  # the body's time counts against it
+                deadline -= time.perf_counter() - t0
+            return event_from_http(parse_json_body(raw), window), deadline
 
-        async def call(e: Any) -> web.Response:
-            await service.record_event(e, None)
+        async def call(parsed: Any) -> web.Response:
+            e, deadline = parsed
+            await service.record_event(e, deadline)
             return web.json_response({"accepted": True})
 
         return await handle("http.RecordEvent", parse, call)

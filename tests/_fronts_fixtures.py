@@ -26,6 +26,7 @@ class FakeService:
     release_name: str = "test-release"
     fail: BaseException | None = None
     queries: list[Any] = field(default_factory=list)
+    deadlines: list[float | None] = field(default_factory=list)  # as each call passed it
     breakers: Breakers = field(default_factory=Breakers)
 
     def dependencies(self) -> dict[str, dict[str, Any]]:
@@ -33,6 +34,7 @@ class FakeService:
 
     async def recommend(self, q: RecommendQuery, deadline_s: float | None) -> RecommendResult:
         self.queries.append(q)
+        self.deadlines.append(deadline_s)
         if self.fail is not None:
             raise self.fail
         items = [RecItem(i, 1.0 / (i + 1), i + 1, "popular", "popular") for i in range(q.k)]
@@ -40,6 +42,7 @@ class FakeService:
 
     async def record_event(self, e: EventQuery, deadline_s: float | None) -> None:
         self.queries.append(e)
+        self.deadlines.append(deadline_s)
         if self.fail is not None:
             raise self.fail
 

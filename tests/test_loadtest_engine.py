@@ -266,6 +266,7 @@ def test_action_windows_count_errors_degraded_and_recovery() -> None:
     m.status[np.flatnonzero(m.intended == 4.0)] = 2
     m.latency = np.full(n, 0.005)
     m.degraded = (m.intended >= 3.0) & (m.intended < 5.5)
+    m.deadline = np.where(np.arange(n) % 2 == 0, 0.1, 1.0)  # the 4.0 s call has 100 ms
     windows = action_windows(
         m,
         [
@@ -282,6 +283,40 @@ def test_action_windows_count_errors_degraded_and_recovery() -> None:
     assert fault["recovery_s"] == pytest.approx(0.5)
     assert late["errors"] == {} and late["degraded_share"] == 0.0
     assert late["recovery_s"] is None
+    short, long_ = fault["by_deadline"]
+    assert (short["deadline_s"], short["calls"], short["errors"]) == (
+        0.1,
+        10,
+        {"DEADLINE_EXCEEDED": 1},
+    )
+    assert (long_["deadline_s"], long_["calls"], long_["errors"]) == (1.0, 10, {})
+
+
+@pytest.mark.parametrize("kind", ["grpc", "http"])
+def test_per_call_deadlines_are_kept_and_reported(
+    kind: str, settings: Settings, tmp_path: Path
+) -> None:
+    """``target.deadlines``: each call draws its deadline. Against a 100 ms server, every
+    50 ms call fails at the client (gRPC DEADLINE_EXCEEDED; over HTTP the client's timeout)
+    and every 1 s call is answered; the report breaks both down by deadline."""
+    grpc_port, http_port = port(19062), port(19063)
+    with StubServer(StubConfig(delay_ms=100), grpc_port=grpc_port, http_port=http_port):
+        sc = scenario(
+            grpc_port if kind == "grpc" else http_port,
+            kind,
+            target={"deadlines": ["50ms", "1s"]},
+            traffic={"event_share": 0},
+        )
+        doc = run_scenario(sc, settings)
+    short, long_ = doc["by_deadline"]
+    assert (short["deadline_s"], long_["deadline_s"]) == (0.05, 1.0)
+    assert short["calls"] + long_["calls"] == doc["requests"]["scheduled"] == 80
+    assert 20 <= short["calls"] <= 60, short  # drawn uniformly
+    expired = "DEADLINE_EXCEEDED" if kind == "grpc" else "TIMEOUT"
+    assert short["errors"] == {expired: short["calls"]}, short
+    assert long_["errors"] == {} and long_["latency_ms"]["p50"] >= 100, long_
+    summary = write_run(doc, tmp_path)["markdown"].read_text()
+    assert "### By client deadline" in summary and "| 50 ms |" in summary, summary
 
 
 def test_a_burst_reports_the_queue_it_makes() -> None:

@@ -90,6 +90,45 @@ def test_valid_calls_are_answered(fronts: Fronts, stub: pb_grpc.RecommenderStub)
     assert (status, body) == (200, {"accepted": True})
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"X-Request-Timeout-Ms": "250"}, 0.25),
+        ({"x-request-timeout-ms": "30000"}, 30.0),
+        ({"X-Request-Timeout-Ms": "900", "X-Envoy-Expected-Rq-Timeout-Ms": "120"}, 0.12),
+    ],
+)
+def test_http_deadline_headers_reach_the_service(
+    fronts: Fronts, headers: dict[str, str], expected: float | None
+) -> None:
+    """HTTP has no deadline of its own: the client's (or Envoy's) header is the call's
+    deadline, as gRPC's is; the shortest wins. A RecordEvent's deadline also loses the time
+    its body took to arrive."""
+    fronts.service.deadlines.clear()
+    status, _, _ = call_http(fronts, "GET", "/v1/recommendations?user_id=12&k=3", None, headers)
+    assert status == 200
+    status, _, _ = call_http(fronts, "POST", "/v1/events", event_body(), headers)
+    assert status == 200
+    got, event = fronts.service.deadlines
+    assert got == expected
+    if expected is None:
+        assert event is None
+    else:
+        assert expected - 0.05 < event <= expected
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "1.5", "\u00b2", "3600001", "99999999", ""])
+def test_bad_http_deadline_headers_are_400(fronts: Fronts, value: str) -> None:
+    for method, path, body in [
+        ("GET", "/v1/recommendations?user_id=12&k=3", None),
+        ("POST", "/v1/events", event_body()),
+    ]:
+        status, _, reply = call_http(fronts, method, path, body, {"X-Request-Timeout-Ms": value})
+        assert status == 400, reply
+        assert "X-Request-Timeout-Ms" in reply["error"]["message"]
+
+
 # ------------------------------------------------------------------ validation
 
 
