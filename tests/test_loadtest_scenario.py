@@ -51,6 +51,8 @@ def test_shipped_scenarios_validate() -> None:
         ({**_base(), "traffic": {"k": {500: 1.0}}}, "1 <= k <= 200"),
         ({**_base(), "traffic": {"cold_start_share": 1.5}}, "traffic.cold_start_share"),
         ({**_base(), "target": {"kind": "smtp"}}, "target.kind"),
+        ({**_base(), "target": {"deadlines": ["50ms", "0s"]}}, "deadlines must be > 0"),
+        ({**_base(), "target": {"kind": "triton", "deadlines": ["1s"]}}, "orchestrator's fronts"),
         ({**_base(), "sweep": {"start": 10, "max": 100}}, "exactly one of step or factor"),
     ],
 )
