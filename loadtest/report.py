@@ -24,7 +24,10 @@ def _slo_text(slo: dict[str, Any]) -> str:
     s = f"p99 <= {slo['p99_ms']:g} ms"
     if slo.get("p50_ms"):
         s += f", p50 <= {slo['p50_ms']:g} ms"
-    return s + f", errors <= {slo['max_error_share']:.1%}"
+    s += f", errors <= {slo['max_error_share']:.1%}"
+    if slo.get("max_degraded_share") is not None:
+        s += f", degraded <= {slo['max_degraded_share']:.1%}"
+    return s
 
 
 def run_markdown(doc: dict[str, Any], plot_name: str | None = "run.png") -> str:

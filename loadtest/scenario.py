@@ -161,6 +161,9 @@ class Slo(_Strict):
     p99_ms: float = Field(default=15.0, gt=0)
     p50_ms: float | None = Field(default=None, gt=0)
     max_error_share: Share = 0.01
+    # Degraded answers are answers, but a rate that only holds by shedding or skipping
+    # stages is not sustainable: None = not part of the verdict.
+    max_degraded_share: Share | None = None
 
 
 class Sweep(_Strict):

@@ -100,13 +100,17 @@ class Merged:
         self.results = results
 
 
-def slo_verdict(slo: Slo, latency_ms: dict[str, Any], error_share: float) -> tuple[bool, str]:
+def slo_verdict(
+    slo: Slo, latency_ms: dict[str, Any], error_share: float, degraded_share: float = 0.0
+) -> tuple[bool, str]:
     """Whether a run met the SLO, and why not."""
     p99, p50 = latency_ms.get("p99"), latency_ms.get("p50")
     if p99 is None:
         return False, "no answers"
     if error_share > slo.max_error_share:
         return False, f"error share {error_share:.2%} > {slo.max_error_share:.2%}"
+    if slo.max_degraded_share is not None and degraded_share > slo.max_degraded_share:
+        return False, f"degraded share {degraded_share:.2%} > {slo.max_degraded_share:.2%}"
     if p99 > slo.p99_ms:
         return False, f"p99 {p99:.1f} ms > {slo.p99_ms:g} ms"
     if slo.p50_ms is not None and p50 is not None and p50 > slo.p50_ms:
@@ -247,7 +251,8 @@ def summarize(
         if m.releases[int(idx)]:
             releases[m.releases[int(idx)]] = int(count)
 
-    passed, reason = slo_verdict(scenario.slo, latency, error_share)
+    degraded_share = float((m.degraded & rec_ok).sum() / rec_ok.sum()) if rec_ok.any() else 0.0
+    passed, reason = slo_verdict(scenario.slo, latency, error_share, degraded_share)
     return {
         "target_rate": nominal,
         "duration_s": total,
@@ -273,9 +278,7 @@ def summarize(
         "by_deadline": by_deadline(m, meas),
         "errors": err_counts,
         "error_share": error_share,
-        "degraded_share": float((m.degraded & rec_ok).sum() / rec_ok.sum())
-        if rec_ok.any()
-        else 0.0,
+        "degraded_share": degraded_share,
         "degraded_reasons": m.reasons,
         "cold_start_share": float((m.cold & meas).sum() / max(1, (meas & (m.kind == 0)).sum())),
         "releases": releases,

@@ -192,3 +192,16 @@ def test_command_line_overrides_rate_duration_and_seed() -> None:
     sc = _scenario(args)
     assert (sc.load.rate, sc.load.duration, sc.load.seed) == (30.0, 20.0, 7)
     assert _scenario(argparse.Namespace(scenario="steady")).load.seed == 1
+
+
+def test_slo_verdict_counts_degraded_answers_only_when_asked() -> None:
+    """A rate held only by degrading answers is not sustainable when the SLO says so."""
+    from loadtest.scenario import Slo
+    from loadtest.stats import slo_verdict
+
+    latency = {"p50": 5.0, "p99": 20.0}
+    assert slo_verdict(Slo(p99_ms=50), latency, 0.0, degraded_share=0.3) == (True, "met")
+    strict = Slo(p99_ms=50, max_degraded_share=0.01)
+    passed, reason = slo_verdict(strict, latency, 0.0, degraded_share=0.02)
+    assert not passed and reason == "degraded share 2.00% > 1.00%"
+    assert slo_verdict(strict, latency, 0.0, degraded_share=0.005) == (True, "met")
