@@ -223,6 +223,19 @@ for rep in $(seq 1 "$REPEATS"); do
     done
 done
 
+# --- 4b. capacity: the knee of each service (SWEEP=0 skips it) ----------------------------
+# `recstack loadtest sweep $SWEEP_SCENARIO`: the rate stepped up until p99 > 50 ms, an error
+# or >= 1 % degraded answers (loadtest/scenarios/knee.yaml), once per service.
+if [ "${SWEEP:-1}" = "1" ]; then
+    for svc in orchestrator reference; do
+        start_service "$svc"
+        log "$SVC: loadtest sweep ${SWEEP_SCENARIO:-knee} (gRPC 127.0.0.1:$SVC_PORT)"
+        "$BIN/recstack" loadtest sweep "${SWEEP_SCENARIO:-knee}" --address "127.0.0.1:$SVC_PORT" \
+            --out "$OUT/sweep/$svc" --no-progress 2>&1 | tee "$OUT/sweep/$svc.log" || true
+        stop_service
+    done
+fi
+
 # --- 5. summary: bench.json + bench.md ----------------------------------------------------
 "$PY" - "$OUT" "$RECSTACK_DATA_DIR" <<'PYEOF'
 """Merge pipeline step times, memory, RSS, and per run (repeat x service x load) the
@@ -426,7 +439,27 @@ for phase, by_svc in runs.items():
         },
     }
 
+# The knee of each service (4b): the highest rate that met the knee SLO, and the first
+# that did not, with why.
+knees = {}
+for svc in SERVICES:
+    path = out / "sweep" / svc / "sweep.json"
+    if path.exists():
+        sw = json.loads(path.read_text())
+        knees[svc] = {
+            "max_sustainable_rate": sw["max_sustainable_rate"],
+            "broke_at": sw["broke_at"],
+            "generator_limited": sw["generator_limited"],
+            "slo": sw["slo"],
+            "steps": [
+                {"rate": st["rate"], "p99_ms": st["latency_ms"]["p99"],
+                 "degraded_share": st["degraded_share"], "error_share": st["error_share"]}
+                for st in sw["steps"]
+            ],
+        }
+
 doc = {
+    "knees": knees,
     "pipeline_step_seconds": steps,
     "pipeline_total_seconds": round(sum(steps.values()), 1),
     "train_peak_rss_mb": round(max(mem, default=0) / 1024),
@@ -486,6 +519,27 @@ for phase, s in summary.items():
             f"| {stage} | {show(c.get('orchestrator'))} | {show(c.get('reference'))} | "
             f"{show(w.get('orchestrator'))} | {show(w.get('reference'))} |"
         )
+if knees:
+    slo = next(iter(knees.values()))["slo"]
+    lines += [
+        "",
+        f"## Capacity: the highest rate with p99 <= {slo['p99_ms']:g} ms, no errors and"
+        f" <= {slo['max_degraded_share']:.0%} degraded (one sweep per service)",
+        "",
+        "| service | highest rate met | first rate missed (why) | steps: rate p99 ms / degraded |",
+        "| --- | --- | --- | --- |",
+    ]
+    for svc, k in knees.items():
+        broke = k["broke_at"]
+        missed = "-" if broke is None else f"{broke['rate']:g}/s ({broke['reason']})"
+        trail = "; ".join(
+            f"{st['rate']:g}/s "
+            + ("-" if st["p99_ms"] is None else f"{st['p99_ms']:.1f}")
+            + f" / {st['degraded_share']:.1%}"
+            for st in k["steps"]
+        )
+        limited = " (generator-limited)" if k["generator_limited"] else ""
+        lines.append(f"| {svc} | {k['max_sustainable_rate'] or '-'}{limited} | {missed} | {trail} |")
 (out / "bench.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PYEOF
