@@ -251,14 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # --- benchmarks (not tests) -----------------------------------------------------------
     bench = groups.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
-    p = _cmd(bench, "features", "orchestrator.feature_bench:cli", "Feast SDK vs fast path")
+    p = _cmd(bench, "features", "loadtest.feature_bench:cli", "Feast SDK vs fast path")
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument(
         "--stores",
         default="sqlite,redis",
         help="comma-separated online stores (sqlite, redis, redis_cluster)",
     )
-    p = _cmd(bench, "triton", "orchestrator.triton_bench:cli", "Triton gRPC vs in-process")
+    p = _cmd(bench, "triton", "loadtest.triton_bench:cli", "Triton gRPC vs in-process")
     p.add_argument("--repeats", type=int, default=300)
 
     p = _cmd(

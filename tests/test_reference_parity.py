@@ -102,7 +102,7 @@ def test_in_process_models_match_triton(servers: dict[str, Any]) -> None:
     """The model calls themselves, on the same inputs: user_tower embeddings and the
     release's rank ensemble scores (Triton's pinned ``rank_r<id>``)."""
     from exporters.release import load_manifest, model_versions
-    from orchestrator.triton_bench import rank_inputs, user_tower_inputs
+    from loadtest.triton_bench import rank_inputs, user_tower_inputs
 
     s = servers["settings"]
     rid = int(load_manifest(s)["release_id"])
