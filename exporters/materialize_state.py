@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -78,7 +79,9 @@ def _read_json(path: Path) -> dict[str, object] | None:
     return value if isinstance(value, dict) else None
 
 
-def record_build(settings: Settings, meta: dict[str, object], config: dict[str, object]) -> None:
+def record_build(
+    settings: Settings, meta: Mapping[str, object], config: Mapping[str, object]
+) -> None:
     """After a feature-table build from the raw data of ``meta``: what it was built from.
     ``config``: the build's inputs besides the raw data (engine, seen events, ...)."""
     _write_json(

@@ -90,13 +90,14 @@ def table_path(where: Settings | Path, name: str) -> Path:
     return _raw_dir(where) / f"{name}.parquet"
 
 
-def table_files(where: Settings | Path, name: str) -> list[Path]:
+def table_parts(where: Settings | Path, name: str) -> list[event_days.Part]:
     """The parquet files that hold table ``name``, in canonical order ([] when absent):
-    the interactions' day parts (or their legacy single file), else the table's file."""
+    the interactions' day parts (or their legacy single file), else the table's one file
+    (as a part of day "")."""
     if name == "interactions":
-        return [p.path for p in event_days.list_parts(_raw_dir(where))]
+        return event_days.list_parts(_raw_dir(where))
     path = table_path(where, name)
-    return [path] if path.exists() else []
+    return [event_days.Part("", 0, path)] if path.exists() else []
 
 
 def is_day_partitioned(where: Settings | Path) -> bool:
@@ -113,14 +114,9 @@ def _missing(raw: Path) -> UserError:
 def read_table(where: Settings | Path, name: str, columns: list[str] | None = None) -> pd.DataFrame:
     """One canonical table (optionally only some columns); timestamps are UTC, µs. Optional
     columns a file from before them lacks read as their default (schema.OPTIONAL_COLUMNS)."""
-    raw = _raw_dir(where)
-    if name == "interactions":
-        parts = event_days.list_parts(raw)
-    else:
-        path = table_path(where, name)
-        parts = [event_days.Part("", 0, path)] if path.exists() else []
+    parts = table_parts(where, name)
     if not parts:
-        raise _missing(raw)
+        raise _missing(_raw_dir(where))
     optional = OPTIONAL_COLUMNS.get(name, {})
     present = set(pq.read_schema(parts[0].path).names)
     absent = [c for c in (columns or TABLES[name].names) if c in optional and c not in present]

@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +42,7 @@ import pyarrow.parquet as pq
 
 from exporters import event_days
 from exporters import feature_tables as ft
-from exporters.raw_tables import read_meta, read_table, table_files
+from exporters.raw_tables import read_meta, read_table, table_parts
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -153,28 +154,25 @@ def _merge_parts(parts_dir: Path, schema: pa.Schema, dest: Path) -> int:
     return rows
 
 
-def _read_placed(spark: SparkSession, files: list[Path]) -> DataFrame:
-    """``files`` as one DataFrame whose rows carry their place (event_days.PLACE_COLUMNS):
-    the day and part parsed from the file's path, the row's index in its file, and whether
-    its day is held in several parts."""
+def _read_placed(spark: SparkSession, parts: list[event_days.Part]) -> DataFrame:
+    """The files of ``parts`` as one DataFrame whose rows carry their place
+    (event_days.PLACE_COLUMNS): the day and part parsed from the file's path, the row's
+    index in its file, and whether its day is held in several parts."""
     from pyspark.sql import functions as F
 
-    per_day: dict[str, int] = {}
-    for f in files:
-        day = f.parent.name.removeprefix("day=") if f.parent.name.startswith("day=") else ""
-        per_day[day] = per_day.get(day, 0) + 1
-    days = [d for d, n in per_day.items() if n > 1]
+    per_day = Counter(p.day for p in parts)
+    merged = [d for d, n in per_day.items() if n > 1]
     path = F.col("_metadata.file_path")
     day = F.regexp_extract(path, r"day=(\d{4}-\d{2}-\d{2})/part-\d+\.parquet$", 1)
     # "0" + the digits: a legacy file (no part number) reads as part 0, and the cast is
     # valid under ANSI mode.
-    part = F.concat(F.lit("0"), F.regexp_extract(path, r"part-(\d+)\.parquet$", 1))
+    seq = F.concat(F.lit("0"), F.regexp_extract(path, r"part-(\d+)\.parquet$", 1))
     return (
-        spark.read.parquet(*(str(f) for f in files))
+        spark.read.parquet(*(str(p.path) for p in parts))
         .withColumn(event_days.DAY_COL, day)
-        .withColumn(event_days.PART_COL, part.cast("long"))
+        .withColumn(event_days.PART_COL, seq.cast("long"))
         .withColumn(event_days.POS_COL, F.col("_metadata.row_index"))
-        .withColumn(event_days.MERGED_COL, day.isin(days) if days else F.lit(False))
+        .withColumn(event_days.MERGED_COL, day.isin(merged) if merged else F.lit(False))
     )
 
 
@@ -188,8 +186,8 @@ def build_feature_tables(settings: Settings) -> None:
     spark = session(settings)
     log.info("spark session at %s in %.1f s", settings.spark_master, time.perf_counter() - t0)
     try:
-        files = {name: table_files(settings, name) for name in ("interactions", "items", "users")}
-        frames = {name: _read_placed(spark, paths) for name, paths in files.items()}
+        sources = {name: table_parts(settings, name) for name in ("interactions", "items", "users")}
+        frames = {name: _read_placed(spark, ps) for name, ps in sources.items()}
         inter = frames["interactions"]
         stats = inter.agg(F.count(F.lit(1)), F.max(F.unix_micros("timestamp"))).collect()[0]
         n_events, last_us = int(stats[0]), stats[1]
@@ -197,7 +195,10 @@ def build_feature_tables(settings: Settings) -> None:
         partitions = settings.spark_partitions or max(
             spark.sparkContext.defaultParallelism, math.ceil(n_events / EVENTS_PER_PARTITION)
         )
-        empty = {name: pq.read_schema(files[name][0]).empty_table().to_pandas() for name in frames}
+        empty = {
+            name: pq.read_schema(ps[0].path).empty_table().to_pandas()
+            for name, ps in sources.items()
+        }
         # The per-item daily counts of all events: the popularity rank's global input.
         bare = ft.make_context(
             items, meta, settings, last_day, ft.item_daily_counts(empty["interactions"])
