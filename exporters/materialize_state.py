@@ -18,11 +18,12 @@ of day D (timestamped at the end of D) depend only on days <= D, recent/seen-ite
 are timestamped at events at or after the first new one, and new users sign up at their
 first event. Rows of days after the previous last day are new too (an old event leaving a
 7- or 30-day window on a day that did not exist before), so the window also starts no
-later than the day after the previous last day, and no later than the previous
-materialisation's end. Every entity with a row in ``[start, end]`` gets its newest row
-(which is then its newest overall); every other entity's newest row is older than
-``start``, unchanged, and already online. So the online store ends up exactly as after a
-full materialisation, having written only the window's entities.
+later than just after the end of the previous last day (the rows stamped exactly then are
+that day's own), and no later than the previous materialisation's end. Every entity with
+a row in ``[start, end]`` gets its newest row (which is then its newest overall); every
+other entity's newest row is older than ``start``, unchanged, and already online. So the
+online store ends up exactly as after a full materialisation, having written only the
+window's entities.
 
 Anything else — another lineage (a full `data generate`/`import`, items folded in), days
 that disappeared, another offline engine or online store, changed feature definitions
@@ -144,8 +145,13 @@ def incremental_start(settings: Settings, registry: Path) -> tuple[datetime | No
     if not old or set(old) - set(new):
         return None, "days of raw data disappeared since"
     end = pd.Timestamp(str(prev["end"])).to_pydatetime()
-    changed = [d for d, h in new.items() if old.get(d) != h]
-    after_last = (pd.Timestamp(max(old)) + timedelta(days=1)).strftime("%Y-%m-%d")
-    first = min([*changed, after_last])
-    start = min(datetime.fromisoformat(first).replace(tzinfo=UTC), end)
-    return start, f"{len(changed)} changed day(s) since the last materialisation"
+    changed = sorted(d for d, h in new.items() if old.get(d) != h)
+    # Rows stamped exactly at midnight after the old last day are that day's statistics
+    # (unchanged unless the day is in ``changed``); a new day's rows come strictly later.
+    after_last = _midnight(max(old)) + timedelta(days=1, microseconds=1)
+    starts = [after_last, end, *([_midnight(changed[0])] if changed else [])]
+    return min(starts), f"{len(changed)} changed day(s) since the last materialisation"
+
+
+def _midnight(day: str) -> datetime:
+    return datetime.fromisoformat(day).replace(tzinfo=UTC)

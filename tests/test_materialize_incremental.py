@@ -144,6 +144,10 @@ def test_imported_events_materialise_only_the_changed_window(tmp_path: Path) -> 
         assert written[view] == {1, 2, 77}, view
     assert _stored_count(s)["item_statistics"] == 4  # item 11's row is still there
     _assert_equals_full(s)
+    # Again with nothing new (the hourly job's usual case): nothing is written.
+    _mark_stored(s)
+    feast_ops.materialize(s, incremental=True)
+    assert not any(_written(s).values())
 
 
 def test_incremental_equals_full_on_the_small_preset(
