@@ -84,7 +84,7 @@ def _raw_dir(where: Settings | Path) -> Path:
 
 def table_path(where: Settings | Path, name: str) -> Path:
     """``<raw_dir>/<name>.parquet`` for one of the tables in ``schema.TABLES`` (for the
-    interactions: the legacy single file; see :func:`table_files`)."""
+    interactions: the legacy single file; see :func:`table_parts`)."""
     if name not in TABLES:
         raise ValueError(f"unknown raw table {name!r}; expected one of {sorted(TABLES)}")
     return _raw_dir(where) / f"{name}.parquet"
