@@ -40,7 +40,7 @@ DIR = "interactions"
 LEGACY_FILE = "interactions.parquet"
 ORDER: tuple[str, ...] = ("timestamp", "user_id", "item_id", "event")
 US_PER_DAY = 86_400 * 1_000_000
-_PART = re.compile(r"^part-(\d{6})\.parquet$")
+_PART = re.compile(r"^part-(\d{6,})\.parquet$")
 _DAY = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
 # Columns carrying a row's place in the dataset, for engines that lose the read order
 # (Spark's shuffle): its day, its part's sequence number, its row in the part file, and

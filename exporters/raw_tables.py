@@ -20,6 +20,7 @@ are one file each. :func:`append_interactions` adds rows without rewriting any f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -344,10 +345,7 @@ def write_raw(
     tmp = Path(tempfile.mkdtemp(prefix=f".{raw.name}.tmp-", dir=raw.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the data folder is not a secret
-        for day, t in event_days.split_by_day(arrow["interactions"]).items():
-            path = event_days.part_path(tmp, day, 0)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(t, path, compression="zstd")
+        kept = _write_days(raw, tmp, event_days.split_by_day(arrow["interactions"]))
         for name in ("items", "users"):
             pq.write_table(arrow[name], tmp / f"{name}.parquet", compression="zstd")
         _write_keys(tmp, keys or {})
@@ -376,14 +374,42 @@ def write_raw(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info(
-        "raw data %s: %d interactions, %d users, %d items -> %s",
+        "raw data %s: %d interactions (%d of %d days' files kept), %d users, %d items -> %s",
         meta["snapshot"],
         meta["n_interactions"],
+        kept,
+        len(days),
         meta["n_users"],
         meta["n_items"],
         raw,
     )
     return raw
+
+
+def _write_days(raw: Path, tmp: Path, by_day: dict[str, pa.Table]) -> int:
+    """One part per day of ``by_day`` under ``tmp``, except days whose rows equal (in
+    order) those the current ``raw`` holds: their part files are hard-linked, not
+    rewritten (a full write of the same events — new items folded in, a re-import of a
+    longer export — leaves the old days' files as they were). Returns the days kept."""
+    old_days: dict[str, dict[str, object]] = {}
+    if is_day_partitioned(raw):
+        with contextlib.suppress(UserError, OSError, ValueError):
+            old_days = dict(read_meta(raw).get("days") or {})  # type: ignore[call-overload]
+    old_parts = event_days.list_parts(raw) if old_days else []
+    kept = 0
+    for day, t in by_day.items():
+        old = old_days.get(day)
+        if old and old["rows"] == t.num_rows and old["hash"] == event_days.day_hash(t):
+            for part in (p for p in old_parts if p.day == day):
+                target = event_days.part_path(tmp, day, part.seq)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(part.path, target)
+            kept += 1
+            continue
+        path = event_days.part_path(tmp, day, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(t, path, compression="zstd")
+    return kept
 
 
 def append_interactions(
@@ -479,10 +505,15 @@ def _link_tree(src: Path, dest: Path, skip: set[str]) -> None:
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
+        _link_or_copy(path, target)
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """A hard link (same inode: nothing rewritten); a copy where links are refused."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
 
 
 def _swap_in(new: Path, target: Path) -> None:

@@ -189,3 +189,33 @@ def test_a_legacy_single_file_reads_and_is_migrated_by_an_import(tmp_path: Path)
     assert len(got) == len(want) + 1
     assert read_meta(s)["lineage"] != meta["snapshot"]  # rewritten: a new lineage
     assert os.path.isdir(s.raw_dir / "interactions" / "day=2026-03-22")
+
+
+def test_a_full_write_keeps_the_files_of_unchanged_days(
+    small_tables: RawTables, tmp_path: Path
+) -> None:
+    """A full write of the same events (here: after an append, with one day changed and an
+    item added, as ``recstack items`` folding does) hard-links the files of the days whose
+    rows are unchanged and writes only the others."""
+    whole = make_settings(tmp_path / "whole")
+    write_raw(whole, small_tables, source="test")
+    first, later = split_for_append(read_table(whole, "interactions"))
+    s = make_settings(tmp_path / "s")
+    write_raw(s, RawTables(first, small_tables.items, small_tables.users), source="test")
+    append_interactions(s, later)  # two days in two parts, one new day
+    before = _files(s.raw_dir)
+    inter = read_table(s, "interactions")
+    day = sorted(read_meta(s)["days"])[10]
+    changed = inter["timestamp"].dt.strftime("%Y-%m-%d") == day
+    inter = inter[~changed | (inter.index != inter.index[changed][0])]  # one event fewer
+    items = pd.concat(
+        [small_tables.items, small_tables.items.tail(1).assign(item_id=10**6)], ignore_index=True
+    )
+    write_raw(s, RawTables(inter, items, small_tables.users), source="test")
+    after = _files(s.raw_dir)
+    moved = sorted(k for k in after if k.startswith("interactions/") and after[k] != before.get(k))
+    assert moved == [f"interactions/day={day}/part-000000.parquet"]
+    assert sorted(k for k in after if k.startswith("interactions/")) == sorted(
+        k for k in before if k.startswith("interactions/")
+    )
+    pd.testing.assert_frame_equal(read_table(s, "interactions"), inter.reset_index(drop=True))
