@@ -6,7 +6,10 @@ timestamp, event)`` with the event's own timestamp to the microsecond, and the
 ``surface`` and ``device`` of the answer its ``request_id`` names (the served record; ""
 without one). The values go through the same column checks as ``recstack data import``
 (exporters/data_import.py) and the result through the same whole-table validation and
-atomic swap (exporters/raw_tables.write_raw). Rules:
+atomic swap (exporters/raw_tables.py). The new interactions are appended as new day part
+files (``append_interactions``): no existing file is rewritten, and only the days the log's
+events fall on are read to find duplicates. A workspace whose interactions are still one
+legacy file is rewritten once, in the day layout. Rules:
 
 - an event already in the raw interactions (same user, item, timestamp and event) or
   twice in the log is skipped: running the import twice adds nothing the second time;
@@ -30,6 +33,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from exporters import event_days
 from exporters.data_import import (
     _context,
     _events,
@@ -39,26 +43,24 @@ from exporters.data_import import (
     _timestamps,
     _utc,
 )
-from exporters.raw_tables import RawTables, read_keys, read_meta, read_raw, write_raw
+from exporters.raw_tables import (
+    COMPUTED_META,
+    RawTables,
+    append_interactions,
+    is_day_partitioned,
+    read_days,
+    read_keys,
+    read_meta,
+    read_raw,
+    read_table,
+    write_raw,
+)
 from exporters.schema import CONTEXT_COLUMNS, EVENTS
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-# meta.json fields write_raw computes from the tables; the others are carried over.
-COMPUTED_META = (
-    "source",
-    "snapshot",
-    "n_users",
-    "n_items",
-    "n_categories",
-    "start",
-    "end",
-    "n_interactions",
-    "events",
-    "cardinalities",
-)
 KEY = ["user_id", "item_id", "timestamp", "event"]
 
 
@@ -129,10 +131,10 @@ def import_events(settings: Settings, since: datetime | None = None) -> ImportSu
     item_ids = _ids(src, "item_id")
     ts = _timestamps(src, "timestamp")
     codes = _events(src)
-    raw = read_raw(settings)
     meta = read_meta(settings)
+    items = read_table(settings, "items", ["item_id"])
 
-    known = np.isin(item_ids, raw.items["item_id"].to_numpy())
+    known = np.isin(item_ids, items["item_id"].to_numpy())
     unknown_items = int((~known).sum())
     if unknown_items:
         log.warning("%d logged events name items the items table lacks: skipped", unknown_items)
@@ -145,7 +147,10 @@ def import_events(settings: Settings, since: datetime | None = None) -> ImportSu
             **{c: _context(src, c)[known] for c in CONTEXT_COLUMNS},
         }
     )
-    old = raw.interactions
+    deduped = new.drop_duplicates(KEY)
+    # An event can only repeat a raw interaction of its own UTC day: read only those days.
+    days = sorted(set(event_days.day_names(pa.array(_utc(deduped["timestamp"].to_numpy())))))
+    old = read_days(settings, days, KEY)
     old_keys = pd.DataFrame(
         {
             "user_id": old["user_id"].to_numpy(np.int64),
@@ -157,14 +162,13 @@ def import_events(settings: Settings, since: datetime | None = None) -> ImportSu
             "event": old["event"].astype(str).to_numpy(object),
         }
     ).drop_duplicates()
-    deduped = new.drop_duplicates(KEY)
     merged = deduped.merge(old_keys, on=KEY, how="left", indicator=True)
     fresh = merged[merged["_merge"] == "left_only"].drop(columns="_merge")
     duplicates = int(known.sum()) - len(fresh)
     if fresh.empty:
         return ImportSummary(table.num_rows, 0, duplicates, unknown_items, 0, None)
 
-    users = raw.users
+    users = read_table(settings, "users")
     missing = np.setdiff1d(fresh["user_id"].unique(), users["user_id"].to_numpy())
     if len(missing):
         u = fresh["user_id"].to_numpy(np.int64)
@@ -193,15 +197,46 @@ def import_events(settings: Settings, since: datetime | None = None) -> ImportSu
             **{c: fresh[c].to_numpy(object) for c in CONTEXT_COLUMNS},
         }
     )
-    as_text = {c: old[c].astype(str) for c in ("event", *CONTEXT_COLUMNS)}
-    inter = pd.concat([old.assign(**as_text), added], ignore_index=True)
-    inter = inter.sort_values(["timestamp", "user_id", "item_id", "event"], kind="stable")
     end = max(pd.Timestamp(str(meta["end"])), added["timestamp"].max())
-    extra = {k: v for k, v in meta.items() if k not in COMPUTED_META}
-    extra["imported_events"] = int(meta.get("imported_events", 0) or 0) + len(added)  # type: ignore[call-overload]
+    imported = int(meta.get("imported_events", 0) or 0) + len(added)  # type: ignore[call-overload]
     source = str(meta["source"])
     if "+events" not in source:
         source += "+events"
+    if is_day_partitioned(settings):
+        snapshot = append_interactions(
+            settings,
+            added,
+            users=users.reset_index(drop=True) if len(missing) else None,
+            source=source,
+            end=end,
+            extra_meta={"imported_events": imported},
+        )
+    else:
+        _rewrite_legacy(settings, meta, added, users, source, end, imported)
+        snapshot = str(read_meta(settings)["snapshot"])
+    return ImportSummary(
+        table.num_rows, len(added), duplicates, unknown_items, len(missing), snapshot
+    )
+
+
+def _rewrite_legacy(
+    settings: Settings,
+    meta: dict[str, object],
+    added: pd.DataFrame,
+    users: pd.DataFrame,
+    source: str,
+    end: pd.Timestamp,
+    imported: int,
+) -> None:
+    """A workspace whose interactions are one legacy file: the whole table, re-sorted,
+    through ``write_raw`` once, which writes the day layout (later imports append)."""
+    raw = read_raw(settings)
+    old = raw.interactions
+    as_text = {c: old[c].astype(str) for c in ("event", *CONTEXT_COLUMNS)}
+    inter = pd.concat([old.assign(**as_text), added], ignore_index=True)
+    inter = inter.sort_values(list(event_days.ORDER), kind="stable")
+    extra = {k: v for k, v in meta.items() if k not in COMPUTED_META}
+    extra["imported_events"] = imported
     write_raw(
         settings,
         RawTables(interactions=inter.reset_index(drop=True), items=raw.items, users=users),
@@ -210,10 +245,6 @@ def import_events(settings: Settings, since: datetime | None = None) -> ImportSu
         end=end,
         extra_meta=extra,
         keys=read_keys(settings),  # the imported data's string ids stay named
-    )
-    snapshot = str(read_meta(settings)["snapshot"])
-    return ImportSummary(
-        table.num_rows, len(added), duplicates, unknown_items, len(missing), snapshot
     )
 
 

@@ -40,6 +40,7 @@ from feast import FeatureService, FeatureStore, RepoConfig
 from feast.repo_config import FeastConfigError
 from pydantic import ValidationError
 
+from exporters import materialize_state
 from exporters.feature_tables import BASELINE_TS, TABLE_FILES, decode_vector, default_value
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
@@ -361,10 +362,21 @@ def materialization_end(settings: Settings) -> datetime:
 
 
 def materialize(settings: Settings, incremental: bool = False) -> None:
-    """Load the online store from the feature tables: everything (default) or only what is
-    new since the last materialisation."""
-    if not registry_path(settings).exists():
+    """Load the online store from the feature tables: everything (default), or with
+    ``incremental`` only the entities with rows in the window that changed since the last
+    materialisation into this store (exporters/materialize_state.py; a full one where
+    that is not known to be correct). Either way the store ends up the same."""
+    registry = registry_path(settings)
+    if not registry.exists():
         raise UserError("the Feast registry does not exist: run `recstack features apply` first")
+    start, why = (None, "full materialisation asked for")
+    if incremental:
+        start, why = materialize_state.incremental_start(settings, registry)
+    log.info(
+        "materialising %s: %s",
+        "everything" if start is None else f"from {start.isoformat()}",
+        why if start is not None else f"full ({why})",
+    )
     store = offline_feature_store(settings)
     end = materialization_end(settings)
     views = [v.name for v in store.list_feature_views(allow_cache=True) if v.online]
@@ -376,21 +388,29 @@ def materialize(settings: Settings, incremental: bool = False) -> None:
         store.get_feature_view(v, allow_registry_cache=True).materialization_intervals
         for v in by_feast
     )
-    if incremental:
-        store.materialize_incremental(end_date=end, feature_views=by_feast)
-    else:
-        store.materialize(start_date=EPOCH, end_date=end, feature_views=by_feast)
+    # A materialisation that fails half way leaves no record: the next incremental one
+    # is then a full one.
+    materialize_state.forget(registry)
+    # An explicit window, not Feast's materialize_incremental: that starts at each view's
+    # previous end (wall clock), and imported events are older than it.
+    store.materialize(start_date=start or EPOCH, end_date=end, feature_views=by_feast)
     for view in direct:
         if view in views:
-            write_latest(store, view, end, keep_pushed=materialized_before)
+            write_latest(store, view, end, keep_pushed=materialized_before, start=start)
+    materialize_state.record_materialized(settings, registry, end)
     log.info("materialized into %s up to %s", settings.online_store, end.isoformat())
 
 
 def write_latest(
-    store: FeatureStore, view_name: str, end: datetime, keep_pushed: bool = True
+    store: FeatureStore,
+    view_name: str,
+    end: datetime,
+    keep_pushed: bool = True,
+    start: datetime | None = None,
 ) -> int:
     """What ``materialize`` does for one view — the newest batch row per entity with
-    ``event_timestamp <= end`` into the online store — without Feast's dask reader (see
+    ``event_timestamp <= end`` (and ``>= start``, if given: an incremental
+    materialisation's window) into the online store — without Feast's dask reader (see
     DIRECT_VIEWS), except, with ``keep_pushed``, for entities whose stored row was pushed
     after the view's feature table was written and is newer than the batch row: those
     keep theirs. Returns the number of rows written.
@@ -410,6 +430,8 @@ def write_latest(
     keys = [c.name for c in view.entity_columns]
     table = pq.read_table(path, columns=[*keys, ts, *(f.name for f in view.features)])
     table = table.filter(pc.less_equal(table[ts], pc.cast(end, table[ts].type)))
+    if start is not None:
+        table = table.filter(pc.greater_equal(table[ts], pc.cast(start, table[ts].type)))
     df = table.to_pandas().sort_values(ts, kind="stable").drop_duplicates(keys, keep="last")
     df = df.reset_index(drop=True)
     newer = _not_older_than_stored(store, view, df, keys, ts, pushed_after)

@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from exporters import history, seen
+from exporters import history, materialize_state, seen
 from exporters.raw_tables import read_meta, read_table
 from recstack.errors import UserError
 from recstack.settings import ENGINES, Settings, get_settings
@@ -590,12 +590,17 @@ def build(settings: Settings, engine: str | None = None) -> None:
     if engine not in ENGINES:
         raise UserError(f"unknown offline engine {engine!r}; expected one of {ENGINES}")
     t0 = time.perf_counter()
+    meta = read_meta(settings)
+    # Rewritten below: until the build is done the tables match no raw data.
+    materialize_state.build_record_path(settings).unlink(missing_ok=True)
     if engine == "spark":
         from exporters import spark_engine  # pyspark is installed only for this engine
 
         spark_engine.build_feature_tables(settings)
     else:
         _build_pandas(settings)
+    config = {"engine": engine, "seen_events": list(seen.seen_events(meta, settings.seen_events))}
+    materialize_state.record_build(settings, meta, config)
     log.info(
         "feature tables (%s) written to %s in %.1f s",
         engine,

@@ -150,7 +150,8 @@ def publish(settings: Settings, force_reason: str | None = None) -> int:
     index = _read_json(towers / "index.json")
     manifest: dict[str, Any] = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data_snapshot": meta,
+        # Without the per-day hashes: a release names its data, it need not list every day.
+        "data_snapshot": {k: v for k, v in meta.items() if k != "days"},
         "models": {},
         "index": {**index, "file": INDEX_FILES[0], "item_ids": INDEX_FILES[1]},
         "ranker": _read_json(work / "ranker.json"),

@@ -1,7 +1,8 @@
 """Canonical raw tables: the one definition every offline step reads.
 
-``recstack data generate`` and ``recstack data import`` both write these three parquet
-files under ``<data_dir>/raw/``; nothing downstream reads any other raw format.
+``recstack data generate`` and ``recstack data import`` both write these three tables
+under ``<data_dir>/raw/`` (the interactions as day partitions, exporters/event_days.py;
+items and users as one parquet file each); nothing downstream reads any other raw format.
 
 - interactions: one row per event. ``event`` is one of EVENTS (imported ratings are
   mapped to events, see exporters/data_import.py). ``surface`` and ``device`` are the

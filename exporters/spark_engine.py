@@ -11,8 +11,12 @@ by the table's entity and calls the same pandas function once per partition
 (``mapInArrow``). What a function needs of the whole data (the catalog, the last day of
 data, the per-item daily event counts of the popularity rank) is computed once and shipped
 to every task in its ``Context``. Within a partition rows are put back in the raw table's
-order first (``_row``), because ties in time are broken by row order (exporters/seen.py,
-exporters/history.py), and Spark's shuffle does not keep it.
+order first, because ties in time are broken by row order (exporters/seen.py,
+exporters/history.py), and neither Spark's file listing (it packs files by size) nor its
+shuffle keeps it: each row carries its place (day, part, row in the part file: Spark's
+``_metadata``) and ``event_days.order_rows`` — the pandas reader's own rule — sorts by it.
+The interactions are read as the day-partitioned dataset's part files
+(exporters/event_days.py), or a legacy single file.
 
 Spark writes each table as part files; they are then merged, in the expected schema, into
 the single parquet file the pandas engine writes (Feast's FileSources read those files),
@@ -27,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,9 +40,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from exporters import event_days
 from exporters import feature_tables as ft
-from exporters.raw_tables import read_meta, read_table
-from exporters.raw_tables import table_path as raw_path
+from exporters.raw_tables import read_meta, read_table, table_parts
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -46,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROW = "_row"  # the raw table's row order, carried through the shuffle
 EVENTS_PER_PARTITION = 1_000_000
 SETUP_HINT = "run `make setup-spark` (Debian's Java runtime + pyspark) first"
 
@@ -110,7 +114,8 @@ def _partition_runner(
         if not parts or sum(b.num_rows for b in parts) == 0:
             return
         df = pa.Table.from_batches(parts).to_pandas()
-        df = df.sort_values(ROW, kind="stable").drop(columns=ROW).reset_index(drop=True)
+        df = df.iloc[event_days.order_rows(df)].drop(columns=list(event_days.PLACE_COLUMNS))
+        df = df.reset_index(drop=True)
         yield from make(df, ctx).cast(schema).to_batches()
 
     return run
@@ -149,6 +154,28 @@ def _merge_parts(parts_dir: Path, schema: pa.Schema, dest: Path) -> int:
     return rows
 
 
+def _read_placed(spark: SparkSession, parts: list[event_days.Part]) -> DataFrame:
+    """The files of ``parts`` as one DataFrame whose rows carry their place
+    (event_days.PLACE_COLUMNS): the day and part parsed from the file's path, the row's
+    index in its file, and whether its day is held in several parts."""
+    from pyspark.sql import functions as F
+
+    per_day = Counter(p.day for p in parts)
+    merged = [d for d, n in per_day.items() if n > 1]
+    path = F.col("_metadata.file_path")
+    day = F.regexp_extract(path, r"day=(\d{4}-\d{2}-\d{2})/part-\d+\.parquet$", 1)
+    # "0" + the digits: a legacy file (no part number) reads as part 0, and the cast is
+    # valid under ANSI mode.
+    seq = F.concat(F.lit("0"), F.regexp_extract(path, r"part-(\d+)\.parquet$", 1))
+    return (
+        spark.read.parquet(*(str(p.path) for p in parts))
+        .withColumn(event_days.DAY_COL, day)
+        .withColumn(event_days.PART_COL, seq.cast("long"))
+        .withColumn(event_days.POS_COL, F.col("_metadata.row_index"))
+        .withColumn(event_days.MERGED_COL, day.isin(merged) if merged else F.lit(False))
+    )
+
+
 def build_feature_tables(settings: Settings) -> None:
     """Every table of ``feature_tables.TABLES`` through Spark (see the module docstring)."""
     from pyspark.sql import functions as F
@@ -159,12 +186,8 @@ def build_feature_tables(settings: Settings) -> None:
     spark = session(settings)
     log.info("spark session at %s in %.1f s", settings.spark_master, time.perf_counter() - t0)
     try:
-        frames = {
-            name: spark.read.parquet(str(raw_path(settings, name))).withColumn(
-                ROW, F.monotonically_increasing_id()
-            )
-            for name in ("interactions", "items", "users")
-        }
+        sources = {name: table_parts(settings, name) for name in ("interactions", "items", "users")}
+        frames = {name: _read_placed(spark, ps) for name, ps in sources.items()}
         inter = frames["interactions"]
         stats = inter.agg(F.count(F.lit(1)), F.max(F.unix_micros("timestamp"))).collect()[0]
         n_events, last_us = int(stats[0]), stats[1]
@@ -173,8 +196,8 @@ def build_feature_tables(settings: Settings) -> None:
             spark.sparkContext.defaultParallelism, math.ceil(n_events / EVENTS_PER_PARTITION)
         )
         empty = {
-            name: pq.read_schema(raw_path(settings, name)).empty_table().to_pandas()
-            for name in frames
+            name: pq.read_schema(ps[0].path).empty_table().to_pandas()
+            for name, ps in sources.items()
         }
         # The per-item daily counts of all events: the popularity rank's global input.
         bare = ft.make_context(

@@ -88,9 +88,9 @@ async def burst(
 
 def active_users(data_dir: Path, n: int = 400) -> list[str]:
     """The ``n`` users with the most clicks and purchases in ``data_dir``'s raw data."""
-    import pandas as pd
+    from exporters.raw_tables import read_table
 
-    inter = pd.read_parquet(data_dir / "raw" / "interactions.parquet")
+    inter = read_table(data_dir / "raw", "interactions")
     pos = inter[inter["event"].isin(["click", "purchase"])]
     return [str(int(u)) for u in pos["user_id"].value_counts().index[:n]]
 
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.calls < 1 or args.bursts < 1 or args.deadline <= 0 or args.pause < 0:
         p.error("--calls and --bursts must be >= 1, --deadline > 0, --pause >= 0")
-    if not (args.users_from / "raw" / "interactions.parquet").is_file():
-        p.error(f"no raw/interactions.parquet in {args.users_from}")
+    if not (args.users_from / "raw" / "meta.json").is_file():
+        p.error(f"no raw data (raw/meta.json) in {args.users_from}")
     users = active_users(args.users_from)
     marks = tuple(args.mark or (300, 500))
     out = []

@@ -106,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "feast_args", nargs=argparse.REMAINDER, metavar="ARGS", help="Feast CLI arguments"
     )
     p = _cmd(feats, "materialize", "exporters.feast_ops:cli_materialize", "load the online store")
-    p.add_argument("--incremental", action="store_true")
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="write only the entities with rows from the first raw day changed since the last"
+        " materialisation (a full one where that is not known to be enough; docs/offline.md)",
+    )
 
     # --- offline pipeline -------------------------------------------------------------------
     p = _cmd(groups, "train", "exporters.pipeline:cli", "the whole offline path, resumable")

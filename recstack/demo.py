@@ -10,7 +10,6 @@ import statistics
 import time
 
 import grpc
-import pandas as pd
 
 from recstack.settings import Settings, get_settings
 
@@ -40,9 +39,9 @@ def _data(settings: Settings, preset: str, string_ids: bool = False) -> None:
 def _known_user(settings: Settings) -> str:
     """A user with a long history: the most active one in the training data, by the id
     the client knows (its key when the data was imported with string ids)."""
-    from exporters.raw_tables import read_keys
+    from exporters.raw_tables import read_keys, read_table
 
-    inter = pd.read_parquet(settings.raw_dir / "interactions.parquet", columns=["user_id"])
+    inter = read_table(settings.raw_dir, "interactions", columns=["user_id"])
     user = int(inter["user_id"].value_counts().index[0])
     keys = read_keys(settings).get("users")
     if keys is not None:

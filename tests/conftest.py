@@ -48,9 +48,9 @@ def degraded_count(reason: str) -> float:
 
 def active_users(s: Settings, n: int) -> list[str]:
     """The ``n`` users with the most clicks and purchases (full answers need a history)."""
-    import pandas as pd
+    from exporters.raw_tables import read_table
 
-    inter = pd.read_parquet(s.raw_dir / "interactions.parquet")
+    inter = read_table(s.raw_dir, "interactions")
     pos = inter[inter["event"].isin(["click", "purchase"])]
     return [str(int(u)) for u in pos["user_id"].value_counts().index[:n]]
 
@@ -58,10 +58,11 @@ def active_users(s: Settings, n: int) -> list[str]:
 def end_of_data(s: Settings) -> Any:
     """The newest interaction's time as a protobuf Timestamp: requests that carry it score
     as of the data (features relative to time, "not yet created"), not the wall clock."""
-    import pandas as pd
     from google.protobuf.timestamp_pb2 import Timestamp
 
-    inter = pd.read_parquet(s.raw_dir / "interactions.parquet", columns=["timestamp"])
+    from exporters.raw_tables import read_table
+
+    inter = read_table(s.raw_dir, "interactions", columns=["timestamp"])
     ts = Timestamp()
     ts.FromDatetime(inter["timestamp"].max().to_pydatetime())
     return ts

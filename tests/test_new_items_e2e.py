@@ -25,6 +25,7 @@ import pytest
 from conftest import own_stack, port, two_releases_first_live
 
 from exporters import item_delta
+from exporters.raw_tables import read_table
 from exporters.release import load_manifest, model_versions
 from orchestrator.orchestrator_process import settings_env, start_orchestrator
 from orchestrator.processes import ManagedProcess
@@ -64,7 +65,7 @@ def stack(
             "settings": s,
             "procs": procs,
             "items": pd.read_parquet(raw / "items.parquet").set_index("item_id"),
-            "interactions": pd.read_parquet(raw / "interactions.parquet"),
+            "interactions": read_table(raw, "interactions"),
             "folder": item_delta.delta_dir(s, int(load_manifest(s)["release_id"])),
         }
     finally:

@@ -30,6 +30,7 @@ import pandas as pd
 import pytest
 from conftest import degraded_count
 
+from exporters.raw_tables import read_table
 from loadtest.faults import store_locked
 from orchestrator import metrics
 from orchestrator.embedding_cache import EmbeddingCache
@@ -69,7 +70,7 @@ def service(serving: Settings, triton: ManagedProcess) -> Iterator[RecommendServ
 
 @pytest.fixture(scope="module")
 def interactions(trained_settings: Settings) -> pd.DataFrame:
-    return pd.read_parquet(trained_settings.raw_dir / "interactions.parquet")
+    return read_table(trained_settings.raw_dir, "interactions")
 
 
 def users(interactions: pd.DataFrame) -> list[int]:

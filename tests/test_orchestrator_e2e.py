@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from exporters import release
 from exporters.candidates import SOURCES, SourceModel
+from exporters.raw_tables import read_table
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.orchestrator_process import start_orchestrator
@@ -62,7 +63,7 @@ def tables(trained_settings: Settings) -> dict[str, pd.DataFrame]:
     raw = trained_settings.raw_dir
     return {
         "items": pd.read_parquet(raw / "items.parquet").set_index("item_id"),
-        "interactions": pd.read_parquet(raw / "interactions.parquet"),
+        "interactions": read_table(raw, "interactions"),
     }
 
 

@@ -27,6 +27,7 @@ from test_faults import FAULT_S, SLACK_S, drive
 from test_orchestrator_redis_e2e import http_json, recent, recommend, served_from
 from test_redis_cluster import owner_port
 
+from exporters.raw_tables import read_table
 from loadtest import faults
 from orchestrator import recommender_pb2 as pb
 from orchestrator import redis_cluster
@@ -75,7 +76,7 @@ def test_a_killed_master_degrades_its_users_only_and_heals(
     lost = [u for u in active if owner[u] == victim]
     kept = [u for u in active if owner[u] != victim]
     assert len(lost) > 50 and len(kept) > 100, (len(lost), len(kept))  # ~a third each
-    inter = pd.read_parquet(trained_settings.raw_dir / "interactions.parquet")
+    inter = read_table(trained_settings.raw_dir, "interactions")
     when = Timestamp()
     when.FromDatetime(inter["timestamp"].max().to_pydatetime())
     items = [

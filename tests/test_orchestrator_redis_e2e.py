@@ -36,6 +36,7 @@ from conftest import port, require_redis_server
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from exporters import feast_ops, release
+from exporters.raw_tables import read_table
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator import redis_server as rs
@@ -115,7 +116,7 @@ def stack(
 @pytest.fixture(scope="module")
 def users(trained_settings: Settings) -> list[str]:
     """Users with clicks or purchases, most active first."""
-    inter = pd.read_parquet(trained_settings.raw_dir / "interactions.parquet")
+    inter = read_table(trained_settings.raw_dir, "interactions")
     pos = inter[inter["event"].isin(["click", "purchase"])]
     return [str(int(u)) for u in pos["user_id"].value_counts().index]
 

@@ -1,5 +1,6 @@
 """The Spark offline engine (exporters/spark_engine.py, docs/offline.md) against the pandas
-engine on the small preset and the hand-made timeline: the same feature tables (schemas,
+engine on the small preset (read from the day-partitioned raw layout, with appended part
+files) and the hand-made timeline: the same feature tables (schemas,
 rows, values within float tolerance), the same ranker point-in-time rows through Feast's
 Spark offline store, the same online rows after materialisation through Feast's Spark
 engine, and a clear error without its set-up. Needs `make setup-spark` (Java + pyspark):
@@ -9,7 +10,6 @@ installs it."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from _raw_days_fixtures import appended_copy
 from conftest import in_ci
 
 from exporters import feature_tables as ft
@@ -40,12 +41,6 @@ def require_spark() -> None:
 pytestmark = pytest.mark.spark
 
 
-def _copy_raw(src: Settings, dest: Path) -> Settings:
-    s = src.model_copy(update={"data_dir": dest / "data"})
-    shutil.copytree(src.raw_dir, s.raw_dir)
-    return s
-
-
 def _canonical(df: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
     """Rows in one order, list values as tuples (rounded: compared within tolerance)."""
     df = df.copy()
@@ -64,9 +59,14 @@ def both(
     small_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Settings, Settings]:
     require_spark()
-    pandas_s = _copy_raw(small_settings, tmp_path_factory.mktemp("pandas"))
+    # The small preset as a full write plus an append: day partitions, two of them with a
+    # second part file (merged in time order by both engines) and a day added by the
+    # append (tests/_raw_days_fixtures.py).
+    pandas_s = appended_copy(small_settings, tmp_path_factory.mktemp("pandas"))
+    parts = list(pandas_s.raw_dir.glob("interactions/day=*/part-*.parquet"))
+    assert len(parts) > 30 and sum(p.name == "part-000001.parquet" for p in parts) == 2
     # More partitions than the default 2: every partition holds a subset of the entities.
-    spark_s = _copy_raw(small_settings, tmp_path_factory.mktemp("spark")).model_copy(
+    spark_s = appended_copy(small_settings, tmp_path_factory.mktemp("spark")).model_copy(
         update={
             "offline_engine": "spark",
             "spark_master": "local[2]",
