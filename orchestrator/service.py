@@ -81,6 +81,8 @@ log = logging.getLogger(__name__)
 
 # How long a RecordEvent without a client deadline (HTTP) may take (then the ceiling caps it).
 EVENT_DEFAULT_S = 2.0
+# Threads for RecordEvent's store pushes (they take turns on the store's own lock anyway).
+EVENT_WORKERS = 2
 
 
 # Answers without a user, or for one without history, are reused for this many seconds
@@ -221,6 +223,10 @@ class RecommendService:
         self.event_log = event_log or EventLog(None)  # what was served / done (disabled: None)
         self.cfg = cfg or ServiceConfig()
         self.pool = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="recommend")
+        # RecordEvent's store pushes have threads of their own: behind Recommend's workers,
+        # a hung Triton (each worker waiting out its stage cap) made events time out
+        # UNAVAILABLE although the store was fine.
+        self.event_pool = ThreadPoolExecutor(EVENT_WORKERS, thread_name_prefix="event")
         self.clock_lead_s = clock_lead_days * 86_400.0
         self._tasks: list[asyncio.Task[None]] = []
         # Requests submitted and not yet picked up by a worker, and the workers' time per
@@ -284,6 +290,7 @@ class RecommendService:
                 await task
         self._tasks.clear()
         self.pool.shutdown(wait=True, cancel_futures=False)
+        self.event_pool.shutdown(wait=True, cancel_futures=False)
         self.event_log.close()
         for rel in self.router.served():
             rel.close()
@@ -564,7 +571,7 @@ class RecommendService:
         # hung store's UNAVAILABLE into DEADLINE_EXCEEDED at the client.
         timeout = answer_within(deadline_s, self.cfg.budget, EVENT_DEFAULT_S)
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.pool, self.release.features.push_event, e)
+        fut = loop.run_in_executor(self.event_pool, self.release.features.push_event, e)
         try:
             await asyncio.wait_for(fut, timeout=timeout)
         except Exception as err:  # the event is not stored, whatever the cause: retryable

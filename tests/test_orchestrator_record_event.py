@@ -59,6 +59,7 @@ def service() -> Iterator[RecommendService]:
     yield svc
     release.features.block.set()
     svc.pool.shutdown(wait=True)
+    svc.event_pool.shutdown(wait=True)
 
 
 def event(item_id: int) -> EventQuery:
@@ -72,6 +73,19 @@ def failures(reason: str) -> float:
 def test_events_for_catalog_items_are_pushed(service: RecommendService) -> None:
     asyncio.run(service.record_event(event(1000), 2.0))
     assert [e.item_id for e in service.release.features.pushed] == [1000]
+
+
+def test_events_do_not_wait_behind_busy_recommend_workers(service: RecommendService) -> None:
+    """Every Recommend worker stuck (as on a hung Triton, each waiting out its stage cap):
+    an event is still stored at once, not timed out UNAVAILABLE behind them."""
+    gate = threading.Event()
+    busy = [service.pool.submit(gate.wait, 10) for _ in range(service.cfg.workers)]
+    try:
+        asyncio.run(service.record_event(event(1000), 0.1))
+    finally:
+        gate.set()
+    assert [e.item_id for e in service.release.features.pushed] == [1000]
+    assert all(f.result(timeout=5) for f in busy)
 
 
 @pytest.mark.parametrize("item_id", [0, 4, 999, 2**63 - 1])
