@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,9 +343,7 @@ def write_raw(
     raw.parent.mkdir(parents=True, exist_ok=True)
     arrow = {name: to_arrow(name, df) for name, df in tables.as_dict().items()}
     validate(arrow)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{raw.name}.tmp-", dir=raw.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the data folder is not a secret
+    with _staged(raw) as tmp:
         kept = _write_days(raw, tmp, event_days.split_by_day(arrow["interactions"]))
         for name in ("items", "users"):
             pq.write_table(arrow[name], tmp / f"{name}.parquet", compression="zstd")
@@ -369,10 +368,6 @@ def write_raw(
             extra=extra_meta,
         )
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_in(tmp, raw)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "raw data %s: %d interactions (%d of %d days' files kept), %d users, %d items -> %s",
         meta["snapshot"],
@@ -444,9 +439,7 @@ def append_interactions(
     last_seq: dict[str, int] = {}
     for part in event_days.list_parts(raw):
         last_seq[part.day] = max(last_seq.get(part.day, -1), part.seq)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{raw.name}.tmp-", dir=raw.parent))
-    try:
-        tmp.chmod(0o755)
+    with _staged(raw) as tmp:
         skip = {META_FILE, *(["users.parquet"] if users is not None else [])}
         _link_tree(raw, tmp, skip)
         touched = event_days.split_by_day(added)
@@ -479,10 +472,6 @@ def append_interactions(
             extra={**carried, **(extra_meta or {})},
         )
         (tmp / META_FILE).write_text(json.dumps(new_meta, indent=2) + "\n")
-        _swap_in(tmp, raw)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "raw data %s: %d interactions appended on %d day(s) -> %s",
         new_meta["snapshot"],
@@ -514,6 +503,20 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         os.link(src, dest)
     except OSError:
         shutil.copy2(src, dest)
+
+
+@contextlib.contextmanager
+def _staged(raw: Path) -> Iterator[Path]:
+    """A temporary folder beside ``raw`` to write the new raw data into: renamed over
+    ``raw`` (:func:`_swap_in`) when the block ends, removed if it raises."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{raw.name}.tmp-", dir=raw.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the data folder is not a secret
+        yield tmp
+        _swap_in(tmp, raw)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _swap_in(new: Path, target: Path) -> None:
