@@ -145,3 +145,23 @@ def feast_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     if request.param == "redis":
         request.getfixturevalue("redis_server")
     return build_env(tmp_path_factory.mktemp(f"feast_{request.param}"), request.param)
+
+
+def online_frames(s: Settings) -> list[pd.DataFrame]:
+    """Every user's and item's online values (all views of the entity), one frame per
+    entity, rows in the raw table's order, the key column first and the rest sorted (the
+    order Feast returns them in varies)."""
+    from exporters import feast_ops
+    from exporters.raw_tables import read_table
+
+    store = feast_ops.feature_store(s)
+    out = []
+    for key, table in (("user_id", "users"), ("item_id", "items")):
+        views = [
+            v for v in store.list_feature_views() if [c.name for c in v.entity_columns] == [key]
+        ]
+        refs = [f"{v.name}:{f.name}" for v in views for f in v.features]
+        rows = [{key: int(i)} for i in read_table(s, table)[key].tolist()]
+        df = store.get_online_features(features=refs, entity_rows=rows).to_df()
+        out.append(df[[key, *sorted(c for c in df.columns if c != key)]])
+    return out

@@ -20,6 +20,8 @@ from exporters.raw_tables import (
     read_raw,
     write_raw,
 )
+from orchestrator.event_log import EventLog, LogConfig
+from orchestrator.request import EventQuery
 from recstack.settings import Settings
 
 
@@ -50,3 +52,11 @@ def appended_copy(src: Settings, dest: Path) -> Settings:
     )
     append_interactions(s, later)
     return s
+
+
+def log_events(s: Settings, events: list[EventQuery]) -> None:
+    """Write ``events`` to ``s``'s event log as the orchestrator does (for import-events)."""
+    log = EventLog(LogConfig(s.events_dir, flush_ms=10))
+    for e in events:
+        log.event(e)
+    log.close()

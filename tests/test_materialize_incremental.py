@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from _features_fixtures import timeline, timeline_settings, ts
-from _raw_days_fixtures import split_for_append
+from _features_fixtures import online_frames, timeline, timeline_settings, ts
+from _raw_days_fixtures import log_events, split_for_append
 from conftest import make_settings
 
 from exporters import feast_ops, feature_tables
@@ -27,10 +27,8 @@ from exporters.raw_tables import (
     append_interactions,
     read_meta,
     read_raw,
-    read_table,
     write_raw,
 )
-from orchestrator.event_log import EventLog, LogConfig
 from orchestrator.request import EventQuery
 from recstack.settings import PROJECT_ROOT, Settings
 
@@ -76,19 +74,9 @@ def _stored_count(s: Settings) -> dict[str, int]:
 
 
 def _online(s: Settings) -> list[pd.DataFrame]:
-    """Every user's and item's online values (all views), in id order."""
-    store = feast_ops.feature_store(s)
+    """Every user's and item's online values (all views), lists and arrays as tuples."""
     out = []
-    for key, table in (("user_id", "users"), ("item_id", "items")):
-        views = [
-            v for v in store.list_feature_views() if [c.name for c in v.entity_columns] == [key]
-        ]
-        refs = [f"{v.name}:{f.name}" for v in views for f in v.features]
-        ids = sorted(read_table(s, table)[key].tolist())
-        df = store.get_online_features(
-            features=refs, entity_rows=[{key: int(i)} for i in ids]
-        ).to_df()
-        df = df[[key, *sorted(c for c in df.columns if c != key)]]
+    for df in online_frames(s):
         for col in df.columns:  # lists and arrays compare as tuples
             if df[col].dtype == object:
                 df[col] = df[col].map(lambda v: None if v is None else tuple(v))
@@ -104,13 +92,6 @@ def _assert_equals_full(s: Settings) -> None:
         pd.testing.assert_frame_equal(g, w)
 
 
-def _log(s: Settings, events: list[EventQuery]) -> None:
-    log = EventLog(LogConfig(s.events_dir, flush_ms=10))
-    for e in events:
-        log.event(e)
-    log.close()
-
-
 def _materialised(s: Settings) -> Settings:
     feature_tables.build(s)
     feast_ops.apply(s)
@@ -124,7 +105,7 @@ def test_imported_events_materialise_only_the_changed_window(tmp_path: Path) -> 
     in it; items 10, 12, 13 have statistics in it, item 11 (events on 03-01/02 only) and
     every item profile (created 01-01 and 03-05) do not; of the profiles only user 77's."""
     s = _materialised(timeline_settings(tmp_path))
-    _log(
+    log_events(
         s,
         [
             EventQuery(2, 12, "click", datetime(2026, 3, 20, 7, tzinfo=UTC)),

@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from _features_fixtures import timeline_settings
-from _raw_days_fixtures import split_for_append
+from _raw_days_fixtures import log_events, split_for_append
 from conftest import make_settings
 
 from exporters import event_days
@@ -32,9 +32,7 @@ from exporters.raw_tables import (
     to_arrow,
     write_raw,
 )
-from orchestrator.event_log import EventLog, LogConfig
 from orchestrator.request import EventQuery
-from recstack.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -135,19 +133,12 @@ def test_an_append_that_fails_validation_changes_nothing(tmp_path: Path) -> None
     assert not [p for p in s.raw_dir.parent.iterdir() if p.name.startswith(".raw")]
 
 
-def _log(s: Settings, events: list[EventQuery]) -> None:
-    log = EventLog(LogConfig(s.events_dir, flush_ms=10))
-    for e in events:
-        log.event(e)
-    log.close()
-
-
 def test_import_events_appends_day_parts(tmp_path: Path) -> None:
     """``recstack data import-events`` writes only part files for the days its events fall
     on: one beside the existing part of 03-20, one for the new day 03-22."""
     s = timeline_settings(tmp_path)
     before = _files(s.raw_dir)
-    _log(
+    log_events(
         s,
         [
             EventQuery(2, 12, "click", datetime(2026, 3, 20, 7, 0, tzinfo=UTC)),
@@ -182,7 +173,7 @@ def test_a_legacy_single_file_reads_and_is_migrated_by_an_import(tmp_path: Path)
     assert not is_day_partitioned(s)
     pd.testing.assert_frame_equal(read_table(s, "interactions"), want)
     assert read_days(s, ["2026-03-02"])["user_id"].tolist() == [2, 2]
-    _log(s, [EventQuery(1, 13, "view", datetime(2026, 3, 22, 11, 0, tzinfo=UTC))])
+    log_events(s, [EventQuery(1, 13, "view", datetime(2026, 3, 22, 11, 0, tzinfo=UTC))])
     assert import_events(s).added == 1
     assert is_day_partitioned(s) and not (s.raw_dir / "interactions.parquet").exists()
     got = read_table(s, "interactions")

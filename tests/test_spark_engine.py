@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from _features_fixtures import online_frames
 from _raw_days_fixtures import appended_copy
 from conftest import in_ci
 
@@ -180,24 +181,6 @@ def test_ranker_rows_through_spark_equal_pandas(applied: tuple[Settings, Setting
         )
 
 
-def _online_rows(s: Settings) -> list[pd.DataFrame]:
-    from exporters import feast_ops
-    from exporters.raw_tables import read_table
-
-    store = feast_ops.feature_store(s)
-    out = []
-    for key, table in (("user_id", "users"), ("item_id", "items")):
-        views = [
-            v for v in store.list_feature_views() if [c.name for c in v.entity_columns] == [key]
-        ]
-        refs = [f"{v.name}:{f.name}" for v in views for f in v.features]
-        ids = read_table(s, table)[key].tolist()
-        rows = [{key: int(i)} for i in ids]
-        df = store.get_online_features(features=refs, entity_rows=rows).to_df()
-        out.append(df[[key, *sorted(c for c in df.columns if c != key)]])  # order varies
-    return out
-
-
 def test_spark_materialisation_gives_the_same_online_rows(
     applied: tuple[Settings, Settings],
 ) -> None:
@@ -205,7 +188,7 @@ def test_spark_materialisation_gives_the_same_online_rows(
 
     for s in applied:
         feast_ops.materialize(s)
-    want, got = _online_rows(applied[0]), _online_rows(applied[1])
+    want, got = online_frames(applied[0]), online_frames(applied[1])
     for w, g in zip(want, got, strict=True):
         assert list(g.columns) == list(w.columns)
         # Rows in the entity order asked for; most entities have stored values.
