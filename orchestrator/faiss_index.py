@@ -10,14 +10,23 @@ mapped to item ids.
 On a machine with CUDA-enabled FAISS (``faiss.get_num_gpus() > 0``) the index is copied to
 GPU 0. On CPU, searches use one OpenMP thread by default: a single query is faster on one
 thread than on two (DESIGN.md), and the server runs requests side by side anyway.
+
+OpenMP's thread count is per thread, not per process: ``omp_set_num_threads`` sets it for
+the calling thread only, and a thread that never called it gets the process default (the
+number of cores, or ``OMP_NUM_THREADS``). Every thread that searches therefore sets it on
+its first search. Before that, the orchestrator's worker threads each searched with a team
+of one thread per core, whose helper spun in libgomp's wait loop after every search: one
+worker on 2 cores cost 10.2 ms of CPU per request at 100/s instead of 5.7 (issue 13,
+docs/benchmark.md). With more threads than cores libgomp throttles the spin, which hid it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +73,10 @@ class FaissIndex:
     dim: int
     on_gpu: bool
     _gpu_resources: Any = None  # keeps the GPU memory pool alive as long as the index
+    # OpenMP threads per search on CPU (None: FAISS's default, for offline batches); set
+    # in each searching thread on its first search (module docstring).
+    omp_threads: int | None = None
+    _omp_set: threading.local = field(default_factory=threading.local, repr=False)
 
     @classmethod
     def load(
@@ -80,8 +93,8 @@ class FaissIndex:
         ``n_items``) and ``item_ids`` (``index_item_ids.npy`` or an array), apply the
         search parameters, move it to the GPU when asked/available.
 
-        ``omp_threads`` sets FAISS's OpenMP threads for the whole process on CPU (``None``
-        leaves FAISS's default, which suits big offline batches)."""
+        ``omp_threads`` is FAISS's OpenMP threads per search on CPU, set in every thread
+        that searches (``None`` leaves FAISS's default, which suits big offline batches)."""
         meta = (
             dict(index_json)
             if isinstance(index_json, Mapping)
@@ -125,8 +138,6 @@ class FaissIndex:
         else:
             if params:
                 faiss.ParameterSpace().set_index_parameters(index, params)
-            if omp_threads is not None:
-                faiss.omp_set_num_threads(omp_threads)
         log.info(
             "loaded %s: %s (%s), %d items, dim %d, %s",
             path,
@@ -144,6 +155,7 @@ class FaissIndex:
             dim=int(index.d),
             on_gpu=use_gpu,
             _gpu_resources=res,
+            omp_threads=None if use_gpu else omp_threads,
         )
 
     def __len__(self) -> int:
@@ -174,5 +186,8 @@ class FaissIndex:
         k = min(int(k), len(self))
         if len(q) == 0 or k == 0:
             return np.zeros((len(q), k), np.float32), np.zeros((len(q), k), np.int64)
+        if self.omp_threads is not None and not getattr(self._omp_set, "done", False):
+            faiss.omp_set_num_threads(self.omp_threads)  # this thread's setting only
+            self._omp_set.done = True
         scores, rows = self.index.search(q, k)
         return scores, rows
