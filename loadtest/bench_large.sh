@@ -330,6 +330,15 @@ def stage_table(run: Path) -> dict[str, dict]:
     return stages
 
 
+def thread_cpu(run: Path, rpcs: float) -> dict[str, float]:
+    """CPU ms per request by thread group (recstack_thread_cpu_seconds_total deltas)."""
+    fam = "recstack_thread_cpu_seconds"
+    b, a = counter(run / "metrics_before.txt", fam), counter(run / "metrics_after.txt", fam)
+    if not rpcs:
+        return {}
+    return {g: round(1000 * (v - b.get(g, 0.0)) / rpcs, 3) for g, v in sorted(a.items())}
+
+
 def one_run(run: Path) -> dict:
     """CPU per request (the server's own count of every RPC it answered while the ticks
     were taken, warm-up included), latency from the generator, stage tables."""
@@ -353,6 +362,7 @@ def one_run(run: Path) -> dict:
         "error_share": result.get("error_share"),
         "degraded_share": result.get("degraded_share"),
         "user_embedding_cache_hit_share": cache_hit_share(run),
+        "thread_cpu_ms_per_request": thread_cpu(run, rpcs),
         "stages": stages,
         "result_json": str(found[0]) if found else None,
     }
@@ -406,6 +416,7 @@ for phase, by_svc in runs.items():
     cpu_stages = sorted({k for r in orch + ref for k in r["stages"] if k.startswith("cpu:")})
     wall_stages = sorted({k for r in orch + ref for k in r["stages"]
                           if ":" not in k and k != "fallback"})
+    thread_groups = sorted({g for r in orch + ref for g in r["thread_cpu_ms_per_request"]})
     summary[phase] = {
         "repeats": len(orch),
         "cpu_ms_per_request": {
@@ -436,6 +447,11 @@ for phase, by_svc in runs.items():
             k: {svc: spread([r["stages"].get(k, {}).get("p50_ms")
                              for r in by_svc.get(svc, [])]) for svc in SERVICES}
             for k in wall_stages
+        },
+        "thread_cpu_ms_per_request": {
+            g: {svc: spread([r["thread_cpu_ms_per_request"].get(g)
+                             for r in by_svc.get(svc, [])]) for svc in SERVICES}
+            for g in thread_groups
         },
     }
 
@@ -519,6 +535,16 @@ for phase, s in summary.items():
             f"| {stage} | {show(c.get('orchestrator'))} | {show(c.get('reference'))} | "
             f"{show(w.get('orchestrator'))} | {show(w.get('reference'))} |"
         )
+    # Groups under 0.01 ms per request in both services are left out of the table.
+    shown = {g: t for g, t in s["thread_cpu_ms_per_request"].items()
+             if any(v and v["median"] >= 0.01 for v in t.values())}
+    if shown:
+        lines += ["", "Per thread group (CPU ms per request, recstack_thread_cpu_seconds_total:"
+                  " main = event loop + gRPC/HTTP fronts, recommend = workers, native:* ="
+                  " threads without Python, e.g. gRPC's core):", ""]
+        lines += ["| thread | recstack orchestrator | reference |", "| --- | --- | --- |"]
+        for g, t in shown.items():
+            lines.append(f"| {g} | {show(t.get('orchestrator'))} | {show(t.get('reference'))} |")
 if knees:
     slo = next(iter(knees.values()))["slo"]
     lines += [

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 # Sub-millisecond resolution where it matters: stages take 0.05-20 ms.
 _BUCKETS = (
@@ -140,3 +147,85 @@ def breaker_event(dependency: str, what: str) -> None:
         return
     BREAKER_STATE.labels(dependency).set(STATE_VALUE[what])
     BREAKER_TRANSITIONS.labels(dependency, what).inc()
+
+
+def thread_group(name: str | None, is_main: bool, comm: str) -> str:
+    """The ``thread`` label of a thread: ``main`` (the event loop and the gRPC/HTTP fronts),
+    a Python thread's name without its pool number (``recommend_3`` -> ``recommend``,
+    ``Thread-1 (_poll_wrapper)`` -> ``poll_wrapper``), else ``native:<comm>`` (threads no
+    Python code started: gRPC's core, OpenMP and onnxruntime helpers)."""
+    if is_main:
+        return "main"
+    if name is None:
+        return f"native:{comm}"
+    target = re.fullmatch(r"Thread-\d+ \((.+)\)", name)
+    return re.sub(r"_\d+$", "", target.group(1).lstrip("_") if target else name)
+
+
+class ThreadCpuCollector:
+    """``recstack_thread_cpu_seconds_total{thread}``: the process's CPU time (user +
+    system, from /proc) by thread group, read at scrape time — which part of a request's
+    CPU the front's event loop, the workers and the background threads spend (issue 13:
+    the orchestrator's own cost, next to the per-stage histograms). Threads that ended
+    keep the time last seen, so the counters never go down (what a thread spent after the
+    last scrape before it ended is not counted). Nothing on machines without /proc."""
+
+    def __init__(self, tasks: Path = Path("/proc/self/task")) -> None:
+        self._tasks = tasks
+        self._tick = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+        self._lock = threading.Lock()
+        self._last: dict[int, tuple[str, float]] = {}  # live tid -> (group, seconds)
+        self._ended: dict[str, float] = {}  # group -> seconds of threads that ended
+
+    def _read(self) -> dict[int, tuple[str, float]]:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        main = threading.main_thread().native_id
+        now: dict[int, tuple[str, float]] = {}
+        try:
+            entries = list(os.scandir(self._tasks))
+        except OSError:
+            return now
+        for entry in entries:
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:  # ended between the listing and the read
+                continue
+            # "tid (comm) state ... utime stime": comm may hold spaces and parentheses.
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            tid = int(entry.name)
+            group = thread_group(names.get(tid), tid == main, comm)
+            now[tid] = (group, (int(fields[11]) + int(fields[12])) / self._tick)
+        return now
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        with self._lock:
+            now = self._read()
+            for tid, (group, seconds) in self._last.items():
+                if tid not in now:
+                    self._ended[group] = self._ended.get(group, 0.0) + seconds
+            self._last = now
+            totals = dict(self._ended)
+            for group, seconds in now.values():
+                totals[group] = totals.get(group, 0.0) + seconds
+        family = self._family()
+        for group in sorted(totals):
+            family.add_metric([group], totals[group])
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "recstack_thread_cpu_seconds",
+            "CPU time (user + system) of the process's threads by group: main (event loop"
+            " and fronts), recommend (workers), event, event-log, native:<name> (gRPC core,"
+            " OpenMP)",
+            labels=["thread"],
+        )
+
+
+THREAD_CPU = ThreadCpuCollector()
+REGISTRY.register(THREAD_CPU)
