@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from exporters.ranker_train import (
 from exporters.raw_tables import read_meta, read_table
 from exporters.split import load_split
 from orchestrator.postprocess import Candidates, PostprocessConfig, select
+from recstack.atomic_files import write_json_atomic, write_text_atomic
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -283,14 +283,8 @@ def _warnings(settings: Settings, ranker_manifest: dict[str, Any]) -> list[str]:
 
 
 def _write(out: Path, report: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        ("report.json", json.dumps(report, indent=2) + "\n"),
-        ("report.md", markdown(report)),
-    ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", markdown(report))
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -36,13 +36,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 
+from recstack.atomic_files import write_json_atomic
 from recstack.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,6 @@ def _repo_hash(settings: Settings) -> str:
     return h.hexdigest()[:16]
 
 
-def _write_json(path: Path, value: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict[str, object] | None:
     try:
         value = json.loads(path.read_text())
@@ -85,7 +78,7 @@ def record_build(
 ) -> None:
     """After a feature-table build from the raw data of ``meta``: what it was built from.
     ``config``: the build's inputs besides the raw data (engine, seen events, ...)."""
-    _write_json(
+    write_json_atomic(
         build_record_path(settings),
         {
             "snapshot": meta.get("snapshot"),
@@ -111,7 +104,7 @@ def record_materialized(settings: Settings, registry: Path, end: datetime) -> No
     built = _read_json(build_record_path(settings))
     if built is None:
         return
-    _write_json(
+    write_json_atomic(
         _materialized_path(registry),
         {**built, "end": end.isoformat(), "store": _store_config(settings)},
     )

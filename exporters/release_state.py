@@ -18,13 +18,13 @@ import getpass
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from recstack.atomic_files import write_json_atomic
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -168,25 +168,9 @@ def load_state(settings: Settings) -> ReleaseState:
 
 
 def save_state(settings: Settings, state: ReleaseState) -> None:
-    """Write ``state`` atomically: readers see the old file or the new one, never a part."""
-    path = state_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(state.to_json(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
+    """Write ``state`` atomically and durably: readers see the old file or the new one,
+    never a part, also after a power cut."""
+    write_json_atomic(state_path(settings), state.to_json(), fsync=True)
 
 
 @contextlib.contextmanager

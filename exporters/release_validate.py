@@ -12,9 +12,7 @@ gate, and its offline NDCG@10 not worse than the live release's beyond a toleran
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
@@ -35,6 +33,7 @@ from exporters.release import (
     release_dir,
     release_ids,
 )
+from recstack.atomic_files import write_json_atomic
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -350,19 +349,12 @@ def validate(
         **({"force_reason": force_reason} if forced else {}),
         "checks": [asdict(c) for c in checks],
     }
-    _write_json(release_dir(settings, release_id) / VALIDATION_FILE, report)
+    write_json_atomic(release_dir(settings, release_id) / VALIDATION_FILE, report)
     if failed and not forced:
         lines = "; ".join(f"{c.name}: {c.detail}" for c in failed)
         hint = "" if hard else " (soft checks only: override with --force --reason '...', recorded)"
         raise ValidationFailed(f"release {release_id} refused, nothing changed: {lines}{hint}")
     return report
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
 
 
 def format_report(report: dict[str, Any]) -> str:

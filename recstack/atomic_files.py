@@ -1,0 +1,42 @@
+"""Whole-file writes that readers never see half done: write a temporary file beside the
+target, then rename it over the target (``os.replace`` is atomic on one file system)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: Path | str, text: str, *, fsync: bool = False) -> None:
+    """Replace ``path`` with ``text`` (making its folder); ``fsync``: the file flushed to
+    disk before the rename and the folder after it, so a crash or power cut leaves the old
+    file or the new one (state files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if fsync:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+
+
+def write_json_atomic(path: Path | str, doc: Any, *, fsync: bool = False) -> None:
+    """:func:`write_text_atomic` of ``doc`` as indented JSON with a final newline."""
+    write_text_atomic(path, json.dumps(doc, indent=2) + "\n", fsync=fsync)
