@@ -5,19 +5,28 @@ then equals what a full materialisation gives. Anything but an append falls back
 full one.
 
 Writes are counted in the SQLite online store itself: every stored row is marked first
-(``created_ts``, which Feast's upsert sets to NULL), so a marked row was not written."""
+(``created_ts``, which Feast's upsert sets to NULL), so a marked row was not written. On
+Redis, Feast reads each offered row's stored timestamp first (one ``HMGET`` per row), so
+the server's own command statistics count the rows offered."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from _features_fixtures import online_frames, timeline, timeline_settings, ts
+from _features_fixtures import (
+    online_frames,
+    own_redis_server,
+    timeline,
+    timeline_settings,
+    ts,
+)
 from _raw_days_fixtures import log_events, split_for_append
-from conftest import make_settings
+from conftest import make_settings, port
 
 from exporters import feast_ops, feature_tables
 from exporters.event_import import import_events
@@ -33,6 +42,9 @@ from orchestrator.request import EventQuery
 from recstack.settings import PROJECT_ROOT, Settings
 
 MARK = "before"
+# A redis-server of this module's own (a session fixture imported into two modules is two
+# servers: each module that needs one takes its own port).
+REDIS_PORT = port(6393)
 
 
 def _db(s: Settings) -> sqlite3.Connection:
@@ -99,12 +111,9 @@ def _materialised(s: Settings) -> Settings:
     return s
 
 
-def test_imported_events_materialise_only_the_changed_window(tmp_path: Path) -> None:
-    """The timeline, then logged events on 03-20 (a day with data) and 03-22 (a new day,
-    a new user): the window starts on 03-20. Users 1 and 2 and the new user 77 have rows
-    in it; items 10, 12, 13 have statistics in it, item 11 (events on 03-01/02 only) and
-    every item profile (created 01-01 and 03-05) do not; of the profiles only user 77's."""
-    s = _materialised(timeline_settings(tmp_path))
+def _import_timeline_events(s: Settings) -> None:
+    """Logged events on 03-20 (a day with data) and 03-22 (a new day, a new user 77),
+    imported, and the feature tables rebuilt."""
     log_events(
         s,
         [
@@ -115,6 +124,15 @@ def test_imported_events_materialise_only_the_changed_window(tmp_path: Path) -> 
     )
     assert import_events(s).added == 3
     feature_tables.build(s)
+
+
+def test_imported_events_materialise_only_the_changed_window(tmp_path: Path) -> None:
+    """The timeline, then logged events on 03-20 (a day with data) and 03-22 (a new day,
+    a new user): the window starts on 03-20. Users 1 and 2 and the new user 77 have rows
+    in it; items 10, 12, 13 have statistics in it, item 11 (events on 03-01/02 only) and
+    every item profile (created 01-01 and 03-05) do not; of the profiles only user 77's."""
+    s = _materialised(timeline_settings(tmp_path))
+    _import_timeline_events(s)
     _mark_stored(s)
     feast_ops.materialize(s, incremental=True)
     written = _written(s)
@@ -129,6 +147,51 @@ def test_imported_events_materialise_only_the_changed_window(tmp_path: Path) -> 
     _mark_stored(s)
     feast_ops.materialize(s, incremental=True)
     assert not any(_written(s).values())
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    with own_redis_server(tmp_path_factory.mktemp("redis_incremental"), REDIS_PORT) as s:
+        yield s
+
+
+def _rows_written(s: Settings) -> int:
+    """Entity rows Feast's Redis store has written so far (one HSET per row)."""
+    import redis
+
+    stats = redis.Redis(host="127.0.0.1", port=s.redis_port).info("commandstats")
+    return int(stats.get("cmdstat_hset", {}).get("calls", 0))
+
+
+@pytest.mark.redis
+def test_incremental_on_redis_offers_the_window_and_equals_full(
+    tmp_path: Path, own_redis: Settings
+) -> None:
+    """The same import on the Redis store: only rows of the window's 13 entity rows are
+    written (user 77's profile, items 10/12/13's statistics, users 1/2/77 in the three
+    activity views), and the store then holds what a full materialisation into an emptied
+    Redis gives (a full one over the kept rows would prove nothing: Redis keeps a stored
+    row that is not older)."""
+    import redis
+
+    s = timeline_settings(tmp_path, "redis").model_copy(update={"redis_port": REDIS_PORT})
+    client = redis.Redis(host="127.0.0.1", port=REDIS_PORT)
+    client.flushall()
+    _materialised(s)
+    _import_timeline_events(s)
+    before = _rows_written(s)
+    feast_ops.materialize(s, incremental=True)
+    incremental = _rows_written(s) - before
+    got = _online(s)
+    client.flushall()
+    before = _rows_written(s)
+    feast_ops.materialize(s)
+    full = _rows_written(s) - before
+    # At most the window's 13 entity rows (Redis skips a row not newer than the stored
+    # one), against every entity's row for the full one: 10 and 20 when written.
+    assert 0 < incremental <= 13 < full
+    for g, w in zip(got, _online(s), strict=True):
+        pd.testing.assert_frame_equal(g, w)
 
 
 def test_incremental_equals_full_on_the_small_preset(
