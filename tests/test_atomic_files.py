@@ -19,6 +19,9 @@ def test_writes_and_replaces(tmp_path: Path, fsync: bool) -> None:
     assert json.loads(path.read_text()) == {"a": 2}
     assert path.read_text().endswith("\n")
     assert [p.name for p in path.parent.iterdir()] == ["state.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_a_failed_write_keeps_the_old_file_and_no_temporary(
