@@ -153,15 +153,18 @@ def action_windows(m: Merged, actions: list[dict[str, Any]]) -> list[dict[str, A
                 "end_s": end,
                 "recommend": int((sel & rec).sum()),
                 "errors": errors,
-                "degraded_share": float((m.degraded & answered).sum() / answered.sum())
-                if answered.any()
-                else None,
+                "degraded_share": _degraded_share(m, answered),
                 "latency_ms": {k: lat[k] for k in ("p50", "p99", "max")},
                 "recovery_s": None if end is None else _recovery(m, ok & rec, end),
                 "by_deadline": by_deadline(m, sel),
             }
         )
     return out
+
+
+def _degraded_share(m: Merged, answered: np.ndarray) -> float | None:
+    """Share of the ``answered`` Recommend calls that came back degraded; None without any."""
+    return float((m.degraded & answered).sum() / answered.sum()) if answered.any() else None
 
 
 def by_deadline(m: Merged, sel: np.ndarray) -> list[dict[str, Any]]:
@@ -181,9 +184,7 @@ def by_deadline(m: Merged, sel: np.ndarray) -> list[dict[str, Any]]:
                 "deadline_s": float(d),
                 "calls": int(mine.sum()),
                 "errors": {m.codes[int(c)]: int(n) for c, n in zip(codes, counts, strict=True)},
-                "degraded_share": float((m.degraded & answered).sum() / answered.sum())
-                if answered.any()
-                else None,
+                "degraded_share": _degraded_share(m, answered),
                 "latency_ms": {k: lat[k] for k in ("p50", "p99", "max")},
             }
         )
@@ -251,7 +252,7 @@ def summarize(
         if m.releases[int(idx)]:
             releases[m.releases[int(idx)]] = int(count)
 
-    degraded_share = float((m.degraded & rec_ok).sum() / rec_ok.sum()) if rec_ok.any() else 0.0
+    degraded_share = _degraded_share(m, rec_ok) or 0.0  # no answers: nothing degraded
     passed, reason = slo_verdict(scenario.slo, latency, error_share, degraded_share)
     return {
         "target_rate": nominal,
