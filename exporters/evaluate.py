@@ -232,6 +232,13 @@ def run(settings: Settings, out: Path | None = None, params: EvalParams | None =
         f"{key}_vs_{n}": round(pipeline / v, 3) if v > 0 else None for n, v in baselines.items()
     }
     passed = pipeline > best * (1.0 + params.gate_margin)
+    # How sure the pipeline-vs-best-baseline difference is on this sample of users (the
+    # same users for both lists): reported beside the gate, which it does not change.
+    lo, hi = metrics.paired_bootstrap_ci(
+        metrics.ndcg_per_user(lists["pipeline"], relevant, TOP_K),
+        metrics.ndcg_per_user(lists[best_name], relevant, TOP_K),
+        seed=settings.seed,
+    )
     report: dict[str, Any] = {
         "request_time": at[0].isoformat()
         if at.nunique() == 1
@@ -261,6 +268,8 @@ def run(settings: Settings, out: Path | None = None, params: EvalParams | None =
             "best_baseline_ndcg@10": best,
             "pipeline_ndcg@10": pipeline,
             **ratios,
+            f"{key}_diff_vs_best": round(pipeline - best, 5),
+            f"{key}_diff_vs_best_ci95": [round(lo, 5), round(hi, 5)],
         },
         "warnings": _warnings(settings, manifest),
         "params": asdict(params),
@@ -314,6 +323,7 @@ def markdown(report: dict[str, Any]) -> str:
             if k.startswith(f"{key}_vs_") and v is not None
         )
         + ".**",
+        *_difference_line(gate, key, report.get("evaluated_users")),
         "",
         "| metric | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
         "| --- |" + " --- |" * len(columns),
@@ -335,6 +345,21 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _difference_line(gate: dict[str, Any], key: str, users: object) -> list[str]:
+    """The pipeline's lead over the best baseline with its bootstrap interval (reports
+    written before it was added have none)."""
+    ci = gate.get(f"{key}_diff_vs_best_ci95")
+    if ci is None:
+        return []
+    diff = gate[f"{key}_diff_vs_best"]
+    sure = "above 0" if ci[0] > 0 else "below 0" if ci[1] < 0 else "includes 0"
+    return [
+        "",
+        f"Pipeline − {gate['best_baseline']}: NDCG@10 {diff:+.4f}, 95 % interval "
+        f"{ci[0]:+.4f} … {ci[1]:+.4f} ({sure}; paired bootstrap over the {users} users).",
+    ]
 
 
 def cli(args: argparse.Namespace) -> int:

@@ -73,8 +73,10 @@ def _dcg(gains: np.ndarray) -> float:
     return float(np.sum((np.exp2(gains) - 1.0) * discounts))
 
 
-def ndcg_at_k(recommended: np.ndarray, relevant: Sequence[Relevance], k: int) -> float:
-    """Mean over users of DCG@k / ideal DCG@k with exponential gain ``2^g − 1``."""
+def ndcg_per_user(recommended: np.ndarray, relevant: Sequence[Relevance], k: int) -> np.ndarray:
+    """DCG@k / ideal DCG@k of each user with a relevant item (exponential gain
+    ``2^g − 1``), in row order; users without one are left out, so two lists scored
+    against the same ``relevant`` give aligned arrays (paired comparisons)."""
     rec = _check(recommended, relevant, k)
     values = []
     for row, rel in zip(rec, relevant, strict=True):
@@ -90,7 +92,37 @@ def ndcg_at_k(recommended: np.ndarray, relevant: Sequence[Relevance], k: int) ->
                 seen.add(item)
         ideal = np.sort(np.fromiter(gains.values(), dtype=float))[::-1][: row.size]
         values.append(_dcg(got) / _dcg(ideal))
-    return float(np.mean(values)) if values else 0.0
+    return np.asarray(values, dtype=float)
+
+
+def ndcg_at_k(recommended: np.ndarray, relevant: Sequence[Relevance], k: int) -> float:
+    """Mean over users of DCG@k / ideal DCG@k with exponential gain ``2^g − 1``."""
+    values = ndcg_per_user(recommended, relevant, k)
+    return float(values.mean()) if values.size else 0.0
+
+
+def paired_bootstrap_ci(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Confidence interval of ``mean(a) − mean(b)`` for per-user values of two lists on
+    the same users: the users are resampled with replacement (together for both lists),
+    ``n_boot`` times; the interval is the central ``level`` of the resampled differences.
+    Seeded, so the same inputs give the same interval."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"a and b must be 1-D and aligned, got {a.shape} and {b.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if a.size == 0:
+        return 0.0, 0.0
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for i in range(n_boot):  # a loop bounds memory: n_boot × n_users indices at once is big
+        means[i] = diff[rng.integers(0, diff.size, diff.size)].mean()
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(means, [tail, 1 - tail])
+    return float(lo), float(hi)
 
 
 def catalog_coverage(recommended: np.ndarray, n_catalog: int, k: int) -> float:

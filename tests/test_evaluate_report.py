@@ -83,11 +83,15 @@ def test_markdown_states_the_gate_and_every_baseline() -> None:
             "pipeline_ndcg@10": 0.2,
             "ndcg@10_vs_popularity": 4.0,
             "ndcg@10_vs_item_to_item": 0.8,
+            "ndcg@10_diff_vs_best": -0.05,
+            "ndcg@10_diff_vs_best_ci95": [-0.09, -0.01],
         },
         "warnings": ["the ranker learned from only 12 queries"],
     }
     text = evaluate.markdown(report)
     assert "Quality gate FAILS" in text
+    lead = "Pipeline − item_to_item: NDCG@10 -0.0500, 95 % interval -0.0900 … -0.0100 (below 0"
+    assert lead in text
     assert "vs_item_to_item 0.80×" in text and "vs_popularity 4.00×" in text
     assert "| ndcg@10 | 0.2000 | 0.2100 | 0.1500 | 0.2500 | 0.0500 |" in text
     assert "- the ranker learned from only 12 queries" in text
@@ -102,6 +106,11 @@ def test_small_pipeline_beats_popularity(trained_settings: Settings) -> None:
     for name in ("popularity", "item_to_item"):
         assert pipe > report["lists"][name]["ndcg@10"], (name, report["lists"])
     assert report["gate"]["passed"] is True
+    gate = report["gate"]
+    lo, hi = gate["ndcg@10_diff_vs_best_ci95"]
+    diff = gate["ndcg@10_diff_vs_best"]
+    assert diff == pytest.approx(gate["pipeline_ndcg@10"] - gate["best_baseline_ndcg@10"], abs=1e-4)
+    assert lo <= diff <= hi and hi - lo < 0.2, gate  # an interval around the lead
     # The ranker only reorders the merged candidates: its top 10 cannot hold more relevant
     # items than all of them. A ranking path that leaked other items, or a recall computed
     # differently, breaks it.

@@ -59,3 +59,25 @@ def test_bad_shapes_are_refused() -> None:
         metrics.recall_at_k(np.array([1, 2]), [{1}], 1)
     with pytest.raises(ValueError, match="relevance rows"):
         metrics.ndcg_at_k(RECOMMENDED, RELEVANT[:2], 3)
+
+
+def test_ndcg_per_user_is_aligned_and_averages_to_ndcg() -> None:
+    per_user = metrics.ndcg_per_user(RECOMMENDED, RELEVANT, 3)
+    assert per_user.shape == (2,)  # user C (no relevant item) is left out
+    assert per_user[1] == pytest.approx(1.0)  # B's only relevant item is first
+    assert per_user.mean() == pytest.approx(metrics.ndcg_at_k(RECOMMENDED, RELEVANT, 3))
+
+
+def test_paired_bootstrap_interval() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.random(2000)
+    better = base + 0.05 + rng.normal(0, 0.02, 2000)
+    lo, hi = metrics.paired_bootstrap_ci(better, base)
+    assert 0.0 < lo < 0.05 < hi  # the true lead 0.05 inside, and surely above 0
+    assert (lo, hi) == metrics.paired_bootstrap_ci(better, base)  # seeded
+    noise = base + rng.normal(0, 0.1, 2000)
+    lo, hi = metrics.paired_bootstrap_ci(noise, base)
+    assert lo < 0 < hi  # no lead: the interval holds 0
+    assert metrics.paired_bootstrap_ci(base, base) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="aligned"):
+        metrics.paired_bootstrap_ci(base, base[:-1])
