@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from exporters.raw_tables import read_meta, read_table
+from recstack.atomic_files import write_json_atomic
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -496,9 +497,7 @@ def write_split(
         tmp_users = users_path.with_name(f".{users_path.name}.tmp-{os.getpid()}")
         users.to_parquet(tmp_users, index=False)
         os.replace(tmp_users, users_path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
     return split
 
 

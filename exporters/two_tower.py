@@ -46,6 +46,7 @@ from exporters.tower_inputs import (
     user_inputs,
     vocab_sizes,
 )
+from recstack.atomic_files import write_json_atomic
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -636,6 +637,4 @@ def refit(settings: Settings) -> None:
 
 
 def _write_metrics(path: Path, result: TrainResult) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, asdict(result))
