@@ -97,8 +97,13 @@ def ndcg_per_user(recommended: np.ndarray, relevant: Sequence[Relevance], k: int
 
 def ndcg_at_k(recommended: np.ndarray, relevant: Sequence[Relevance], k: int) -> float:
     """Mean over users of DCG@k / ideal DCG@k with exponential gain ``2^g − 1``."""
-    values = ndcg_per_user(recommended, relevant, k)
-    return float(values.mean()) if values.size else 0.0
+    return ndcg_mean(ndcg_per_user(recommended, relevant, k))
+
+
+def ndcg_mean(per_user: np.ndarray) -> float:
+    """:func:`ndcg_at_k` from :func:`ndcg_per_user`'s values (0 when no user has a
+    relevant item), for callers that also need the per-user values."""
+    return float(per_user.mean()) if per_user.size else 0.0
 
 
 def paired_bootstrap_ci(
