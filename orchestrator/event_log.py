@@ -18,12 +18,16 @@ grows; a parquet file is unreadable until its footer is written and small row gr
 poor columns. Volume is modest (a served list of 10 items is ~400 bytes).
 
 Durability and cost (DESIGN.md: the request path must not wait for a disk):
-- :meth:`EventLog.served` / :meth:`EventLog.event` put a tuple on a bounded queue and
+- :meth:`EventLog.served` / :meth:`EventLog.event` append a tuple to a bounded queue and
   return (about a microsecond); a full queue drops the record and counts it
   (``recstack_event_log_dropped_total{reason="queue_full"}``), never blocks.
 - One writer thread serialises and appends, and flushes + fsyncs every ``flush_ms`` or
-  ``flush_records`` records, whichever comes first. A process or machine crash loses at
-  most the records queued or written in the last ``flush_ms`` (200 ms by default).
+  ``flush_records`` records, whichever comes first. The writer sleeps between flushes:
+  a record does not wake it (only a batch of ``flush_records``, a ``flush()`` or
+  ``close()`` does). Woken per record, as with ``queue.Queue.get``, it cost ~3 context
+  switches and ~0.1 ms of CPU per answer at 100/s, on the same two cores as the workers.
+  A process or machine crash loses at most the records queued or written in the last
+  ``flush_ms`` (200 ms by default).
 - Files: ``seg-<UTC start>-<pid>.jsonl.open`` while written; past ``segment_bytes`` (and at
   shutdown) it is fsynced and renamed to ``.jsonl`` (closed, never written again). At
   start-up an ``.open`` segment left by a dead process is cut after its last complete line
@@ -38,9 +42,9 @@ import itertools
 import json
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -174,9 +178,12 @@ class EventLog:
 
     def __init__(self, cfg: LogConfig | None) -> None:
         self.cfg = cfg
-        self._queue: queue.Queue[tuple[str, int, Any, Any]] | None = None
+        # deque appends and pops are atomic: producers never take a lock; the bound is
+        # checked before the append, so concurrent producers may pass it by a few records.
+        self._queue: deque[tuple[str, int, Any, Any]] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a full batch, a flush() or close(): write now
         self._file: Any = None
         self._path: Path | None = None
         self._size = 0
@@ -185,8 +192,8 @@ class EventLog:
         cfg.folder.mkdir(parents=True, exist_ok=True)
         recover_open_segments(cfg.folder)
         enforce_retention(cfg.folder, cfg.max_bytes)  # the limit may have been lowered
-        self._queue = queue.Queue(cfg.queue_size)
-        QUEUE_DEPTH.set_function(self._queue.qsize)
+        self._queue = deque()
+        QUEUE_DEPTH.set_function(self._queue.__len__)
         self._thread = threading.Thread(target=self._run, name="event-log", daemon=True)
         self._thread.start()
 
@@ -209,40 +216,35 @@ class EventLog:
         self._put(("event", now_us(), e, None))
 
     def _put(self, item: tuple[str, int, Any, Any]) -> None:
-        if self._queue is None or self._stop.is_set():
+        q = self._queue
+        if q is None or self.cfg is None or self._stop.is_set():
             return
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        depth = len(q)
+        if depth >= self.cfg.queue_size:
             DROPPED.labels("queue_full").inc()
+            return
+        q.append(item)
+        if depth + 1 >= self.cfg.flush_records:
+            self._wake.set()
 
     # ------------------------------------------------------------------ writer thread
     def _run(self) -> None:
         assert self._queue is not None and self.cfg is not None
         flush_s = self.cfg.flush_ms / 1000
+        q = self._queue
         while True:
+            self._wake.wait(flush_s)
+            self._wake.clear()
+            stopping = self._stop.is_set()  # before the drain: close() wants what came first
             batch: list[tuple[str, int, Any, Any]] = []
             waiters: list[threading.Event] = []
-            deadline = time.monotonic() + flush_s
-            while len(batch) < self.cfg.flush_records and not waiters:
-                wait = deadline - time.monotonic()
-                if wait <= 0:
-                    break
-                try:
-                    item = self._queue.get(timeout=wait)
-                except queue.Empty:
-                    break
-                if item[0] == "flush":
-                    waiters.append(item[2])
-                else:
-                    batch.append(item)
-            stopping = self._stop.is_set()
-            if stopping:  # drain what arrived before close()
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        item = self._queue.get_nowait()
-                        if item[0] != "flush":
-                            batch.append(item)
+            with contextlib.suppress(IndexError):
+                while True:
+                    item = q.popleft()
+                    if item[0] == "flush":
+                        waiters.append(item[2])
+                    else:
+                        batch.append(item)
             if batch:
                 self._write(batch)
             for w in waiters:
@@ -332,10 +334,8 @@ class EventLog:
         if self._queue is None or self._thread is None:
             return True
         done = threading.Event()
-        try:
-            self._queue.put(("flush", 0, done, None), timeout=timeout_s)
-        except queue.Full:
-            return False
+        self._queue.append(("flush", 0, done, None))  # past the bound: it holds no record
+        self._wake.set()
         return done.wait(timeout_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -343,6 +343,7 @@ class EventLog:
         if self._thread is None:
             return
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout_s)
         self._thread = None
 

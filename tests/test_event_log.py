@@ -120,6 +120,44 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
     assert per_call_us < 100, per_call_us  # never waits for the writer
 
 
+def _switches(native_id: int) -> int:
+    """Voluntary context switches of one thread of this process (Linux)."""
+    status = Path(f"/proc/self/task/{native_id}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("voluntary_ctxt")).split()[1])
+
+
+def test_records_do_not_wake_the_writer_one_by_one(tmp_path: Path) -> None:
+    """The writer sleeps until ``flush_ms`` passes or a batch of ``flush_records`` is
+    queued: 60 answers 5 ms apart wake it a few times, not 60 (a per-record wake-up cost
+    ~3 context switches per answer on the request cores)."""
+    log = EventLog(LogConfig(tmp_path, flush_ms=2_000, flush_records=1_000))
+    assert log._thread is not None and log._thread.native_id is not None
+    q, result = served(1, [1, 2, 3])
+    time.sleep(0.05)  # the writer is asleep
+    before = _switches(log._thread.native_id)
+    for _ in range(60):
+        log.served(q, result)
+        time.sleep(0.005)
+    woken = _switches(log._thread.native_id) - before
+    assert woken <= 5, woken
+    assert log.flush()
+    assert len(list(read_records(tmp_path))) == 60
+    log.close()
+
+
+def test_a_full_batch_is_written_without_waiting_for_flush_ms(tmp_path: Path) -> None:
+    log = EventLog(LogConfig(tmp_path, flush_ms=60_000, flush_records=10))
+    q, result = served(1, [1])
+    for _ in range(10):
+        log.served(q, result)
+    t0 = time.monotonic()
+    while len(list(read_records(tmp_path))) < 10 and time.monotonic() - t0 < 5:
+        time.sleep(0.01)
+    assert len(list(read_records(tmp_path))) == 10
+    assert time.monotonic() - t0 < 5
+    log.close()
+
+
 CHILD = textwrap.dedent(
     """
     import sys, time
