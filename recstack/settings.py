@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
+    # How the orchestrator calls Triton: "http" (KServe v2 REST with binary tensors over
+    # kept-alive connections; cheaper here, orchestrator/triton_http.py) or "grpc".
+    triton_protocol: Literal["http", "grpc"] = "http"
     # Key Triton's model-repository API (load/unload/index) requires in a header; empty: a
     # random key per run dir (orchestrator/triton_server.py). Set it (a Kubernetes Secret)
     # where Triton and its clients do not share a run dir.
@@ -74,6 +77,10 @@ class Settings(BaseSettings):
     orchestrator_replica_port_base: int = Field(default=50100, ge=1024, le=65_535 - 160)
     # Recommend calls worked on at once (threads); see orchestrator/service.py.
     orchestrator_workers: int = Field(default=4, ge=1, le=64)
+    # The orchestrator's event loop (gRPC front, HTTP front, metrics): "uvloop" (libuv;
+    # ~0.15-0.2 ms less CPU per Recommend on the loop's thread here, docs/benchmark.md)
+    # or Python's own "asyncio" loop.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     # User-tower outputs kept per release, keyed by the tower's inputs (0 disables it);
     # ~0.5 kB each. See orchestrator/embedding_cache.py.
     user_embedding_cache: int = Field(default=50_000, ge=0)

@@ -121,11 +121,19 @@ def _triton_type(array: np.ndarray) -> str:
     ]
 
 
+def _over(s: Served, protocol: str) -> Settings:
+    """The served settings with the orchestrator's client on ``protocol``."""
+    return Settings(**{**s.settings.model_dump(), "triton_protocol": protocol})
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("batch", [1, 512])
-def test_user_tower_grpc_equals_onnxruntime(served: Served, batch: int) -> None:
+def test_user_tower_client_equals_onnxruntime(served: Served, batch: int, protocol: str) -> None:
     inputs = user_inputs(batch, seed=batch)
     (expected,) = _ort(served.art.user_tower, inputs)
-    with TritonClient.from_settings(served.settings, served.versions, timeout_s=10) as client:
+    settings = _over(served, protocol)
+    with TritonClient.from_settings(settings, served.versions, timeout_s=10) as client:
+        assert client.protocol == protocol
         got = client.user_embedding(inputs)
     assert got.shape == (batch, 64)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
@@ -178,13 +186,14 @@ def test_ranker_equals_lightgbm_raw_scores(served: Served, n: int) -> None:
 
 
 @pytest.mark.parametrize("n", [1, 512])
-def test_rank_ensemble_equals_assembly_plus_ranker(served: Served, n: int) -> None:
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_rank_ensemble_equals_assembly_plus_ranker(served: Served, n: int, protocol: str) -> None:
     inputs = rank_inputs(n, seed=n)
     (rank_input,) = _ort(served.art.rank_features, inputs)
     np.testing.assert_allclose(rank_input, assemble(inputs), rtol=1e-5, atol=1e-5)
     booster = lgb.Booster(model_file=str(served.art.booster_file))
     expected = booster.predict(rank_input.astype(np.float64), raw_score=True)
-    with TritonClient.from_settings(served.settings, served.versions, timeout_s=10) as client:
+    with TritonClient.from_settings(_over(served, protocol), served.versions, 10) as client:
         got = client.rank(inputs)
     assert got.shape == (n,)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -241,8 +250,10 @@ def test_bad_request_in_a_batch_fails_alone(served: Served) -> None:
     assert "INVALID_ARG" in str(results[5])
 
 
-def test_typed_client_errors(served: Served) -> None:
-    with TritonClient.from_settings(served.settings, served.versions, timeout_s=10) as client:
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_typed_client_errors(served: Served, protocol: str) -> None:
+    settings = _over(served, protocol)
+    with TritonClient.from_settings(settings, served.versions, timeout_s=10) as client:
         with pytest.raises(TritonInvalidInput, match="missing inputs"):
             client.infer("user_tower", {"user_id": np.zeros((1, 1), np.int64)})
         with pytest.raises(TritonInvalidInput, match="expected"):
@@ -253,8 +264,17 @@ def test_typed_client_errors(served: Served) -> None:
             client.infer("nope", {})
         with pytest.raises(TritonInvalidInput, match="10"):
             client.infer("ranker", {"input__0": np.zeros((2, 4), np.float32)})
+        # Refused by the model inside Triton (a user id past the embedding table): Triton's
+        # INVALID_ARG, and the connection goes on serving.
+        bad = user_inputs(1)
+        bad["user_id"][:] = 10**6
+        with pytest.raises(TritonInvalidInput, match="user_tower"):
+            client.user_embedding(bad)
+        assert client.user_embedding(user_inputs(1)).shape == (1, 64)
         assert client.ready() and client.ready("rank")
-    down = Settings(**{**served.settings.model_dump(), "triton_grpc_port": port(18009)})
+        assert not client.ready("nope")
+    gone = {"triton_grpc_port": port(18009), "triton_http_port": port(18009)}
+    down = Settings(**{**settings.model_dump(), **gone})
     with TritonClient.from_settings(down, timeout_s=0.5) as client:
         assert not client.ready()
         with pytest.raises(TritonUnavailable):
