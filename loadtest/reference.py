@@ -158,8 +158,8 @@ def cli(args: argparse.Namespace) -> int:
             f"{settings.orchestrator_metrics_port}; log {proc.log_path}"
         )
         return 0
-    from orchestrator.server import serve
+    from orchestrator.server import run_loop, serve
 
     make = functools.partial(create_reference_service, release_id=args.release)
-    asyncio.run(serve(settings, make_service=make))
+    run_loop(serve(settings, make_service=make), settings)
     return 0

@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,15 +60,21 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 
 def to_proto(result: RecommendResult) -> pb.RecommendResponse:
     """The typed result as the .proto's response message."""
-    return pb.RecommendResponse(
-        items=[pb.Item(**i.served()) for i in result.items],
+    response = pb.RecommendResponse(
         release=result.release,
-        timings=[pb.StageTiming(stage=s, ms=ms) for s, ms in result.timings.items()],
         degraded=result.degraded,
         cold_start=result.cold_start,
         request_id=result.request_id,
         fallback_segment=result.fallback_segment,
     )
+    # add() builds each item in place: ~25 % cheaper than Item(...) objects copied in.
+    add_item = response.items.add
+    for i in result.items:
+        add_item(**i.served())
+    add_timing = response.timings.add
+    for s, ms in result.timings.items():
+        add_timing(stage=s, ms=ms)
+    return response
 
 
 def to_json(result: RecommendResult) -> dict[str, Any]:
@@ -585,6 +591,18 @@ async def serve(
     await service.close()
 
 
+def run_loop(main: Coroutine[Any, Any, None], settings: Settings) -> None:
+    """Run a server coroutine to its end on the loop ``settings.event_loop`` names (the
+    orchestrator and the in-process reference share it, so that they compare fairly)."""
+    log.info("event loop: %s", settings.event_loop)
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
 def cli(args: argparse.Namespace) -> int:
     """``recstack serve orchestrator [--detach]``: one orchestrator, or with
     ``RECSTACK_ORCHESTRATOR_REPLICAS`` > 1 that many behind nginx (orchestrator/replicas.py)."""
@@ -603,5 +621,5 @@ def cli(args: argparse.Namespace) -> int:
     from orchestrator.processes import require_free
 
     require_free(orchestrator_ports(settings), "the orchestrator")  # before minutes of loading
-    asyncio.run(serve(settings))
+    run_loop(serve(settings), settings)
     return 0
