@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ class _Echo(BaseHTTPRequestHandler):
     ``gone`` is unknown (404), ``close`` closes the connection after answering."""
 
     protocol_version = "HTTP/1.1"
-    connections: list[int] = []
+    connections: ClassVar[list[int]] = []
 
     def setup(self) -> None:
         super().setup()
