@@ -31,7 +31,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from exporters.model_config import load_config
 from orchestrator.breaker import Breakers, CircuitOpen
-from orchestrator.triton_http import HttpCallError, HttpInference
+from orchestrator.triton_http import HttpCallError, HttpInference, RawTensor
 from recstack.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -323,16 +323,7 @@ class TritonClient:
                 raise _typed(model, pinned, e.status, e.detail) from e
         else:
             got = self._grpc_infer(model, spec, checked, version, pinned, timeout)
-        out = {}
-        for t in spec.outputs:
-            if t.name not in got:
-                raise TritonError(f"{model}: Triton's answer has no output {t.name!r}")
-            if got[t.name].dtype != t.dtype:
-                raise TritonError(
-                    f"{model}: output {t.name!r} is {got[t.name].dtype}, expected {t.dtype}"
-                )
-            out[t.name] = got[t.name]
-        return out
+        return _decode(model, spec, got)
 
     def _grpc_infer(
         self,
@@ -342,7 +333,7 @@ class TritonClient:
         version: str,
         pinned: int | None,
         timeout: float,
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, RawTensor]:
         request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
         for t in spec.inputs:
             array = checked[t.name]
@@ -353,9 +344,8 @@ class TritonClient:
         response = self._call(model, pinned, request, timeout)
         if len(response.raw_output_contents) != len(response.outputs):
             raise TritonError(f"{model}: Triton's answer does not carry raw output tensors")
-        dtypes = {t.name: t.dtype for t in spec.outputs}
         return {
-            o.name: np.frombuffer(raw, dtype=dtypes.get(o.name, np.uint8)).reshape(tuple(o.shape))
+            o.name: (o.datatype, tuple(o.shape), memoryview(raw))
             for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
         }
 
@@ -402,6 +392,23 @@ class TritonClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _decode(model: str, spec: ModelSpec, got: Mapping[str, RawTensor]) -> dict[str, np.ndarray]:
+    """Every output of ``spec`` by name, from the answer's raw tensors (either transport):
+    the datatype Triton names must be the config's, the bytes must fill the shape."""
+    out = {}
+    for t in spec.outputs:
+        if t.name not in got:
+            raise TritonError(f"{model}: Triton's answer has no output {t.name!r}")
+        datatype, shape, raw = got[t.name]
+        if datatype != t.triton_type:
+            raise TritonError(f"{model}: output {t.name!r} is {datatype}, expected {t.triton_type}")
+        try:
+            out[t.name] = np.frombuffer(raw, dtype=t.dtype).reshape(shape)
+        except ValueError as e:
+            raise TritonError(f"{model}: output {t.name!r} does not fill {list(shape)}: {e}") from e
+    return out
 
 
 def _is_failure(err: BaseException) -> bool:

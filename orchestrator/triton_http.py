@@ -24,14 +24,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Triton's datatype names for the numpy dtypes of the configs (KServe v2 "datatype").
-NUMPY_OF: dict[str, np.dtype] = {
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "INT64": np.dtype(np.int64),
-    "INT32": np.dtype(np.int32),
-    "BOOL": np.dtype(np.bool_),
-}
+# One output of an answer as it came: (KServe v2 datatype, shape, its bytes). The caller
+# (TritonClient) decodes it against the config, the same way for both transports.
+RawTensor = tuple[str, tuple[int, ...], memoryview]
 
 # Triton's HTTP status for each error code (http_server.cc), as gRPC status names so that
 # both transports share one mapping to our exception types.
@@ -131,10 +126,10 @@ class HttpInference:
         inputs: Sequence[tuple[str, str, np.ndarray]],
         outputs: Sequence[str],
         timeout: float,
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, RawTensor]:
         """Run ``model`` (``version`` "" = Triton's choice) on ``(name, datatype,
-        array)`` inputs; returns the named outputs as arrays (read-only views of the
-        answer's bytes)."""
+        array)`` inputs; returns each output as Triton sent it (views of the answer's
+        bytes, not copies)."""
         parts: list[bytes] = []
         meta = []
         for name, datatype, array in inputs:
@@ -169,16 +164,15 @@ class HttpInference:
         try:
             head_len = int(length) if length is not None else len(data)
             head = json.loads(data[:head_len])
-            out: dict[str, np.ndarray] = {}
+            out: dict[str, RawTensor] = {}
             offset = head_len
+            body = memoryview(data)
             for o in head.get("outputs", []):
                 size = o.get("parameters", {}).get("binary_data_size")
                 if size is None:
                     raise ValueError(f"output {o.get('name')!r} is not binary")
-                dtype = NUMPY_OF[o["datatype"]]
-                out[o["name"]] = np.frombuffer(
-                    data, dtype=dtype, count=size // dtype.itemsize, offset=offset
-                ).reshape(o["shape"])
+                shape = tuple(int(d) for d in o["shape"])
+                out[o["name"]] = (o["datatype"], shape, body[offset : offset + size])
                 offset += size
         except (ValueError, KeyError, TypeError) as e:
             raise HttpCallError("INTERNAL", f"unreadable answer: {e}") from e
