@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from exporters import data_import as di
 from exporters.tower_inputs import item_inputs, take
+from recstack.atomic_files import fsync_dir
 from recstack.errors import UserError
 from recstack.ids import ID_LIMIT, InvalidId, internal_id
 from recstack.settings import Settings, get_settings
@@ -307,11 +308,7 @@ def write_segment(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename survives a power cut
-    finally:
-        os.close(fd)
+    fsync_dir(folder)  # the rename survives a power cut
     return final
 
 

@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge
 
+from recstack.atomic_files import fsync_dir
+
 if TYPE_CHECKING:
     from orchestrator.request import EventQuery, RecommendQuery
     from orchestrator.service import RecommendResult
@@ -355,11 +357,7 @@ def closed_name(path: Path) -> Path:
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable (the directory entry), where the OS allows it."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(folder)
 
 
 def _owner_alive(path: Path) -> bool:

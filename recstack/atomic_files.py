@@ -33,11 +33,17 @@ def write_text_atomic(path: Path | str, text: str, *, fsync: bool = False) -> No
             os.unlink(tmp)
         raise
     if fsync:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)  # the rename itself survives a power cut
+
+
+def fsync_dir(folder: Path | str) -> None:
+    """Flush ``folder``'s entries (a rename or a new file in it) to disk; raises OSError
+    where the OS or file system refuses."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path | str, doc: Any, *, fsync: bool = False) -> None:
