@@ -31,6 +31,7 @@ from exporters.onnx_export import ARTIFACTS, reference_time, run_onnx
 from exporters.raw_tables import RawTables, read_raw
 from exporters.split import Split, load_split
 from exporters.tower_inputs import item_inputs, users_at
+from orchestrator.faiss_index import single_query_scan
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -141,6 +142,7 @@ def build_index(
             train = x[np.sort(rows)]
         index.train(train)
     index.add(x)
+    single_query_scan(index)  # searched as serving searches it (recall measured so)
     build_seconds = time.perf_counter() - t0
     k = min(k, len(x))
     want = None

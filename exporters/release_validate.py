@@ -181,12 +181,15 @@ def _index_recall(settings: Settings, manifest: dict[str, Any], index: Any) -> C
     queries (the user tower's outputs live in the same space)."""
     import faiss
 
+    from orchestrator.faiss_index import single_query_scan
+
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.make_direct_map()
     params = manifest["index"].get("search_params") or ""
     if params:
         faiss.ParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]
+    single_query_scan(index)  # searched as serving searches it
     n = index.ntotal
     k = min(RECALL_K, n)
     rng = np.random.default_rng(0)

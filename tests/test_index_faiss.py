@@ -268,6 +268,29 @@ def test_fast_scan_refine_index_loads_and_serves_exact_vectors(clustered, tmp_pa
         FaissIndex.load(path, {**meta, "factory": "IVF32,Flat"}, ids, device="cpu")
 
 
+def test_fast_scan_searched_one_query_at_a_time_as_in_batches(clustered, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Fast-scan indexes are searched with FAST_SCAN_IMPLEM wherever they are built or
+    loaded (the build's recall check, serving, offline batches), and a request's single
+    query finds exactly what the same query finds inside an offline batch."""
+    from orchestrator.faiss_index import FAST_SCAN_IMPLEM, single_query_scan
+
+    x, q = clustered
+    factory = "IVF32,PQ32x4fsr,RFlat"
+    index, stats = build_index(x, q, factory, "nprobe=8,k_factor_rf=2", k=50, min_recall=0.0)
+    assert faiss.downcast_index(index.base_index).implem == FAST_SCAN_IMPLEM
+    meta = {"factory": factory, "search_params": stats.search_params, "metric": "ip"}
+    path, meta_path, ids = _write(tmp_path, index, meta, stats.n_items)
+    idx = FaissIndex.load(path, meta_path, ids, device="cpu", omp_threads=None)
+    assert faiss.downcast_index(idx.index.base_index).implem == FAST_SCAN_IMPLEM
+    batch_scores, batch_items = idx.search(q[:40], 100)  # k > 20: the reservoir path
+    for i in range(40):
+        scores, items = idx.search(q[i : i + 1], 100)
+        np.testing.assert_array_equal(items[0], batch_items[i])
+        np.testing.assert_array_equal(scores[0], batch_scores[i])
+    flat = faiss.IndexFlatIP(DIM)
+    assert single_query_scan(flat) is flat  # other kinds: untouched
+
+
 def test_index_without_gpu_implementation_stays_on_cpu(
     flat_files: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
