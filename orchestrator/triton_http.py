@@ -11,14 +11,21 @@ Triton's side was cheaper too (1.59 vs 1.74 ms per pair). Same scores, bit for b
 The wire format is Triton's binary data extension (docs: protocol/extension_binary_data):
 the body is the JSON inference header followed by each input's raw bytes, the header's
 length in ``Inference-Header-Content-Length``; outputs asked with ``binary_data: true``
-come back the same way. One persistent connection per calling thread (``http.client``
-connections are not thread-safe); a connection that failed or timed out is dropped, as
-its late answer would otherwise be read by the next call."""
+come back the same way. One persistent connection per calling thread; a connection that
+failed or timed out is dropped, as its late answer would otherwise be read by the next
+call.
+
+HTTP/1.1 is spoken on the socket directly (:class:`_Connection`), not through
+``http.client``: the request goes out in one ``sendall`` and the answer's head is parsed
+with a few ``bytes`` operations, where ``http.client`` sent the head and the body in two
+writes, validated every header and parsed the answer's headers with ``email.parser``. Only
+what Triton's server sends is needed (a status line, headers, a ``Content-Length`` or a
+chunked body); anything else is an error of the call."""
 
 from __future__ import annotations
 
-import http.client
 import json
+import socket
 import threading
 from collections.abc import Sequence
 
@@ -40,9 +47,122 @@ _STATUS_NAME = {
     503: "UNAVAILABLE",
 }
 _HEADER_LENGTH = "Inference-Header-Content-Length"
-# A kept-alive connection the server closed since its last use fails like this on the
-# next request; it is retried once on a fresh connection (inference is idempotent).
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+_HEADER_KEY = _HEADER_LENGTH.lower().encode()
+# The most header bytes an answer may have before its body (Triton sends a few lines).
+_MAX_HEAD = 64 * 1024
+
+
+class _Closed(ConnectionError):
+    """The server closed the connection before the answer's first byte: on a kept-alive
+    connection, the server closed it since its last use (a restarted Triton, a proxy's
+    idle timeout); retried once on a fresh connection (inference is idempotent)."""
+
+
+class _BadAnswer(Exception):
+    """Bytes that are not an HTTP/1.1 answer we can read."""
+
+
+# What a stale kept-alive connection fails with on the next request.
+_STALE = (_Closed, ConnectionResetError, BrokenPipeError)
+
+
+class _Connection:
+    """One HTTP/1.1 connection to the server, used by one thread at a time."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        # The request goes out in one write: nothing for Nagle's algorithm to hold back.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def exchange(self, request: bytes, timeout: float) -> tuple[int, dict[bytes, bytes], bytes]:
+        """Send ``request`` (head and body), read the answer: ``(status, headers with
+        lower-case names, body)``; the headers also say whether the server closes."""
+        sock = self.sock
+        sock.settimeout(timeout)
+        sock.sendall(request)
+        buf = b""
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            if len(buf) > _MAX_HEAD:
+                raise _BadAnswer(f"no end of the answer's head in {len(buf)} bytes")
+            chunk = sock.recv(65536)
+            if not chunk:
+                if buf:
+                    raise _BadAnswer("the server closed the connection inside the answer's head")
+                raise _Closed("the server closed the connection")
+            buf += chunk
+        lines = buf[:end].split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        try:
+            status = int(rest[:3])
+        except ValueError:
+            raise _BadAnswer(f"not an HTTP status line: {lines[0][:80]!r}") from None
+        if not version.startswith(b"HTTP/1."):
+            raise _BadAnswer(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if version == b"HTTP/1.0" and headers.get(b"connection", b"").lower() != b"keep-alive":
+            headers[b"connection"] = b"close"
+        body = buf[end + 4 :]
+        if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            return status, headers, self._chunked(body)
+        length = headers.get(b"content-length")
+        if length is None:  # the body runs to the end of the connection
+            headers[b"connection"] = b"close"
+            return status, headers, body + self._until_closed()
+        try:
+            n = int(length)
+        except ValueError:
+            raise _BadAnswer(f"Content-Length {length[:40]!r}") from None
+        if len(body) >= n:
+            if len(body) > n:
+                raise _BadAnswer("more bytes than the answer's Content-Length")
+            return status, headers, body
+        out = bytearray(n)
+        out[: len(body)] = body
+        view, got = memoryview(out), len(body)
+        while got < n:
+            k = sock.recv_into(view[got:])
+            if k == 0:
+                raise _BadAnswer(f"the server closed the connection after {got} of {n} bytes")
+            got += k
+        return status, headers, bytes(out)
+
+    def _until_closed(self) -> bytes:
+        parts = []
+        while chunk := self.sock.recv(65536):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _chunked(self, buf: bytes) -> bytes:
+        """A chunked body (RFC 9112 7.1), ``buf`` its first bytes; trailers are skipped."""
+        parts = []
+        while True:
+            while (eol := buf.find(b"\r\n")) < 0:
+                buf += self._more()
+            try:
+                size = int(buf[:eol].split(b";")[0], 16)
+            except ValueError:
+                raise _BadAnswer(f"chunk size {buf[:eol][:40]!r}") from None
+            buf = buf[eol + 2 :]
+            if size == 0:  # trailers up to an empty line
+                while not buf.startswith(b"\r\n") and b"\r\n\r\n" not in buf:
+                    buf += self._more()
+                return b"".join(parts)
+            while len(buf) < size + 2:
+                buf += self._more()
+            parts.append(buf[:size])
+            buf = buf[size + 2 :]
+
+    def _more(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise _BadAnswer("the server closed the connection inside a chunked body")
+        return chunk
 
 
 class HttpCallError(Exception):
@@ -63,21 +183,21 @@ class HttpInference:
         self.port = port
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: set[http.client.HTTPConnection] = set()
+        self._open: set[_Connection] = set()
 
     # ------------------------------------------------------------------ connections
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+    def _connection(self, timeout: float) -> tuple[_Connection, bool]:
         """This thread's connection, and whether it was used before (may be stale)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, True
-        conn = http.client.HTTPConnection(self.host, self.port)
+        conn = _Connection(self.host, self.port, timeout)
         self._local.conn = conn
         with self._lock:
             self._open.add(conn)
         return conn, False
 
-    def _drop(self, conn: http.client.HTTPConnection) -> None:
+    def _drop(self, conn: _Connection) -> None:
         conn.close()
         self._local.conn = None
         with self._lock:
@@ -91,31 +211,36 @@ class HttpInference:
             conn.close()
 
     def _request(
-        self, method: str, path: str, body: bytes | None, headers: dict[str, str], timeout: float
-    ) -> tuple[int, http.client.HTTPResponse, bytes]:
+        self, method: str, path: str, body: bytes, headers: str, timeout: float
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
+        """``(status, headers, body)`` of one call; ``headers``: extra header lines, each
+        ending in CRLF. Failures are :class:`HttpCallError`."""
+        request = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Length: {len(body)}\r\n{headers}\r\n"
+        ).encode("latin-1") + body
         for attempt in (0, 1):
-            conn, reused = self._connection()
-            conn.timeout = timeout  # used when it connects
+            conn: _Connection | None = None
             try:
-                if conn.sock is not None:
-                    conn.sock.settimeout(timeout)
-                conn.request(method, path, body, headers)
-                response = conn.getresponse()
-                data = response.read()
+                conn, reused = self._connection(timeout)
+                status, answer_headers, data = conn.exchange(request, timeout)
             except TimeoutError as e:
-                self._drop(conn)
+                if conn is not None:
+                    self._drop(conn)
                 raise HttpCallError("DEADLINE_EXCEEDED", f"no answer within {timeout:.3f} s") from e
             except _STALE as e:
-                self._drop(conn)
-                if reused and attempt == 0:
+                if conn is not None:
+                    self._drop(conn)
+                if conn is not None and reused and attempt == 0:
                     continue
                 raise HttpCallError("UNAVAILABLE", f"{type(e).__name__}: {e}") from e
-            except (OSError, http.client.HTTPException) as e:
-                self._drop(conn)
+            except (OSError, _BadAnswer) as e:
+                if conn is not None:
+                    self._drop(conn)
                 raise HttpCallError("UNAVAILABLE", f"{type(e).__name__}: {e}") from e
-            if response.will_close:
+            if answer_headers.get(b"connection", b"").lower() == b"close":
                 self._drop(conn)
-            return response.status, response, data
+            return status, answer_headers, data
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ calls
@@ -151,16 +276,16 @@ class HttpInference:
             separators=(",", ":"),
         ).encode()
         path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
-        status, response, data = self._request(
+        status, headers, data = self._request(
             "POST",
-            path,
+            _checked(path),
             b"".join((header, *parts)),
-            {_HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"},
+            f"{_HEADER_LENGTH}: {len(header)}\r\nContent-Type: application/octet-stream\r\n",
             timeout,
         )
         if status != 200:
             raise HttpCallError(_STATUS_NAME.get(status, f"HTTP_{status}"), _error_text(data))
-        length = response.getheader(_HEADER_LENGTH)
+        length = headers.get(_HEADER_KEY)
         try:
             head_len = int(length) if length is not None else len(data)
             head = json.loads(data[:head_len])
@@ -185,10 +310,18 @@ class HttpInference:
         else:
             path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
         try:
-            status, _, _ = self._request("GET", path, None, {}, timeout)
+            status, _, _ = self._request("GET", _checked(path), b"", "", timeout)
         except HttpCallError:
             return False
         return status == 200
+
+
+def _checked(path: str) -> str:
+    """``path`` if it can go on a request line as it is (model names come from the
+    release, but a space or a line break would change the request)."""
+    if not path.isascii() or any(c in path for c in " \r\n\t"):
+        raise HttpCallError("INVALID_ARGUMENT", f"not a usable request path: {path!r}")
+    return path
 
 
 def _error_text(data: bytes) -> str:

@@ -153,3 +153,96 @@ def test_nothing_listening_is_unavailable() -> None:
         client.infer("m", "", _x(), ["out"], timeout=1)
     assert info.value.status == "UNAVAILABLE"
     assert not client.ready(None, "", timeout=1)
+
+
+def _canned(answers: list[bytes]) -> tuple[tuple[str, int], threading.Thread]:
+    """A server that reads one request per answer in ``answers`` on one connection, sends
+    the answer's bytes as they are, and closes the connection after the last."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            buf = b""
+            for answer in answers:
+                while b"\r\n\r\n" not in buf:
+                    buf += conn.recv(65536)
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                buf = buf[length:]
+                try:
+                    for i in range(0, len(answer), 7):  # in small pieces, as a slow network
+                        conn.sendall(answer[i : i + 7])
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client gave up on an answer it could not read
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname(), thread
+
+
+def _binary_answer(x: np.ndarray, framing: str) -> bytes:
+    raw = x.tobytes()
+    meta = {"name": "out", "datatype": "FP32", "shape": list(x.shape)}
+    head = json.dumps({"outputs": [{**meta, "parameters": {"binary_data_size": len(raw)}}]})
+    body = head.encode() + raw
+    lines = [b"HTTP/1.1 200 OK", b"inference-header-content-length: %d" % len(head)]
+    if framing == "chunked":  # three chunks, an extension and a trailer
+        cut = [body[:5], body[5:40], body[40:]]
+        chunks = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in cut)
+        return b"\r\n".join(
+            [*lines, b"Transfer-Encoding: chunked", b"", chunks + b"0\r\nX-T: 1\r\n\r\n"]
+        )
+    if framing == "until-close":  # HTTP/1.0 style: no length, the end of the connection
+        return b"\r\n".join([b"HTTP/1.0 200 OK", *lines[1:], b"", body])
+    return b"\r\n".join([*lines, b"Content-Length: %d" % len(body), b"", body])
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "until-close"])
+def test_answers_framed_every_way_http_allows_are_read(framing: str) -> None:
+    """Triton answers with a Content-Length; a proxy in between may re-frame the body as
+    chunks or, speaking HTTP/1.0, up to the end of the connection. Each way reads the same
+    tensor; a connection the answer said would close is not used again."""
+    x = np.arange(20, dtype=np.float32)
+    address, thread = _canned([_binary_answer(x, framing)] * (1 if framing == "until-close" else 2))
+    client = HttpInference(*address)
+    out = client.infer("m", "", _x(), ["out"], timeout=5)
+    np.testing.assert_array_equal(_floats(out["out"]), x)
+    if framing == "until-close":
+        assert client._local.conn is None
+    else:  # kept alive: the second answer comes on the same connection
+        np.testing.assert_array_equal(_floats(client.infer("m", "", _x(), ["out"], 5)["out"]), x)
+    thread.join(5)
+    client.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH_9.2\r\n\r\n",  # not HTTP at all
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}",  # closed before its length
+        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20_000,  # a head without end
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+def test_answers_that_are_not_http_are_unavailable_and_drop_the_connection(answer: bytes) -> None:
+    address, thread = _canned([answer])
+    client = HttpInference(*address)
+    with pytest.raises(HttpCallError) as info:
+        client.infer("m", "", _x(), ["out"], timeout=5)
+    assert info.value.status == "UNAVAILABLE"
+    assert client._local.conn is None
+    thread.join(5)
+
+
+def test_a_path_that_would_change_the_request_line_is_refused(echo: tuple[str, int]) -> None:
+    client = HttpInference(*echo)
+    with pytest.raises(HttpCallError) as info:
+        client.infer("m HTTP/1.1\r\nX-Evil: 1\r\n", "", _x(), ["out"], timeout=5)
+    assert info.value.status == "INVALID_ARGUMENT"
+    assert not _Echo.connections  # nothing was sent
