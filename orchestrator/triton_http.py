@@ -108,6 +108,8 @@ class _Connection:
         if version == b"HTTP/1.0" and headers.get(b"connection", b"").lower() != b"keep-alive":
             headers[b"connection"] = b"close"
         body = buf[end + 4 :]
+        if status in (204, 304) or status < 200:  # never a body (RFC 9112 6.3)
+            return status, headers, b""
         if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
             return status, headers, self._chunked(body)
         length = headers.get(b"content-length")
