@@ -135,14 +135,14 @@ class _Connection:
         return status, headers, bytes(out)
 
     def _until_closed(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while chunk := self.sock.recv(65536):
             parts.append(chunk)
         return b"".join(parts)
 
     def _chunked(self, buf: bytes) -> bytes:
         """A chunked body (RFC 9112 7.1), ``buf`` its first bytes; trailers are skipped."""
-        parts = []
+        parts: list[bytes] = []
         while True:
             while (eol := buf.find(b"\r\n")) < 0:
                 buf += self._more()
