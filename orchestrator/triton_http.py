@@ -213,14 +213,16 @@ class HttpInference:
             conn.close()
 
     def _request(
-        self, method: str, path: str, body: bytes, headers: str, timeout: float
+        self, method: str, path: str, body: Sequence[bytes], headers: str, timeout: float
     ) -> tuple[int, dict[bytes, bytes], bytes]:
-        """``(status, headers, body)`` of one call; ``headers``: extra header lines, each
-        ending in CRLF. Failures are :class:`HttpCallError`."""
-        request = (
+        """``(status, headers, body)`` of one call; ``body``: its parts, joined once with
+        the request's head; ``headers``: extra header lines, each ending in CRLF. Failures
+        are :class:`HttpCallError`."""
+        head = (
             f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-            f"Content-Length: {len(body)}\r\n{headers}\r\n"
-        ).encode("latin-1") + body
+            f"Content-Length: {sum(len(b) for b in body)}\r\n{headers}\r\n"
+        ).encode("latin-1")
+        request = b"".join((head, *body))
         for attempt in (0, 1):
             conn: _Connection | None = None
             try:
@@ -281,7 +283,7 @@ class HttpInference:
         status, headers, data = self._request(
             "POST",
             _checked(path),
-            b"".join((header, *parts)),
+            (header, *parts),
             f"{_HEADER_LENGTH}: {len(header)}\r\nContent-Type: application/octet-stream\r\n",
             timeout,
         )
@@ -312,7 +314,7 @@ class HttpInference:
         else:
             path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
         try:
-            status, _, _ = self._request("GET", _checked(path), b"", "", timeout)
+            status, _, _ = self._request("GET", _checked(path), (), "", timeout)
         except HttpCallError:
             return False
         return status == 200
