@@ -228,19 +228,17 @@ class HttpInference:
             try:
                 conn, reused = self._connection(timeout)
                 status, answer_headers, data = conn.exchange(request, timeout)
-            except TimeoutError as e:
-                if conn is not None:
+            except (OSError, _BadAnswer) as e:  # timeouts and stale connections included
+                if conn is None:  # could not connect
+                    reused = False
+                else:  # its late or partial answer must not reach the next call
                     self._drop(conn)
-                raise HttpCallError("DEADLINE_EXCEEDED", f"no answer within {timeout:.3f} s") from e
-            except _STALE as e:
-                if conn is not None:
-                    self._drop(conn)
-                if conn is not None and reused and attempt == 0:
+                if isinstance(e, TimeoutError):
+                    raise HttpCallError(
+                        "DEADLINE_EXCEEDED", f"no answer within {timeout:.3f} s"
+                    ) from e
+                if isinstance(e, _STALE) and reused and attempt == 0:
                     continue
-                raise HttpCallError("UNAVAILABLE", f"{type(e).__name__}: {e}") from e
-            except (OSError, _BadAnswer) as e:
-                if conn is not None:
-                    self._drop(conn)
                 raise HttpCallError("UNAVAILABLE", f"{type(e).__name__}: {e}") from e
             if answer_headers.get(b"connection", b"").lower() == b"close":
                 self._drop(conn)
