@@ -249,17 +249,19 @@ class EntityRowReader:
     entity row, without its per-call request planning (registry look-ups, type checks,
     building and converting the response proto). That planning held the GIL for ~1.5 ms
     per request at 30 req/s on the 1M catalog (docs/benchmark.md); this read costs one
-    store round trip per view. On SQLite the views' reads are one statement (the
-    ``UNION ALL`` of the per-view ``SELECT`` Feast's store runs, table names and key
-    bytes by Feast's own helpers): 0.12 instead of 0.27 ms for the 4 user views at 1M
-    (docs/benchmark.md, issue 13). Like the SDK it returns None for features with no row
-    (Feast's online reads apply no TTL either)."""
+    store round trip per view. On SQLite and Redis the views' reads are one store call
+    instead: on SQLite the ``UNION ALL`` of the per-view ``SELECT`` Feast's store runs
+    (table names and key bytes by Feast's own helpers; 0.12 instead of 0.27 ms for the 4
+    user views at 1M, docs/benchmark.md, issue 13); on Redis one ``HMGET`` of every view's
+    fields, since Feast keeps all views of an entity in one hash (its own key, field and
+    decoding helpers). Like the SDK it returns None for features with no row (Feast's
+    online reads apply no TTL either)."""
 
     def __init__(
-        self, store: FeatureStore, join_key: str, refs: Sequence[str], one_statement: bool = True
+        self, store: FeatureStore, join_key: str, refs: Sequence[str], one_read: bool = True
     ) -> None:
-        """``one_statement`` False: one provider read per view on SQLite too (the path of
-        every other store; the parity test compares both)."""
+        """``one_read`` False: one provider read per view on SQLite and Redis too (the path
+        of every other store; the parity test compares both)."""
         by_view: dict[str, list[str]] = {}
         for ref in refs:
             view, name = ref.split(":", 1)
@@ -277,12 +279,13 @@ class EntityRowReader:
         self._value_type = store.get_entity(
             self._views[0][0].entities[0], allow_registry_cache=True
         ).value_type
-        self._sqlite = self._sqlite_statement() if one_statement else None
+        self._sqlite = self._sqlite_statement() if one_read else None
+        self._redis = self._redis_fields() if one_read else None
 
     @property
-    def one_statement(self) -> bool:
-        """Whether a read is one SQLite statement for every view."""
-        return self._sqlite is not None
+    def one_read(self) -> bool:
+        """Whether a read is one store call for every view (SQLite, Redis)."""
+        return self._sqlite is not None or self._redis is not None
 
     def _sqlite_statement(self) -> str | None:
         """Every view's rows of one entity in one statement (``?1``: the key's bytes), each
@@ -299,9 +302,31 @@ class EntityRowReader:
             for i, (view, _) in enumerate(self._views)
         )
 
+    def _redis_fields(self) -> tuple[list[Any], list[tuple[str, list[str], int]]] | None:
+        """(every view's hash fields, and per view: its stored name, its field names with
+        its timestamp field, how many fields) as Feast's Redis store reads them; None
+        unless the online store is Redis."""
+        from feast.infra.online_stores.redis import RedisOnlineStore, _versioned_fv_name
+
+        online = getattr(self._provider, "online_store", None)
+        if not isinstance(online, RedisOnlineStore):
+            return None
+        fields: list[Any] = []
+        views = []
+        for view, names in self._views:
+            fv_name = _versioned_fv_name(view, self._config)
+            requested, hset_keys = online._generate_hset_keys_for_features(
+                view, list(names), fv_name_override=fv_name
+            )
+            fields += hset_keys
+            views.append((fv_name, requested, len(hset_keys)))
+        return fields, views
+
     def _rows(self, entity_key: Any) -> list[tuple[datetime | None, dict[str, Any] | None]]:
         """Per view, what the provider's ``online_read`` answers for one entity: (the
         row's event time, feature name -> ValueProto), or (None, None) without a row."""
+        if self._redis is not None:
+            return self._redis_rows(entity_key, *self._redis)
         if self._sqlite is None:
             out = []
             for view, names in self._views:
@@ -326,6 +351,23 @@ class EntityRowReader:
             values[i][name] = proto
             stamps[i] = stamp  # the view's last row's, as Feast's online_read takes it
         return [(t, v) if v else (None, None) for t, v in zip(stamps, values, strict=True)]
+
+    def _redis_rows(
+        self, entity_key: Any, fields: list[Any], views: list[tuple[str, list[str], int]]
+    ) -> list[tuple[datetime | None, dict[str, Any] | None]]:
+        """Every view's fields in one ``HMGET`` of the entity's hash (one round trip, not
+        one per view), each view's slice decoded as Feast's ``online_read`` decodes it."""
+        online: Any = self._provider.online_store  # RedisOnlineStore (checked at init)
+        key = online._generate_redis_keys_for_entities(self._config, [entity_key])[0]
+        values = online._read_hash_fields(self._config, [(key, fields)])[0]
+        out = []
+        start = 0
+        for fv_name, requested, n in views:
+            out.append(
+                online._get_features_for_entity(values[start : start + n], fv_name, requested)
+            )
+            start += n
+        return out
 
     def read(self, key: int) -> dict[str, Any]:
         """Feature name -> Python value (None when missing) for the entity ``key``."""

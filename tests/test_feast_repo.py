@@ -135,14 +135,14 @@ def test_user_row_reader_equals_sdk(online: OnlineFeatures) -> None:
     assert all(v is None for v in reader.read(424242).values())
 
 
-def test_one_statement_read_equals_the_per_view_reads(online: OnlineFeatures) -> None:
-    """On SQLite a user read is one statement for every view; it returns what one provider
-    read per view returns (values and the newest row time), for known and unknown users."""
+def test_one_read_equals_the_per_view_reads(online: OnlineFeatures) -> None:
+    """On SQLite and Redis a user read is one store call for every view (one statement,
+    one HMGET); it returns what one provider read per view returns (values and the newest
+    row time), for known and unknown users."""
     refs = online._user_refs
     fast = EntityRowReader(online.store, "user_id", refs)
-    plain = EntityRowReader(online.store, "user_id", refs, one_statement=False)
-    assert fast.one_statement == (online.settings.online_store == "sqlite")
-    assert not plain.one_statement
+    plain = EntityRowReader(online.store, "user_id", refs, one_read=False)
+    assert fast.one_read and not plain.one_read
     for user in (1, 2, 3, 424242):
         assert fast.read_row(user) == plain.read_row(user), user
     stamp, values = fast.read_row(1)
