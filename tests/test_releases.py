@@ -352,10 +352,9 @@ def _triton_quiet(s: Settings, timeout: float = 120.0) -> None:
     """Until Triton has loaded or unloaded nothing for three polls in a row.
 
     A load request goes on in Triton after the client that sent it is killed, and the
-    orchestrator's pin check may start one of its own. Meanwhile Triton can hold an
-    inference on an already served model for the length of a load (seen: ~2 s at the
-    first promotion after Triton's start, on 2 cores), which the stage caps answer
-    with a flagged fallback by design: "serves fully" is checked once that is over."""
+    orchestrator's pin check may start one of its own; each starts stub processes, seconds
+    of CPU on 2 cores, during which a call may overrun its stage cap and get the flagged
+    fallback by design (docs/releases.md): "serves fully" is checked once that is over."""
     deadline = time.time() + timeout
     quiet = 0
     busy: set[str] = set()
