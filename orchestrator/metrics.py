@@ -174,13 +174,15 @@ class ThreadCpuCollector:
         self._tasks = tasks
         self._tick = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
         self._lock = threading.Lock()
-        self._last: dict[int, tuple[str, float]] = {}  # live tid -> (group, seconds)
+        # live thread (tid, start time) -> (group, seconds): the start time tells a reused
+        # tid from the thread that had it before.
+        self._last: dict[tuple[int, int], tuple[str, float]] = {}
         self._ended: dict[str, float] = {}  # group -> seconds of threads that ended
 
-    def _read(self) -> dict[int, tuple[str, float]]:
+    def _read(self) -> dict[tuple[int, int], tuple[str, float]]:
         names = {t.native_id: t.name for t in threading.enumerate()}
         main = threading.main_thread().native_id
-        now: dict[int, tuple[str, float]] = {}
+        now: dict[tuple[int, int], tuple[str, float]] = {}
         try:
             entries = list(os.scandir(self._tasks))
         except OSError:
@@ -194,8 +196,13 @@ class ThreadCpuCollector:
             comm = stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2 :].split()
             tid = int(entry.name)
-            group = thread_group(names.get(tid), tid == main, comm)
-            now[tid] = (group, (int(fields[11]) + int(fields[12])) / self._tick)
+            key = (tid, int(fields[19]))
+            seconds = (int(fields[11]) + int(fields[12])) / self._tick
+            seen = self._last.get(key)
+            # A joined thread leaves threading.enumerate() before its task leaves /proc:
+            # keep the group it was seen in rather than fall back to its kernel name.
+            group = seen[0] if seen else thread_group(names.get(tid), tid == main, comm)
+            now[key] = (group, seconds)
         return now
 
     def describe(self) -> Iterator[CounterMetricFamily]:
@@ -204,8 +211,8 @@ class ThreadCpuCollector:
     def collect(self) -> Iterator[CounterMetricFamily]:
         with self._lock:
             now = self._read()
-            for tid, (group, seconds) in self._last.items():
-                if tid not in now:
+            for key, (group, seconds) in self._last.items():
+                if key not in now:
                     self._ended[group] = self._ended.get(group, 0.0) + seconds
             self._last = now
             totals = dict(self._ended)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import threading
 import time
@@ -59,3 +61,31 @@ def test_cpu_is_counted_per_group_and_kept_when_the_thread_ends() -> None:
 def test_the_orchestrator_exposes_it() -> None:
     text = generate_latest().decode()
     assert 'recstack_thread_cpu_seconds_total{thread="main"}' in text
+
+
+def _stat(tid: int, ticks: int, start: int = 1000) -> str:
+    # /proc/<pid>/task/<tid>/stat: utime and stime are fields 14-15, starttime field 22.
+    fields = ["S"] + ["0"] * 10 + [str(ticks), "0"] + ["0"] * 6 + [str(start)]
+    return f"{tid} (python3.11) " + " ".join(fields) + "\n"
+
+
+def test_a_joined_thread_whose_task_lingers_keeps_its_group(tmp_path) -> None:
+    # join() returns before the kernel task leaves /proc/self/task; CI once read the
+    # lingering task under its kernel name and the group's counter fell to 0.
+    tick = os.sysconf("SC_CLK_TCK")
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait, name="recommend_0")
+    worker.start()
+    task = tmp_path / str(worker.native_id)
+    task.mkdir()
+    (task / "stat").write_text(_stat(worker.native_id, 3 * tick))
+    collector = ThreadCpuCollector(tmp_path)
+    assert _value(collector, "recommend") == 3
+    release.set()
+    worker.join()
+    assert _value(collector, "recommend") == 3  # lingering task, no Python name any more
+    (task / "stat").write_text(_stat(worker.native_id, 4 * tick, start=2000))
+    assert _value(collector, "recommend") == 3  # tid reused by a thread that is not ours
+    assert _value(collector, "native:python3.11") == 4
+    shutil.rmtree(task)
+    assert _value(collector, "recommend") == 3  # ended: kept
