@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN := .run
 PRESET ?= demo
 
-.PHONY: setup setup-spark demo test lint fmt typecheck stop bench-offline bench-features bench-triton bench-large bench-quality clean-data help
+.PHONY: setup setup-steps setup-spark demo test lint fmt typecheck stop bench-offline bench-features bench-triton bench-large bench-quality clean-data help
 
 help:
 	@echo "make demo   - set up everything, then data -> training -> export -> servers -> recommendations"
@@ -15,16 +15,22 @@ help:
 	@echo "make lint   - ruff check + format check"
 
 # --- set-up: stamp files make re-runs take seconds ---------------------------------------
-setup: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(RUN)/redis.stamp $(RUN)/nginx.stamp orchestrator/recommender_pb2.py
+# The two environments install side by side (-j: ~4 min -> ~2 on a 2-core machine), and
+# pip skips byte-compiling every installed file (torch's included): Python compiles what
+# is imported, once, on first import.
+setup:
+	@$(MAKE) --no-print-directory -j4 setup-steps
+
+setup-steps: $(VENV)/.stamp $(TRITON_VENV)/.stamp $(RUN)/redis.stamp $(RUN)/nginx.stamp orchestrator/recommender_pb2.py
 
 $(VENV)/.stamp: pyproject.toml requirements/app.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c requirements/app.lock -e '.[dev]'
+	$(BIN)/pip install -q --no-compile --disable-pip-version-check -c requirements/app.lock -e '.[dev]'
 	touch $@
 
 $(TRITON_VENV)/.stamp: requirements/triton.txt requirements/triton.lock
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
-	$(TRITON_VENV)/bin/pip install -q --disable-pip-version-check -c requirements/triton.lock -r requirements/triton.txt
+	$(TRITON_VENV)/bin/pip install -q --no-compile --disable-pip-version-check -c requirements/triton.lock -r requirements/triton.txt
 	touch $@
 
 # gRPC code generated from the one .proto (git-ignored, rebuilt when the .proto changes).
@@ -43,7 +49,7 @@ $(RUN)/redis.stamp:
 # prefix under the run dir as the current user on loopback; the system service the package
 # may start where systemd runs (port 80) is not used. `nginx`, not `nginx-light`: in
 # Debian 12 the latter is a transitional package that pulls in nginx plus a module.
-$(RUN)/nginx.stamp:
+$(RUN)/nginx.stamp: | $(RUN)/redis.stamp  # after it: one apt-get at a time
 	mkdir -p $(RUN)
 	command -v nginx >/dev/null || test -x /usr/sbin/nginx || { apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq nginx >/dev/null; }
 	touch $@
@@ -54,7 +60,7 @@ $(RUN)/nginx.stamp:
 # of `make setup`: only the Spark engine needs it (and `make test`, which tests it).
 setup-spark: $(VENV)/.spark.stamp
 
-$(VENV)/.spark.stamp: requirements/spark.txt requirements/spark.lock $(VENV)/.stamp
+$(VENV)/.spark.stamp: requirements/spark.txt requirements/spark.lock | setup  # the venv, by setup's own make
 	command -v java >/dev/null || { apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq openjdk-17-jre-headless >/dev/null; }
 	$(BIN)/pip install -q --disable-pip-version-check -c requirements/app.lock -c requirements/spark.lock -r requirements/spark.txt
 	touch $@
