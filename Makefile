@@ -12,7 +12,7 @@ PRESET ?= demo
 help:
 	@echo "make demo   - set up everything, then data -> training -> export -> servers -> recommendations"
 	@echo "make test   - set up everything, then run the test suite (starts and stops real servers)"
-	@echo "make lint   - ruff check + format check"
+	@echo "make lint   - ruff check + format check + mypy"
 
 # --- set-up: stamp files make re-runs take seconds ---------------------------------------
 # The two environments install side by side (-j: ~4 min -> ~2 on a 2-core machine), and
@@ -72,11 +72,12 @@ demo: setup
 test: setup setup-spark
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy recstack exporters orchestrator loadtest
 	$(BIN)/pytest -q
 
 # --- development helpers -----------------------------------------------------------------
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy recstack exporters orchestrator loadtest
 
 fmt: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -36,7 +36,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from feast import FeatureService, FeatureStore, RepoConfig
+from feast import FeatureService, FeatureStore, FeatureView, RepoConfig
 from feast.repo_config import FeastConfigError
 from pydantic import ValidationError
 
@@ -401,6 +401,20 @@ def materialize(settings: Settings, incremental: bool = False) -> None:
     log.info("materialized into %s up to %s", settings.online_store, end.isoformat())
 
 
+def batch_table(store: FeatureStore, view: FeatureView) -> tuple[Path, str]:
+    """A feature view's offline table file (relative paths resolved against the feature
+    repository, as Feast does) and its event-time column: what the direct readers of the
+    tables read instead of going through Feast's offline store."""
+    source = view.batch_source
+    raw = getattr(source, "path", None)
+    if source is None or not raw:
+        raise UserError(f"feature view {view.name}: its batch source is not a file table")
+    path = Path(raw)
+    if not path.is_absolute() and store.config.repo_path is not None:
+        path = Path(store.config.repo_path) / path
+    return path, source.timestamp_field
+
+
 def write_latest(
     store: FeatureStore,
     view_name: str,
@@ -421,12 +435,8 @@ def write_latest(
     clock) dropped such a push whenever the two materialisations fell in different
     seconds."""
     view = store.get_feature_view(view_name, allow_registry_cache=True)
-    source = view.batch_source
-    path = Path(source.path)
-    if not path.is_absolute() and store.config.repo_path is not None:
-        path = Path(store.config.repo_path) / path
+    path, ts = batch_table(store, view)
     pushed_after = datetime.fromtimestamp(path.stat().st_mtime, UTC) if keep_pushed else None
-    ts = source.timestamp_field
     keys = [c.name for c in view.entity_columns]
     table = pq.read_table(path, columns=[*keys, ts, *(f.name for f in view.features)])
     table = table.filter(pc.less_equal(table[ts], pc.cast(end, table[ts].type)))

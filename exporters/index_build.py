@@ -154,7 +154,7 @@ def build_index(
     tried: dict[str, float] = {}
     for params in candidates:
         if params:
-            space.set_index_parameters(index, params)
+            space.set_index_parameters(index, params)  # type: ignore[arg-type]
         recall = 1.0
         if want is not None:
             _, got = index.search(q, k)

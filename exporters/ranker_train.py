@@ -509,8 +509,8 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
             "the validation window (recstack train --val-days), add ranker windows "
             "(--windows) or add data."
         )
-    for w in warnings:
-        log.warning("ranker: %s", w)
+    for warning in warnings:
+        log.warning("ranker: %s", warning)
     gain = booster.feature_importance("gain", iteration=best)
     top = sorted(zip(names, gain.tolist(), strict=True), key=lambda t: -t[1])[:10]
     stats = {

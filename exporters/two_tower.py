@@ -150,6 +150,9 @@ def _mlp(d_in: int, hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequent
 class ItemTower(nn.Module):
     """``(item_id, category, brand, price, age_days)`` each ``[B, 1]`` → ``[B, out_dim]``."""
 
+    num_mean: torch.Tensor  # buffers (register_buffer below), typed for the checker
+    num_std: torch.Tensor
+
     def __init__(self, vocab: Vocab, hp: HParams, item_ids: HashEmbedding) -> None:
         super().__init__()
         self.item_ids = item_ids

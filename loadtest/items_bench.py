@@ -184,7 +184,7 @@ def run(
     start = next_id
     t0 = time.perf_counter()
     for lo in range(0, throughput_items, THROUGHPUT_BATCH):
-        ids = range(start + lo, start + min(lo + THROUGHPUT_BATCH, throughput_items))
+        ids = list(range(start + lo, start + min(lo + THROUGHPUT_BATCH, throughput_items)))
         rows = [
             {"item_id": i, "category": int(items["category"].iloc[i % len(items)])} for i in ids
         ]

@@ -154,12 +154,14 @@ class FaissIndex:
                     raise RuntimeError(f"{factory} cannot run on the GPU: {e}") from e
                 log.warning("%s has no GPU implementation, searching on CPU: %s", factory, e)
                 use_gpu, res = False, None
+        # set_index_parameters takes FAISS's parameter string ("nprobe=64,..."); its
+        # generated stub says int, hence the ignores.
         if use_gpu:
             if params:
-                faiss.GpuParameterSpace().set_index_parameters(index, params)
+                faiss.GpuParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]
         else:
             if params:
-                faiss.ParameterSpace().set_index_parameters(index, params)
+                faiss.ParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]
             single_query_scan(index)
         log.info(
             "loaded %s: %s (%s), %d items, dim %d, %s",

@@ -39,7 +39,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -208,11 +207,7 @@ def load_item_snapshot(store: FeatureStore, features: Sequence[ServiceFeature]) 
         if end is None:
             log.warning("feature view %s was never materialised: its items get defaults", view_name)
             continue
-        source = view.batch_source
-        ts = source.timestamp_field
-        path = Path(source.path)
-        if not path.is_absolute() and store.config.repo_path is not None:
-            path = Path(store.config.repo_path) / path
+        path, ts = feast_ops.batch_table(store, view)
         table = pq.read_table(path, columns=[ITEM_KEY, ts, *cols])
         table = table.filter(pc.less_equal(table[ts], pc.cast(end, table[ts].type)))
         df = table.to_pandas()

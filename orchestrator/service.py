@@ -68,6 +68,7 @@ from orchestrator.breaker import BreakerConfig, Breakers, CircuitOpen
 from orchestrator.budget import BudgetConfig, RequestClock, answer_within
 from orchestrator.catalog import Catalog, Fallbacks
 from orchestrator.event_log import EventLog, new_request_id
+from orchestrator.local_models import InProcessModels
 from orchestrator.online_features import FeatureStoreUnavailable
 from orchestrator.postprocess import Candidates, reasons, select
 from orchestrator.release_router import ReleaseRouter
@@ -128,7 +129,7 @@ def _in_process(
     err: Exception,
     stage: str,
     degraded: list[str],
-    run: Callable[[], np.ndarray],
+    run: Callable[[InProcessModels], np.ndarray],
 ) -> np.ndarray | None:
     """The stage's answer from the release's in-process models when Triton failed
     (``settings.model_fallback``), flagged ``<stage>_in_process``; None without them, or
@@ -136,7 +137,7 @@ def _in_process(
     if rel.local is None or isinstance(err, TritonInvalidInput):
         return None
     try:
-        out = run()
+        out = run(rel.local)
     except Exception as e:
         log.warning("%s in process failed too: %s: %s", stage, type(e).__name__, e)
         return None
@@ -638,7 +639,11 @@ class RecommendService:
                 except Exception as e:  # TritonError, or a bad answer
                     _stage_failed("user_tower", e)
                     embedding = _in_process(
-                        rel, e, "user_tower", degraded, lambda: rel.user_embedding_in_process(user)
+                        rel,
+                        e,
+                        "user_tower",
+                        degraded,
+                        lambda _: rel.user_embedding_in_process(user),
                     )
         if embedding is None:
             degraded.append("retrieval_unavailable")
@@ -670,16 +675,17 @@ class RecommendService:
                     inputs = user.rank_inputs(
                         embedding, items, catalog.vectors(rows), now, source_feats
                     )
+                    answer: np.ndarray | None
                     try:
-                        scores = rel.triton.rank(inputs, timeout_s=budget)
+                        answer = rel.triton.rank(inputs, timeout_s=budget)
                     except TritonError as e:
                         _stage_failed("ranking", e)
-                        scores = _in_process(
-                            rel, e, "ranking", degraded, lambda: rel.local.rank(inputs)
+                        answer = _in_process(
+                            rel, e, "ranking", degraded, lambda local: local.rank(inputs)
                         )
-                        if scores is None:
+                        if answer is None:
                             raise
-                    scores = np.asarray(scores, dtype=np.float64)
+                    scores = np.asarray(answer, dtype=np.float64)
                     if scores.shape != (len(rows),) or not np.isfinite(scores).all():
                         raise ValueError(f"ranker answered {scores.shape}, non-finite or short")
                     final_scores = scores

@@ -8,6 +8,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import grpc
 
@@ -51,18 +52,18 @@ def _known_user(settings: Settings) -> str:
     return str(user)
 
 
-def _show(title: str, reply: object, client_ms: list[float]) -> None:
+def _show(title: str, reply: Any, client_ms: list[float]) -> None:
     print(f"\n{title}")
     print(
-        f"  release {reply.release}; cold_start={reply.cold_start}; "  # type: ignore[attr-defined]
+        f"  release {reply.release}; cold_start={reply.cold_start}; "
         f"degraded={list(reply.degraded) or 'none'}"
-    )  # type: ignore[attr-defined]
-    for it in reply.items:  # type: ignore[attr-defined]
+    )
+    for it in reply.items:
         print(
             f"  {it.rank:2d}. item {it.item_key:>8}  score {it.score:8.4f}  "
             f"[{it.source}] {it.reason}"
         )
-    stages = ", ".join(f"{t.stage} {t.ms:.2f}" for t in reply.timings)  # type: ignore[attr-defined]
+    stages = ", ".join(f"{t.stage} {t.ms:.2f}" for t in reply.timings)
     print(f"  server stages (ms): {stages}")
     print(
         f"  client latency over {len(client_ms)} calls: p50 "
