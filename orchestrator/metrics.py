@@ -166,9 +166,10 @@ class ThreadCpuCollector:
     """``recstack_thread_cpu_seconds_total{thread}``: the process's CPU time (user +
     system, from /proc) by thread group, read at scrape time — which part of a request's
     CPU the front's event loop, the workers and the background threads spend (issue 13:
-    the orchestrator's own cost, next to the per-stage histograms). Threads that ended
-    keep the time last seen, so the counters never go down (what a thread spent after the
-    last scrape before it ended is not counted). Nothing on machines without /proc."""
+    the orchestrator's own cost, next to the per-stage histograms). A thread stays in the
+    group it was first seen in, and threads that ended keep the time last seen, so the
+    counters never go down (what a thread spent after the last scrape before it ended is
+    not counted). Nothing on machines without /proc."""
 
     def __init__(self, tasks: Path = Path("/proc/self/task")) -> None:
         self._tasks = tasks
