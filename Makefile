@@ -6,6 +6,8 @@ TRITON_VENV := .venv-triton
 BIN := $(VENV)/bin
 RUN := .run
 PRESET ?= demo
+# The packages mypy checks (make lint, make test, make typecheck).
+TYPED := recstack exporters orchestrator loadtest
 
 .PHONY: setup setup-steps setup-spark demo test lint fmt typecheck stop bench-offline bench-features bench-triton bench-large bench-quality clean-data help
 
@@ -69,21 +71,20 @@ $(VENV)/.spark.stamp: requirements/spark.txt requirements/spark.lock | setup  # 
 demo: setup
 	$(BIN)/recstack demo --preset $(PRESET) $(DEMO_ARGS)
 
-test: setup setup-spark
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/mypy recstack exporters orchestrator loadtest
+test: lint setup-spark
 	$(BIN)/pytest -q
 
 # --- development helpers -----------------------------------------------------------------
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy recstack exporters orchestrator loadtest
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy $(TYPED)
 
 fmt: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 typecheck: setup
-	$(BIN)/mypy recstack exporters orchestrator loadtest
+	$(BIN)/mypy $(TYPED)
 
 stop:
 	-$(BIN)/recstack stop
