@@ -674,7 +674,8 @@ def cli_feast(args: argparse.Namespace) -> int:
     command = [
         sys.executable,
         "-c",
-        "import sys; from feast.cli.cli import cli; sys.exit(cli(prog_name='feast'))",
+        "import sys; from recstack.lean_imports import lean_feast_imports; lean_feast_imports(); "
+        "from feast.cli.cli import cli; sys.exit(cli(prog_name='feast'))",
         "--chdir",
         str(settings.feature_repo),
         "--feature-store-yaml",

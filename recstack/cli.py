@@ -13,6 +13,7 @@ from typing import Any
 
 from recstack import logs
 from recstack.errors import UserError
+from recstack.lean_imports import lean_feast_imports
 
 log = logging.getLogger("recstack")
 
@@ -404,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, configure logging, dispatch. Errors the user can fix exit 2 with a message."""
+    lean_feast_imports()  # before any command's module imports Feast
     args = build_parser().parse_args(argv)
     logs.configure(verbose=args.verbose)
     try:

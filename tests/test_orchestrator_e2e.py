@@ -11,6 +11,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -408,6 +409,15 @@ def test_start_up_log_has_no_misleading_noise(stack: dict[str, Any]) -> None:
     assert " INFO orchestrator." in text
     for noise in ("swigfaiss", "faiss.loader", "Registry cache expired"):
         assert noise not in text, noise
+
+
+def test_the_serving_process_does_not_load_torch(stack: dict[str, Any]) -> None:
+    """Feast imports torch eagerly (~2 s and ~180 MB per process); the orchestrator runs
+    no torch model, so its entry point imports Feast without it (recstack/lean_imports.py)."""
+    pid = stack["procs"]["orchestrator"].pid
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "libtorch" not in maps
+    assert "faiss" in maps  # the check reads the serving process's own libraries
 
 
 @pytest.mark.parametrize(
