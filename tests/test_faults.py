@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import active_users, end_of_data
+from conftest import active_users, end_of_data, stop_all
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -63,8 +63,7 @@ def stack(trained_settings: Settings) -> Iterator[dict[str, Any]]:
         yield {"settings": s, "stub": pb_grpc.RecommenderStub(channel), "channel": channel}
         channel.close()
     finally:
-        for p in procs.values():
-            p.stop()
+        stop_all(procs.values())
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import active_users, end_of_data
+from conftest import active_users, end_of_data, stop_all
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loadtest import faults
@@ -46,8 +46,7 @@ def stack(trained_settings: Settings) -> Iterator[dict[str, Any]]:
         yield {"settings": s, "stub": pb_grpc.RecommenderStub(channel)}
         channel.close()
     finally:
-        for p in procs.values():
-            p.stop()
+        stop_all(procs.values())
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import own_stack, port, two_releases_first_live
+from conftest import own_stack, port, stop_all, two_releases_first_live
 
 from exporters import item_delta
 from exporters.raw_tables import read_table
@@ -69,8 +69,7 @@ def stack(
             "folder": item_delta.delta_dir(s, int(load_manifest(s)["release_id"])),
         }
     finally:
-        for p in procs.values():
-            p.stop()
+        stop_all(procs.values())
 
 
 def _lover(stack: dict[str, Any]) -> tuple[int, int]:
@@ -265,8 +264,7 @@ def ab_settings(
         assert done.returncode == 0, done.stderr[-2000:]
         yield s
     finally:
-        for p in procs.values():
-            p.stop()
+        stop_all(procs.values())
 
 
 def test_during_an_ab_test_both_arms_get_the_items_through_their_own_tower(

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import stop_all
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -55,8 +56,7 @@ def stack(trained_settings: Settings) -> Iterator[dict[str, Any]]:
         }
         channel.close()
     finally:
-        for p in procs.values():
-            p.stop()
+        stop_all(procs.values())
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 import pandas as pd
 import pytest
-from conftest import port, require_redis_server
+from conftest import port, require_redis_server, stop_all
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from exporters import feast_ops, release
@@ -84,8 +84,7 @@ def served_from(
             if name in procs:
                 procs.pop(name).stop()
         stop_store(s)
-        for p in procs.values():
-            p.stop()
+        stop_all(procs.values())
 
 
 @pytest.fixture(scope="module")

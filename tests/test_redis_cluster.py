@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _features_fixtures import FeastEnv, own_redis_server, timeline_settings
-from conftest import make_settings, port, require_redis_server
+from conftest import make_settings, port, require_redis_server, stop_all
 
 from exporters import feast_ops, feature_tables
 from orchestrator import redis_cluster
@@ -62,8 +62,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     try:
         yield {"settings": s, "procs": procs}
     finally:
-        for p in procs.values():
-            p.stop()
+        stop_all(procs.values())
 
 
 def build(s: Settings) -> FeastEnv:
@@ -271,8 +270,7 @@ def test_a_cluster_down_at_start_is_degraded_then_read_when_it_comes(
     their nodes.conf: same cluster) the first read makes the client, with the bounds."""
     s = envs["redis_cluster"].settings
     procs: dict[str, ManagedProcess] = cluster["procs"]
-    for p in procs.values():
-        p.stop()
+    stop_all(procs.values())
     breakers = Breakers(BreakerConfig(cooldown_s=0.0))
     online = OnlineFeatures(s, breakers=breakers).load()
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import active_users, end_of_data, port
+from conftest import active_users, end_of_data, port, stop_all
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loadtest.reference import reference_settings, start_reference
@@ -49,8 +49,7 @@ def servers(trained_settings: Settings) -> Iterator[dict[str, Any]]:
     finally:
         for channel in channels:
             channel.close()
-        for p in reversed(procs):
-            p.stop()
+        stop_all(procs)
 
 
 def _ask(stub: Any, user: str, when: Timestamp, k: int) -> pb.RecommendResponse:

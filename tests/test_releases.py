@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import active_users, own_stack, two_releases_first_live
+from conftest import active_users, own_stack, stop_all, two_releases_first_live
 
 from exporters import release
 from exporters.release_ops import promote
@@ -77,8 +77,7 @@ def stack(rs: Settings) -> Iterator[dict[str, ManagedProcess]]:
         procs["orchestrator"] = start_orchestrator(rs)
         yield procs
     finally:
-        for p in procs.values():
-            p.stop()
+        stop_all(procs.values())
 
 
 @pytest.fixture(scope="module")

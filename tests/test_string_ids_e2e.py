@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pandas as pd
 import pytest
-from conftest import end_of_data, make_settings, port
+from conftest import end_of_data, make_settings, port, stop_all
 
 from exporters import pipeline, release
 from exporters.data_generate import PRESETS, build, generate, item_key, user_key
@@ -79,8 +79,7 @@ def stack(keyed: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield {**keyed, "stub": pb_grpc.RecommenderStub(channel), "when": end_of_data(s)}
         channel.close()
     finally:
-        for p in reversed(procs):
-            p.stop()
+        stop_all(procs)
 
 
 def _http(
