@@ -14,6 +14,7 @@ from exporters.baselines import (
     interaction_matrix,
     popularity_scores,
     score_users,
+    spd_inverse,
     top_k_unseen,
     top_n_neighbours,
 )
@@ -65,6 +66,18 @@ def test_ease_matches_a_direct_numpy_solve() -> None:
     np.testing.assert_allclose(B32, expected, atol=1e-4)
     S = score_users(X[:3], B)
     np.testing.assert_allclose(S, Xd[:3] @ expected, atol=1e-9)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(np.float64, 1e-10), (np.float32, 1e-4)])
+def test_the_cholesky_inverse_equals_numpys(dtype: type, tol: float) -> None:
+    A = np.random.default_rng(5).normal(size=(60, 30))
+    G = (A.T @ A + 3.0 * np.eye(30)).astype(dtype)
+    expected = np.linalg.inv(G.astype(np.float64))
+    P = spd_inverse(G.copy())
+    assert P is not None and P.dtype == dtype
+    np.testing.assert_allclose(P, expected, atol=tol * np.abs(expected).max())
+    np.testing.assert_array_equal(P, P.T)  # both triangles, not potri's upper one only
+    assert spd_inverse(np.array([[1.0, 2.0], [2.0, 1.0]])) is None  # indefinite
 
 
 def test_ease_refuses_large_catalogs_and_bad_lambda() -> None:
