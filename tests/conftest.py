@@ -3,13 +3,12 @@ the tests that need them and stopped afterwards; nothing here is mocked."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orchestrator.processes import ManagedProcess
 from recstack.settings import Settings
 
 
@@ -108,14 +107,6 @@ def two_releases_first_live(s: Settings) -> Settings:
     state.record("bootstrap", release=1)
     save_state(s, state)
     return s
-
-
-def stop_all(procs: Iterable[ManagedProcess]) -> None:
-    """Stop servers in the reverse of their start order, so clients go before the servers
-    they call: a Triton stopped while the orchestrator still holds its kept-alive HTTP
-    connections waits its whole exit timeout (8 s) for them."""
-    for p in reversed(list(procs)):
-        p.stop()
 
 
 def cpu_cost(call: Callable[[], object], repeat: int = 3) -> float:

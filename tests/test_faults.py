@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import active_users, end_of_data, stop_all
+from conftest import active_users, end_of_data
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -36,7 +36,7 @@ from loadtest import faults
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.orchestrator_process import start_orchestrator
-from orchestrator.processes import ManagedProcess
+from orchestrator.processes import ManagedProcess, stop_all
 from orchestrator.triton_server import start_triton
 from recstack.settings import Settings
 

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import own_stack, port, stop_all, two_releases_first_live
+from conftest import own_stack, port, two_releases_first_live
 
 from exporters import item_delta
 from exporters.raw_tables import read_table
 from exporters.release import load_manifest, model_versions
 from orchestrator.orchestrator_process import settings_env, start_orchestrator
-from orchestrator.processes import ManagedProcess
+from orchestrator.processes import ManagedProcess, stop_all
 from orchestrator.triton_client import TritonClient
 from orchestrator.triton_server import start_triton
 from recstack.settings import Settings

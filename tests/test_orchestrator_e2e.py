@@ -18,7 +18,6 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import stop_all
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -29,7 +28,7 @@ from exporters.raw_tables import read_table
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.orchestrator_process import start_orchestrator
-from orchestrator.processes import ManagedProcess
+from orchestrator.processes import ManagedProcess, stop_all
 from orchestrator.triton_server import start_triton
 from recstack.settings import Settings
 

@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 import pandas as pd
 import pytest
-from conftest import port, require_redis_server, stop_all
+from conftest import port, require_redis_server
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from exporters import feast_ops, release
@@ -42,7 +42,7 @@ from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator import redis_server as rs
 from orchestrator.online_features import OnlineFeatures
 from orchestrator.orchestrator_process import start_orchestrator
-from orchestrator.processes import ManagedProcess
+from orchestrator.processes import ManagedProcess, stop_all
 from orchestrator.triton_server import start_triton
 from recstack.settings import Settings
 

@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 import pytest
 from _features_fixtures import FeastEnv, own_redis_server, timeline_settings
-from conftest import make_settings, port, require_redis_server, stop_all
+from conftest import make_settings, port, require_redis_server
 
 from exporters import feast_ops, feature_tables
 from orchestrator import redis_cluster
 from orchestrator.breaker import BreakerConfig, Breakers
 from orchestrator.online_features import FeatureStoreUnavailable, OnlineFeatures, push_event
-from orchestrator.processes import ManagedProcess
+from orchestrator.processes import ManagedProcess, stop_all
 from recstack.errors import UserError
 from recstack.settings import Settings
 

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import active_users, end_of_data, port, stop_all
+from conftest import active_users, end_of_data, port
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loadtest.reference import reference_settings, start_reference
@@ -19,7 +19,7 @@ from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.local_models import InProcessModels
 from orchestrator.orchestrator_process import start_orchestrator
-from orchestrator.processes import ManagedProcess
+from orchestrator.processes import ManagedProcess, stop_all
 from orchestrator.triton_client import TritonClient, TritonInvalidInput
 from orchestrator.triton_server import ensemble_name, start_triton
 from recstack.settings import Settings

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import active_users, own_stack, stop_all, two_releases_first_live
+from conftest import active_users, own_stack, two_releases_first_live
 
 from exporters import release
 from exporters.release_ops import promote
@@ -31,7 +31,7 @@ from exporters.release_validate import ValidationFailed
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.orchestrator_process import settings_env, start_orchestrator
-from orchestrator.processes import ManagedProcess
+from orchestrator.processes import ManagedProcess, stop_all
 from orchestrator.triton_client import TritonClient
 from orchestrator.triton_server import (
     _http,

@@ -16,14 +16,14 @@ from typing import Any
 import grpc
 import pandas as pd
 import pytest
-from conftest import end_of_data, make_settings, port, stop_all
+from conftest import end_of_data, make_settings, port
 
 from exporters import pipeline, release
 from exporters.data_generate import PRESETS, build, generate, item_key, user_key
 from orchestrator import recommender_pb2 as pb
 from orchestrator import recommender_pb2_grpc as pb_grpc
 from orchestrator.orchestrator_process import start_orchestrator
-from orchestrator.processes import ManagedProcess
+from orchestrator.processes import ManagedProcess, stop_all
 from orchestrator.triton_server import start_triton
 from recstack.ids import key_hash
 from recstack.settings import Settings
