@@ -55,7 +55,7 @@ def _torch_hidden(_module: ModuleType) -> Iterator[None]:
             del sys.modules["torch"]
 
 
-class _Around(importlib.abc.Loader):
+class _WrappedLoader(importlib.abc.Loader):
     """A module's own loader, with ``around`` entered while the module's code runs."""
 
     def __init__(self, loader: importlib.abc.Loader, around: Around) -> None:
@@ -97,7 +97,7 @@ class _FirstImport(importlib.abc.MetaPathFinder):
         del self._hooks[fullname]
         if not self._hooks:
             sys.meta_path.remove(self)
-        spec.loader = _Around(spec.loader, around)
+        spec.loader = _WrappedLoader(spec.loader, around)
         return spec
 
 
