@@ -91,13 +91,16 @@ def to_json(result: RecommendResult) -> dict[str, Any]:
 
 
 _in_flight = [0]  # calls being handled right now (for the drain on shutdown)
+# When a call last started or ended (perf_counter): the drain's idle test reads this, not
+# _in_flight alone, since a poll every 20 ms misses most calls of a few ms each.
+_last_call = [0.0]
 
 
 @contextlib.asynccontextmanager
 async def _observed(method: str) -> AsyncIterator[list[str]]:
     """Count the call by status code and time it; the handler sets code[0]."""
     code = ["OK"]
-    t0 = time.perf_counter()
+    t0 = _last_call[0] = time.perf_counter()
     _in_flight[0] += 1
     try:
         yield code
@@ -110,7 +113,8 @@ async def _observed(method: str) -> AsyncIterator[list[str]]:
         raise
     finally:
         _in_flight[0] -= 1
-        metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - t0)
+        _last_call[0] = t1 = time.perf_counter()
+        metrics.REQUEST_SECONDS.labels(method).observe(t1 - t0)
         metrics.REQUESTS.labels(method, code[0]).inc()
 
 
@@ -519,12 +523,11 @@ DRAIN_IDLE_SECONDS = 0.25
 
 
 async def _drain(limit: float) -> None:
-    deadline = time.monotonic() + limit
-    idle_since = time.monotonic()
-    while time.monotonic() < deadline:
-        if _in_flight[0]:
-            idle_since = time.monotonic()
-        elif time.monotonic() - idle_since >= DRAIN_IDLE_SECONDS:
+    """Return after ``limit`` seconds, or once no call has started or ended (and none is in
+    flight) for DRAIN_IDLE_SECONDS, counted from the drain's start at the earliest."""
+    start = time.perf_counter()
+    while (now := time.perf_counter()) < start + limit:
+        if not _in_flight[0] and now - max(start, _last_call[0]) >= DRAIN_IDLE_SECONDS:
             return
         await asyncio.sleep(0.02)
 

@@ -5,6 +5,7 @@ servers of orchestrator/server.py run in-process in front of a fake service."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -350,6 +351,45 @@ def test_health_flips_to_not_serving_when_the_drain_starts(fronts: Fronts) -> No
         assert (status, body["status"]) == (503, "NOT_SERVING")
     finally:
         fronts.drain.started = False
+
+
+def _drain_under(calls_for: float, every: float, call_s: float) -> float:
+    """Seconds ``srv._drain(DRAIN_SECONDS)`` took while calls of ``call_s`` each began every
+    ``every`` seconds for ``calls_for`` seconds, through the fronts' own call accounting."""
+
+    async def call() -> None:
+        async with srv._observed("Recommend"):
+            await asyncio.sleep(call_s)
+
+    async def main() -> float:
+        until = time.perf_counter() + calls_for
+        calls = []
+        t0 = time.perf_counter()
+        drain = asyncio.create_task(srv._drain(srv.DRAIN_SECONDS))
+        drain.add_done_callback(lambda _: ended.append(time.perf_counter()))
+        while time.perf_counter() < until:
+            calls.append(asyncio.create_task(call()))
+            await asyncio.sleep(every)
+        await drain
+        await asyncio.gather(*calls)
+        return ended[0] - t0
+
+    ended: list[float] = []
+
+    return asyncio.run(main())
+
+
+def test_the_drain_lasts_while_calls_keep_arriving_and_ends_once_idle() -> None:
+    """Calls of 2 ms every 50 ms (a replica's share behind nginx) keep the drain going: it
+    ends DRAIN_IDLE_SECONDS after the last one, not at the first poll that finds none in
+    flight (a poll every 20 ms misses ~96 % of such calls, which ended the drain early)."""
+    idle, limit = srv.DRAIN_IDLE_SECONDS, srv.DRAIN_SECONDS
+    took = _drain_under(calls_for=1.0, every=0.05, call_s=0.002)
+    assert 1.0 + idle - 0.06 <= took < 1.0 + idle + 0.3, took
+    took = _drain_under(calls_for=0.0, every=0.05, call_s=0.002)  # no call at all
+    assert idle <= took < idle + 0.3, took
+    took = _drain_under(calls_for=limit + 0.5, every=0.05, call_s=0.002)  # never idle
+    assert limit <= took < limit + 0.3, took
 
 
 def test_health_stays_serving_with_an_open_breaker_and_names_it(
