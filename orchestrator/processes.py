@@ -289,10 +289,25 @@ def tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+# ``recstack stop`` stops clients before the servers they call (name prefixes, front to
+# back): a server stopped first makes its clients fail calls and hold connections to it.
+STOP_ORDER = ("nginx", "orchestrator", "reference", "triton", "redis")
+
+
+def stop_order(names: Iterable[str]) -> list[str]:
+    """``names`` in STOP_ORDER; a name of no listed kind goes before the online stores."""
+
+    def rank(name: str) -> tuple[float, str]:
+        kind = next((i for i, k in enumerate(STOP_ORDER) if name.startswith(k)), None)
+        return (len(STOP_ORDER) - 1.5 if kind is None else kind, name)
+
+    return sorted(names, key=rank)
+
+
 def cli_stop(args: argparse.Namespace) -> int:
-    """``recstack stop``: stop every server started with --detach."""
+    """``recstack stop``: stop every server started with --detach (clients first)."""
     settings = get_settings()
-    names = sorted(p.stem for p in settings.run_dir.glob("*.pid"))
+    names = stop_order(p.stem for p in settings.run_dir.glob("*.pid"))
     for name in names:
         stop_process(settings, name)
     print("stopped: " + (", ".join(names) if names else "nothing was running"))

@@ -9,7 +9,14 @@ import time
 
 import pytest
 
-from orchestrator.processes import Port, port_taken, read_pid, start_process, stop_process
+from orchestrator.processes import (
+    Port,
+    port_taken,
+    read_pid,
+    start_process,
+    stop_order,
+    stop_process,
+)
 from recstack.errors import UserError
 from recstack.settings import Settings
 
@@ -115,3 +122,20 @@ def test_child_env_drops_feasts_prometheus_dir(
     assert env["RECSTACK_ORCHESTRATOR_GRPC_PORT"] == str(settings.orchestrator_grpc_port)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/srv/metrics")
     assert settings_env(settings)["PROMETHEUS_MULTIPROC_DIR"] == "/srv/metrics"
+
+
+def test_recstack_stop_goes_from_the_front_to_the_stores() -> None:
+    """nginx, then the orchestrators and the reference (Triton's and the stores' clients),
+    then Triton, then the online stores; an unknown kind before the stores."""
+    names = ["redis-6379", "triton", "orchestrator-1", "nginx", "reference", "orchestrator"]
+    names += ["redis-cluster-7000", "spark-history"]
+    assert stop_order(names) == [
+        "nginx",
+        "orchestrator",
+        "orchestrator-1",
+        "reference",
+        "triton",
+        "spark-history",
+        "redis-6379",
+        "redis-cluster-7000",
+    ]
