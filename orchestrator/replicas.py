@@ -27,6 +27,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from orchestrator import recommender_pb2 as pb
 from orchestrator.orchestrator_process import grpc_serving, orchestrator_ports, settings_env
 from orchestrator.processes import (
     ManagedProcess,
+    log_path,
     read_pid,
     start_process,
     stop_process,
@@ -47,6 +50,7 @@ RECOMMEND_PATH = "/{}/Recommend".format(pb.DESCRIPTOR.services_by_name["Recommen
 # A replica that failed (refused or reset a connection) gets no calls for this long, then
 # one call probes it again (nginx's passive health check).
 FAIL_TIMEOUT_S = 2
+WORKER_SHUTDOWN_S = 10
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,9 @@ def nginx_prefix(settings: Settings) -> Path:
     return settings.run_dir / NGINX
 
 
-def render_nginx_conf(settings: Settings) -> str:
-    """nginx.conf for the replicas of ``settings`` (a prefix of its own, no root needed)."""
+def render_nginx_conf(settings: Settings, out: Set[str] = frozenset()) -> str:
+    """nginx.conf for the replicas of ``settings`` (a prefix of its own, no root needed);
+    the replicas named in ``out`` are listed ``down``: nginx sends them nothing."""
     reps = replicas(settings)
     if not reps:
         raise UserError("nginx balances replicas: set RECSTACK_ORCHESTRATOR_REPLICAS >= 2")
@@ -146,7 +151,8 @@ def render_nginx_conf(settings: Settings) -> str:
 
     def servers(port_of: str) -> str:
         return "".join(
-            f"        server {host}:{getattr(r, port_of)} max_fails=1 fail_timeout={fail}s;\n"
+            f"        server {host}:{getattr(r, port_of)} max_fails=1 fail_timeout={fail}s"
+            f"{' down' if r.name in out else ''};\n"
             for r in reps
         )
 
@@ -169,6 +175,9 @@ master_process on;
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log stderr warn;
+# A reload (a replica taken out or brought back) lets the old worker finish its calls;
+# one that still has some after this long closes them.
+worker_shutdown_timeout {WORKER_SHUTDOWN_S}s;
 
 events {{
     worker_connections 4096;
@@ -222,13 +231,14 @@ http {{
 """
 
 
-def write_nginx_conf(settings: Settings) -> Path:
-    """Write the config (and the prefix's folders); returns its path."""
+def write_nginx_conf(settings: Settings, out: Set[str] = frozenset()) -> Path:
+    """Write the config beside ``nginx.conf`` (and the prefix's folders); returns its path.
+    :func:`check_nginx_conf` moves it into place once nginx accepts it."""
     prefix = nginx_prefix(settings)
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / "tmp" / kind).mkdir(parents=True, exist_ok=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(render_nginx_conf(settings))
+    conf = prefix / "nginx.conf.new"
+    conf.write_text(render_nginx_conf(settings, out))
     return conf
 
 
@@ -246,12 +256,14 @@ def nginx_argv(settings: Settings, conf: Path, *extra: str) -> list[str]:
     ]
 
 
-def check_nginx_conf(settings: Settings) -> str:
-    """``nginx -t`` on the rendered config; its output, or a UserError with it."""
-    conf = write_nginx_conf(settings)
+def check_nginx_conf(settings: Settings, out: Set[str] = frozenset()) -> str:
+    """Render the config, ``nginx -t`` it, then rename it to ``nginx.conf`` (a running
+    nginx reads that file only at a reload); nginx's output, or a UserError with it."""
+    conf = write_nginx_conf(settings, out)
     done = subprocess.run(nginx_argv(settings, conf, "-t"), capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"nginx rejects {conf}:\n{done.stderr.strip()}")
+    conf.replace(conf.with_name("nginx.conf"))
     return done.stderr.strip()
 
 
@@ -314,7 +326,73 @@ def start_replicas(settings: Settings, timeout: float = 180.0) -> dict[str, Mana
             for proc in started.values():
                 proc.stop()
             raise
+    else:  # nginx kept running: give it back the replicas a drain took out
+        reload_nginx(settings, down_replicas(settings))
     return started
+
+
+def nginx_workers(master: int) -> set[int]:
+    """The pids of nginx's workers: the master's children (read from /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we read
+        if int(fields[1]) == master:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def down_replicas(settings: Settings) -> set[str]:
+    """The replicas without a live process: listed ``down`` at nginx's next reload."""
+    return {r.name for r in replicas(settings) if read_pid(settings, r.name) is None}
+
+
+def reload_nginx(
+    settings: Settings, out: Set[str], timeout: float = WORKER_SHUTDOWN_S + 5.0
+) -> float:
+    """Render the config with ``out`` down, check it, have the running nginx load it
+    (SIGHUP) and wait until the workers of the old config have exited: from then on no
+    call goes to a replica in ``out``. Returns the seconds it took."""
+    master = read_pid(settings, NGINX)
+    if master is None:
+        raise UserError(f"nginx does not run (no live pid file in {settings.run_dir})")
+    check_nginx_conf(settings, out)
+    t0 = time.monotonic()
+    old = nginx_workers(master)
+    os.kill(master, signal.SIGHUP)
+    while time.monotonic() - t0 < timeout:
+        now = nginx_workers(master)
+        if not now & old and now - old:
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise UserError(
+        f"nginx did not take the new config within {timeout:.0f} s "
+        f"(its log: {log_path(settings, NGINX)})"
+    )
+
+
+def drain_replica(settings: Settings, name: str, timeout: float = 30.0) -> tuple[float, float]:
+    """Stop replica ``name`` without failing a call: take it out of nginx's upstream
+    (:func:`reload_nginx`), then SIGTERM it and wait for its exit (with no call arriving
+    its drain ends after ``DRAIN_IDLE_SECONDS``). A SIGTERM alone, from outside, races
+    nginx, which does not see NOT_SERVING and keeps sending until the port closes.
+    Returns (seconds until nginx sent it nothing, seconds until it exited)."""
+    names = {r.name for r in replicas(settings)}
+    if name not in names:
+        raise UserError(f"{name} is not a replica of this set ({', '.join(sorted(names))})")
+    if read_pid(settings, name) is None:
+        raise UserError(f"{name} does not run (no live pid file in {settings.run_dir})")
+    out_s = (
+        reload_nginx(settings, down_replicas(settings) | {name})
+        if read_pid(settings, NGINX) is not None
+        else 0.0
+    )
+    t0 = time.monotonic()
+    stop_process(settings, name, timeout)
+    return out_s, time.monotonic() - t0
 
 
 def stop_replicas(settings: Settings) -> list[str]:
@@ -356,6 +434,14 @@ def serve(settings: Settings, detach: bool) -> int:
         asyncio.run(wait())
     finally:
         stop_replicas(settings)
+    return 0
+
+
+def cli_drain(args: argparse.Namespace) -> int:
+    """``recstack serve drain NAME``: stop one replica without failing a call (out of
+    nginx first, then SIGTERM); ``recstack serve orchestrator --detach`` brings it back."""
+    out_s, stop_s = drain_replica(get_settings(), args.name)
+    print(f"{args.name}: out of nginx's upstream in {out_s:.2f} s, stopped {stop_s:.2f} s later")
     return 0
 
 

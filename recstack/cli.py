@@ -253,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(serve, "signal", "orchestrator.replicas:cli_signal", "signal one server (load tests)")
     p.add_argument("name", help="its pid file's name under the run dir, e.g. orchestrator-1")
     p.add_argument("--signal", choices=["TERM", "KILL"], default="TERM")
+    p = _cmd(
+        serve,
+        "drain",
+        "orchestrator.replicas:cli_drain",
+        "stop one replica without failing a call (out of nginx, then SIGTERM)",
+    )
+    p.add_argument("name", help="the replica, e.g. orchestrator-1")
     _cmd(groups, "stop", "orchestrator.processes:cli_stop", "stop servers started --detach")
 
     # --- benchmarks (not tests) -----------------------------------------------------------

@@ -4,6 +4,7 @@ Triton, two replicas as their own processes, real nginx, the project's load gene
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import shlex
@@ -39,6 +40,7 @@ from orchestrator.replicas import (
     start_replicas,
     stop_replicas,
 )
+from orchestrator.server import DRAIN_SECONDS
 from orchestrator.triton_server import ensemble_name, loaded_models, start_triton
 from recstack.cli import build_parser
 from recstack.errors import UserError
@@ -81,10 +83,19 @@ def test_nginx_config_renders_valid_and_names_every_replica(settings: Settings) 
     assert str(nginx_prefix(s)) in conf and "/var/" not in conf
     # Only Recommend may be repeated after it was sent; RecordEvent may not.
     assert conf.count("non_idempotent") == 1
+    # A replica taken out (a drain) is listed `down` in both upstreams, the others are not.
+    assert " down;" not in conf
+    assert "test is successful" in check_nginx_conf(s, {reps[1].name})
+    conf = (nginx_prefix(s) / "nginx.conf").read_text()
+    assert conf == render_nginx_conf(s, {reps[1].name})
+    downs = re.findall(r"server 127\.0\.0\.1:(\d+) .* down;", conf)
+    assert sorted(map(int, downs)) == [reps[1].grpc_port, reps[1].http_port]
     # A setting nginx refuses is a clear error, not a server that never starts.
     bad = s.model_copy(update={"orchestrator_host": "not a host"})
     with pytest.raises(UserError, match="nginx rejects"):
         check_nginx_conf(bad)
+    # The rejected config was not moved into place: a reload would still read the good one.
+    assert (nginx_prefix(s) / "nginx.conf").read_text() == conf
     clash = s.model_copy(update={"orchestrator_replica_port_base": port(18351) - 11})
     with pytest.raises(UserError, match="overlap"):
         replicas(clash)
@@ -225,6 +236,12 @@ def _access_log(s: Settings, since: float) -> list[tuple[float, str, str, str]]:
     return rows
 
 
+def _grpc_status(row: tuple[float, str, str, str]) -> str:
+    """An access-log row's grpc-status: a header in error answers, a trailer in OK ones,
+    the other logged as "-"."""
+    return row[3].replace("-", "")
+
+
 def _kill_and_count(
     s: Settings, tmp: Path, signal_name: str
 ) -> tuple[dict[str, Any], list[tuple[float, str, str, str]], Replica]:
@@ -241,6 +258,14 @@ def _kill_and_count(
 def _restart(s: Settings) -> None:
     started = start_replicas(s)  # brings back the missing replica, keeps the rest
     assert set(started) == {replicas(s)[1].name}, started
+    # ... and puts it back into nginx's upstream if a drain took it out.
+    assert " down;" not in (nginx_prefix(s) / "nginx.conf").read_text()
+
+
+def _log_time(line: str) -> float:
+    """The epoch time of a recstack log line ("2026-12-01 22:10:03,123 INFO ...")."""
+    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
 
 
 def test_sigkill_of_a_replica_fails_at_most_its_calls_in_flight(
@@ -266,18 +291,66 @@ def test_sigkill_of_a_replica_fails_at_most_its_calls_in_flight(
         _restart(rs)
 
 
-def test_sigterm_of_a_replica_fails_no_call(
+def _term_time(s: Settings, victim: Replica, since: float) -> float:
+    """When the replica logged the start of its drain (its SIGTERM), after ``since``."""
+    log = (s.run_dir / "logs" / f"{victim.name}.log").read_text().splitlines()
+    # The log is appended across restarts: this drain's line is the last one.
+    term = _log_time([line for line in log if line.endswith(" draining")][-1])
+    assert term > since
+    return term
+
+
+def test_sigterm_of_a_replica_drains_and_fails_only_calls_at_its_stop(
     rs: Settings, stack: ManagedProcess, tmp_path: Path
 ) -> None:
+    """A SIGTERM from outside (no `serve drain`): nginx does not see NOT_SERVING and keeps
+    sending, so the replica answers for the whole DRAIN_SECONDS, then stops. The only calls
+    that may fail are the few grpc.aio's stop cancels at that moment."""
     doc, rows, victim = _kill_and_count(rs, tmp_path, "TERM")
     try:
+        term = _term_time(rs, victim, rows[0][0] - 1)
+        addr = f"127.0.0.1:{victim.grpc_port}"
+        # It kept answering through its drain (~20 calls/s reach it), not only until a poll
+        # happened to find no call in flight.
+        served = [r for r in rows if r[1] == addr and _grpc_status(r) == "0" and r[0] > term]
+        assert len(served) > 20, len(served)
+        assert max(r[0] for r in served) > term + DRAIN_SECONDS - 0.3
+        failed = [r for r in rows if r[1] == addr and _grpc_status(r) != "0"]
+        print(f"SIGTERM: {len(served)} answered while draining, {len(failed)} failed at stop")
+        assert doc["requests"]["errors"] == len(failed), (doc["errors"], failed)
+        assert all(term + DRAIN_SECONDS - 0.1 < r[0] < term + DRAIN_SECONDS + 1 for r in failed)
+        assert doc["requests"]["ok"] > 300
+    finally:
+        _restart(rs)
+
+
+def test_drain_of_a_replica_fails_no_call_and_nginx_sends_it_nothing_after(
+    rs: Settings, stack: ManagedProcess, tmp_path: Path
+) -> None:
+    """`recstack serve drain` takes the replica out of nginx's upstream (a reload), then
+    SIGTERMs it: no call fails, none reaches it after its SIGTERM, and its drain ends on
+    idleness (DRAIN_IDLE_SECONDS) instead of lasting DRAIN_SECONDS under traffic."""
+    victim = replicas(rs)[1]
+    pid = read_pid(rs, victim.name)
+    assert pid is not None
+    t0 = time.time()
+    cmd = f"{sys.executable} -m recstack.cli serve drain {victim.name}"
+    doc = _run_load(rs, tmp_path, "replica_drain", 40, 12, [{"at": "5s", "run": cmd}])
+    rows = _access_log(rs, t0)
+    try:
+        assert not pid_alive(pid), f"{victim.name} still runs after its drain"
         assert doc["requests"]["errors"] == 0, doc["errors"]
         assert doc["requests"]["ok"] > 300
-        log = (rs.run_dir / "logs" / f"{victim.name}.log").read_text()
-        assert "draining" in log  # it drained, it was not cut
-        # The replica answered until it stopped: calls went to it after the signal.
+        said = Path(doc["actions"][0]["log"]).read_text()
+        m = re.search(r"out of nginx's upstream in (\S+) s, stopped (\S+) s later", said)
+        assert m, said
+        assert float(m.group(2)) < DRAIN_SECONDS, said  # idle: nginx sent it nothing
+        term = _term_time(rs, victim, t0)
         addr = f"127.0.0.1:{victim.grpc_port}"
-        assert sum(addr in r[1] for r in rows) > 20
+        to_victim = [r[0] for r in rows if addr in r[1]]
+        assert len(to_victim) > 20  # it served its share until it was taken out
+        assert max(to_victim) < term, (max(to_victim), term)
+        assert sum(r[0] > term for r in rows) > 100  # the other replica served the rest
     finally:
         _restart(rs)
 
