@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from exporters.data_import import RATING_EVENTS
+from exporters.data_import import rating_cut
 from exporters.raw_tables import RawTables, read_meta, write_raw
 from exporters.schema import CONTEXT_COLUMNS, EVENTS
 from recstack.errors import UserError
@@ -552,12 +552,10 @@ def write_ratings_csv(world: RatingsTables, folder: Path) -> dict[str, Path]:
 
 def ratings_to_raw(world: RatingsTables) -> RawTables:
     """The canonical tables ``recstack data import`` would write for ``world``: ratings
-    mapped to events by the importer's ``RATING_EVENTS``; brand 0, price 0.0, country 0
+    mapped to events by the importer's ``rating_cut``; brand 0, price 0.0, country 0
     (the importer's defaults); created/signup at the first rating."""
     r = world.ratings
-    codes = np.zeros(len(r), dtype=np.int8)
-    for threshold, event in reversed(RATING_EVENTS):
-        codes[r["rating"].to_numpy() >= threshold] = EVENTS.index(event)
+    codes = rating_cut(r["rating"].to_numpy()).events(r["rating"].to_numpy())
     first_item = r.groupby("item_id")["timestamp"].min()
     first_user = r.groupby("user_id")["timestamp"].min()
     order = np.lexsort((codes, r["item_id"], r["user_id"], r["timestamp"]))

@@ -37,8 +37,14 @@ log = logging.getLogger(__name__)
 
 CSV_SUFFIXES = (".csv", ".csv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
-# ratings at or above these thresholds become these events (else "view")
+# Ratings → events (docs/data.md "Ratings"): on a 1-5 scale, ratings at or above these
+# become these events (else "view"); other scales get the same cut as shares of their top.
 RATING_EVENTS: tuple[tuple[float, str], ...] = ((4.0, "purchase"), (3.0, "click"))
+_STARS = 5.0  # the scale RATING_EVENTS is written for
+# Values from 0 up whose top is above COUNT_TOP (no star scale's is) and above COUNT_SKEW
+# times their median are counts (plays, visits: most rows at the bottom of a long tail),
+# cut at quantiles: scaled to the top, almost none of them would be positive.
+COUNT_TOP, COUNT_SKEW = 20.0, 10.0
 # Plain digits: at most 18 of them always fit in int64.
 _INT_RE = r"^\s*\d{1,18}\s*$"
 _NUM_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
@@ -50,6 +56,80 @@ _TS_HINT = "expected ISO-8601 (e.g. 2026-07-01T12:00:00Z) or unix seconds"
 # event. Unix seconds 0 (a common "unknown") is refused by the same rule.
 TIME_MIN = pd.Timestamp("1970-01-03", tz="UTC")
 TIME_MAX_AHEAD = pd.Timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class RatingCut:
+    """Ratings at or above ``purchase`` become purchases, at or above ``click`` clicks, the
+    rest views; ``rule`` says how the cut was chosen (the import reports it)."""
+
+    purchase: float
+    click: float
+    rule: str
+
+    def events(self, ratings: np.ndarray) -> np.ndarray:
+        """Event codes (indices into EVENTS) of ``ratings``."""
+        codes = np.zeros(len(ratings), dtype=np.int8)
+        codes[ratings >= self.click] = EVENTS.index("click")
+        codes[ratings >= self.purchase] = EVENTS.index("purchase")
+        return codes
+
+    @property
+    def positive(self) -> float:
+        """The lowest rating that is a strong positive: a purchase, or a click where the
+        cut has no purchases (one rating value)."""
+        return self.purchase if np.isfinite(self.purchase) else self.click
+
+    @classmethod
+    def parse(cls, text: str) -> RatingCut:
+        """``--rating-cut PURCHASE,CLICK`` (e.g. ``8,6``)."""
+        try:
+            purchase, click = (float(v) for v in text.split(","))
+        except ValueError:
+            raise UserError(f"--rating-cut {text!r}: expected PURCHASE,CLICK, e.g. 8,6") from None
+        if not click <= purchase:
+            raise UserError(f"--rating-cut {text!r}: the purchase cut is below the click cut")
+        return cls(purchase, click, "given (--rating-cut)")
+
+
+def rating_cut(ratings: np.ndarray) -> RatingCut:
+    """The cut for these ratings (docs/data.md "Ratings"):
+
+    - all equal (implicit data written as ratings): every rating is a click;
+    - counts (from 0 up, a top above COUNT_TOP and COUNT_SKEW times the median): click from
+      the median, purchase from the 75th percentile;
+    - a scale from 0 up: the 1-5 cut (>= 4 purchase, >= 3 click) as shares of the top
+      rating — 1-5, 0.5-5 and 0-5 keep 4 and 3, 1-10 gets 8 and 6, 0/1 likes give
+      purchases and views;
+    - a scale with negatives (-10..10): the 1-5 cut placed on the range.
+
+    The top rating is always a purchase (or a click), so no file becomes views only."""
+    r = np.asarray(ratings, dtype=np.float64)
+    lo, hi = float(r.min()), float(r.max())
+    if lo == hi:
+        return RatingCut(float("inf"), lo, f"one value ({lo:g}): every rating is a click")
+    median = float(np.median(r))
+    if lo >= 0 and hi > COUNT_TOP and hi > COUNT_SKEW * median:
+        upper = float(np.quantile(r, 0.75))
+        if upper == median:  # ties at the median: the purchases start above it
+            upper = float(r[r > median].min())
+        return RatingCut(
+            upper, median, f"counts ({lo:g}..{hi:g}, median {median:g}): median and 75th percentile"
+        )
+    (purchase, _), (click, _) = RATING_EVENTS
+    if lo >= 0:
+        # hi * 4 / 5, not hi * 0.8: exact on the usual scales (5 * 0.6 is 3.0000000000000004)
+        return RatingCut(
+            hi * purchase / _STARS,
+            hi * click / _STARS,
+            "a 5-star scale" if hi == _STARS else f"the 5-star cut scaled to a top of {hi:g}",
+        )
+    span = hi - lo
+    return RatingCut(
+        lo + span * (purchase - 1) / (_STARS - 1),
+        lo + span * (click - 1) / (_STARS - 1),
+        f"the 5-star cut on the range {lo:g}..{hi:g}",
+    )
 
 
 @dataclass
@@ -513,9 +593,10 @@ def _context(src: _Source, col: str) -> np.ndarray:
     return np.asarray(pc.fill_null(arr, "").to_numpy(zero_copy_only=False), dtype=object)
 
 
-def _events(src: _Source) -> np.ndarray:
+def _events(src: _Source, cut: RatingCut | None = None) -> tuple[np.ndarray, RatingCut | None]:
     """Event codes (indices into EVENTS) from ``event`` or, failing that, from ``rating``
-    (docs/data.md)."""
+    through ``cut`` (default :func:`rating_cut` of the ratings), and the cut used (None for
+    an event column; docs/data.md)."""
     if src.has("event"):
         arr = src.col("event")
         null = _nulls(arr)
@@ -535,16 +616,16 @@ def _events(src: _Source) -> np.ndarray:
                 "event",
                 f"unknown event {src.value('event', pos)!r} (expected one of {EVENTS})",
             )
-        return codes.astype(np.int8)
+        return codes.astype(np.int8), None
     if src.has("rating"):
         r = _numbers(src, "rating")
         null = np.isnan(r)
         if null.any():
             raise src.fail(_first(null), "rating", "missing value (expected a number)")
-        codes = np.zeros(len(r), dtype=np.int8)
-        for threshold, event in reversed(RATING_EVENTS):
-            codes[r >= threshold] = EVENTS.index(event)
-        return codes
+        if not len(r):
+            return np.zeros(0, dtype=np.int8), cut
+        cut = cut or rating_cut(r)
+        return cut.events(r), cut
     raise UserError(
         f"{src.path}: missing column 'event' (or 'rating'); "
         f"found columns: {', '.join(src.table.column_names)}"
@@ -594,11 +675,14 @@ def import_data(
     items: Path | None = None,
     users: Path | None = None,
     column_maps: dict[str, dict[str, str]] | None = None,
+    cut: RatingCut | None = None,
 ) -> Path:
     """Check and convert the given files, then atomically replace ``settings.raw_dir``.
     ``column_maps`` renames extra columns onto schema columns per file (see
     :func:`parse_column_maps`); every file's used, mapped, defaulted and ignored columns
-    are logged and recorded in ``meta.json`` (``import_columns``).
+    are logged and recorded in ``meta.json`` (``import_columns``). Ratings become events
+    through ``cut`` (default: :func:`rating_cut` of the file's ratings), recorded in
+    ``meta.json`` as ``rating_cut``.
 
     Raises UserError (naming file, line/row and column) on bad input; on failure the
     existing raw data is left untouched. Returns ``settings.raw_dir``.
@@ -612,7 +696,7 @@ def import_data(
     user_ids = _ids(isrc, "user_id", keys=user_keys)
     item_ids = _ids(isrc, "item_id", keys=item_keys)
     ts = _timestamps(isrc, "timestamp")
-    events = _events(isrc)
+    events, used_cut = _events(isrc, cut)
     context = {c: _context(isrc, c) for c in CONTEXT_COLUMNS}
     # A rating is a consumption whatever its value: every event makes the item "seen"
     # (exporters/seen.py). An explicit event column keeps the marketplace meaning.
@@ -702,6 +786,12 @@ def import_data(
     }
     if seen:
         extra["seen_events"] = seen
+    if used_cut is not None:
+        extra["rating_cut"] = {
+            "purchase": used_cut.purchase if np.isfinite(used_cut.purchase) else None,
+            "click": used_cut.click,
+            "rule": used_cut.rule,
+        }
     key_tables = {
         kind: k.table(kind) for kind, k in (("items", item_keys), ("users", user_keys)) if k.keys
     }
@@ -728,6 +818,7 @@ def cli(args: argparse.Namespace) -> int:
         Path(args.items) if args.items else None,
         Path(args.users) if args.users else None,
         parse_column_maps(getattr(args, "map", None)),
+        RatingCut.parse(args.rating_cut) if getattr(args, "rating_cut", None) else None,
     )
     meta = read_meta(raw)
     print(
@@ -747,6 +838,13 @@ def cli(args: argparse.Namespace) -> int:
         print(
             f"  string ids: {keys['users']:,} user keys, {keys['items']:,} item keys "
             '(docs/data.md "Ids")'
+        )
+    if meta.get("rating_cut"):
+        cut = dict(meta["rating_cut"])  # type: ignore[call-overload]
+        purchase = "none" if cut["purchase"] is None else f">= {cut['purchase']:g}"
+        print(
+            f"  ratings -> events: purchase {purchase}, click >= {cut['click']:g}, "
+            f"else view ({cut['rule']}; --rating-cut PURCHASE,CLICK to choose)"
         )
     if meta.get("seen_events"):
         print(f"  ratings: every rated item counts as seen ({', '.join(meta['seen_events'])})")  # type: ignore[arg-type]

@@ -130,7 +130,7 @@ def import_events(settings: Settings, since: datetime | None = None) -> ImportSu
     user_ids = _ids(src, "user_id")
     item_ids = _ids(src, "item_id")
     ts = _timestamps(src, "timestamp")
-    codes = _events(src)
+    codes, _ = _events(src)  # logged events carry an event column
     meta = read_meta(settings)
     items = read_table(settings, "items", ["item_id"])
 

@@ -38,7 +38,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from exporters.data_import import rating_cut
 from exporters.model_repo import copy_committed_repository
 from recstack.errors import UserError
 from recstack.settings import PROJECT_ROOT, Settings
@@ -66,7 +67,9 @@ class QualityOptions:
     seed: int = 42
     holdout: int = 5
     k: int = 10
-    positive_min: float = 4.0
+    # Held-out positives: ratings at or above this; None = the importer's purchase cut of
+    # the training ratings (4 on a 5-star scale, exporters/data_import.py: rating_cut).
+    positive_min: float | None = None
     ease_lambda: float = 250.0
     port_base: int = 31000
     time_limit_s: float = 3600.0
@@ -480,6 +483,8 @@ def run(opts: QualityOptions) -> dict[str, Any]:
     raw[~held].to_csv(train_csv, index=False)
     raw[held].to_csv(split_dir / "heldout.csv", index=False)
     train, test = parsed[~held], parsed[held]
+    if opts.positive_min is None:
+        opts = replace(opts, positive_min=rating_cut(train["rating"].to_numpy()).positive)
     pos = test[test["rating"] >= opts.positive_min]
     positives = {int(u): set(map(int, g)) for u, g in pos.groupby("user_id")["item_id"]}
     eval_users = sorted(positives)
@@ -601,7 +606,7 @@ def _report(
         "source": source,
         "protocol": {
             "holdout": f"each user's last {opts.holdout} ratings by timestamp",
-            "positives": f"held-out ratings >= {opts.positive_min:g}",
+            "positives": f"held-out ratings >= {opts.positive_min or 0:g}",
             "k": opts.k,
             "ndcg": "binary gain, IDCG over min(k, |positives|)",
             "recall": "hits / min(k, |positives|)",

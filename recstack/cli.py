@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE:COLUMN=FIELD",
         help="use an extra column as a schema field, e.g. users:occupation=country (repeatable)",
     )
+    p.add_argument(
+        "--rating-cut",
+        metavar="PURCHASE,CLICK",
+        help="ratings at or above PURCHASE become purchases, above CLICK clicks, the rest "
+        "views (default: chosen from the ratings' scale, docs/data.md)",
+    )
     p = _cmd(
         data,
         "import-events",
@@ -288,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="preset seed")
     p.add_argument("--holdout", type=int, default=5, help="last N ratings per user held out")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--positive-min", type=float, default=4.0, help="held-out positive rating")
+    p.add_argument(
+        "--positive-min",
+        type=float,
+        help="held-out positive rating (default: the importer's purchase cut, 4 on 1-5 stars)",
+    )
     p.add_argument("--ease-lambda", type=float, default=250.0)
     p.add_argument(
         "--port-base",

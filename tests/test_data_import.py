@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from exporters.data_import import import_data
+from exporters.data_import import RatingCut, import_data, rating_cut
 from exporters.raw_tables import read_meta, read_raw
 from recstack.errors import UserError
 from recstack.ids import key_hash
@@ -386,6 +386,56 @@ def test_failed_write_leaves_previous_raw_data_and_no_temp_folder(
         rt.write_raw(settings, tables, source="test")
     assert _state(settings.data_dir) == before
     assert sorted(p.name for p in settings.data_dir.iterdir()) == ["raw"]
+
+
+SCALES = {
+    # name: (ratings, the events they must become)
+    "1-5 stars": ([1, 2, 3, 4, 5], "vvcpp"),
+    "half stars": ([0.5, 2.5, 3, 3.5, 4, 5], "vvccpp"),
+    "0-5, 0 = not rated": ([0, 2, 3, 4, 5], "vvcpp"),
+    "1-10": ([1, 5, 6, 7, 8, 10], "vvccpp"),
+    "1-10, lowest unused": ([4, 6, 10], "vcp"),
+    "0/1 likes": ([0, 1, 1, 0], "vppv"),
+    "one value (implicit)": ([1, 1, 1], "ccc"),
+    "-10..10 (jokes)": ([-10, -3, 0, 4, 5, 10], "vvccpp"),
+    # plays: scaled to the top (480, 360) almost nothing would be positive; median 1.5
+    "play counts": ([1] * 6 + [2, 3, 5, 8, 40, 600], "vvvvvvcccppp"),
+}
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_ratings_become_events_by_their_scale(scale: str) -> None:
+    """The 1-5 cut (>= 4 purchase, >= 3 click) wherever a rating scale is 1-5, and the same
+    cut carried to other scales; never a file whose ratings all become views."""
+    ratings, expected = SCALES[scale]
+    r = np.asarray(ratings, dtype=float)
+    cut = rating_cut(r)
+    got = "".join("vcp"[c] for c in cut.events(r))
+    assert got == expected, (scale, cut)
+    assert cut.events(r)[r == r.max()].min() > 0  # the top rating is never a view
+
+
+def test_the_rating_cut_is_reported_and_can_be_given(settings: Settings, tmp_path: Path) -> None:
+    """Implicit data written as ratings (all 1): every row a click, not a view (which left
+    training without a positive); the cut in meta.json; --rating-cut overrides it."""
+    rows = "".join(f"{u},{10 + u % 3},2026-07-0{1 + u % 5},1\n" for u in range(1, 9))
+    inter = _write(tmp_path / "ratings.csv", "user_id,item_id,timestamp,rating\n" + rows)
+    import_data(settings, inter)
+    meta = read_meta(settings)
+    assert meta["events"] == {"view": 0, "click": 8, "purchase": 0}
+    assert meta["rating_cut"] == {
+        "purchase": None,
+        "click": 1.0,
+        "rule": "one value (1): every rating is a click",
+    }
+    import_data(settings, inter, cut=RatingCut.parse("2,1"))
+    assert read_meta(settings)["events"] == {"view": 0, "click": 8, "purchase": 0}
+    import_data(settings, inter, cut=RatingCut.parse("1,1"))
+    assert read_meta(settings)["events"] == {"view": 0, "click": 0, "purchase": 8}
+    assert read_meta(settings)["rating_cut"]["rule"] == "given (--rating-cut)"  # type: ignore[index]
+    for bad in ("4", "a,b", "3,4"):
+        with pytest.raises(UserError, match="--rating-cut"):
+            RatingCut.parse(bad)
 
 
 def test_extra_columns_are_reported_or_mapped(settings: Settings, tmp_path: Path) -> None:

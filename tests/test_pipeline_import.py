@@ -12,12 +12,23 @@ import pytest
 from exporters import pipeline, release
 from exporters.data_generate import PRESETS, build
 from exporters.data_import import import_data
+from exporters.raw_tables import read_meta
 from recstack.settings import Settings
 
 pytestmark = pytest.mark.slow
 
 
-def test_ratings_csv_runs_the_whole_pipeline(settings: Settings, tmp_path: Path) -> None:
+# The generator's events written as ratings on other scales than 1-5 stars.
+SCALES = {
+    "1-10": {"view": 4, "click": 6, "purchase": 10},
+    "one value (implicit feedback)": {"view": 1, "click": 1, "purchase": 1},
+}
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_ratings_csv_runs_the_whole_pipeline(
+    scale: str, settings: Settings, tmp_path: Path
+) -> None:
     tables, *_ = build(PRESETS["small"], 5)
     inter = tables.interactions
     ratings = pd.DataFrame(
@@ -25,12 +36,19 @@ def test_ratings_csv_runs_the_whole_pipeline(settings: Settings, tmp_path: Path)
             "user_id": inter["user_id"],
             "item_id": inter["item_id"],
             "timestamp": (inter["timestamp"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta("1s"),
-            "rating": inter["event"].map({"view": 2, "click": 3, "purchase": 5}),
+            "rating": inter["event"].map(SCALES[scale]),
         }
     )
     csv = tmp_path / "ratings.csv"
     ratings.to_csv(csv, index=False)
     import_data(settings, csv)
+    # The importer reads the scale: 1-10 gives the generator's events back; a single value
+    # makes every row a click (on the fixed 1-5 cut every row was a view: no positives).
+    got = read_meta(settings)["events"]
+    if len(set(SCALES[scale].values())) == 3:
+        assert got == inter["event"].astype(str).value_counts().to_dict()
+    else:
+        assert got == {"view": 0, "click": len(inter), "purchase": 0}
 
     assert pipeline.run(settings, progress=lambda _: None) == pipeline.STEP_NAMES
     report = json.loads((settings.reports_dir / "report.json").read_text())

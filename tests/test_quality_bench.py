@@ -109,6 +109,7 @@ def test_workspace_env_and_cli_wiring(tmp_path: Path) -> None:
     args = build_parser().parse_args(["bench", "quality", "--holdout", "3", "--max-users", "5"])
     assert args._run == "loadtest.quality_bench:cli"
     assert args.holdout == 3 and args.k == 10 and args.ease_lambda == 250.0
+    assert args.positive_min is None  # the importer's purchase cut of the ratings
 
 
 def test_markdown_has_the_table() -> None:
