@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import io
+import itertools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -35,7 +38,13 @@ from recstack.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-CSV_SUFFIXES = (".csv", ".csv.gz")
+# Delimited text: comma, tab, semicolon, "|" or "::" (sniffed), optionally gzipped.
+TEXT_SUFFIXES = tuple(
+    f".{ext}{gz}" for ext in ("csv", "tsv", "txt", "dat", "data") for gz in ("", ".gz")
+)
+DELIMITERS = (",", "\t", ";", "|", "::")
+_SNIFF_LINES = 50
+_COLUMNS_HINT = "--columns user_id,item_id,rating,timestamp"
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # Ratings → events (docs/data.md "Ratings"): on a 1-5 scale, ratings at or above these
 # become these events (else "view"); other scales get the same cut as shares of their top.
@@ -139,6 +148,7 @@ class _Source:
     path: Path
     table: pa.Table
     is_csv: bool
+    header: bool = True  # a text file's first line names the columns
 
     @property
     def num_rows(self) -> int:
@@ -154,9 +164,9 @@ class _Source:
 
     def where(self, pos: int) -> str:
         """Human location of the 0-based data row ``pos``."""
-        # CSV: the header is line 1 (blank lines and quoted fields spanning lines would
+        # Text: the header is line 1 (blank lines and quoted fields spanning lines would
         # shift this; docs/data.md says so).
-        return f"line {pos + 2}" if self.is_csv else f"row {pos + 1}"
+        return f"line {pos + 1 + self.header}" if self.is_csv else f"row {pos + 1}"
 
     def fail(self, pos: int, col: str, problem: str) -> UserError:
         return UserError(f"{self.path}: {self.where(pos)}, column {col!r}: {problem}")
@@ -169,13 +179,85 @@ class _Source:
             if not self.has(c):
                 raise UserError(
                     f"{self.path}: missing column {c!r} "
-                    f"(found columns: {', '.join(self.table.column_names)})"
+                    f"(found columns: {', '.join(self.table.column_names)}); "
+                    f"--map FILE:COLUMN={c} names one of them as {c}"
                 )
 
 
-def _csv_header(path: Path) -> list[str]:
+def column_name(name: str, known: tuple[str, ...] = ()) -> str:
+    """A column's name as the schema spells it: ``userId``, ``User-ID`` and ``USER_ID``
+    are ``user_id``; ``UserID`` and ``userid`` are too when ``user_id`` is in ``known``."""
+    name = str(name).strip("\ufeff \t\"'")
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+    snake = re.sub(r"[^a-z0-9]+", "_", snake).strip("_")
+    squeezed = snake.replace("_", "")
+    return next((k for k in known if k.replace("_", "") == squeezed), snake)
+
+
+def _sniff(path: Path) -> tuple[str, list[list[str]]]:
+    """The delimiter that splits the file's first lines into the same number (>= 2) of
+    fields, the most fields winning (ties: DELIMITERS' order); failing that (a ragged line,
+    reported by line once read) the one that splits the first line most; else a comma (one
+    column). And those lines, split."""
     with _open_text(path) as f:
-        return next(csv.reader(f), [])
+        lines = [line for line in itertools.islice(f, _SNIFF_LINES) if line.strip()]
+    if not lines:
+        raise UserError(f"{path}: empty file (no header, no data rows)")
+    ranked = []
+    for d in DELIMITERS:
+        if len(d) == 1:
+            rows = list(csv.reader(lines, delimiter=d))
+        else:
+            rows = [line.rstrip("\r\n").split(d) for line in lines]
+        even = len({len(r) for r in rows}) == 1
+        ranked.append((len(rows[0]) >= 2 and even, len(rows[0]), -DELIMITERS.index(d), d, rows))
+    _, width, _, d, rows = max(ranked, key=lambda r: r[:3])
+    return (d, rows) if width >= 2 else (",", list(csv.reader(lines)))
+
+
+def _looks_like_data(row: list[str]) -> bool:
+    """A first line of numbers (and dates) only: data, not column names."""
+    return all(re.match(_NUM_RE, v) or re.match(r"^\s*\d{4}-\d\d-\d\d", v) for v in row)
+
+
+def _read_text(path: Path, columns: list[str] | None) -> tuple[pa.Table, bool]:
+    """A delimited text file, every column as text; ``columns`` names the columns of a
+    file without a header line. Returns the table and whether it had a header."""
+    delimiter, first = _sniff(path)
+    header = columns is None
+    if header and _looks_like_data(first[0]):
+        raise UserError(
+            f"{path}: the first line ({', '.join(v.strip() for v in first[0][:6])}) holds "
+            f"values, not column names: name the columns with --columns, e.g. {_COLUMNS_HINT}"
+        )
+    names = list(columns) if columns is not None else [c for c in first[0]]
+    if len(names) != len(first[0]):
+        raise UserError(
+            f"{path}: --columns names {len(names)} columns, the file has {len(first[0])}"
+        )
+    source: Any = path
+    if len(delimiter) > 1:  # Arrow splits on one character: "::" becomes the unit separator
+        with _open_text(path) as f:
+            text = f.read()
+        if "\x1f" in text:
+            raise UserError(f"{path}: holds the character \\x1f; cannot split on {delimiter!r}")
+        source = io.BytesIO(text.replace(delimiter, "\x1f").encode())
+        delimiter = "\x1f"
+    elif path.name.lower().endswith(".gz"):
+        source = pa.CompressedInputStream(pa.OSFile(str(path)), "gzip")
+    table = pacsv.read_csv(
+        source,
+        read_options=pacsv.ReadOptions(
+            column_names=[f"c{i}" for i in range(len(names))], skip_rows=int(header)
+        ),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        convert_options=pacsv.ConvertOptions(
+            column_types={f"c{i}": pa.string() for i in range(len(names))},
+            null_values=[""],
+            strings_can_be_null=True,
+        ),
+    )
+    return table.rename_columns(names), header
 
 
 def _open_text(path: Path) -> TextIO:
@@ -183,17 +265,20 @@ def _open_text(path: Path) -> TextIO:
     return opener(path, "rt", newline="", encoding="utf-8-sig")  # type: ignore[no-any-return,operator]
 
 
-def _ragged_row(path: Path, width: int) -> None:
-    """Raise naming the first line whose field count differs from the header's (the fast
-    reader reports no line numbers, so look again, slowly, only on this error path)."""
+def _ragged_row(path: Path) -> None:
+    """Raise naming the first line whose field count differs from the first line's (the
+    fast reader reports no line numbers, so look again, slowly, only on this error path)."""
+    delimiter, first = _sniff(path)
+    width = len(first[0])
     with _open_text(path) as f:
-        reader = csv.reader(f)
-        next(reader, None)
-        for row in reader:
+        if len(delimiter) == 1:
+            reader: Any = csv.reader(f, delimiter=delimiter)
+            rows = ((reader.line_num, row) for row in reader)
+        else:
+            rows = ((i, line.rstrip("\r\n").split(delimiter)) for i, line in enumerate(f, 1))
+        for line_num, row in rows:
             if row and len(row) != width:
-                raise UserError(
-                    f"{path}: line {reader.line_num}: expected {width} fields, got {len(row)}"
-                )
+                raise UserError(f"{path}: line {line_num}: expected {width} fields, got {len(row)}")
 
 
 # The columns each file may carry (docs/data.md); anything else is reported as ignored.
@@ -204,6 +289,14 @@ KNOWN_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
+def parse_columns(spec: str) -> list[str]:
+    """``--columns user_id,item_id,rating,timestamp``: the names, in the schema's spelling."""
+    names = [column_name(n, KNOWN_COLUMNS["interactions"]) for n in spec.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise UserError(f"--columns {spec!r}: expected distinct names, e.g. {_COLUMNS_HINT}")
+    return names
+
+
 def parse_column_maps(specs: list[str] | None) -> dict[str, dict[str, str]]:
     """``["users:occupation=country", ...]`` -> ``{"users": {"occupation": "country"}}``:
     an extra column of a file used as one of the schema's columns (docs/data.md)."""
@@ -211,7 +304,7 @@ def parse_column_maps(specs: list[str] | None) -> dict[str, dict[str, str]]:
     for spec in specs or []:
         kind, _, pair = spec.partition(":")
         src, _, dest = pair.partition("=")
-        kind, src, dest = kind.strip().lower(), src.strip().lower(), dest.strip().lower()
+        kind, src, dest = kind.strip().lower(), column_name(src), dest.strip().lower()
         if kind not in KNOWN_COLUMNS or not src or not dest:
             raise UserError(
                 f"--map {spec!r}: expected FILE:COLUMN=FIELD with FILE one of "
@@ -260,44 +353,40 @@ def _apply_map(src: _Source, kind: str, mapping: dict[str, str]) -> dict[str, An
     }
 
 
-def _read(path: Path) -> _Source:
-    """Read a CSV (every column as text, so values are checked here rather than guessed by
-    the reader) or a parquet file, chosen by extension."""
+def _read(path: Path, kind: str = "", columns: list[str] | None = None) -> _Source:
+    """Read a delimited text file (every column as text, so values are checked here rather
+    than guessed by the reader) or a parquet file, chosen by extension. Column names are
+    the schema's spelling of ``kind``'s columns where they match (:func:`column_name`);
+    ``columns`` names the columns of a text file without a header line."""
     path = Path(path)
     name = path.name.lower()
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+    header = True
     try:
-        if name.endswith(CSV_SUFFIXES):
-            header = _csv_header(path)
-            if not header:
-                raise UserError(f"{path}: empty file (no header, no data rows)")
+        if name.endswith(TEXT_SUFFIXES):
             try:
-                table = pacsv.read_csv(
-                    path,
-                    convert_options=pacsv.ConvertOptions(
-                        column_types={c: pa.string() for c in header},
-                        null_values=[""],
-                        strings_can_be_null=True,
-                    ),
-                )
+                table, header = _read_text(path, columns)
             except pa.ArrowInvalid:
-                _ragged_row(path, len(header))
+                _ragged_row(path)
                 raise
             is_csv = True
         elif name.endswith(PARQUET_SUFFIXES):
+            if columns is not None:
+                raise UserError(f"{path}: --columns is for text files without a header line")
             table = pq.read_table(path)
             is_csv = False
         else:
             raise UserError(
-                f"{path}: unknown file type; use {', '.join(CSV_SUFFIXES + PARQUET_SUFFIXES)}"
+                f"{path}: unknown file type; use {', '.join(TEXT_SUFFIXES + PARQUET_SUFFIXES)}"
             )
     except (pa.ArrowException, UnicodeDecodeError, OSError, csv.Error) as e:
         raise UserError(f"{path}: cannot read: {e}") from e
-    table = table.rename_columns([str(c).strip("\ufeff \t").lower() for c in table.column_names])
+    known = KNOWN_COLUMNS.get(kind, ())
+    table = table.rename_columns([column_name(c, known) for c in table.column_names])
     if table.num_rows == 0:
         raise UserError(f"{path}: empty file (no data rows)")
-    return _Source(path, table, is_csv)
+    return _Source(path, table, is_csv, header)
 
 
 def _first(mask: np.ndarray) -> int:
@@ -676,20 +765,22 @@ def import_data(
     users: Path | None = None,
     column_maps: dict[str, dict[str, str]] | None = None,
     cut: RatingCut | None = None,
+    column_names: list[str] | None = None,
 ) -> Path:
     """Check and convert the given files, then atomically replace ``settings.raw_dir``.
     ``column_maps`` renames extra columns onto schema columns per file (see
     :func:`parse_column_maps`); every file's used, mapped, defaulted and ignored columns
     are logged and recorded in ``meta.json`` (``import_columns``). Ratings become events
     through ``cut`` (default: :func:`rating_cut` of the file's ratings), recorded in
-    ``meta.json`` as ``rating_cut``.
+    ``meta.json`` as ``rating_cut``. ``column_names`` names the columns of an interactions file
+    without a header line (MovieLens' ``u.data``, ``ratings.dat``).
 
     Raises UserError (naming file, line/row and column) on bad input; on failure the
     existing raw data is left untouched. Returns ``settings.raw_dir``.
     """
     maps = column_maps or {}
     columns: dict[str, Any] = {}
-    isrc = _read(Path(interactions))
+    isrc = _read(Path(interactions), "interactions", column_names)
     columns["interactions"] = _apply_map(isrc, "interactions", maps.get("interactions", {}))
     isrc.need("user_id", "item_id", "timestamp")
     user_keys, item_keys = _Keys(), _Keys()
@@ -702,7 +793,7 @@ def import_data(
     # (exporters/seen.py). An explicit event column keeps the marketplace meaning.
     seen = list(EVENTS) if not isrc.has("event") else None
 
-    item_src = _read(Path(items)) if items is not None else None
+    item_src = _read(Path(items), "items") if items is not None else None
     if item_src is None:
         iids = np.unique(item_ids)
         n = len(iids)
@@ -724,7 +815,7 @@ def import_data(
         # Unknown references are reported against the interactions file, where the fix is.
         _known(isrc, "item_id", item_ids, iids, item_src.path)
 
-    user_src = _read(Path(users)) if users is not None else None
+    user_src = _read(Path(users), "users") if users is not None else None
     if user_src is None:
         uids = np.unique(user_ids)
         n = len(uids)
@@ -819,6 +910,7 @@ def cli(args: argparse.Namespace) -> int:
         Path(args.users) if args.users else None,
         parse_column_maps(getattr(args, "map", None)),
         RatingCut.parse(args.rating_cut) if getattr(args, "rating_cut", None) else None,
+        parse_columns(args.columns) if getattr(args, "columns", None) else None,
     )
     meta = read_meta(raw)
     print(

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use an extra column as a schema field, e.g. users:occupation=country (repeatable)",
     )
     p.add_argument(
+        "--columns",
+        metavar="NAMES",
+        help="the columns of an interactions file without a header line, comma-separated "
+        "(MovieLens u.data: user_id,item_id,rating,timestamp)",
+    )
+    p.add_argument(
         "--rating-cut",
         metavar="PURCHASE,CLICK",
         help="ratings at or above PURCHASE become purchases, above CLICK clicks, the rest "

@@ -3,6 +3,7 @@ the line/row and the column while leaving the previous raw data untouched."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from pathlib import Path
 
@@ -10,7 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from exporters.data_import import RatingCut, import_data, rating_cut
+from exporters.data_import import (
+    RatingCut,
+    import_data,
+    parse_column_maps,
+    parse_columns,
+    rating_cut,
+)
 from exporters.raw_tables import read_meta, read_raw
 from recstack.errors import UserError
 from recstack.ids import key_hash
@@ -201,7 +208,7 @@ ERRORS = {
         {"inter.csv": GOOD, "items.csv": "item_id,category\n"},
         ["items.csv", "empty file"],
     ),
-    "unknown extension": ({"inter.txt": GOOD}, ["inter.txt", "unknown file type"]),
+    "unknown extension": ({"inter.json": GOOD}, ["inter.json", "unknown file type"]),
     "parquet bad timestamp": (
         {
             "inter.parquet": pd.DataFrame(
@@ -413,6 +420,64 @@ def test_ratings_become_events_by_their_scale(scale: str) -> None:
     got = "".join("vcp"[c] for c in cut.events(r))
     assert got == expected, (scale, cut)
     assert cut.events(r)[r == r.max()].min() > 0  # the top rating is never a view
+
+
+def test_public_rating_files_as_published(settings: Settings, tmp_path: Path) -> None:
+    """MovieLens' tab-separated u.data and "::"-separated ratings.dat (no header line),
+    ratings.csv's camelCase header, a quoted ";"-separated file, gzip: read as they are,
+    with --columns for the header-less ones and --map for an item column by another name."""
+    rows = [(196, 242, 3, 881250949), (186, 302, 5, 891717742), (22, 377, 1, 878887116)]
+    want = {"view": 1, "click": 1, "purchase": 1}
+    names = parse_columns("user_id, itemId,rating,timestamp")
+    assert names == ["user_id", "item_id", "rating", "timestamp"]
+
+    u_data = _write(tmp_path / "u.data", "".join("\t".join(map(str, r)) + "\n" for r in rows))
+    first = r"u.data: the first line \(196, 242, 3, 881250949\) holds values.*--columns"
+    with pytest.raises(UserError, match=first):
+        import_data(settings, u_data)
+    import_data(settings, u_data, column_names=names)
+    assert read_meta(settings)["events"] == want
+    i = read_raw(settings).interactions
+    assert sorted(i["user_id"]) == [22, 186, 196] and sorted(i["item_id"]) == [242, 302, 377]
+
+    dat = tmp_path / "ratings.dat.gz"
+    with gzip.open(dat, "wt") as f:
+        f.write("".join("::".join(map(str, r)) + "\n" for r in rows))
+    import_data(settings, dat, column_names=names)
+    assert read_meta(settings)["events"] == want
+
+    ml20 = _write(
+        tmp_path / "ratings.csv",
+        "userId,movieId,rating,timestamp\n" + "".join(",".join(map(str, r)) + "\n" for r in rows),
+    )
+    with pytest.raises(UserError, match=r"missing column 'item_id'.*user_id, movie_id.*--map"):
+        import_data(settings, ml20)
+    maps = parse_column_maps(["interactions:movieId=item_id"])
+    import_data(settings, ml20, column_maps=maps)
+    assert read_meta(settings)["events"] == want
+
+    quoted = _write(
+        tmp_path / "ratings.txt",
+        '"User-ID";"ISBN";"Book-Rating";"Time"\n'
+        '"276725";"034545104X";"0";"2004-08-01"\n'
+        '"276726";"0155061224";"5";"2004-08-02"\n'
+        '"276727";"0446520802";"10";"2004-08-03"\n',
+    )
+    renames = ("isbn=item_id", "book_rating=rating", "time=timestamp")
+    maps = parse_column_maps([f"interactions:{r}" for r in renames])
+    import_data(settings, quoted, column_maps=maps)
+    meta = read_meta(settings)
+    assert meta["events"] == {"view": 2, "click": 0, "purchase": 1}  # 0-10: >= 8, >= 6
+    assert meta["id_keys"] == {"items": 1, "users": 0}  # 034545104X; digits stay integers
+
+    ragged = _write(tmp_path / "bad.tsv", "1\t2\t3\t881250949\n1\t3\t4\n")
+    with pytest.raises(UserError, match="line 2: expected 4 fields, got 3"):
+        import_data(settings, ragged, column_names=names)
+    bad = _write(tmp_path / "bad.data", "1\t2\t3\t881250949\n1\t3\tgood\t881250949\n")
+    with pytest.raises(UserError, match="line 2, column 'rating'"):  # no header: line = row
+        import_data(settings, bad, column_names=names)
+    with pytest.raises(UserError, match="--columns names 3 columns, the file has 4"):
+        import_data(settings, bad, column_names=names[:3])
 
 
 def test_the_rating_cut_is_reported_and_can_be_given(settings: Settings, tmp_path: Path) -> None:
