@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from exporters.data_import import rating_cut
+from exporters.data_import import column_name, rating_cut
 from exporters.model_repo import copy_committed_repository
 from recstack.errors import UserError
 from recstack.settings import PROJECT_ROOT, Settings
@@ -156,15 +156,15 @@ def score_lists(
 
 
 def read_ratings(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A ratings file as (rows exactly as written, as strings; parsed columns). Column
-    names are matched case-insensitively, as the importer does."""
+    """A ratings CSV or parquet file as (rows exactly as written, as strings; parsed
+    columns). Column names are matched in any spelling (``userId``), as the importer does."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.suffix in (".parquet", ".pq"):
         raw = pd.read_parquet(path).astype(str)
     else:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    lower = {c.lower().strip(): c for c in raw.columns}
+    lower = {column_name(c, RATING_COLUMNS): c for c in raw.columns}
     missing = [c for c in RATING_COLUMNS if c not in lower]
     if missing:
         raise UserError(
