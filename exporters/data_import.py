@@ -181,6 +181,11 @@ class _Source:
                     f"{self.path}: missing column {c!r} "
                     f"(found columns: {', '.join(self.table.column_names)}); "
                     f"--map FILE:COLUMN={c} names one of them as {c}"
+                    + (
+                        ", or --columns if the first line is data, not names"
+                        if self.is_csv and self.header
+                        else ""
+                    )
                 )
 
 
