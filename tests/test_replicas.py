@@ -344,6 +344,7 @@ def test_drain_of_a_replica_fails_no_call_and_nginx_sends_it_nothing_after(
         said = Path(doc["actions"][0]["log"]).read_text()
         m = re.search(r"out of nginx's upstream in (\S+) s, stopped (\S+) s later", said)
         assert m, said
+        print(f"drain: {said.strip()}")
         assert float(m.group(2)) < DRAIN_SECONDS, said  # idle: nginx sent it nothing
         term = _term_time(rs, victim, t0)
         addr = f"127.0.0.1:{victim.grpc_port}"
