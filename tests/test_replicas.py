@@ -33,6 +33,7 @@ from orchestrator.replicas import (
     RECOMMEND_PATH,
     Replica,
     check_nginx_conf,
+    drain_replica,
     nginx_binary,
     nginx_prefix,
     render_nginx_conf,
@@ -114,6 +115,14 @@ def test_replica_kill_scenario_commands_parse_and_name_replicas() -> None:
         args = build_parser().parse_args(argv[1:])
         assert args.name in names and args.signal in ("KILL", "TERM")
     assert {shlex.split(a.run)[-1] for a in sc.actions} == {"KILL", "TERM"}
+
+
+def test_drain_refuses_what_is_not_a_running_replica(settings: Settings) -> None:
+    s = settings.model_copy(update={"orchestrator_replicas": 2})
+    with pytest.raises(UserError, match="orchestrator-7 is not a replica of this set"):
+        drain_replica(s, "orchestrator-7")
+    with pytest.raises(UserError, match="orchestrator-1 does not run"):
+        drain_replica(s, "orchestrator-1")
 
 
 def test_signal_refuses_a_server_that_does_not_run(settings: Settings) -> None:
