@@ -6,6 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
+import pytest
+
 from exporters import ranker_train
 from exporters.candidates import SourceModel
 from exporters.raw_tables import read_table
@@ -46,3 +49,23 @@ def test_ranker_trains_on_every_window(trained_settings: Settings, tmp_path: Pat
     assert len(w1) and set(w1.index).isdisjoint(loaded.val(inter).index)
     # The towers' rows (train) hold no window's events.
     assert set(loaded.train(inter).index).isdisjoint(w1.index)
+
+
+def test_point_in_time_features_in_chunks_equal_one_call(
+    trained_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Feast's point-in-time join is called per PIT_CHUNK_ROWS entity rows (its memory is
+    rows × each key's history): the rows, their order and values are those of one call."""
+    s = trained_settings
+    events = read_table(s, "interactions").sample(300, random_state=5)
+    times = pd.DatetimeIndex(events["timestamp"])
+    layout = ranker_train.layout_for(s, ranker_train.n_categories_of(s))
+    got = {}
+    for chunk in (10_000, 7):
+        monkeypatch.setattr(ranker_train, "PIT_CHUNK_ROWS", chunk)
+        got[chunk] = ranker_train.point_in_time_features(
+            s, "item_id", events["item_id"].to_numpy(), times, layout.item_refs
+        )
+    assert len(got[7]) == 300 and got[7]["item_id"].tolist() == events["item_id"].tolist()
+    assert got[7].notna().to_numpy().mean() > 0.5  # real values, not a frame of NaN
+    pd.testing.assert_frame_equal(got[7], got[10_000])
