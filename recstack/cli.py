@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='UUID users and SKU items, imported like a client\'s (docs/data.md "Ids")',
     )
-    p = _cmd(data, "import", "exporters.data_import:cli", "import real data (CSV or parquet)")
+    p = _cmd(
+        data,
+        "import",
+        "exporters.data_import:cli",
+        "import real data (CSV, TSV, ::-separated text or parquet)",
+    )
     p.add_argument("--interactions", required=True, help="user_id,item_id,timestamp,event|rating")
     p.add_argument("--items", help="item_id[,category,brand,price,created_at]")
     p.add_argument("--users", help="user_id[,age_bucket,country,signup_at]")
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rating-cut",
         metavar="PURCHASE,CLICK",
-        help="ratings at or above PURCHASE become purchases, above CLICK clicks, the rest "
+        help="ratings at or above PURCHASE become purchases, at or above CLICK clicks, the rest "
         "views (default: chosen from the ratings' scale, docs/data.md)",
     )
     p = _cmd(
