@@ -65,6 +65,11 @@ _TS_HINT = "expected ISO-8601 (e.g. 2026-07-01T12:00:00Z) or unix seconds"
 # event. Unix seconds 0 (a common "unknown") is refused by the same rule.
 TIME_MIN = pd.Timestamp("1970-01-03", tz="UTC")
 TIME_MAX_AHEAD = pd.Timedelta(days=1)
+# Rating files without a timestamp column (goodbooks-10k, Book-Crossing, Last.fm's play
+# counts) get each user's events spread over this span before the import day, in the order
+# TIME_ORDERS[...] names (docs/data.md "Files without timestamps").
+TIME_ORDERS = ("random", "file")
+SYNTHETIC_SPAN = pd.Timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -358,7 +363,7 @@ def _apply_map(src: _Source, kind: str, mapping: dict[str, str]) -> dict[str, An
     }
 
 
-def _read(path: Path, kind: str = "", columns: list[str] | None = None) -> _Source:
+def read_source(path: Path, kind: str = "", columns: list[str] | None = None) -> _Source:
     """Read a delimited text file (every column as text, so values are checked here rather
     than guessed by the reader) or a parquet file, chosen by extension. Column names are
     the schema's spelling of ``kind``'s columns where they match (:func:`column_name`);
@@ -673,6 +678,49 @@ def _iso_us(src: _Source, col: str, text: pa.Array, rows: np.ndarray) -> np.ndar
     return parsed.dt.tz_convert(None).to_numpy().astype("datetime64[us]").view(np.int64)
 
 
+def synthetic_times(
+    user_ids: np.ndarray,
+    order: str = "random",
+    seed: int = 0,
+    end: pd.Timestamp | None = None,
+    item_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """Event times (int64 µs, UTC) for a file without any: each user's events get times
+    drawn uniformly over the :data:`SYNTHETIC_SPAN` before ``end`` (default: the start of
+    today, UTC), assigned in ``order`` — ``random`` (a seeded shuffle: a random
+    leave-last-out split, the usual protocol for data without time) or ``file`` (the
+    file's row order is each user's order). With ``item_ids``, a user's rows for the same
+    item stay together in file order (a view then a purchase, a re-rating): shuffled apart,
+    the later row would be held out behind an earlier one that already makes the item
+    seen. Users stay interleaved in time, so the split's windows and the feature windows
+    see a steady stream rather than one user after another; the same inputs give the same
+    times."""
+    if order not in TIME_ORDERS:
+        raise UserError(f"time order {order!r}: expected one of {', '.join(TIME_ORDERS)}")
+    users = np.asarray(user_ids)
+    n = len(users)
+    rng = np.random.default_rng(seed)
+    draws = rng.random(n)  # first: both orders place events at the same times
+    by_draw = np.lexsort((draws, users))  # each user's times, ascending
+    rows = np.arange(n)
+    if order == "file":
+        by_rank = np.lexsort((rows, users))  # the same user groups, events in their order
+    else:
+        if item_ids is None:
+            group = rows
+        else:  # one random rank per (user, item) pair
+            pairs = np.stack([users, np.asarray(item_ids)], axis=1)
+            group = np.unique(pairs, axis=0, return_inverse=True)[1].reshape(-1)
+        rank = rng.permutation(int(group.max(initial=-1)) + 1)[group]
+        by_rank = np.lexsort((rows, rank, users))
+    last = pd.Timestamp.now("UTC").floor("D") if end is None else pd.Timestamp(end)
+    span_us = SYNTHETIC_SPAN.value // 1000
+    start_us = last.value // 1000 - span_us
+    out = np.empty(n, np.int64)
+    out[by_rank] = start_us + (draws[by_draw] * span_us).astype(np.int64)
+    return out
+
+
 def _context(src: _Source, col: str) -> np.ndarray:
     """A request-context column (``surface``/``device``): free text of at most
     CONTEXT_MAX_CHARS characters, trimmed; missing column or cell: "" (not known)."""
@@ -771,6 +819,7 @@ def import_data(
     column_maps: dict[str, dict[str, str]] | None = None,
     cut: RatingCut | None = None,
     column_names: list[str] | None = None,
+    time_order: str | None = None,
 ) -> Path:
     """Check and convert the given files, then atomically replace ``settings.raw_dir``.
     ``column_maps`` renames extra columns onto schema columns per file (see
@@ -778,27 +827,58 @@ def import_data(
     are logged and recorded in ``meta.json`` (``import_columns``). Ratings become events
     through ``cut`` (default: :func:`rating_cut` of the file's ratings), recorded in
     ``meta.json`` as ``rating_cut``. ``column_names`` names the columns of an interactions file
-    without a header line (MovieLens' ``u.data``, ``ratings.dat``).
+    without a header line (MovieLens' ``u.data``, ``ratings.dat``). An interactions file
+    without a ``timestamp`` column gets :func:`synthetic_times` in ``time_order`` (default
+    ``random``), recorded in ``meta.json`` as ``timestamps``.
 
     Raises UserError (naming file, line/row and column) on bad input; on failure the
     existing raw data is left untouched. Returns ``settings.raw_dir``.
     """
+    if time_order is not None and time_order not in TIME_ORDERS:
+        raise UserError(f"--time-order {time_order!r}: expected one of {', '.join(TIME_ORDERS)}")
     maps = column_maps or {}
     columns: dict[str, Any] = {}
-    isrc = _read(Path(interactions), "interactions", column_names)
+    isrc = read_source(Path(interactions), "interactions", column_names)
     columns["interactions"] = _apply_map(isrc, "interactions", maps.get("interactions", {}))
-    isrc.need("user_id", "item_id", "timestamp")
+    isrc.need("user_id", "item_id")
     user_keys, item_keys = _Keys(), _Keys()
     user_ids = _ids(isrc, "user_id", keys=user_keys)
     item_ids = _ids(isrc, "item_id", keys=item_keys)
-    ts = _timestamps(isrc, "timestamp")
+    times: dict[str, object] = {"source": "column timestamp"}
+    if isrc.has("timestamp"):
+        if time_order is not None:
+            raise UserError(
+                f"{isrc.path}: --time-order is for a file without a timestamp column; "
+                "this one has one"
+            )
+        ts = _timestamps(isrc, "timestamp")
+    else:
+        sequence = time_order or "random"
+        end = pd.Timestamp.now("UTC").floor("D")
+        ts = synthetic_times(user_ids, sequence, end=end, item_ids=item_ids)
+        times = {
+            "source": "synthesized",
+            "order": sequence,
+            "span_days": SYNTHETIC_SPAN.days,
+            "end": end.isoformat(),
+        }
+        log.warning(
+            "%s: no timestamp column (found: %s): each user's events get times spread over "
+            "the %d days before %s in %s order (--time-order random|file; --map "
+            "interactions:COLUMN=timestamp if one of the columns is the time)",
+            isrc.path,
+            ", ".join(isrc.table.column_names),
+            SYNTHETIC_SPAN.days,
+            end.date(),
+            sequence,
+        )
     events, used_cut = _events(isrc, cut)
     context = {c: _context(isrc, c) for c in CONTEXT_COLUMNS}
     # A rating is a consumption whatever its value: every event makes the item "seen"
     # (exporters/seen.py). An explicit event column keeps the marketplace meaning.
     seen = list(EVENTS) if not isrc.has("event") else None
 
-    item_src = _read(Path(items), "items") if items is not None else None
+    item_src = read_source(Path(items), "items") if items is not None else None
     if item_src is None:
         iids = np.unique(item_ids)
         n = len(iids)
@@ -820,7 +900,7 @@ def import_data(
         # Unknown references are reported against the interactions file, where the fix is.
         _known(isrc, "item_id", item_ids, iids, item_src.path)
 
-    user_src = _read(Path(users), "users") if users is not None else None
+    user_src = read_source(Path(users), "users") if users is not None else None
     if user_src is None:
         uids = np.unique(user_ids)
         n = len(uids)
@@ -879,6 +959,7 @@ def import_data(
         # Without creation times an item is "created" at its first interaction: no
         # freshness signal to boost (orchestrator/postprocess.py).
         "item_created_at": "given" if given else "first interaction",
+        "timestamps": times,
     }
     if seen:
         extra["seen_events"] = seen
@@ -916,6 +997,7 @@ def cli(args: argparse.Namespace) -> int:
         parse_column_maps(getattr(args, "map", None)),
         RatingCut.parse(args.rating_cut) if getattr(args, "rating_cut", None) else None,
         parse_columns(args.columns) if getattr(args, "columns", None) else None,
+        getattr(args, "time_order", None),
     )
     meta = read_meta(raw)
     print(
@@ -942,6 +1024,12 @@ def cli(args: argparse.Namespace) -> int:
         print(
             f"  ratings -> events: purchase {purchase}, click >= {cut['click']:g}, "
             f"else view ({cut['rule']}; --rating-cut PURCHASE,CLICK to choose)"
+        )
+    times = dict(meta.get("timestamps") or {})  # type: ignore[call-overload]
+    if times.get("source") == "synthesized":
+        print(
+            f"  no timestamps: each user's events spread over the {times['span_days']} days "
+            f"before {times['end'][:10]} in {times['order']} order (docs/data.md)"
         )
     if meta.get("seen_events"):
         print(f"  ratings: every rated item counts as seen ({', '.join(meta['seen_events'])})")  # type: ignore[arg-type]

@@ -150,7 +150,7 @@ def key_column(item_ids: np.ndarray, keys: Mapping[int, str]) -> np.ndarray:
 
 def read_items(path: Path) -> NewItems:
     """Check a CSV/parquet item file like ``recstack data import --items`` does."""
-    return _validate(di._read(Path(path), "items"))
+    return _validate(di.read_source(Path(path), "items"))
 
 
 def items_from_json(rows: object, source: str = "request body") -> NewItems:

@@ -46,7 +46,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from exporters.data_import import column_name, rating_cut
+from exporters.data_import import (
+    TIME_ORDERS,
+    parse_columns,
+    rating_cut,
+    read_source,
+    synthetic_times,
+)
 from exporters.model_repo import copy_committed_repository
 from recstack.errors import UserError
 from recstack.settings import PROJECT_ROOT, Settings
@@ -61,6 +67,10 @@ class QualityOptions:
 
     workspace: Path
     ratings: Path | None = None  # default: the sparse preset
+    columns: list[str] | None = None  # the columns of a ratings file without a header line
+    # A ratings file without timestamps: each user's ratings in this order (the importer's
+    # synthetic_times, seeded with ``seed``), so "the last N" is a random N by default.
+    time_order: str = "random"
     items: Path | None = None
     users: Path | None = None
     preset: str = "sparse"
@@ -155,37 +165,43 @@ def score_lists(
 # --- data ----------------------------------------------------------------------------------
 
 
-def read_ratings(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A ratings CSV or parquet file as (rows exactly as written, as strings; parsed
-    columns). Column names are matched in any spelling (``userId``), as the importer does."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.suffix in (".parquet", ".pq"):
-        raw = pd.read_parquet(path).astype(str)
-    else:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    lower = {column_name(c, RATING_COLUMNS): c for c in raw.columns}
-    missing = [c for c in RATING_COLUMNS if c not in lower]
+def read_ratings(
+    path: Path, columns: list[str] | None = None, time_order: str = "random", seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """A ratings file, read as the importer reads it (text in any delimiter it sniffs, or
+    parquet; ``columns`` for a text file without a header line; column names in any
+    spelling), as (rows exactly as written, as strings; parsed columns; where the times
+    come from). A file without a timestamp column gets the importer's
+    :func:`synthetic_times` in ``time_order``, added to both frames, so the split and the
+    import see the same times."""
+    src = read_source(path, "interactions", columns)
+    missing = [c for c in RATING_COLUMNS if c != "timestamp" and not src.has(c)]
     if missing:
         raise UserError(
             f"{path}: missing column(s) {missing}; a ratings file has columns "
-            f"{','.join(RATING_COLUMNS)} (found: {', '.join(raw.columns)})"
+            f"{','.join(RATING_COLUMNS)} (found: {', '.join(src.table.column_names)})"
         )
-    if raw.empty:
-        raise UserError(f"{path}: no ratings")
+    raw = src.table.to_pandas().fillna("").astype(str)
     parsed = pd.DataFrame(index=raw.index)
     for col in ("user_id", "item_id"):
-        vals = pd.to_numeric(raw[lower[col]], errors="coerce")
+        vals = pd.to_numeric(raw[col], errors="coerce")
         if vals.isna().any() or (vals < 0).any() or (vals % 1 != 0).any():
-            bad = raw[lower[col]][vals.isna() | (vals < 0) | (vals % 1 != 0)].iloc[0]
+            bad = raw[col][vals.isna() | (vals < 0) | (vals % 1 != 0)].iloc[0]
             raise UserError(f"{path}: column {col!r}: {bad!r} is not a non-negative integer id")
         parsed[col] = vals.astype(np.int64)
-    rating = pd.to_numeric(raw[lower["rating"]], errors="coerce")
+    rating = pd.to_numeric(raw["rating"], errors="coerce")
     if rating.isna().any():
-        bad = raw[lower["rating"]][rating.isna()].iloc[0]
+        bad = raw["rating"][rating.isna()].iloc[0]
         raise UserError(f"{path}: column 'rating': {bad!r} is not a number")
     parsed["rating"] = rating.astype(np.float64)
-    ts_raw = raw[lower["timestamp"]]
+    if not src.has("timestamp"):
+        us = synthetic_times(
+            parsed["user_id"].to_numpy(), time_order, seed, item_ids=parsed["item_id"].to_numpy()
+        )
+        parsed["timestamp"] = pd.to_datetime(us, unit="us", utc=True)
+        raw["timestamp"] = parsed["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return raw, parsed, f"synthesized ({time_order} order per user, seed {seed})"
+    ts_raw = raw["timestamp"]
     secs = pd.to_numeric(ts_raw, errors="coerce")
     if secs.notna().all():
         ts = pd.to_datetime(secs * 1e6, unit="us", utc=True)
@@ -197,7 +213,7 @@ def read_ratings(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 f"{path}: column 'timestamp': cannot parse {bad!r} (ISO-8601 or unix seconds)"
             )
     parsed["timestamp"] = ts
-    return raw, parsed
+    return raw, parsed, "timestamp"
 
 
 def leave_last_out(parsed: pd.DataFrame, n: int) -> np.ndarray:
@@ -474,7 +490,9 @@ def run(opts: QualityOptions) -> dict[str, Any]:
         ratings_file = opts.ratings
         source = str(opts.ratings)
     _say(f"ratings: {source}")
-    raw, parsed = read_ratings(ratings_file)
+    raw, parsed, times = read_ratings(ratings_file, opts.columns, opts.time_order, opts.seed)
+    if times != "timestamp":
+        _say(f"no timestamp column: {times}")
     # 2. split and import
     held = leave_last_out(parsed, opts.holdout)
     split_dir = ws / "split"
@@ -561,7 +579,9 @@ def run(opts: QualityOptions) -> dict[str, Any]:
         results.append(res)
     for name, lists in base_lists.items():
         results.append(score_lists(name, lists, positives, rated, opts.k))
-    report = _report(opts, source, settings, train, test, eval_users, results, passes, t_start)
+    report = _report(
+        opts, source, times, settings, train, test, eval_users, results, passes, t_start
+    )
     report["release"] = release
     if coverage is not None:
         kc = opts.coverage_k
@@ -576,6 +596,7 @@ def run(opts: QualityOptions) -> dict[str, Any]:
 def _report(
     opts: QualityOptions,
     source: str,
+    times: str,
     settings: Settings,
     train: pd.DataFrame,
     test: pd.DataFrame,
@@ -605,7 +626,8 @@ def _report(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": source,
         "protocol": {
-            "holdout": f"each user's last {opts.holdout} ratings by timestamp",
+            "holdout": f"each user's last {opts.holdout} ratings by time",
+            "times": times,
             "positives": f"held-out ratings >= {opts.positive_min or 0:g}",
             "k": opts.k,
             "ndcg": "binary gain, IDCG over min(k, |positives|)",
@@ -716,6 +738,8 @@ def cli(args: argparse.Namespace) -> int:
     opts = QualityOptions(
         workspace=ws.resolve(),
         ratings=Path(args.ratings) if args.ratings else None,
+        columns=parse_columns(args.columns) if args.columns else None,
+        time_order=args.time_order,
         items=Path(args.items) if args.items else None,
         users=Path(args.users) if args.users else None,
         preset=args.preset,
@@ -733,7 +757,9 @@ def cli(args: argparse.Namespace) -> int:
     )
     if opts.k < 1 or opts.coverage_k < 0:
         raise UserError("--k must be >= 1 and --coverage-k >= 0")
-    if (opts.items or opts.users) and opts.ratings is None:
-        raise UserError("--items/--users go with --ratings")
+    if (opts.items or opts.users or opts.columns) and opts.ratings is None:
+        raise UserError("--items/--users/--columns go with --ratings")
+    if opts.time_order not in TIME_ORDERS:
+        raise UserError(f"--time-order must be one of {', '.join(TIME_ORDERS)}")
     run(opts)
     return 0

@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ratings at or above PURCHASE become purchases, at or above CLICK clicks, the rest "
         "views (default: chosen from the ratings' scale, docs/data.md)",
     )
+    p.add_argument(
+        "--time-order",
+        metavar="random|file",
+        help="an interactions file without a timestamp column: each user's events in random "
+        "(default) or file order, spread over the year before the import (docs/data.md)",
+    )
     p = _cmd(
         data,
         "import-events",
@@ -298,7 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
         "served NDCG@10/Recall@10 vs most-popular and EASE (leave-last-N-out, docs/quality.md)",
     )
     p.add_argument("--workspace", help="own data/releases/run folder (default: .bench-quality)")
-    p.add_argument("--ratings", help="user_id,item_id,rating,timestamp (default: sparse preset)")
+    p.add_argument(
+        "--ratings", help="user_id,item_id,rating[,timestamp] file (default: sparse preset)"
+    )
+    p.add_argument("--columns", metavar="NAMES", help="the columns of --ratings without a header")
+    p.add_argument(
+        "--time-order",
+        default="random",
+        metavar="random|file",
+        help="--ratings without timestamps: each user's order (the last --holdout are held out)",
+    )
     p.add_argument("--items", help="items file to import with --ratings")
     p.add_argument("--users", help="users file to import with --ratings")
     p.add_argument("--preset", default="sparse", help="ratings preset when no --ratings")

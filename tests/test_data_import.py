@@ -17,6 +17,7 @@ from exporters.data_import import (
     parse_column_maps,
     parse_columns,
     rating_cut,
+    synthetic_times,
 )
 from exporters.raw_tables import read_meta, read_raw
 from recstack.errors import UserError
@@ -48,8 +49,8 @@ def _csv(rows: list[str], header: str = "user_id,item_id,timestamp,event") -> st
 # "inter.csv" unless named otherwise; fragments name the file, the place and the column.
 ERRORS = {
     "missing column": (
-        {"inter.csv": "user_id,item_id,event\n1,2,view\n"},
-        ["inter.csv", "missing column 'timestamp'"],
+        {"inter.csv": "user_id,timestamp,event\n1,2026-07-01,view\n"},
+        ["inter.csv", "missing column 'item_id'"],
     ),
     "missing event and rating": (
         {"inter.csv": "user_id,item_id,timestamp\n1,2,2026-07-01\n"},
@@ -478,6 +479,82 @@ def test_public_rating_files_as_published(settings: Settings, tmp_path: Path) ->
         import_data(settings, bad, column_names=names)
     with pytest.raises(UserError, match="--columns names 3 columns, the file has 4"):
         import_data(settings, bad, column_names=names[:3])
+
+
+def test_synthetic_times_keep_each_users_order_and_interleave_users() -> None:
+    """A file without times: each user's events spread over the year before ``end`` in
+    their order (file or a seeded shuffle), users interleaved, the same every time."""
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 100, 5_000)
+    end = pd.Timestamp("2026-06-01", tz="UTC")
+    got = synthetic_times(users, "file", seed=1, end=end)
+    assert np.array_equal(got, synthetic_times(users, "file", seed=1, end=end))
+    assert not np.array_equal(got, synthetic_times(users, "file", seed=2, end=end))
+    start_us, end_us = (end - pd.Timedelta(days=365)).value // 1000, end.value // 1000
+    assert got.min() >= start_us and got.max() < end_us
+    spans = []
+    for u in np.unique(users):
+        t = got[users == u]
+        assert np.all(np.diff(t) > 0)  # file order is time order, no ties
+        spans.append(t.max() - t.min())
+    # ~50 events per user, drawn over the whole year: no user is squeezed into a corner.
+    assert min(spans) > 0.8 * (end_us - start_us)
+
+    shuffled = synthetic_times(users, "random", seed=1, end=end)
+    assert np.array_equal(np.sort(shuffled), np.sort(got))  # the same draws, other order
+    first = users == users[0]
+    assert not np.all(np.diff(shuffled[first]) > 0)  # not the file's order
+    with pytest.raises(UserError, match="time order 'latest'"):
+        synthetic_times(users, "latest")
+
+    # A user's rows for one item (a view, then a purchase) stay together, in file order.
+    u = np.array([1, 1, 1, 1, 1, 1, 2, 2])
+    i = np.array([5, 6, 5, 7, 6, 5, 5, 9])
+    for seed in range(20):
+        t = synthetic_times(u, "random", seed=seed, end=end, item_ids=i)
+        by_time = np.argsort(t[:6])
+        runs = [int(i[r]) for k, r in enumerate(by_time) if k == 0 or i[r] != i[by_time[k - 1]]]
+        assert sorted(runs) == [5, 6, 7]  # each item one run
+        for item in (5, 6):
+            rows = np.flatnonzero(i[:6] == item)
+            assert np.all(np.diff(t[rows]) > 0)
+
+
+def test_a_ratings_file_without_timestamps_is_imported(settings: Settings, tmp_path: Path) -> None:
+    """goodbooks-10k / Book-Crossing shape (user, item, rating; no time): imported with
+    synthesized times, said so in meta.json; --time-order file keeps the file's order."""
+    rows = [(u, 100 + (u * 7 + j) % 13, 1 + (u + j) % 5) for u in range(1, 30) for j in range(6)]
+    text = "user_id,book_id,rating\n" + "".join(f"{u},{i},{r}\n" for u, i, r in rows)
+    inter = _write(tmp_path / "ratings.csv", text)
+    maps = parse_column_maps(["interactions:book_id=item_id"])
+    import_data(settings, inter, column_maps=maps)
+    meta = read_meta(settings)
+    today = pd.Timestamp.now("UTC").floor("D")
+    assert meta["timestamps"] == {
+        "source": "synthesized",
+        "order": "random",
+        "span_days": 365,
+        "end": today.isoformat(),
+    }
+    assert meta["n_interactions"] == len(rows)
+    assert "timestamp" in meta["import_columns"]["interactions"]["defaulted"]  # type: ignore[index]
+    i = read_raw(settings).interactions
+    assert i["timestamp"].min() >= today - pd.Timedelta(days=365)
+    assert i["timestamp"].max() < today
+
+    import_data(settings, inter, column_maps=maps, time_order="file")
+    i = read_raw(settings).interactions.sort_values(["user_id", "timestamp"])
+    assert list(zip(i["user_id"], i["item_id"], strict=True)) == [(u, it) for u, it, _ in rows]
+    assert read_meta(settings)["timestamps"]["order"] == "file"  # type: ignore[index]
+
+    with pytest.raises(UserError, match="--time-order 'newest'"):
+        import_data(settings, inter, column_maps=maps, time_order="newest")
+    timed = _write(tmp_path / "timed.csv", GOOD)
+    with pytest.raises(UserError, match="--time-order is for a file without a timestamp"):
+        import_data(settings, timed, time_order="file")
+    assert read_meta(settings)["timestamps"]["order"] == "file"  # type: ignore[index]
+    import_data(settings, timed)
+    assert read_meta(settings)["timestamps"] == {"source": "column timestamp"}
 
 
 def test_the_rating_cut_is_reported_and_can_be_given(settings: Settings, tmp_path: Path) -> None:

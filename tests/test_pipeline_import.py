@@ -18,9 +18,10 @@ from recstack.settings import Settings
 pytestmark = pytest.mark.slow
 
 
-# The generator's events written as ratings on other scales than 1-5 stars.
+# The generator's events written as ratings on other scales than 1-5 stars. The 1-10 file
+# also has no timestamp column (goodbooks-10k's shape): the importer synthesizes the times.
 SCALES = {
-    "1-10": {"view": 4, "click": 6, "purchase": 10},
+    "1-10, no timestamps": {"view": 4, "click": 6, "purchase": 10},
     "one value (implicit feedback)": {"view": 1, "click": 1, "purchase": 1},
 }
 
@@ -39,9 +40,13 @@ def test_ratings_csv_runs_the_whole_pipeline(
             "rating": inter["event"].map(SCALES[scale]),
         }
     )
+    if "no timestamps" in scale:
+        ratings = ratings.drop(columns="timestamp")
     csv = tmp_path / "ratings.csv"
     ratings.to_csv(csv, index=False)
     import_data(settings, csv)
+    synthesized = read_meta(settings)["timestamps"]["source"] == "synthesized"  # type: ignore[index]
+    assert synthesized == ("no timestamps" in scale)
     # The importer reads the scale: 1-10 gives the generator's events back; a single value
     # makes every row a click (on the fixed 1-5 cut every row was a view: no positives).
     got = read_meta(settings)["events"]

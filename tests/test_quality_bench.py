@@ -62,7 +62,8 @@ def test_leave_last_out_by_time_per_user(tmp_path: Path) -> None:
     df = pd.concat([df, _ratings([(1, 13, 3, 200), (2, 21, 4, 60)])], ignore_index=True)
     path = tmp_path / "r.csv"
     df.to_csv(path, index=False)
-    raw, parsed = read_ratings(path)
+    raw, parsed, times = read_ratings(path)
+    assert times == "timestamp"
     assert parsed["timestamp"].iloc[0] == pd.Timestamp(400, unit="s", tz="UTC")
     held = leave_last_out(parsed, 2)
     # User 1's two latest (t=400, t=300); user 2 has no more than 2 ratings: kept whole.
@@ -89,6 +90,30 @@ def test_read_ratings_refuses_bad_files(tmp_path: Path) -> None:
     assert read_ratings(p)[1]["timestamp"].iloc[0] == pd.Timestamp("1998-01-01", tz="UTC")
 
 
+def test_ratings_without_timestamps_are_split_in_the_chosen_order(tmp_path: Path) -> None:
+    """A header-less "::" file without times (read as the importer reads it): the times are
+    synthesized once, written into the rows that are imported, and "the last N" follows
+    them — the file's order with ``file``, a seeded shuffle with ``random``."""
+    rows = [(1, 10, 5), (1, 11, 4), (2, 20, 5), (1, 12, 1), (1, 13, 3), (2, 21, 4), (2, 22, 2)]
+    path = tmp_path / "ratings.dat"
+    path.write_text("".join(f"{u}::{i}::{r}\n" for u, i, r in rows))
+    cols = ["user_id", "item_id", "rating"]
+    with pytest.raises(UserError, match="--columns"):
+        read_ratings(path)
+    raw, parsed, times = read_ratings(path, cols, "file", seed=7)
+    assert times == "synthesized (file order per user, seed 7)"
+    held = leave_last_out(parsed, 2)
+    assert sorted(parsed.loc[held, "item_id"]) == [12, 13, 21, 22]  # each user's last two lines
+    # The imported rows carry the same times (µs), which the importer reads back exactly.
+    again = pd.to_datetime(raw["timestamp"], utc=True, format="ISO8601")
+    assert (again == parsed["timestamp"]).all()
+    assert list(raw.columns) == [*cols, "timestamp"]
+
+    shuffles = [leave_last_out(read_ratings(path, cols, "random", seed=s)[1], 2) for s in range(8)]
+    assert len({tuple(h) for h in shuffles}) > 1  # the seed chooses which ratings are last
+    assert all(h.sum() == 4 for h in shuffles)
+
+
 def test_baselines_exclude_rated_items() -> None:
     train = _ratings(
         [(1, 10, 5, 0), (2, 10, 5, 0), (3, 10, 5, 0), (2, 11, 5, 0), (3, 11, 5, 0), (3, 12, 5, 0)]
@@ -110,6 +135,7 @@ def test_workspace_env_and_cli_wiring(tmp_path: Path) -> None:
     assert args._run == "loadtest.quality_bench:cli"
     assert args.holdout == 3 and args.k == 10 and args.ease_lambda == 250.0
     assert args.positive_min is None  # the importer's purchase cut of the ratings
+    assert args.time_order == "random" and args.columns is None
 
 
 def test_markdown_has_the_table() -> None:
