@@ -555,7 +555,8 @@ def ratings_to_raw(world: RatingsTables) -> RawTables:
     mapped to events by the importer's ``rating_cut``; brand 0, price 0.0, country 0
     (the importer's defaults); created/signup at the first rating."""
     r = world.ratings
-    codes = rating_cut(r["rating"].to_numpy()).events(r["rating"].to_numpy())
+    rating = r["rating"].to_numpy()
+    codes = rating_cut(rating).events(rating)
     first_item = r.groupby("item_id")["timestamp"].min()
     first_user = r.groupby("user_id")["timestamp"].min()
     order = np.lexsort((codes, r["item_id"], r["user_id"], r["timestamp"]))

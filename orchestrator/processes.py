@@ -242,6 +242,14 @@ def read_pid(settings: Settings, name: str) -> int | None:
     return None
 
 
+def require_pid(settings: Settings, name: str) -> int:
+    """The pid of running server ``name``; UserError saying so when it does not run."""
+    pid = read_pid(settings, name)
+    if pid is None:
+        raise UserError(f"{name} does not run (no live pid file in {settings.run_dir})")
+    return pid
+
+
 def stop_process(settings: Settings, name: str, timeout: float = 15.0) -> bool:
     """Stop server ``name`` if it runs; True if something was stopped."""
     pid = read_pid(settings, name)

@@ -38,6 +38,7 @@ from orchestrator.processes import (
     ManagedProcess,
     log_path,
     read_pid,
+    require_pid,
     start_process,
     stop_process,
 )
@@ -356,9 +357,7 @@ def reload_nginx(
     """Render the config with ``out`` down, check it, have the running nginx load it
     (SIGHUP) and wait until the workers of the old config have exited: from then on no
     call goes to a replica in ``out``. Returns the seconds it took."""
-    master = read_pid(settings, NGINX)
-    if master is None:
-        raise UserError(f"nginx does not run (no live pid file in {settings.run_dir})")
+    master = require_pid(settings, NGINX)
     check_nginx_conf(settings, out)
     t0 = time.monotonic()
     old = nginx_workers(master)
@@ -383,8 +382,7 @@ def drain_replica(settings: Settings, name: str, timeout: float = 30.0) -> tuple
     names = {r.name for r in replicas(settings)}
     if name not in names:
         raise UserError(f"{name} is not a replica of this set ({', '.join(sorted(names))})")
-    if read_pid(settings, name) is None:
-        raise UserError(f"{name} does not run (no live pid file in {settings.run_dir})")
+    require_pid(settings, name)
     out_s = (
         reload_nginx(settings, down_replicas(settings) | {name})
         if read_pid(settings, NGINX) is not None
@@ -449,9 +447,7 @@ def cli_signal(args: argparse.Namespace) -> int:
     """``recstack serve signal NAME --signal TERM|KILL``: signal one server of ours (a replica
     in a load test's timed action). TERM goes to the process (it drains); KILL to its group."""
     settings = get_settings()
-    pid = read_pid(settings, args.name)
-    if pid is None:
-        raise UserError(f"{args.name} does not run (no live pid file in {settings.run_dir})")
+    pid = require_pid(settings, args.name)
     if args.signal == "KILL":
         os.killpg(pid, signal.SIGKILL)
     else:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,11 @@ FAULT_S = 3.0  # long enough for breakers to open and to serve from them for a w
 # Scheduling slack on a shared 2-core host: an answer may leave the orchestrator at the
 # ceiling and still need a few ms to arrive.
 SLACK_S = 0.1
+# A pause this long of the test's own process, or this much CPU time stolen by the
+# hypervisor, while a check's traffic runs is the host's, not the stack's: the check runs
+# once more (see once_more_after_a_stall).
+STALL_S = 0.25
+STEAL_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +92,67 @@ class Outcome:
     latency_s: float
     degraded: tuple[str, ...] = ()
     n_items: int = 0
+
+
+def _steal_s() -> float:
+    """CPU time the hypervisor gave other guests while this one wanted to run (/proc/stat
+    "steal", all CPUs), in seconds; 0 where the kernel does not count it."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
+class HostStalls:
+    """While the block runs, a thread that sleeps 5 ms at a time: its longest oversleep is
+    the longest the host paused this process (contention or a stolen CPU), which pauses
+    the orchestrator and Triton alike; and the CPU time stolen meanwhile."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.steal = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        last = time.perf_counter()
+        while not self._stop.wait(0.005):
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last - 0.005)
+            last = now
+
+    def __enter__(self) -> HostStalls:
+        self._steal0 = _steal_s()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.steal = _steal_s() - self._steal0
+
+    @property
+    def stalled(self) -> bool:
+        return self.longest >= STALL_S or self.steal >= STEAL_S
+
+
+def once_more_after_a_stall(check: Callable[[], None]) -> None:
+    """Run ``check`` (its traffic, its fault and its assertions); if an assertion fails
+    while the host stalled (:class:`HostStalls`), run it once more and let that run decide.
+    A defect of the stack fails both runs; a failure without a stall is never retried. A
+    1 s deadline missed on a 300 ms ceiling (CI, 2026-12-01) needed a pause of 0.7 s."""
+    watch = HostStalls()
+    try:
+        with watch:
+            check()
+        return
+    except AssertionError as e:
+        if not watch.stalled:
+            raise
+        print(
+            f"host stall during the check (paused {watch.longest:.2f} s, {watch.steal:.2f} s "
+            f"of CPU stolen): {str(e)[:300]}; running it once more"
+        )
+    check()
 
 
 def drive(
@@ -215,17 +283,56 @@ def assert_recovers(stack: dict[str, Any], users: list[str], when: Timestamp) ->
     assert all(d["state"] == "closed" for d in deps.values()), deps
 
 
+def _pause_this_process(seconds: float) -> None:
+    """A real host stall: another process SIGSTOPs this one and SIGCONTs it later."""
+    pid = os.getpid()
+    subprocess.Popen(["sh", "-c", f"kill -STOP {pid}; sleep {seconds}; kill -CONT {pid}"])
+    time.sleep(seconds + 0.5)
+
+
+def test_a_failed_check_runs_once_more_only_after_a_host_stall() -> None:
+    runs: list[int] = []
+
+    def late_once() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            _pause_this_process(0.4)
+            raise AssertionError("late")
+
+    once_more_after_a_stall(late_once)
+    assert len(runs) == 2
+
+    def broken(stall: bool) -> Callable[[], None]:
+        def check() -> None:
+            runs.append(1)
+            if stall:
+                _pause_this_process(0.4)
+            raise AssertionError("broken")
+
+        return check
+
+    for stall, tries in ((False, 1), (True, 2)):  # no stall: no second try; two fails: fail
+        runs.clear()
+        with pytest.raises(AssertionError, match="broken"):
+            once_more_after_a_stall(broken(stall))
+        assert len(runs) == tries
+
+
 def test_healthy_baseline(stack: dict[str, Any], users: list[str], when: Timestamp) -> None:
     """Without a fault the same traffic is answered in full: the checks below measure
     the faults, not a stack that degrades anyway."""
     for user in users[:50]:  # warm: channels, caches, the first calls of each model
         req = pb.RecommendRequest(user_id=user, k=10, context=pb.Context(timestamp=when))
         stack["stub"].Recommend(req, timeout=5)
-    outcomes = drive(stack["stub"], users[:50], when, 1.0)
-    assert {o.code for o in outcomes} == {"OK"}
-    full = [o for o in outcomes if not o.degraded]
-    assert len(full) >= 0.9 * len(outcomes), [o.degraded for o in outcomes if o.degraded][:5]
-    assert all(d["state"] == "closed" for d in dependencies(stack["settings"]).values())
+
+    def check() -> None:
+        outcomes = drive(stack["stub"], users[:50], when, 1.0)
+        assert {o.code for o in outcomes} == {"OK"}, [o for o in outcomes if o.code != "OK"]
+        full = [o for o in outcomes if not o.degraded]
+        assert len(full) >= 0.9 * len(outcomes), [o.degraded for o in outcomes if o.degraded][:5]
+        assert all(d["state"] == "closed" for d in dependencies(stack["settings"]).values())
+
+    once_more_after_a_stall(check)
 
 
 def test_triton_hung(stack: dict[str, Any], users: list[str], when: Timestamp) -> None:
@@ -233,35 +340,47 @@ def test_triton_hung(stack: dict[str, Any], users: list[str], when: Timestamp) -
     and lose the ranker), half are new (they lose the tower): both breakers open."""
     s = stack["settings"]
     mixed = [u for pair in zip(users[:50], users[100:150], strict=True) for u in pair]
-    outcomes, deps, health = under_fault(stack, mixed, when, faults.triton_paused(s))
-    check_answers(outcomes, s, {"retrieval_unavailable", "ranking_skipped"})
-    assert health == health_pb2.HealthCheckResponse.SERVING
-    triton = {k: v for k, v in deps.items() if k.startswith("triton:")}
-    assert len(triton) == 2 and all(v["opened"] >= 1 for v in triton.values()), deps
-    assert_recovers(stack, users, when)
+
+    def check() -> None:
+        outcomes, deps, health = under_fault(stack, mixed, when, faults.triton_paused(s))
+        check_answers(outcomes, s, {"retrieval_unavailable", "ranking_skipped"})
+        assert health == health_pb2.HealthCheckResponse.SERVING
+        triton = {k: v for k, v in deps.items() if k.startswith("triton:")}
+        assert len(triton) == 2 and all(v["opened"] >= 1 for v in triton.values()), deps
+        assert_recovers(stack, users, when)
+
+    once_more_after_a_stall(check)
 
 
 def test_online_store_locked(stack: dict[str, Any], users: list[str], when: Timestamp) -> None:
     s = stack["settings"]
-    outcomes, deps, health = under_fault(stack, users, when, faults.store_locked(s))
-    check_answers(outcomes, s, {"features_unavailable"})
-    assert health == health_pb2.HealthCheckResponse.SERVING
-    assert deps["online_store:sqlite"]["state"] in ("open", "half_open"), deps
-    assert_recovers(stack, users, when)
+
+    def check() -> None:
+        outcomes, deps, health = under_fault(stack, users, when, faults.store_locked(s))
+        check_answers(outcomes, s, {"features_unavailable"})
+        assert health == health_pb2.HealthCheckResponse.SERVING
+        assert deps["online_store:sqlite"]["state"] in ("open", "half_open"), deps
+        assert_recovers(stack, users, when)
+
+    once_more_after_a_stall(check)
 
 
 def test_rank_model_unloaded(stack: dict[str, Any], users: list[str], when: Timestamp) -> None:
     s = stack["settings"]
-    tower_opened = {k: v["opened"] for k, v in dependencies(s).items() if "user_tower" in k}
-    outcomes, deps, health = under_fault(stack, users, when, faults.model_unloaded(s, "rank"))
-    check_answers(outcomes, s, {"ranking_skipped"})
-    assert health == health_pb2.HealthCheckResponse.SERVING
-    rank = [v for k, v in deps.items() if k.startswith("triton:rank_r")]
-    assert rank and rank[0]["state"] in ("open", "half_open"), deps
-    # The user tower was not touched: its breaker never opened.
-    tower = {k: v["opened"] for k, v in deps.items() if "user_tower" in k}
-    assert tower and tower == tower_opened, deps
-    assert_recovers(stack, users, when)
+
+    def check() -> None:
+        tower_opened = {k: v["opened"] for k, v in dependencies(s).items() if "user_tower" in k}
+        outcomes, deps, health = under_fault(stack, users, when, faults.model_unloaded(s, "rank"))
+        check_answers(outcomes, s, {"ranking_skipped"})
+        assert health == health_pb2.HealthCheckResponse.SERVING
+        rank = [v for k, v in deps.items() if k.startswith("triton:rank_r")]
+        assert rank and rank[0]["state"] in ("open", "half_open"), deps
+        # The user tower was not touched: its breaker never opened.
+        tower = {k: v["opened"] for k, v in deps.items() if "user_tower" in k}
+        assert tower and tower == tower_opened, deps
+        assert_recovers(stack, users, when)
+
+    once_more_after_a_stall(check)
 
 
 def test_store_lock_finds_the_store_feast_uses(trained_settings: Settings) -> None:
