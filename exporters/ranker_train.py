@@ -101,10 +101,11 @@ class RankerParams:
 
 
 # --- Feast point-in-time features -----------------------------------------------------------
-# Entity rows per get_historical_features call. Feast's file-source join pairs every entity
-# row with its key's whole feature history before keeping the latest row as of its time, so
-# its memory is rows × history: a per-user split's window of 3,000 users × 349 candidates
-# over two years of daily item rows (~1M × 730) went past 21 GB and was killed.
+# Entity rows per get_historical_features call (Spark; and Feast's file store where it is
+# called, the tests). Feast's file-source join pairs every entity row with its key's whole
+# feature history before keeping the latest row as of its time, so its memory is rows ×
+# history: a per-user split's window of 3,000 users × 349 candidates over two years of
+# daily item rows (~1M × 730) went past 21 GB and was killed.
 PIT_CHUNK_ROWS = 50_000
 
 
@@ -116,21 +117,42 @@ def point_in_time_features(
     refs: Sequence[str],
 ) -> pd.DataFrame:
     """Feature values of entities ``ids`` (join key ``key``) as of ``at`` (one time, or
-    one per row) through Feast's ``get_historical_features``: one row per input row, in
-    its order; an entity with no value as of its time gets NaN/None (Feast itself drops
-    such rows)."""
-    from exporters.feast_ops import identity_dask_tokens, offline_feature_store
+    one per row), point-in-time as Feast's ``get_historical_features`` joins them: one
+    row per input row, in its order; an entity with no value as of its time gets NaN/None
+    (Feast itself drops such rows). With the file offline store the join is
+    ``feast_ops.as_of_features`` (the same rule on the same tables, without dask's merge of
+    every row with its key's whole history); with Spark, :func:`feast_point_in_time`."""
+    from exporters.feast_ops import as_of_features, feature_store
 
     ids = np.asarray(ids, dtype=np.int64)
-    times = at if isinstance(at, pd.DatetimeIndex) else pd.Timestamp(at)
+    if isinstance(at, pd.DatetimeIndex):
+        times = at
+    else:
+        times = pd.DatetimeIndex(np.full(len(ids), pd.Timestamp(at).value)).tz_localize("UTC")
+    if settings.offline_engine == "spark":
+        return feast_point_in_time(settings, key, ids, times, refs)
+    return as_of_features(feature_store(settings), key, ids, times, list(refs))
+
+
+def feast_point_in_time(
+    settings: Settings,
+    key: str,
+    ids: np.ndarray,
+    times: pd.DatetimeIndex,
+    refs: Sequence[str],
+) -> pd.DataFrame:
+    """:func:`point_in_time_features` through Feast's ``get_historical_features`` on the
+    settings' offline store, ``PIT_CHUNK_ROWS`` entity rows per call."""
+    from exporters.feast_ops import identity_dask_tokens, offline_feature_store
+
     if len(ids) > PIT_CHUNK_ROWS:
         return pd.concat(
             [
-                point_in_time_features(
+                feast_point_in_time(
                     settings,
                     key,
                     ids[i : i + PIT_CHUNK_ROWS],
-                    times[i : i + PIT_CHUNK_ROWS] if isinstance(times, pd.DatetimeIndex) else times,
+                    times[i : i + PIT_CHUNK_ROWS],
                     refs,
                 )
                 for i in range(0, len(ids), PIT_CHUNK_ROWS)
@@ -322,7 +344,7 @@ def candidate_rows(
         row_feature = row_feature.reshape(-1)
     user_feats, affinity = feature_assembly.user_arrays(users_df, layout)
     item_feats, category, created = feature_assembly.item_arrays(items_df, layout)
-    log.info("Feast point-in-time features in %.1f s", time.perf_counter() - t0)
+    log.info("point-in-time features in %.1f s", time.perf_counter() - t0)
 
     user_emb = retrieval.embed_users(
         settings, retrieval.user_tower_inputs_at(settings, user_ids, at)

@@ -55,7 +55,8 @@ def test_point_in_time_features_in_chunks_equal_one_call(
     trained_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Feast's point-in-time join is called per PIT_CHUNK_ROWS entity rows (its memory is
-    rows × each key's history): the rows, their order and values are those of one call."""
+    rows × each key's history): the rows, their order and values are those of one call,
+    and those of the as-of join training uses with the file offline store."""
     s = trained_settings
     events = read_table(s, "interactions").sample(300, random_state=5)
     times = pd.DatetimeIndex(events["timestamp"])
@@ -63,9 +64,13 @@ def test_point_in_time_features_in_chunks_equal_one_call(
     got = {}
     for chunk in (10_000, 7):
         monkeypatch.setattr(ranker_train, "PIT_CHUNK_ROWS", chunk)
-        got[chunk] = ranker_train.point_in_time_features(
+        got[chunk] = ranker_train.feast_point_in_time(
             s, "item_id", events["item_id"].to_numpy(), times, layout.item_refs
         )
     assert len(got[7]) == 300 and got[7]["item_id"].tolist() == events["item_id"].tolist()
     assert got[7].notna().to_numpy().mean() > 0.5  # real values, not a frame of NaN
     pd.testing.assert_frame_equal(got[7], got[10_000])
+    as_of = ranker_train.point_in_time_features(
+        s, "item_id", events["item_id"].to_numpy(), times, layout.item_refs
+    )
+    pd.testing.assert_frame_equal(as_of, got[7])
