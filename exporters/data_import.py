@@ -329,7 +329,7 @@ def parse_column_maps(specs: list[str] | None) -> dict[str, dict[str, str]]:
     return out
 
 
-def _apply_map(src: _Source, kind: str, mapping: dict[str, str]) -> dict[str, Any]:
+def apply_column_map(src: _Source, kind: str, mapping: dict[str, str]) -> dict[str, Any]:
     """Rename mapped columns, then say by name what is used and what is ignored."""
     names = list(src.table.column_names)
     for old, new in mapping.items():
@@ -839,7 +839,7 @@ def import_data(
     maps = column_maps or {}
     columns: dict[str, Any] = {}
     isrc = read_source(Path(interactions), "interactions", column_names)
-    columns["interactions"] = _apply_map(isrc, "interactions", maps.get("interactions", {}))
+    columns["interactions"] = apply_column_map(isrc, "interactions", maps.get("interactions", {}))
     isrc.need("user_id", "item_id")
     user_keys, item_keys = _Keys(), _Keys()
     user_ids = _ids(isrc, "user_id", keys=user_keys)
@@ -886,7 +886,7 @@ def import_data(
         price = np.zeros(n)
         created = np.full(n, _NAT)
     else:
-        columns["items"] = _apply_map(item_src, "items", maps.get("items", {}))
+        columns["items"] = apply_column_map(item_src, "items", maps.get("items", {}))
         item_src.need("item_id")
         iids = _ids(item_src, "item_id", keys=item_keys)
         _unique(item_src, "item_id", iids)
@@ -907,7 +907,7 @@ def import_data(
         age = country = np.zeros(n, np.int64)
         signup = np.full(n, _NAT)
     else:
-        columns["users"] = _apply_map(user_src, "users", maps.get("users", {}))
+        columns["users"] = apply_column_map(user_src, "users", maps.get("users", {}))
         user_src.need("user_id")
         uids = _ids(user_src, "user_id", keys=user_keys)
         _unique(user_src, "user_id", uids)

@@ -112,7 +112,7 @@ def _no_labels(src: Any, col: str) -> None:
 
 def _validate(src: Any, now: float | None = None) -> NewItems:
     """The importer's item checks on one source (di._Source)."""
-    di._apply_map(src, "items", {})  # logs the columns it ignores
+    di.apply_column_map(src, "items", {})  # logs the columns it ignores
     src.need("item_id")
     keys = di._Keys()
     ids = di._ids(src, "item_id", what="item id", keys=keys)

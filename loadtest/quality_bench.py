@@ -2,8 +2,9 @@
 
 The protocol (docs/quality.md), end to end in a workspace and ports of its own:
 
-1. ratings: ``--ratings FILE`` (``user_id,item_id,rating,timestamp``; timestamps as the
-   importer accepts them) or, by default, the ``sparse`` preset written as CSV;
+1. ratings: ``--ratings FILE`` (``user_id,item_id,rating[,timestamp]``, read, ids and
+   timestamps as the importer takes them; without timestamps, the importer's synthetic
+   ones) or, by default, the ``sparse`` preset written as CSV;
 2. split: each user's last ``holdout`` ratings by time are held out (users with no more
    ratings than that stay whole in training and are not evaluated); the rest is written
    as CSV and imported with the real importer (``recstack data import``);
@@ -48,6 +49,8 @@ import pandas as pd
 
 from exporters.data_import import (
     TIME_ORDERS,
+    apply_column_map,
+    parse_column_maps,
     parse_columns,
     rating_cut,
     read_source,
@@ -55,6 +58,7 @@ from exporters.data_import import (
 )
 from exporters.model_repo import copy_committed_repository
 from recstack.errors import UserError
+from recstack.ids import InvalidId, internal_id
 from recstack.settings import PROJECT_ROOT, Settings
 
 RATING_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
@@ -71,6 +75,7 @@ class QualityOptions:
     # A ratings file without timestamps: each user's ratings in this order (the importer's
     # synthetic_times, seeded with ``seed``), so "the last N" is a random N by default.
     time_order: str = "random"
+    column_map: dict[str, str] = field(default_factory=dict)  # --map COLUMN=FIELD
     items: Path | None = None
     users: Path | None = None
     preset: str = "sparse"
@@ -166,15 +171,21 @@ def score_lists(
 
 
 def read_ratings(
-    path: Path, columns: list[str] | None = None, time_order: str = "random", seed: int = 0
+    path: Path,
+    columns: list[str] | None = None,
+    time_order: str = "random",
+    seed: int = 0,
+    column_map: dict[str, str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """A ratings file, read as the importer reads it (text in any delimiter it sniffs, or
     parquet; ``columns`` for a text file without a header line; column names in any
     spelling), as (rows exactly as written, as strings; parsed columns; where the times
     come from). A file without a timestamp column gets the importer's
     :func:`synthetic_times` in ``time_order``, added to both frames, so the split and the
-    import see the same times."""
+    import see the same times. ``column_map`` renames columns as the importer's ``--map
+    interactions:COLUMN=FIELD`` does (Book-Crossing's ``ISBN`` as ``item_id``)."""
     src = read_source(path, "interactions", columns)
+    apply_column_map(src, "interactions", column_map or {})
     missing = [c for c in RATING_COLUMNS if c != "timestamp" and not src.has(c)]
     if missing:
         raise UserError(
@@ -184,11 +195,7 @@ def read_ratings(
     raw = src.table.to_pandas().fillna("").astype(str)
     parsed = pd.DataFrame(index=raw.index)
     for col in ("user_id", "item_id"):
-        vals = pd.to_numeric(raw[col], errors="coerce")
-        if vals.isna().any() or (vals < 0).any() or (vals % 1 != 0).any():
-            bad = raw[col][vals.isna() | (vals < 0) | (vals % 1 != 0)].iloc[0]
-            raise UserError(f"{path}: column {col!r}: {bad!r} is not a non-negative integer id")
-        parsed[col] = vals.astype(np.int64)
+        parsed[col] = _internal_ids(path, col, raw[col])
     rating = pd.to_numeric(raw["rating"], errors="coerce")
     if rating.isna().any():
         bad = raw["rating"][rating.isna()].iloc[0]
@@ -214,6 +221,20 @@ def read_ratings(
             )
     parsed["timestamp"] = ts
     return raw, parsed, "timestamp"
+
+
+def _internal_ids(path: Path, col: str, values: pd.Series) -> np.ndarray:
+    """The int64 ids of a column of client ids, by the importer's rule (recstack.ids:
+    digits are their value, keys such as ISBNs or UUIDs their hash): the ids the served
+    answers carry once read back with :func:`recstack.ids.internal_id`."""
+    codes, uniques = pd.factorize(values.str.strip())
+    ids = np.empty(len(uniques), np.int64)
+    for n, value in enumerate(uniques):
+        try:
+            ids[n] = internal_id(value, col)
+        except InvalidId as e:
+            raise UserError(f"{path}: column {col!r}: {value!r}: {e}") from None
+    return ids[codes]
 
 
 def leave_last_out(parsed: pd.DataFrame, n: int) -> np.ndarray:
@@ -383,16 +404,19 @@ def ask(
     timeout_s: float,
     deadline: float,
     label: str,
+    keys: Mapping[int, str] | None = None,
 ) -> _Served:
     """``GET /v1/recommendations`` for each user (with ``timestamp=`` when ``when`` is
-    given), one at a time: the quality of answers, not throughput, is measured here."""
+    given), one at a time: the quality of answers, not throughput, is measured here.
+    ``keys``: the client's id of each user (string ids); answers' item ids are read back
+    into internal ids."""
     out = _Served()
     users = list(users)
     t_last = time.monotonic()
     for n, u in enumerate(users, 1):
         if time.monotonic() > deadline:
             raise UserError(f"time limit reached while asking for {label} ({n - 1} users done)")
-        params: dict[str, Any] = {"user_id": u, "k": k}
+        params: dict[str, Any] = {"user_id": keys.get(u, u) if keys else u, "k": k}
         if when is not None:
             params["timestamp"] = when[u].isoformat()
         url = f"{base}/v1/recommendations?{urllib.parse.urlencode(params)}"
@@ -406,7 +430,7 @@ def ask(
             out.errors[u] = f"HTTP {status}: {body.get('error', body)}"
             continue
         items = body.get("items", [])
-        out.lists[u] = [int(i["item_id"]) for i in items]
+        out.lists[u] = [internal_id(str(i["item_id"])) for i in items]
         out.sources.update(str(i.get("source", "")) for i in items)
         if body.get("degraded"):
             out.degraded += 1
@@ -490,7 +514,9 @@ def run(opts: QualityOptions) -> dict[str, Any]:
         ratings_file = opts.ratings
         source = str(opts.ratings)
     _say(f"ratings: {source}")
-    raw, parsed, times = read_ratings(ratings_file, opts.columns, opts.time_order, opts.seed)
+    raw, parsed, times = read_ratings(
+        ratings_file, opts.columns, opts.time_order, opts.seed, opts.column_map
+    )
     if times != "timestamp":
         _say(f"no timestamp column: {times}")
     # 2. split and import
@@ -512,6 +538,10 @@ def run(opts: QualityOptions) -> dict[str, Any]:
     if not eval_users:
         raise UserError("no user has a held-out positive (rating >= --positive-min)")
     first_held = test.groupby("user_id")["timestamp"].min()
+    # The client's id of each user, as the request names it (string ids: the key, not its
+    # hash; "007" stays "007").
+    named = pd.DataFrame({"u": parsed["user_id"], "key": raw["user_id"].str.strip()})
+    user_keys = dict(named.drop_duplicates("u").itertuples(index=False, name=None))
     rated = {int(u): set(map(int, g)) for u, g in train.groupby("user_id")["item_id"]}
     _say(
         f"split: {len(train):,} ratings imported, {len(test):,} held out "
@@ -539,12 +569,19 @@ def run(opts: QualityOptions) -> dict[str, Any]:
         # 4. ask
         passes: dict[str, _Served] = {}
         passes["served (server clock)"] = ask(
-            base, eval_users, opts.k, None, opts.request_timeout_s, deadline, "served"
+            base, eval_users, opts.k, None, opts.request_timeout_s, deadline, "served", user_keys
         )
         if opts.timestamp_pass:
             when = {u: first_held[u] for u in eval_users}
             passes["served (timestamp = first held-out rating)"] = ask(
-                base, eval_users, opts.k, when, opts.request_timeout_s, deadline, "served+ts"
+                base,
+                eval_users,
+                opts.k,
+                when,
+                opts.request_timeout_s,
+                deadline,
+                "served+ts",
+                user_keys,
             )
         coverage: _Served | None = None
         if opts.coverage_k:
@@ -556,6 +593,7 @@ def run(opts: QualityOptions) -> dict[str, Any]:
                 opts.request_timeout_s,
                 deadline,
                 f"served k={opts.coverage_k}",
+                user_keys,
             )
     finally:
         if not opts.keep_up:
@@ -740,6 +778,9 @@ def cli(args: argparse.Namespace) -> int:
         ratings=Path(args.ratings) if args.ratings else None,
         columns=parse_columns(args.columns) if args.columns else None,
         time_order=args.time_order,
+        column_map=parse_column_maps(
+            [m if ":" in m else f"interactions:{m}" for m in args.map or []]
+        ).get("interactions", {}),
         items=Path(args.items) if args.items else None,
         users=Path(args.users) if args.users else None,
         preset=args.preset,

@@ -309,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--columns", metavar="NAMES", help="the columns of --ratings without a header")
     p.add_argument(
+        "--map",
+        action="append",
+        metavar="COLUMN=FIELD",
+        help="a column of --ratings used as user_id/item_id/rating/timestamp, e.g. isbn=item_id",
+    )
+    p.add_argument(
         "--time-order",
         default="random",
         metavar="random|file",

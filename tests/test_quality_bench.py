@@ -21,6 +21,7 @@ from loadtest.quality_bench import (
 )
 from recstack.cli import build_parser
 from recstack.errors import UserError
+from recstack.ids import key_hash
 
 
 def test_ndcg_and_recall_by_hand() -> None:
@@ -80,9 +81,14 @@ def test_read_ratings_refuses_bad_files(tmp_path: Path) -> None:
     p.write_text("user_id,item_id,score,timestamp\n1,2,3,4\n")
     with pytest.raises(UserError, match=r"missing column\(s\) \['rating'\]"):
         read_ratings(p)
-    p.write_text("User_ID,item_id,rating,timestamp\nu1,2,3,4\n")
-    with pytest.raises(UserError, match="'u1' is not a non-negative integer"):
+    p.write_text("User_ID,item_id,rating,timestamp\nu 1,2,3,4\n")
+    with pytest.raises(UserError, match="column 'user_id': 'u 1': user_id must be a non-neg"):
         read_ratings(p)
+    # String ids (ISBNs, UUIDs) by the importer's rule, as served answers carry them.
+    p.write_text("user_id,item_id,rating,timestamp\nu-7,034545104X,3,4\n007,0155061224,5,4\n")
+    parsed = read_ratings(p)[1]
+    assert parsed["user_id"].tolist() == [key_hash("u-7"), 7]
+    assert parsed["item_id"].tolist() == [key_hash("034545104X"), 155061224]
     p.write_text("user_id,item_id,rating,timestamp\n1,2,3,yesterday\n")
     with pytest.raises(UserError, match="cannot parse 'yesterday'"):
         read_ratings(p)
@@ -112,6 +118,36 @@ def test_ratings_without_timestamps_are_split_in_the_chosen_order(tmp_path: Path
     shuffles = [leave_last_out(read_ratings(path, cols, "random", seed=s)[1], 2) for s in range(8)]
     assert len({tuple(h) for h in shuffles}) > 1  # the seed chooses which ratings are last
     assert all(h.sum() == 4 for h in shuffles)
+
+
+def test_a_book_crossing_file_is_read_with_the_importers_map(tmp_path: Path) -> None:
+    """Quoted ";"-separated, its own column names, ISBN keys, no timestamps: read with
+    --map as ``recstack data import`` reads it; the rows to import carry schema names."""
+    p = tmp_path / "BX-Book-Ratings.csv"
+    p.write_text(
+        '"User-ID";"ISBN";"Book-Rating"\n"276725";"034545104X";"0"\n'
+        '"276726";"0155061224";"5"\n"276725";"0446520802";"10"\n'
+    )
+    with pytest.raises(UserError, match=r"missing column\(s\) \['item_id', 'rating'\]"):
+        read_ratings(p)
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "quality",
+            "--ratings",
+            str(p),
+            "--map",
+            "isbn=item_id",
+            "--map",
+            "book_rating=rating",
+        ]
+    )
+    assert args.map == ["isbn=item_id", "book_rating=rating"]
+    raw, parsed, times = read_ratings(p, column_map={"isbn": "item_id", "book_rating": "rating"})
+    assert parsed["item_id"].tolist() == [key_hash("034545104X"), 155061224, 446520802]
+    assert parsed["rating"].tolist() == [0.0, 5.0, 10.0]
+    assert list(raw.columns) == ["user_id", "item_id", "rating", "timestamp"]
+    assert times.startswith("synthesized")
 
 
 def test_baselines_exclude_rated_items() -> None:
