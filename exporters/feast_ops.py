@@ -589,7 +589,7 @@ def as_of_features(
     A ranker window on MovieLens-1M's shape (6,040 users × ~390 candidates, ~3 years of
     daily item rows) is ~2.4M entity rows × ~1,000 rows each: hours. This reads the same
     tables (``batch_table``) and the same definitions from the registry; tests compare it
-    with Feast's own join (tests/test_feast_repo.py)."""
+    with Feast's own join (tests/test_point_in_time_join.py)."""
     ids = np.asarray(ids, dtype=np.int64)
     when = pd.DatetimeIndex(times)
     when = when.tz_localize("UTC") if when.tz is None else when.tz_convert("UTC")
@@ -610,7 +610,8 @@ def as_of_features(
         created = getattr(view.batch_source, "created_timestamp_column", None) or None
         cols = [key, ts, *([created] if created else []), *names]
         right = pq.read_table(path, columns=cols).to_pandas()
-        right = right[right[ts].notna()]  # Feast's own rule for these is murky; ours has none
+        # A row without a time would match any time in Feast; recstack's tables have none.
+        right = right[right[ts].notna()]
         right["_t"] = pd.DatetimeIndex(pd.to_datetime(right[ts], utc=True)).as_unit("us").asi8
         right[key] = right[key].astype(np.int64)
         # Newest last among equal times: created time, then the table's order (stable).
