@@ -1,9 +1,12 @@
 """``feast_ops.as_of_features`` against Feast's own point-in-time join
 (``get_historical_features`` of the file offline store) on the trained `small` release's
 feature tables: every view, entity rows at, just before and just after the tables' row
-times, at random times, before any row, and for ids that have no row."""
+times, at random times, before any row, and for ids that have no row; and a view with a
+TTL (recstack's have none), built with Feast's classes."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -85,3 +88,52 @@ def test_as_of_join_equals_feasts_point_in_time_join(trained_settings: Settings)
             diff = [f for f in ours.columns if not _same(ours.at[i, f], feast.at[i, f])]
             assert not diff, (view.name, ids[i], times[i], diff, ours.iloc[i], feast.iloc[i])
         assert ours.iloc[:, 1].isna().any() and ours.iloc[:, 1].notna().any(), view.name
+
+
+def test_a_views_ttl_bounds_the_age_of_the_row_it_takes(tmp_path: Path) -> None:
+    """No view of recstack has a TTL; Feast's rule for one (keep a row when
+    ``t - ttl <= row time <= t``) on a view built here with Feast's own classes."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from feast import Entity, FeatureView, Field, FileSource
+    from feast.types import Int64
+
+    t0 = pd.Timestamp("2026-03-01", tz="UTC")
+    table = pd.DataFrame(
+        {
+            "user_id": [1, 1, 2],
+            "event_timestamp": [t0, t0 + pd.Timedelta(hours=2), t0],
+            "v": [10, 20, 30],
+        }
+    )
+    path = tmp_path / "v.parquet"
+    table.to_parquet(path)
+    view = FeatureView(
+        name="v_view",
+        entities=[Entity(name="user", join_keys=["user_id"])],
+        ttl=timedelta(hours=1),
+        schema=[Field(name="user_id", dtype=Int64), Field(name="v", dtype=Int64)],
+        source=FileSource(path=str(path), timestamp_field="event_timestamp"),
+    )
+    store = SimpleNamespace(
+        get_feature_view=lambda name, allow_registry_cache=True: view,
+        config=SimpleNamespace(repo_path=None),
+    )
+    hour = pd.Timedelta(hours=1)
+    asks = [
+        (1, t0 - pd.Timedelta(seconds=1)),  # before any row
+        (1, t0 + hour),  # exactly the TTL old: kept
+        (1, t0 + hour + pd.Timedelta(microseconds=1)),  # older than the TTL
+        (1, t0 + 2 * hour),  # the newer row
+        (2, t0 + 3 * hour),  # its only row expired
+    ]
+    got = feast_ops.as_of_features(
+        store,  # type: ignore[arg-type]
+        "user_id",
+        np.array([a[0] for a in asks]),
+        pd.DatetimeIndex([a[1] for a in asks]),
+        ["v_view:v"],
+    )
+    assert got["v"].tolist()[1::2] == [10.0, 20.0]
+    assert got["v"].isna().tolist() == [True, False, True, False, True]
