@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exporters.data_import:cli",
         "import real data (CSV, TSV, ::-separated text or parquet)",
     )
-    p.add_argument("--interactions", required=True, help="user_id,item_id,timestamp,event|rating")
+    p.add_argument("--interactions", required=True, help="user_id,item_id,event|rating[,timestamp]")
     p.add_argument("--items", help="item_id[,category,brand,price,created_at]")
     p.add_argument("--users", help="user_id[,age_bucket,country,signup_at]")
     p.add_argument(
