@@ -49,6 +49,8 @@ import pandas as pd
 
 from exporters.data_import import (
     TIME_ORDERS,
+    _ids,
+    _Keys,
     apply_column_map,
     parse_column_maps,
     parse_columns,
@@ -58,7 +60,7 @@ from exporters.data_import import (
 )
 from exporters.model_repo import copy_committed_repository
 from recstack.errors import UserError
-from recstack.ids import InvalidId, internal_id
+from recstack.ids import internal_id
 from recstack.settings import PROJECT_ROOT, Settings
 
 RATING_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
@@ -195,7 +197,9 @@ def read_ratings(
     raw = src.table.to_pandas().fillna("").astype(str)
     parsed = pd.DataFrame(index=raw.index)
     for col in ("user_id", "item_id"):
-        parsed[col] = _internal_ids(path, col, raw[col])
+        # The importer's rule (recstack.ids: digits their value, keys such as ISBNs their
+        # hash), as the served answers' ids read back with internal_id.
+        parsed[col] = _ids(src, col, keys=_Keys())
     rating = pd.to_numeric(raw["rating"], errors="coerce")
     if rating.isna().any():
         bad = raw["rating"][rating.isna()].iloc[0]
@@ -221,20 +225,6 @@ def read_ratings(
             )
     parsed["timestamp"] = ts
     return raw, parsed, "timestamp"
-
-
-def _internal_ids(path: Path, col: str, values: pd.Series) -> np.ndarray:
-    """The int64 ids of a column of client ids, by the importer's rule (recstack.ids:
-    digits are their value, keys such as ISBNs or UUIDs their hash): the ids the served
-    answers carry once read back with :func:`recstack.ids.internal_id`."""
-    codes, uniques = pd.factorize(values.str.strip())
-    ids = np.empty(len(uniques), np.int64)
-    for n, value in enumerate(uniques):
-        try:
-            ids[n] = internal_id(value, col)
-        except InvalidId as e:
-            raise UserError(f"{path}: column {col!r}: {value!r}: {e}") from None
-    return ids[codes]
 
 
 def leave_last_out(parsed: pd.DataFrame, n: int) -> np.ndarray:
