@@ -25,7 +25,7 @@ import shutil
 import string
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -536,8 +536,7 @@ def historical_features(
     Asked once per join key with that key's distinct (key, timestamp) pairs: Feast 0.67's
     file offline store deduplicates on the join keys it has seen so far, so a (user, item)
     frame loses rows that share a user and a timestamp. With the file offline store the
-    join is :func:`as_of_features` (Feast's rule, without dask's merge of every row with
-    its key's whole history); with Spark, Feast's Spark offline store.
+    join is :func:`point_in_time`'s.
 
     With ``fill`` (default) missing values get the serving defaults
     (feature_tables.FEATURE_DEFAULTS) and vectors become float32 arrays (zeros when
@@ -556,18 +555,75 @@ def historical_features(
         group = [f for f in features if f.entity_key == key]
         keys = out[[key, ts]].drop_duplicates().reset_index(drop=True)
         refs = [f"{f.view}:{f.name}" for f in group]
-        if settings.offline_engine == "spark":
-            with identity_dask_tokens():
-                got = store.get_historical_features(entity_df=keys, features=refs).to_df()
-        else:
-            got = as_of_features(store, key, keys[key].to_numpy(), pd.DatetimeIndex(keys[ts]), refs)
-            got[ts] = keys[ts]
-        got[ts] = pd.to_datetime(got[ts], utc=True)
-        got = got.drop_duplicates([key, ts])[[key, ts, *(f.name for f in group)]]
+        got = point_in_time(
+            settings, store, key, keys[key].to_numpy(), pd.DatetimeIndex(keys[ts]), refs
+        )
+        got[ts] = keys[ts]  # point_in_time keeps the rows' order
+        got = got[[key, ts, *(f.name for f in group)]]
         out = out.merge(got, on=[key, ts], how="left", validate="many_to_one")
     if fill:
         out = fill_defaults(out, features)
     return out
+
+
+# Entity rows per get_historical_features call where Feast's own join runs (the Spark
+# engine; tests of the file store). Feast's file-source join pairs every entity row with its
+# key's whole feature history before keeping the latest row as of its time, so its memory
+# is rows × history: a per-user split's window of 3,000 users × 349 candidates over two
+# years of daily item rows (~1M × 730) went past 21 GB and was killed.
+PIT_CHUNK_ROWS = 50_000
+ROW = "_recstack_row"  # entity_df row number, kept through Feast's join
+
+
+def point_in_time(
+    settings: Settings,
+    store: FeatureStore,
+    key: str,
+    ids: np.ndarray,
+    times: pd.DatetimeIndex,
+    refs: Sequence[str],
+) -> pd.DataFrame:
+    """Feature values ``refs`` of entities ``ids`` (join key ``key``) as of ``times`` (one
+    per row), point-in-time as Feast's ``get_historical_features`` joins them: one row per
+    input row, in its order, columns ``key`` and the features; an entity with no value as
+    of its time gets NaN/None (Feast itself drops such rows). With the file offline store
+    the join is :func:`as_of_features` (the same rule on the same tables, without dask's
+    merge of every row with its key's whole history); with Spark, Feast's own
+    (:func:`feast_point_in_time`)."""
+    if settings.offline_engine == "spark":
+        return feast_point_in_time(store, key, ids, times, refs)
+    return as_of_features(store, key, ids, times, list(refs))
+
+
+def feast_point_in_time(
+    store: FeatureStore,
+    key: str,
+    ids: np.ndarray,
+    times: pd.DatetimeIndex,
+    refs: Sequence[str],
+) -> pd.DataFrame:
+    """:func:`point_in_time` through Feast's ``get_historical_features`` on ``store``'s
+    offline store, ``PIT_CHUNK_ROWS`` entity rows per call."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) > PIT_CHUNK_ROWS:
+        return pd.concat(
+            [
+                feast_point_in_time(
+                    store, key, ids[i : i + PIT_CHUNK_ROWS], times[i : i + PIT_CHUNK_ROWS], refs
+                )
+                for i in range(0, len(ids), PIT_CHUNK_ROWS)
+            ],
+            ignore_index=True,
+        )
+    entity_df = pd.DataFrame(
+        {key: ids, "event_timestamp": times, ROW: np.arange(len(ids), dtype=np.int64)}
+    )
+    with identity_dask_tokens():
+        df = store.get_historical_features(entity_df=entity_df, features=list(refs)).to_df()
+    names = [r.split(":", 1)[1] for r in refs]
+    df = df.drop_duplicates(ROW).set_index(ROW).reindex(np.arange(len(ids)))
+    df[key] = ids
+    return df[[key, *names]].reset_index(drop=True)
 
 
 def as_of_features(

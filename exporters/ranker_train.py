@@ -49,7 +49,6 @@ MODEL_FILE = "ranker.txt"
 MANIFEST_FILE = "ranker.json"
 SAMPLE_FILE = "ranker_sample.npy"
 SERVICE = "ranking"
-ROW = "_recstack_row"  # entity_df row number, kept through Feast's join
 LABELS: dict[str, int] = {"click": 1, "purchase": 2}
 
 
@@ -101,12 +100,6 @@ class RankerParams:
 
 
 # --- Feast point-in-time features -----------------------------------------------------------
-# Entity rows per get_historical_features call (Spark; and Feast's file store where it is
-# called, the tests). Feast's file-source join pairs every entity row with its key's whole
-# feature history before keeping the latest row as of its time, so its memory is rows ×
-# history: a per-user split's window of 3,000 users × 349 candidates over two years of
-# daily item rows (~1M × 730) went past 21 GB and was killed.
-PIT_CHUNK_ROWS = 50_000
 
 
 def point_in_time_features(
@@ -117,58 +110,15 @@ def point_in_time_features(
     refs: Sequence[str],
 ) -> pd.DataFrame:
     """Feature values of entities ``ids`` (join key ``key``) as of ``at`` (one time, or
-    one per row), point-in-time as Feast's ``get_historical_features`` joins them: one
-    row per input row, in its order; an entity with no value as of its time gets NaN/None
-    (Feast itself drops such rows). With the file offline store the join is
-    ``feast_ops.as_of_features`` (the same rule on the same tables, without dask's merge of
-    every row with its key's whole history); with Spark, :func:`feast_point_in_time`."""
-    from exporters.feast_ops import as_of_features, feature_store
+    one per row): ``feast_ops.point_in_time`` on the settings' offline store."""
+    from exporters.feast_ops import offline_feature_store, point_in_time
 
     ids = np.asarray(ids, dtype=np.int64)
     if isinstance(at, pd.DatetimeIndex):
         times = at
     else:
         times = pd.DatetimeIndex(np.full(len(ids), pd.Timestamp(at).value)).tz_localize("UTC")
-    if settings.offline_engine == "spark":
-        return feast_point_in_time(settings, key, ids, times, refs)
-    return as_of_features(feature_store(settings), key, ids, times, list(refs))
-
-
-def feast_point_in_time(
-    settings: Settings,
-    key: str,
-    ids: np.ndarray,
-    times: pd.DatetimeIndex,
-    refs: Sequence[str],
-) -> pd.DataFrame:
-    """:func:`point_in_time_features` through Feast's ``get_historical_features`` on the
-    settings' offline store, ``PIT_CHUNK_ROWS`` entity rows per call."""
-    from exporters.feast_ops import identity_dask_tokens, offline_feature_store
-
-    if len(ids) > PIT_CHUNK_ROWS:
-        return pd.concat(
-            [
-                feast_point_in_time(
-                    settings,
-                    key,
-                    ids[i : i + PIT_CHUNK_ROWS],
-                    times[i : i + PIT_CHUNK_ROWS],
-                    refs,
-                )
-                for i in range(0, len(ids), PIT_CHUNK_ROWS)
-            ],
-            ignore_index=True,
-        )
-    entity_df = pd.DataFrame(
-        {key: ids, "event_timestamp": times, ROW: np.arange(len(ids), dtype=np.int64)}
-    )
-    store = offline_feature_store(settings)
-    with identity_dask_tokens():
-        df = store.get_historical_features(entity_df=entity_df, features=list(refs)).to_df()
-    names = [r.split(":", 1)[1] for r in refs]
-    df = df.drop_duplicates(ROW).set_index(ROW).reindex(np.arange(len(ids)))
-    df[key] = ids
-    return df[[key, *names]].reset_index(drop=True)
+    return point_in_time(settings, offline_feature_store(settings), key, ids, times, refs)
 
 
 def layout_for(settings: Settings, n_categories: int) -> Layout:

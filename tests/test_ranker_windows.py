@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from exporters import ranker_train
+from exporters import feast_ops, ranker_train
 from exporters.candidates import SourceModel
 from exporters.raw_tables import read_table
 from exporters.split import load_split, write_split
@@ -63,9 +63,13 @@ def test_point_in_time_features_in_chunks_equal_one_call(
     layout = ranker_train.layout_for(s, ranker_train.n_categories_of(s))
     got = {}
     for chunk in (10_000, 7):
-        monkeypatch.setattr(ranker_train, "PIT_CHUNK_ROWS", chunk)
-        got[chunk] = ranker_train.feast_point_in_time(
-            s, "item_id", events["item_id"].to_numpy(), times, layout.item_refs
+        monkeypatch.setattr(feast_ops, "PIT_CHUNK_ROWS", chunk)
+        got[chunk] = feast_ops.feast_point_in_time(
+            feast_ops.feature_store(s),
+            "item_id",
+            events["item_id"].to_numpy(),
+            times,
+            layout.item_refs,
         )
     assert len(got[7]) == 300 and got[7]["item_id"].tolist() == events["item_id"].tolist()
     assert got[7].notna().to_numpy().mean() > 0.5  # real values, not a frame of NaN
