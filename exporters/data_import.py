@@ -329,9 +329,78 @@ def parse_column_maps(specs: list[str] | None) -> dict[str, dict[str, str]]:
     return out
 
 
+# Column names by which published rating files call the schema's fields (after
+# column_name): MovieLens' movieId, Book-Crossing's ISBN and Book-Rating, Amazon's
+# reviewerID / asin / overall / unixReviewTime, goodbooks' book_id, Last.fm's artistID.
+_USER_WORDS = frozenset(
+    [
+        "user",
+        "customer",
+        "reviewer",
+        "member",
+        "client",
+        "visitor",
+        "account",
+        "buyer",
+        "listener",
+        "reader",
+    ]
+)
+_ITEM_NAMES = frozenset(
+    ["item", "isbn", "asin", "sku", "product", "movie", "book", "track", "song", "artist"]
+)
+_RATING_NAMES = frozenset(["score", "stars", "overall"])
+_TIME_WORDS = frozenset(["time", "timestamp", "datetime", "date", "ts"])
+
+
+def _field_of(name: str) -> str | None:
+    """The interactions field a column name outside the schema most likely holds."""
+    words = name.split("_")
+    if (words[-1] == "id" and len(words) > 1) or name in _ITEM_NAMES | _USER_WORDS:
+        return "user_id" if words[0] in _USER_WORDS else "item_id"
+    if words[-1] == "rating" or name in _RATING_NAMES:
+        return "rating"
+    if _TIME_WORDS & set(words) or name.endswith("_at"):
+        return "timestamp"
+    return None
+
+
+def inferred_columns(kind: str, names: list[str], mapping: dict[str, str]) -> dict[str, str]:
+    """Columns outside the schema taken as a missing field because their name says so and
+    no other unmapped column claims the same field (``movie_id`` -> ``item_id``, the only
+    ``*_rating`` -> ``rating``); ``--map`` always wins. A rating is inferred only where
+    the file has no ``event`` column (a rating would turn its events into ratings)."""
+    present = set(names) | set(mapping.values())
+    wanted = {
+        "interactions": ("user_id", "item_id", "rating", "timestamp"),
+        "items": ("item_id",),
+        "users": ("user_id",),
+    }[kind]
+    claims: dict[str, list[str]] = {}
+    for n in names:
+        field_ = _field_of(n) if n not in KNOWN_COLUMNS[kind] and n not in mapping else None
+        if field_ in wanted and field_ not in present:
+            claims.setdefault(field_, []).append(n)
+    if "event" in present:
+        claims.pop("rating", None)
+    return {cols[0]: f for f, cols in claims.items() if len(cols) == 1}
+
+
 def apply_column_map(src: _Source, kind: str, mapping: dict[str, str]) -> dict[str, Any]:
-    """Rename mapped columns, then say by name what is used and what is ignored."""
+    """Rename mapped columns (``mapping``, then :func:`inferred_columns`), then say by name
+    what is used and what is ignored."""
     names = list(src.table.column_names)
+    inferred = inferred_columns(kind, names, mapping)
+    for old, new in inferred.items():
+        log.warning(
+            "%s: column %r taken as %s (its name says so; --map %s:%s=FIELD to say otherwise)",
+            src.path,
+            old,
+            new,
+            kind,
+            old,
+        )
+    mapping = {**mapping, **inferred}
     for old, new in mapping.items():
         if old not in names:
             raise UserError(
@@ -357,7 +426,8 @@ def apply_column_map(src: _Source, kind: str, mapping: dict[str, str]) -> dict[s
     return {
         "file": src.path.name,
         "used": used,
-        "mapped": {old: new for old, new in mapping.items()},
+        "mapped": {old: new for old, new in mapping.items() if old not in inferred},
+        "inferred": inferred,
         "ignored": ignored,
         "defaulted": [c for c in KNOWN_COLUMNS[kind] if c not in used and c != "rating"],
     }
@@ -1006,7 +1076,11 @@ def cli(args: argparse.Namespace) -> int:
         f"{meta['start']} .. {meta['end']}; snapshot {meta['snapshot']} -> {raw}"
     )
     for kind, cols in dict(meta.get("import_columns") or {}).items():  # type: ignore[call-overload]
-        mapped = ", ".join(f"{a}->{b}" for a, b in cols["mapped"].items()) or "none"
+        mapped = ", ".join(
+            [f"{a}->{b}" for a, b in cols["mapped"].items()]
+            + [f"{a}->{b} (by its name)" for a, b in cols.get("inferred", {}).items()]
+        )
+        mapped = mapped or "none"
         print(
             f"  {kind} ({cols['file']}): used {', '.join(cols['used'])}; mapped {mapped}; "
             f"defaults for {', '.join(cols['defaulted']) or 'nothing'}; "

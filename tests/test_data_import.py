@@ -451,11 +451,33 @@ def test_public_rating_files_as_published(settings: Settings, tmp_path: Path) ->
         tmp_path / "ratings.csv",
         "userId,movieId,rating,timestamp\n" + "".join(",".join(map(str, r)) + "\n" for r in rows),
     )
-    with pytest.raises(UserError, match=r"missing column 'item_id'.*user_id, movie_id.*--map"):
-        import_data(settings, ml20)
+    import_data(settings, ml20)  # movieId is the one id column that is not the user's
+    meta = read_meta(settings)
+    assert meta["events"] == want
+    cols = meta["import_columns"]["interactions"]  # type: ignore[index]
+    assert cols["inferred"] == {"movie_id": "item_id"} and cols["mapped"] == {}
     maps = parse_column_maps(["interactions:movieId=item_id"])
     import_data(settings, ml20, column_maps=maps)
-    assert read_meta(settings)["events"] == want
+    assert read_meta(settings)["import_columns"]["interactions"]["mapped"] == {  # type: ignore[index]
+        "movie_id": "item_id"
+    }
+    two = _write(tmp_path / "two.csv", "userId,movieId,genreId,rating\n1,2,3,4\n")
+    with pytest.raises(UserError, match=r"missing column 'item_id'.*movie_id, genre_id.*--map"):
+        import_data(settings, two)  # two candidates: the user says which
+    amazon = _write(
+        tmp_path / "amazon.csv",
+        "reviewerID,asin,overall,unixReviewTime\n"
+        "A2SUAM1J3GNN3B,0000013714,5.0,1393545600\nA14VAT5EAX3D9S,0000013714,4.0,1363392000\n",
+    )
+    import_data(settings, amazon)
+    cols = read_meta(settings)["import_columns"]["interactions"]  # type: ignore[index]
+    assert cols["inferred"] == {
+        "reviewer_id": "user_id",
+        "asin": "item_id",
+        "overall": "rating",
+        "unix_review_time": "timestamp",
+    }
+    assert read_meta(settings)["timestamps"] == {"source": "column timestamp"}
 
     quoted = _write(
         tmp_path / "ratings.txt",
@@ -464,10 +486,13 @@ def test_public_rating_files_as_published(settings: Settings, tmp_path: Path) ->
         '"276726";"0155061224";"5";"2004-08-02"\n'
         '"276727";"0446520802";"10";"2004-08-03"\n',
     )
-    renames = ("isbn=item_id", "book_rating=rating", "time=timestamp")
-    maps = parse_column_maps([f"interactions:{r}" for r in renames])
-    import_data(settings, quoted, column_maps=maps)
+    import_data(settings, quoted)  # ISBN, Book-Rating and Time say what they hold
     meta = read_meta(settings)
+    assert meta["import_columns"]["interactions"]["inferred"] == {  # type: ignore[index]
+        "isbn": "item_id",
+        "book_rating": "rating",
+        "time": "timestamp",
+    }
     assert meta["events"] == {"view": 2, "click": 0, "purchase": 1}  # 0-10: >= 8, >= 6
     assert meta["id_keys"] == {"items": 1, "users": 0}  # 034545104X; digits stay integers
 

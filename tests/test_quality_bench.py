@@ -78,7 +78,7 @@ def test_read_ratings_refuses_bad_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such file"):
         read_ratings(tmp_path / "missing.csv")
     p = tmp_path / "a.csv"
-    p.write_text("user_id,item_id,score,timestamp\n1,2,3,4\n")
+    p.write_text("user_id,item_id,value,timestamp\n1,2,3,4\n")
     with pytest.raises(UserError, match=r"missing column\(s\) \['rating'\]"):
         read_ratings(p)
     p.write_text("User_ID,item_id,rating,timestamp\nu 1,2,3,4\n")
@@ -121,14 +121,17 @@ def test_ratings_without_timestamps_are_split_in_the_chosen_order(tmp_path: Path
 
 
 def test_a_book_crossing_file_is_read_with_the_importers_map(tmp_path: Path) -> None:
-    """Quoted ";"-separated, its own column names, ISBN keys, no timestamps: read with
-    --map as ``recstack data import`` reads it; the rows to import carry schema names."""
+    """Quoted ";"-separated, its own column names, ISBN keys, no timestamps: read as
+    ``recstack data import`` reads it (ISBN and Book-Rating taken by their names, or named
+    with --map); the rows to import carry schema names."""
     p = tmp_path / "BX-Book-Ratings.csv"
     p.write_text(
         '"User-ID";"ISBN";"Book-Rating"\n"276725";"034545104X";"0"\n'
         '"276726";"0155061224";"5"\n"276725";"0446520802";"10"\n'
     )
-    with pytest.raises(UserError, match=r"missing column\(s\) \['item_id', 'rating'\]"):
+    assert read_ratings(p)[1]["rating"].tolist() == [0.0, 5.0, 10.0]
+    p.write_text(p.read_text().replace("Book-Rating", "Value"))
+    with pytest.raises(UserError, match=r"missing column\(s\) \['rating'\]"):
         read_ratings(p)
     args = build_parser().parse_args(
         [
@@ -143,7 +146,7 @@ def test_a_book_crossing_file_is_read_with_the_importers_map(tmp_path: Path) -> 
         ]
     )
     assert args.map == ["isbn=item_id", "book_rating=rating"]
-    raw, parsed, times = read_ratings(p, column_map={"isbn": "item_id", "book_rating": "rating"})
+    raw, parsed, times = read_ratings(p, column_map={"isbn": "item_id", "value": "rating"})
     assert parsed["item_id"].tolist() == [key_hash("034545104X"), 155061224, 446520802]
     assert parsed["rating"].tolist() == [0.0, 5.0, 10.0]
     assert list(raw.columns) == ["user_id", "item_id", "rating", "timestamp"]
