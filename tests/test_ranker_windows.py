@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -36,19 +37,42 @@ def test_ranker_trains_on_every_window(trained_settings: Settings, tmp_path: Pat
     assert infos["train_w1"]["interactions"] < infos["train"]["interactions"]
     assert infos["train"]["interactions"] < infos["eval"]["interactions"]
 
-    ranker_train.train(s, ranker_train.RankerParams(max_queries=150, num_trees=30))
+    # A row budget below the windows' rows: LightGBM sees every positive and a share of
+    # the negatives; the early-stopping holdout keeps whole lists.
+    params = ranker_train.RankerParams(max_queries=150, num_trees=30, max_train_rows=20_000)
+    ranker_train.train(s, params)
     stats = ranker_train.load_manifest(s)["stats"]
     windows = stats["windows"]
     assert [w["window"] for w in windows] == [0, 1]
     assert all(w["queries"] == 150 and w["positives"] > 0 for w in windows)
     assert stats["queries"] == 300
     assert stats["train_queries"] + stats["holdout_queries"] == stats["queries_with_positive"]
+    assert 0.05 < stats["train_negatives_kept"] < 0.5
     # Window 1's labels are the events of window 1, not of validation.
     loaded = load_split(s)
     w1 = loaded.window(inter, 1)
     assert len(w1) and set(w1.index).isdisjoint(loaded.val(inter).index)
     # The towers' rows (train) hold no window's events.
     assert set(loaded.train(inter).index).isdisjoint(w1.index)
+
+
+def test_sample_negatives_keeps_positives_and_a_share_of_each_query() -> None:
+    rng = np.random.default_rng(0)
+    query = np.repeat(np.arange(200), 300)
+    y = (rng.random(len(query)) < 0.02).astype(np.int64) * rng.integers(1, 3, len(query))
+    rows = query % 10 != 0  # a tenth of the queries are someone else's (the holdout)
+    kept = ranker_train.sample_negatives(y, rows, 15_000, np.random.default_rng(1))
+    assert not (kept & ~rows).any()  # only rows it was given
+    assert (kept[rows & (y > 0)]).all()  # every positive
+    assert abs(int(kept.sum()) - 15_000) < 400  # about the budget
+    mine = np.arange(200) % 10 != 0
+    negatives = np.bincount(query[rows & (y == 0)], minlength=200)[mine]
+    share = np.bincount(query[kept & (y == 0)], minlength=200)[mine] / negatives
+    assert share.min() > 0.15 and share.max() < 0.42  # each query about the same share
+    again = ranker_train.sample_negatives(y, rows, 15_000, np.random.default_rng(1))
+    assert (again == kept).all()  # seeded
+    fits = ranker_train.sample_negatives(y, rows, int(rows.sum()), np.random.default_rng(1))
+    assert (fits == rows).all() and fits is not rows
 
 
 def test_point_in_time_features_in_chunks_equal_one_call(
