@@ -55,7 +55,9 @@ def recent_items_table(interactions: pd.DataFrame, max_len: int = HISTORY_LEN) -
     return pd.DataFrame(
         {
             "user_id": users.astype(np.int64),
-            "event_timestamp": pos["timestamp"].to_numpy(),
+            # ns, as the object array of Timestamps this once was became (without
+            # building one Timestamp per event).
+            "event_timestamp": pd.DatetimeIndex(pos["timestamp"]).as_unit("ns"),
             "recent_items": lists,
         }
     )
