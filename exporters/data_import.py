@@ -154,6 +154,7 @@ class _Source:
     table: pa.Table
     is_csv: bool
     header: bool = True  # a text file's first line names the columns
+    assumed_order: bool = False  # header-less, read in RATING_ORDER without --columns
 
     @property
     def num_rows(self) -> int:
@@ -230,11 +231,49 @@ def _looks_like_data(row: list[str]) -> bool:
     return all(re.match(_NUM_RE, v) or re.match(r"^\s*\d{4}-\d\d-\d\d", v) for v in row)
 
 
-def _read_text(path: Path, columns: list[str] | None) -> tuple[pa.Table, bool]:
+# A ratings file without a header line, in the order MovieLens (u.data, ratings.dat) and
+# most rating dumps use: read so when its first lines fit it (rating_order).
+RATING_ORDER = ("user_id", "item_id", "rating", "timestamp")
+_UNIX_SECONDS_MIN = 1e8  # 1973: a 4th column of smaller numbers is not a unix time
+
+
+def rating_order(lines: list[list[str]]) -> list[str] | None:
+    """:data:`RATING_ORDER`'s names for header-less lines of 3 numbers (user, item, rating)
+    or 4 (and a unix time or an ISO date); None for any other shape."""
+    width = len(lines[0])
+    if width not in (3, 4) or any(len(r) != width for r in lines):
+        return None
+    if not all(re.match(_NUM_RE, v) for r in lines for v in r[:3]):
+        return None
+    if any(abs(float(r[2])) >= _UNIX_SECONDS_MIN for r in lines):
+        return None  # user, item, time (no rating): not guessed
+    if width == 4 and not all(
+        (re.match(_NUM_RE, r[3]) and float(r[3]) >= _UNIX_SECONDS_MIN)
+        or re.match(r"^\s*\d{4}-\d\d-\d\d", r[3])
+        for r in lines
+    ):
+        return None
+    return list(RATING_ORDER[:width])
+
+
+def _read_text(
+    path: Path, columns: list[str] | None, ratings: bool = False
+) -> tuple[pa.Table, bool]:
     """A delimited text file, every column as text; ``columns`` names the columns of a
-    file without a header line. Returns the table and whether it had a header."""
+    file without a header line (with ``ratings``, a header-less file that fits
+    :func:`rating_order` is read in that order). Returns the table and whether it had a
+    header."""
     delimiter, first = _sniff(path)
     header = columns is None
+    assumed = rating_order(first) if ratings else None
+    if header and _looks_like_data(first[0]) and assumed is not None:
+        log.warning(
+            "%s: no header line; read as %s (MovieLens' order in u.data and ratings.dat); "
+            "--columns names them otherwise",
+            path,
+            ",".join(assumed),
+        )
+        columns, header = assumed, False
     if header and _looks_like_data(first[0]):
         raise UserError(
             f"{path}: the first line ({', '.join(v.strip() for v in first[0][:6])}) holds "
@@ -428,6 +467,7 @@ def apply_column_map(src: _Source, kind: str, mapping: dict[str, str]) -> dict[s
         "used": used,
         "mapped": {old: new for old, new in mapping.items() if old not in inferred},
         "inferred": inferred,
+        "assumed_order": src.assumed_order,
         "ignored": ignored,
         "defaulted": [c for c in KNOWN_COLUMNS[kind] if c not in used and c != "rating"],
     }
@@ -446,7 +486,7 @@ def read_source(path: Path, kind: str = "", columns: list[str] | None = None) ->
     try:
         if name.endswith(TEXT_SUFFIXES):
             try:
-                table, header = _read_text(path, columns)
+                table, header = _read_text(path, columns, kind == "interactions")
             except pa.ArrowInvalid:
                 _ragged_row(path)
                 raise
@@ -466,7 +506,7 @@ def read_source(path: Path, kind: str = "", columns: list[str] | None = None) ->
     table = table.rename_columns([column_name(c, known) for c in table.column_names])
     if table.num_rows == 0:
         raise UserError(f"{path}: empty file (no data rows)")
-    return _Source(path, table, is_csv, header)
+    return _Source(path, table, is_csv, header, is_csv and not header and columns is None)
 
 
 def _first(mask: np.ndarray) -> int:
@@ -1081,8 +1121,10 @@ def cli(args: argparse.Namespace) -> int:
             + [f"{a}->{b} (by its name)" for a, b in cols.get("inferred", {}).items()]
         )
         mapped = mapped or "none"
+        order = " (no header line: read in the rating order)" if cols.get("assumed_order") else ""
         print(
-            f"  {kind} ({cols['file']}): used {', '.join(cols['used'])}; mapped {mapped}; "
+            f"  {kind} ({cols['file']}{order}): used {', '.join(cols['used'])}; "
+            f"mapped {mapped}; "
             f"defaults for {', '.join(cols['defaulted']) or 'nothing'}; "
             f"ignored {', '.join(cols['ignored']) or 'nothing'}"
         )

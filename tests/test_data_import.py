@@ -433,11 +433,21 @@ def test_public_rating_files_as_published(settings: Settings, tmp_path: Path) ->
     assert names == ["user_id", "item_id", "rating", "timestamp"]
 
     u_data = _write(tmp_path / "u.data", "".join("\t".join(map(str, r)) + "\n" for r in rows))
-    first = r"u.data: the first line \(196, 242, 3, 881250949\) holds values.*--columns"
-    with pytest.raises(UserError, match=first):
-        import_data(settings, u_data)
     import_data(settings, u_data, column_names=names)
     assert read_meta(settings)["events"] == want
+    named = read_raw(settings).interactions
+    # Without --columns: no header line, 4 numbers with a unix time last: MovieLens' order.
+    import_data(settings, u_data)
+    meta = read_meta(settings)
+    assert meta["import_columns"]["interactions"]["assumed_order"] is True  # type: ignore[index]
+    pd.testing.assert_frame_equal(read_raw(settings).interactions, named)
+    # Other shapes are not guessed: a 4th column too small for a unix time, 5 columns, a
+    # unix time where the rating would be.
+    for text in ("1\t2\t3\t4\n", "196\t242\t3\t881250949\t7\n", "196\t242\t881250949\n"):
+        odd = _write(tmp_path / "odd.data", text)
+        first = r"odd.data: the first line \(.*\) holds values.*--columns"
+        with pytest.raises(UserError, match=first):
+            import_data(settings, odd)
     i = read_raw(settings).interactions
     assert sorted(i["user_id"]) == [22, 186, 196] and sorted(i["item_id"]) == [242, 302, 377]
 
