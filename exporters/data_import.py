@@ -388,7 +388,7 @@ _USER_WORDS = frozenset(
 _ITEM_NAMES = frozenset(
     ["item", "isbn", "asin", "sku", "product", "movie", "book", "track", "song", "artist"]
 )
-_RATING_NAMES = frozenset(["score", "stars", "overall"])
+_RATING_NAMES = frozenset(["score", "stars", "overall", "weight", "plays", "playcount"])
 _TIME_WORDS = frozenset(["time", "timestamp", "datetime", "date", "ts"])
 
 
@@ -397,7 +397,7 @@ def _field_of(name: str) -> str | None:
     words = name.split("_")
     if (words[-1] == "id" and len(words) > 1) or name in _ITEM_NAMES | _USER_WORDS:
         return "user_id" if words[0] in _USER_WORDS else "item_id"
-    if words[-1] == "rating" or name in _RATING_NAMES:
+    if words[-1] in ("rating", "count") or name in _RATING_NAMES:
         return "rating"
     if _TIME_WORDS & set(words) or name.endswith("_at"):
         return "timestamp"
@@ -878,10 +878,16 @@ def _events(src: _Source, cut: RatingCut | None = None) -> tuple[np.ndarray, Rat
             return np.zeros(0, dtype=np.int8), cut
         cut = cut or rating_cut(r)
         return cut.events(r), cut
-    raise UserError(
-        f"{src.path}: missing column 'event' (or 'rating'); "
-        f"found columns: {', '.join(src.table.column_names)}"
+    # Implicit feedback (purchases, plays, likes as user-item pairs): each row is one
+    # interaction, as a file of ratings that are all equal would be.
+    log.warning(
+        "%s: no event or rating column (found: %s): each row is one interaction, a click "
+        "(implicit feedback); --map interactions:COLUMN=rating names a rating or count column",
+        src.path,
+        ", ".join(src.table.column_names),
     )
+    implicit = RatingCut(float("inf"), 1.0, "no rating column: every row is a click")
+    return implicit.events(np.ones(src.num_rows)), implicit
 
 
 def _unique(src: _Source, col: str, ids: np.ndarray) -> None:

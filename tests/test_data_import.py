@@ -52,10 +52,6 @@ ERRORS = {
         {"inter.csv": "user_id,timestamp,event\n1,2026-07-01,view\n"},
         ["inter.csv", "missing column 'item_id'"],
     ),
-    "missing event and rating": (
-        {"inter.csv": "user_id,item_id,timestamp\n1,2,2026-07-01\n"},
-        ["inter.csv", "missing column 'event' (or 'rating')"],
-    ),
     "unparsable timestamp": (
         {"inter.csv": _csv(["1,2,2026-07-01,view", "1,3,yesterday,view"])},
         ["inter.csv", "line 3", "column 'timestamp'", "'yesterday'"],
@@ -471,6 +467,21 @@ def test_public_rating_files_as_published(settings: Settings, tmp_path: Path) ->
     assert read_meta(settings)["import_columns"]["interactions"]["mapped"] == {  # type: ignore[index]
         "movie_id": "item_id"
     }
+    # Implicit feedback: user-item pairs, every row a click; a play count by its name.
+    pairs = _write(
+        tmp_path / "pairs.csv", "user_id,item_id,timestamp\n1,2,2026-07-01\n3,2,2026-07-02\n"
+    )
+    import_data(settings, pairs)
+    meta = read_meta(settings)
+    assert meta["events"] == {"view": 0, "click": 2, "purchase": 0}
+    assert meta["rating_cut"]["rule"] == "no rating column: every row is a click"  # type: ignore[index]
+    assert meta["seen_events"] == ["view", "click", "purchase"]
+    plays = _write(
+        tmp_path / "user_artists.dat", "userID\tartistID\tweight\n2\t51\t13883\n2\t52\t11690\n"
+    )
+    import_data(settings, plays)
+    cols = read_meta(settings)["import_columns"]["interactions"]  # type: ignore[index]
+    assert cols["inferred"] == {"artist_id": "item_id", "weight": "rating"}
     two = _write(tmp_path / "two.csv", "userId,movieId,genreId,rating\n1,2,3,4\n")
     with pytest.raises(UserError, match=r"missing column 'item_id'.*movie_id, genre_id.*--map"):
         import_data(settings, two)  # two candidates: the user says which
