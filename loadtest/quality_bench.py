@@ -138,6 +138,7 @@ class MethodResult:
     errors: int = 0  # users whose request failed (scored as empty lists)
     degraded: int = 0  # responses that said they were degraded
     sources: dict[str, int] = field(default_factory=dict)  # served items per `source`
+    degraded_reasons: dict[str, int] = field(default_factory=dict)  # responses per reason
 
 
 def score_lists(
@@ -353,6 +354,7 @@ class _Served:
     lists: dict[int, list[int]] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
     degraded: int = 0
+    degraded_reasons: Counter[str] = field(default_factory=Counter)
     sources: Counter[str] = field(default_factory=Counter)
     latency_ms: list[float] = field(default_factory=list)
 
@@ -424,6 +426,7 @@ def ask(
         out.sources.update(str(i.get("source", "")) for i in items)
         if body.get("degraded"):
             out.degraded += 1
+            out.degraded_reasons.update(str(r) for r in body["degraded"])
         if time.monotonic() - t_last > 10 or n == len(users):
             _say(f"  {label}: {n}/{len(users)} users, {len(out.errors)} errors")
             t_last = time.monotonic()
@@ -603,6 +606,7 @@ def run(opts: QualityOptions) -> dict[str, Any]:
         res = score_lists(name, served.lists, positives, rated, opts.k)
         res.errors = len(served.errors)
         res.degraded = served.degraded
+        res.degraded_reasons = dict(served.degraded_reasons.most_common())
         res.sources = dict(served.sources.most_common())
         results.append(res)
     for name, lists in base_lists.items():
@@ -726,7 +730,11 @@ def markdown(report: Mapping[str, Any]) -> str:
             parts = ", ".join(
                 f"{k or '?'} {100 * v / total:.0f} %" for k, v in r["sources"].items()
             )
-            lines.append(f"- {r['name']}: {parts}; degraded responses: {r['degraded']}")
+            why = ", ".join(f"{k} {v}" for k, v in r.get("degraded_reasons", {}).items())
+            lines.append(
+                f"- {r['name']}: {parts}; degraded responses: {r['degraded']}"
+                + (f" ({why})" if why else "")
+            )
     if report.get("latency"):
         lines += ["", "Latency (sequential HTTP calls, not a load test):"]
         for name, v in report["latency"].items():

@@ -202,9 +202,25 @@ def test_markdown_has_the_table() -> None:
                 "seen_share": 0.0,
                 "errors": 0,
                 "sources": {},
-            }
+            },
+            {
+                "name": "served",
+                "ndcg": 0.07,
+                "recall": 0.09,
+                "mean_len": 10.0,
+                "seen_share": 0.0,
+                "errors": 0,
+                "degraded": 3,
+                "degraded_reasons": {"ranking_skipped": 2, "no_retrieval_candidates": 1},
+                "sources": {"retrieval": 25, "popular": 5},
+            },
         ],
         "seconds": 1.0,
     }
     md = markdown(report)
     assert "| most popular | 0.0600 | 0.0800 | 10.0 | 0.0 % | 0 |" in md
+    # Why answers were degraded, by reason, beside how many.
+    assert (
+        "- served: retrieval 83 %, popular 17 %; degraded responses: 3 "
+        "(ranking_skipped 2, no_retrieval_candidates 1)"
+    ) in md
