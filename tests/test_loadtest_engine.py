@@ -337,7 +337,8 @@ def test_a_burst_reports_the_queue_it_makes() -> None:
             address = f"127.0.0.1:{s.grpc_port}"
             queued = asyncio.run(burst(address, ["1", "2"], 40, 5.0, (100, 300)))
             late = asyncio.run(burst(address, ["1"], 40, 0.15, (100,)))
-        if queued.over_ms["100"] > queued.over_ms["300"] > 0 or attempt == 2:
+        spread = queued.over_ms["100"] > queued.over_ms["300"] > 0
+        if (spread and late.max_ms < 1000) or attempt == 2:  # ci26: no late call answered
             break
     assert queued.calls == 40 and queued.errors == {"UNAVAILABLE": 4}
     assert queued.degraded == queued.reasons["ranking_skipped"] == 8  # 4th, 8th.. not 20th, 40th
