@@ -848,7 +848,15 @@ def _context(src: _Source, col: str) -> np.ndarray:
 def _events(src: _Source, cut: RatingCut | None = None) -> tuple[np.ndarray, RatingCut | None]:
     """Event codes (indices into EVENTS) from ``event`` or, failing that, from ``rating``
     through ``cut`` (default :func:`rating_cut` of the ratings), and the cut used (None for
-    an event column; docs/data.md)."""
+    an event column; docs/data.md). A given ``cut`` without a rating column to apply it to
+    is refused: the events would silently not be the ones asked for."""
+    if cut is not None and (src.has("event") or not src.has("rating")):
+        has = "an 'event' column" if src.has("event") else "no rating column (implicit pairs)"
+        raise UserError(
+            f"{src.path}: --rating-cut applies to a rating column, but the file has {has} "
+            f"(columns: {', '.join(src.table.column_names)}); drop --rating-cut, or name the "
+            "rating column with --map interactions:COLUMN=rating"
+        )
     if src.has("event"):
         arr = src.col("event")
         null = _nulls(arr)

@@ -624,6 +624,14 @@ def test_the_rating_cut_is_reported_and_can_be_given(settings: Settings, tmp_pat
     for bad in ("4", "a,b", "3,4"):
         with pytest.raises(UserError, match="--rating-cut"):
             RatingCut.parse(bad)
+    # Nothing to cut: events given, or user-item pairs without a rating.
+    events = _write(
+        tmp_path / "events.csv", "user_id,item_id,timestamp,event\n1,2,2026-07-01,click\n"
+    )
+    pairs = _write(tmp_path / "pairs.csv", "user_id,item_id,timestamp\n1,2,2026-07-01\n")
+    for path, has in ((events, "an 'event' column"), (pairs, "no rating column")):
+        with pytest.raises(UserError, match=f"--rating-cut applies to a rating column.*{has}"):
+            import_data(settings, path, cut=RatingCut.parse("4,3"))
 
 
 def test_extra_columns_are_reported_or_mapped(settings: Settings, tmp_path: Path) -> None:
