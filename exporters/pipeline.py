@@ -164,6 +164,7 @@ def cli(args: argparse.Namespace) -> int:
             "split_test_days",
             "split_val_last",
             "split_test_last",
+            "split_light_last",
             "split_windows",
             "offline_engine",
         )

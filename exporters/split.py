@@ -10,9 +10,14 @@
   ``val_last`` before them validation, the rest training; a user's validation request is
   made at their first validation event, their test request at their first test event
   (boundaries per user in ``split_users.parquet``; events sharing a boundary's timestamp
-  go to the later window; users with too few events are training only). Right for
-  ratings data, which arrives in bursts per user: a global time cut leaves a few hundred
-  users in the last windows and the ranker with nothing to learn from.
+  go to the later window). Right for ratings data, which arrives in bursts per user: a
+  global time cut leaves a few hundred users in the last windows and the ranker with
+  nothing to learn from. *Light users* — too few events for ``val_last + test_last`` but
+  more than ``2 × light_last`` — get windows of ``light_last`` events each (default 1):
+  on a file where most users rated a handful of items they are most of the requests
+  served, so the ranker learns from them and the offline report judges them
+  (docs/quality.md "Light users"); ``light_last = 0`` keeps them training only, as users
+  with fewer events always are.
 
 ``auto`` (the default) takes ``time`` when its validation window holds at least
 :data:`AUTO_MIN_VAL_SHARE` of the users, else ``per_user``. Every training step filters
@@ -376,31 +381,43 @@ def compute_split(
 
 
 def compute_per_user_split(
-    interactions: pd.DataFrame, val_last: int, test_last: int, windows: int = 1
+    interactions: pd.DataFrame,
+    val_last: int,
+    test_last: int,
+    windows: int = 1,
+    light_last: int = 0,
 ) -> Split:
     """Leave-last-N-out: each user's last ``test_last`` events are test and the
     ``val_last`` before them validation (events tied with a boundary go to the later
-    window); users with at most ``val_last + test_last`` events keep all for training.
-    ``windows - 1`` earlier ranker windows of ``val_last`` events each come before
-    validation, for the users with an event before them."""
+    window). ``windows - 1`` earlier ranker windows of ``val_last`` events each come
+    before validation, for the users with an event before them. Users with at most
+    ``val_last + test_last`` events but more than ``2 * light_last`` get windows of
+    ``light_last`` events each instead (module docstring); the rest keep all for
+    training."""
     if val_last < 1 or test_last < 1:
         raise UserError(
             f"per-user split needs val_last and test_last >= 1, got {val_last}, {test_last}"
         )
+    if light_last < 0:
+        raise UserError(f"per-user split needs light_last >= 0, got {light_last}")
     if len(interactions) == 0:
         raise UserError("cannot split: no interactions")
     df = interactions[["user_id", "timestamp"]].sort_values(["user_id", "timestamp"], kind="stable")
     from_end = df.groupby("user_id").cumcount(ascending=False).to_numpy()
     sizes = df.groupby("user_id")["timestamp"].transform("size").to_numpy()
-    eligible = sizes > val_last + test_last
-    test_rows = df[eligible & (from_end == test_last - 1)]
-    val_rows = df[eligible & (from_end == test_last + val_last - 1)]
+    heavy = sizes > val_last + test_last
+    light = ~heavy & (light_last > 0) & (sizes > 2 * light_last)
+    # Per row, its user's window sizes (0 for users who are training only).
+    test_n = np.where(heavy, test_last, np.where(light, light_last, 0))
+    val_n = np.where(heavy, val_last, np.where(light, light_last, 0))
+    eligible = heavy | light
+    test_rows = df[eligible & (from_end == test_n - 1)]
+    val_rows = df[eligible & (from_end == test_n + val_n - 1)]
     test_start = test_rows.set_index("user_id")["timestamp"]
     val_start = val_rows.set_index("user_id")["timestamp"].reindex(test_start.index)
     if len(test_start) == 0:
-        raise UserError(
-            f"cannot split per user: no user has more than {val_last + test_last} events"
-        )
+        least = 2 * light_last if light_last else val_last + test_last
+        raise UserError(f"cannot split per user: no user has more than {least} events")
 
     def starts(rows: pd.DataFrame) -> pd.Series:
         by_user = rows.set_index("user_id")["timestamp"]
@@ -408,26 +425,31 @@ def compute_per_user_split(
 
     earlier = []
     for k in range(1, windows):
-        offset = test_last + val_last * (k + 1)
-        earlier.append(starts(df[(sizes > offset) & (from_end == offset - 1)]))
+        offset = test_n + val_n * (k + 1)
+        earlier.append(starts(df[eligible & (sizes > offset) & (from_end == offset - 1)]))
     split = Split(
         train_end=_utc(val_start.max()),
         val_end=_utc(test_start.max()),
         mode="per_user",
         val_start=starts(val_rows).reindex(test_start.index),
         test_start=starts(test_rows),
-        params={"val_last": val_last, "test_last": test_last},
+        params={"val_last": val_last, "test_last": test_last, "light_last": light_last},
         windows=windows,
         earlier=tuple(earlier),
     )
     n = df["user_id"].nunique()
+    n_light = len(test_rows) - int(heavy[from_end == 0].sum())
     log.info(
         "per-user split: the last %d events of %d of %d users are test, the %d before them "
-        "validation (%d / %d / %d rows); %d earlier ranker windows (users: %s)",
+        "validation (%d light users: %d and %d); (%d / %d / %d rows); %d earlier ranker "
+        "windows (users: %s)",
         test_last,
         len(test_start),
         n,
         val_last,
+        n_light,
+        light_last,
+        light_last,
         len(split.before_window(interactions, 0)),
         len(split.val(interactions)),
         len(split.test(interactions)),
@@ -445,16 +467,20 @@ def choose_split(
     val_last: int = 5,
     test_last: int = 5,
     windows: int | None = None,
+    light_last: int = 0,
 ) -> Split:
     """The split of ``mode`` (see the module docstring for ``auto``); ``windows``: ranker
-    windows, None for the mode's default (:data:`DEFAULT_WINDOWS`)."""
+    windows, None for the mode's default (:data:`DEFAULT_WINDOWS`); ``light_last``: the
+    per-user split's windows for light users (0: none)."""
     if mode not in MODES:
         raise UserError(f"unknown split mode {mode!r}; choose one of {', '.join(MODES)}")
     if windows is not None and windows < 1:
         raise UserError(f"the split needs at least 1 ranker window, got {windows}")
     per_user_windows = windows or DEFAULT_WINDOWS["per_user"]
     if mode == "per_user":
-        return compute_per_user_split(interactions, val_last, test_last, per_user_windows)
+        return compute_per_user_split(
+            interactions, val_last, test_last, per_user_windows, light_last
+        )
     split = compute_split(
         interactions, val_days, test_days, windows=windows or DEFAULT_WINDOWS["time"]
     )
@@ -474,7 +500,7 @@ def choose_split(
         test_last,
         val_last,
     )
-    return compute_per_user_split(interactions, val_last, test_last, per_user_windows)
+    return compute_per_user_split(interactions, val_last, test_last, per_user_windows, light_last)
 
 
 def split_path(settings: Settings) -> Path:
@@ -496,6 +522,7 @@ def write_split(
         settings.split_val_last,
         settings.split_test_last,
         settings.split_windows,
+        settings.split_light_last,
     )
     data = {**split.to_json(), "snapshot": read_meta(settings).get("snapshot")}
     path = split_path(settings)

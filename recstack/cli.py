@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-last", dest="split_val_last", type=int, help="per-user split")
     p.add_argument("--test-last", dest="split_test_last", type=int, help="per-user split")
     p.add_argument(
+        "--light-last",
+        dest="split_light_last",
+        type=int,
+        help="per-user split: window size for users with too few events for --val-last + "
+        "--test-last (default 1; 0: they train only)",
+    )
+    p.add_argument(
         "--windows",
         dest="split_windows",
         type=int,
