@@ -13,7 +13,7 @@ row order):
   sparse top-N lists so the cost is O(history × N) per request whatever the catalog;
 - ``popular``: the most consumed items before the model's cut-off;
 - ``category_popular``: the same within the user's most consumed category;
-- ``fresh``: the newest items created by the request's time.
+- ``fresh``: the newest items created before the request's time.
 
 Beside them, for users without history (cold start, orchestrator/service.py): the most
 consumed items per *segment* of users sharing attributes of the users table
@@ -511,6 +511,16 @@ def context_lists(
     return (tuple(names), np.concatenate(lists), start), info
 
 
+def exists_at(created: np.ndarray, now: float) -> np.ndarray:
+    """Which items exist for a request at ``now`` (unix s): those created strictly before
+    it. Without creation times an import dates an item by its first interaction
+    (exporters/data_import.py); offline, a request made at a user's first validation or
+    test event would otherwise see the item first met in that very event as "created
+    now" — the fresh source would offer it and ``x_item_age_days`` 0 would mark it, a
+    label leak the ranker learns and serving never has (docs/quality.md)."""
+    return created < now
+
+
 def created_seconds(items: pd.DataFrame) -> pd.Series:
     """Item id -> creation time in unix seconds (NaN where unknown), from an items table
     with ``item_id`` and ``created_at``."""
@@ -585,8 +595,8 @@ def gather_found(
     catpop_head = _category_popular(model, seen_rows, 4 * quotas.category_popular + n_seen)
     fresh_head = np.zeros(0, dtype=np.int64)
     if model.newest_rows is not None and model.newest_neg_created is not None:
-        # The items created at or before now start here.
-        first_ok = int(np.searchsorted(model.newest_neg_created, -now, side="left"))
+        # The items created before now start here (:func:`exists_at`).
+        first_ok = int(np.searchsorted(model.newest_neg_created, -now, side="right"))
         fresh_head = model.newest_rows[first_ok : first_ok + 4 * quotas.fresh + n_seen]
     # One filter call for the five heads (``allowed`` is elementwise): each call costs
     # several numpy calls, and these lists are short.

@@ -221,7 +221,7 @@ def merged_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidates serving would merge for each user at ``at``: ANN (``ann_depth``
     retrieved), item-to-item of the user's seen items before ``at`` and popular items,
-    each without the user's seen items or items created after ``at``, merged by
+    each without the user's seen items or items not created before ``at``, merged by
     :func:`exporters.candidates.gather`. Returns ``(items [Q, K] -1 padded,
     features [Q, K, S])``."""
     user_ids = np.asarray(user_ids, dtype=np.int64)
@@ -242,7 +242,10 @@ def merged_candidates(
     for q in range(len(user_ids)):
         seen_rows = catalog.get_indexer(seen[q])
         blocked = seen_rows[seen_rows >= 0]
-        exists = born <= seconds[q]
+        # Strictly before: an import without creation times dates an item by its first
+        # interaction, so an item "created" at the request's instant is one first met in
+        # the very event the request is labelled by (candidates.exists_at).
+        exists = candidates.exists_at(born, seconds[q])
 
         def allowed(
             rows: np.ndarray, blocked: np.ndarray = blocked, exists: np.ndarray = exists

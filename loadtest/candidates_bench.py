@@ -18,7 +18,14 @@ import time
 
 import numpy as np
 
-from exporters.candidates import DENSE_MAX_ITEMS, Quotas, SourceModel, default_top_n, gather
+from exporters.candidates import (
+    DENSE_MAX_ITEMS,
+    Quotas,
+    SourceModel,
+    default_top_n,
+    exists_at,
+    gather,
+)
 from orchestrator.catalog import Catalog
 from orchestrator.request import Filters
 
@@ -81,14 +88,14 @@ def run(n_items: int, n_requests: int, seed: int = 0) -> dict[str, float]:
         passes = catalog.request_filter(filters, seen)  # as the service does
 
         def allowed(rows: np.ndarray) -> np.ndarray:
-            return passes(rows) & (catalog.created_at[rows] <= 1.0)
+            return passes(rows) & exists_at(catalog.created_at[rows], 1.0)
 
         seen_rows, known = catalog.rows(seen)
         gather(model, quotas, ann, np.where(known, seen_rows, -1), allowed, 1.0)
 
     def ann_only() -> None:
         seen, ann = next(it)
-        keep = catalog.request_filter(filters, seen)(ann) & (catalog.created_at[ann] <= 1.0)
+        keep = catalog.request_filter(filters, seen)(ann) & exists_at(catalog.created_at[ann], 1.0)
         _ = ann[keep][:300]
 
     m50, m99 = _cpu_ms(merged, n_requests)

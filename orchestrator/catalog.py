@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from exporters.candidates import exists_at
 from orchestrator.id_index import IdIndex
 from orchestrator.request import Filters
 
@@ -195,7 +196,7 @@ class Fallbacks:
             (self.fresh_rows, n_fresh, "fresh"),
             (popular, n - n_fresh, "popular"),
         ):
-            rows = rows[catalog.created_at[rows] <= now]  # not yet released: not offered
+            rows = rows[exists_at(catalog.created_at[rows], now)]  # not yet released: not offered
             rows = rows[passes(rows)][:count]
             out_rows.append(rows)
             out_scores.append(1.0 - np.arange(len(rows), dtype=np.float64) / max(len(rows), 1))

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.candidates import found_names, gather_found, source_names
+from exporters.candidates import exists_at, found_names, gather_found, source_names
 from exporters.item_delta import NewItems
 from exporters.schema import CONTEXT_COLUMNS
 from orchestrator import metrics
@@ -734,7 +734,7 @@ class RecommendService:
             passes = catalog.request_filter(q.filters, seen)  # blocked set built once
 
             def allowed(rows: np.ndarray) -> np.ndarray:
-                return passes(rows) & (created[rows] <= now)
+                return passes(rows) & exists_at(created[rows], now)
 
             if rel.sources is not None:
                 seen_rows, seen_known = catalog.rows(seen)

@@ -19,7 +19,7 @@ def catalog() -> Catalog:
         item_ids=ids,
         category=ids // 10 % 5,
         price=(ids // 10).astype(float),
-        created_at=NOW - (ids // 10) * 86_400.0,  # item 0 is the newest
+        created_at=NOW - 60.0 - (ids // 10) * 86_400.0,  # item 0 is the newest
         popularity=(ids // 10).astype(float),  # item 990 the most popular
         embeddings=np.zeros((n, 4), np.float32),
     )
@@ -76,6 +76,12 @@ def test_fallbacks_mix_fresh_and_popular(catalog: Catalog) -> None:
     ids = catalog.item_ids[rows]
     assert (sources == "fresh").sum() == 3 and (sources == "popular").sum() == 7
     assert ids[sources == "fresh"].tolist() == [0, 10, 20]
+    # An item created at the request's instant is not offered yet (candidates.exists_at):
+    # at NOW - 60 item 0 exists only from the next instant on.
+    rows, _, sources = fb.candidates(
+        catalog, build_filters([], [3], [], 0, 0), np.array([990]), 10, NOW - 60.0, 0.3
+    )
+    assert catalog.item_ids[rows[sources == "fresh"]].tolist() == [10, 20, 40]
     assert 990 not in ids and not np.any(ids // 10 % 5 == 3)
     assert np.all(np.diff(scores[sources == "popular"]) < 0)
 
