@@ -243,6 +243,15 @@ def test_category_popular_and_fresh_sources() -> None:
         ["fresh"],
         ["fresh"],
     ]
+    # At 9.0 exactly, row 9 is created "now": not offered yet (exists_at), the fresh list
+    # itself starts below it (the filter here checks no time). An import without creation
+    # times dates an item by its first interaction; offline, that is the very event a
+    # request at 9.0 is labelled by.
+    rows, feats = candidates.gather(
+        model, quotas, np.array([], np.int64), seen, lambda r: ~np.isin(r, seen), 9.0
+    )
+    assert rows[feats[:, 6] < ABSENT_RANK].tolist() == [8, 7]
+    assert candidates.exists_at(created, 9.0).tolist() == [t < 9.0 for t in created]
 
 
 def test_seen_table_equals_the_real_time_rule() -> None:
