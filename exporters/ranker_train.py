@@ -59,12 +59,7 @@ class RankerParams:
 
     ann_depth: int = 500  # retrieved from the index per query, as serving does
     quotas: candidates.Quotas = field(default_factory=candidates.Quotas)  # as serving merges
-    max_queries: int = 3000  # per window, sampled (seeded) from the window's users
-    # Light users' requests (the per-user split's one-event windows, exporters/split.py)
-    # are sampled apart, up to this many per window: each is labelled by one event where a
-    # heavy user's has up to val_last, so the same signal needs more of them (a light-user
-    # file: 3,000 → 10,000 took served NDCG@10 from 0.88× to 1.06× EASE, docs/quality.md).
-    max_light_queries: int = 10_000
+    max_queries: int = 3000  # sampled (seeded) from the validation users
     # Fewer queries with a positive candidate than this: the report warns (small data).
     min_queries_warning: int = 500
     holdout_fraction: float = 0.2  # queries held out for early stopping
@@ -432,24 +427,15 @@ def _window_rows(
     interactions: pd.DataFrame,
     k: int,
     rng: np.random.Generator,
-    light: np.ndarray,
 ) -> _Window | None:
-    """Window ``k``'s requests (at most ``max_queries`` users and ``max_light_queries``
-    of the ``light`` users, seeded), each at the window's start with the candidate
-    sources of the events before it."""
+    """Window ``k``'s requests (at most ``max_queries`` users, seeded), each at the
+    window's start with the candidate sources of the events before it."""
     labels = graded_labels(split.window(interactions, k))
     if labels.empty:
         return None
     users = np.sort(labels["user_id"].unique())
-    is_light = np.isin(users, light)
-    picked = []
-    for group, cap in (
-        (users[~is_light], params.max_queries),
-        (users[is_light], params.max_light_queries),
-    ):
-        # No draw for a group under its cap: data without light users samples as before.
-        picked.append(group if len(group) <= cap else rng.choice(group, cap, replace=False))
-    users = np.sort(np.concatenate(picked))
+    if len(users) > params.max_queries:
+        users = np.sort(rng.choice(users, params.max_queries, replace=False))
     model = candidates.SourceModel.load(candidate_model_path(settings, window_cut(k)))
     at = split.window_times(users, k)
     merged = merged_candidates(
@@ -468,12 +454,10 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     rng = np.random.default_rng(settings.seed)
     layout = layout_for(settings, n_categories_of(settings))
     names = layout.names
-    light = split.light_users(interactions)
     windows = [
         w
         for k in range(split.windows)
-        if (w := _window_rows(settings, params, layout, split, interactions, k, rng, light))
-        is not None
+        if (w := _window_rows(settings, params, layout, split, interactions, k, rng)) is not None
     ]
     if not windows or windows[0].k != 0:
         raise UserError("no clicks or purchases in the validation window: cannot train a ranker")

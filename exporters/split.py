@@ -239,17 +239,6 @@ class Split:
             return pd.DatetimeIndex([self.val_end] * len(user_ids)).as_unit("us")
         return pd.DatetimeIndex(self._starts(user_ids, "test"), tz="UTC")
 
-    def light_users(self, df: pd.DataFrame) -> np.ndarray:
-        """The users of ``df`` (the interactions this split was computed on) that the
-        per-user split gave light windows: too few events for ``val_last + test_last``
-        but some window. Empty for a time split or without light windows."""
-        params = self.params or {}
-        if not self.per_user or not params.get("light_last") or self.test_start is None:
-            return np.zeros(0, dtype=np.int64)
-        sizes = df.groupby("user_id").size()
-        few = sizes.index[sizes <= params["val_last"] + params["test_last"]].to_numpy(np.int64)
-        return few[np.isin(few, self.test_start.index.to_numpy(np.int64))]
-
     def to_json(self) -> dict[str, Any]:
         return {
             "mode": self.mode,

@@ -247,8 +247,6 @@ def test_light_users_get_windows_of_light_last_events() -> None:
     parts = [split.train(df), w2, w1, val, test]
     assert sum(len(p) for p in parts) == len(df)
     assert set(heavy_only.test(df).user_id) == {1}
-    # Who the ranker samples apart (ranker_train.RankerParams.max_light_queries).
-    assert split.light_users(df).tolist() == [2, 3, 4] and len(heavy_only.light_users(df)) == 0
 
 
 def test_a_split_of_only_light_users_names_what_it_needs() -> None:
