@@ -13,10 +13,11 @@
   go to the later window). Right for ratings data, which arrives in bursts per user: a
   global time cut leaves a few hundred users in the last windows and the ranker with
   nothing to learn from. *Light users* — too few events for ``val_last + test_last`` but
-  more than ``2 × light_last`` — get windows of ``light_last`` events each (default 1):
-  on a file where most users rated a handful of items they are most of the requests
-  served, so the ranker learns from them and the offline report judges them
-  (docs/quality.md "Light users"); ``light_last = 0`` keeps them training only, as users
+  more than ``light_last`` — get a test window of their last ``light_last`` events
+  (default 1) and nothing else: on a file where most users rated a handful of items they
+  are most of the requests served, so the offline report and the release gate judge them;
+  the ranker does not learn from them (their one-event windows made it serve worse,
+  docs/quality.md "Light users"). ``light_last = 0`` keeps them training only, as users
   with fewer events always are.
 
 ``auto`` (the default) takes ``time`` when its validation window holds at least
@@ -391,9 +392,9 @@ def compute_per_user_split(
     ``val_last`` before them validation (events tied with a boundary go to the later
     window). ``windows - 1`` earlier ranker windows of ``val_last`` events each come
     before validation, for the users with an event before them. Users with at most
-    ``val_last + test_last`` events but more than ``2 * light_last`` get windows of
-    ``light_last`` events each instead (module docstring); the rest keep all for
-    training."""
+    ``val_last + test_last`` events but more than ``light_last`` get a test window of
+    their last ``light_last`` events only (module docstring: no validation or ranker
+    window, which start where their test does); the rest keep all for training."""
     if val_last < 1 or test_last < 1:
         raise UserError(
             f"per-user split needs val_last and test_last >= 1, got {val_last}, {test_last}"
@@ -406,17 +407,18 @@ def compute_per_user_split(
     from_end = df.groupby("user_id").cumcount(ascending=False).to_numpy()
     sizes = df.groupby("user_id")["timestamp"].transform("size").to_numpy()
     heavy = sizes > val_last + test_last
-    light = ~heavy & (light_last > 0) & (sizes > 2 * light_last)
-    # Per row, its user's window sizes (0 for users who are training only).
+    light = ~heavy & (light_last > 0) & (sizes > light_last)
+    # Per row, its user's window sizes (0 for users who are training only); a light
+    # user's validation window is empty (it starts at the test start).
     test_n = np.where(heavy, test_last, np.where(light, light_last, 0))
-    val_n = np.where(heavy, val_last, np.where(light, light_last, 0))
+    val_n = np.where(heavy, val_last, 0)
     eligible = heavy | light
     test_rows = df[eligible & (from_end == test_n - 1)]
     val_rows = df[eligible & (from_end == test_n + val_n - 1)]
     test_start = test_rows.set_index("user_id")["timestamp"]
     val_start = val_rows.set_index("user_id")["timestamp"].reindex(test_start.index)
     if len(test_start) == 0:
-        least = 2 * light_last if light_last else val_last + test_last
+        least = light_last if light_last else val_last + test_last
         raise UserError(f"cannot split per user: no user has more than {least} events")
 
     def starts(rows: pd.DataFrame) -> pd.Series:
@@ -426,7 +428,7 @@ def compute_per_user_split(
     earlier = []
     for k in range(1, windows):
         offset = test_n + val_n * (k + 1)
-        earlier.append(starts(df[eligible & (sizes > offset) & (from_end == offset - 1)]))
+        earlier.append(starts(df[heavy & (sizes > offset) & (from_end == offset - 1)]))
     split = Split(
         train_end=_utc(val_start.max()),
         val_end=_utc(test_start.max()),
@@ -441,14 +443,13 @@ def compute_per_user_split(
     n_light = len(test_rows) - int(heavy[from_end == 0].sum())
     log.info(
         "per-user split: the last %d events of %d of %d users are test, the %d before them "
-        "validation (%d light users: %d and %d); (%d / %d / %d rows); %d earlier ranker "
-        "windows (users: %s)",
+        "validation (%d light users: their last %d test, nothing else); (%d / %d / %d "
+        "rows); %d earlier ranker windows (users: %s)",
         test_last,
         len(test_start),
         n,
         val_last,
         n_light,
-        light_last,
         light_last,
         len(split.before_window(interactions, 0)),
         len(split.val(interactions)),
@@ -471,7 +472,7 @@ def choose_split(
 ) -> Split:
     """The split of ``mode`` (see the module docstring for ``auto``); ``windows``: ranker
     windows, None for the mode's default (:data:`DEFAULT_WINDOWS`); ``light_last``: the
-    per-user split's windows for light users (0: none)."""
+    per-user split's test window for light users (0: none)."""
     if mode not in MODES:
         raise UserError(f"unknown split mode {mode!r}; choose one of {', '.join(MODES)}")
     if windows is not None and windows < 1:

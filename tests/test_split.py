@@ -207,56 +207,48 @@ def test_ranker_windows_per_user_partition_each_users_history() -> None:
         split.window(df, 3)
 
 
-def test_light_users_get_windows_of_light_last_events() -> None:
-    """Users with too few events for val_last + test_last but more than 2 × light_last
-    get windows of ``light_last`` events: the last is test, the one before validation,
-    earlier ones ranker windows while an event is left to train on; fewer stay training
-    only, and heavy users keep theirs (the same split as without light users)."""
+def test_light_users_get_a_test_window_only() -> None:
+    """Users with too few events for val_last + test_last but more than ``light_last``:
+    their last ``light_last`` events are test (the report and the gate judge them) and
+    nothing else — no validation or ranker window, so the ranker learns from heavy users
+    only, and the towers from everything before the test; heavy users split as without
+    light users; a single event stays training only."""
     from exporters.split import compute_per_user_split
 
-    df = _ratings({1: 21, 2: 10, 3: 4, 4: 3, 5: 2})
+    df = _ratings({1: 21, 2: 10, 3: 2, 4: 1})
     split = compute_per_user_split(df, val_last=5, test_last=5, windows=3, light_last=1)
     heavy_only = compute_per_user_split(df, val_last=5, test_last=5, windows=3)
 
     def items(part: pd.DataFrame, u: int) -> list[int]:
         return sorted(part[part.user_id == u]["item_id"] - 100)
 
-    test, val, w1, w2 = (split.test(df), split.val(df), split.window(df, 1), split.window(df, 2))
-    for part, old in zip(
-        (test, val, w1, w2, split.train(df)),
-        (
-            heavy_only.test(df),
-            heavy_only.val(df),
-            heavy_only.window(df, 1),
-            heavy_only.window(df, 2),
-            heavy_only.train(df),
-        ),
+    parts = [split.test(df), split.val(df), split.window(df, 1), split.window(df, 2)]
+    old = [heavy_only.test(df), heavy_only.val(df), heavy_only.window(df, 1)]
+    for part, before in zip(
+        [*parts, split.train(df)],
+        [*old, heavy_only.window(df, 2), heavy_only.train(df)],
         strict=True,
     ):
-        assert items(part, 1) == items(old, 1)
-    assert items(test, 2) == [9] and items(val, 2) == [8]
-    assert items(w1, 2) == [7] and items(w2, 2) == [6]
-    assert items(split.train(df), 2) == list(range(6))
-    # 4 events: test, validation, window 1, one left to train on; no window 2.
-    assert items(test, 3) == [3] and items(val, 3) == [2] and items(w1, 3) == [1]
-    assert items(w2, 3) == [] and items(split.train(df), 3) == [0]
-    assert items(test, 4) == [2] and items(val, 4) == [1] and items(split.train(df), 4) == [0]
-    # 2 events: nothing left to learn from before a test event: training only.
-    assert items(split.train(df), 5) == [0, 1] and 5 not in set(test.user_id)
-    assert split.val_times(np.array([3]))[0] == df[df.user_id == 3]["timestamp"].iloc[2]
-    parts = [split.train(df), w2, w1, val, test]
-    assert sum(len(p) for p in parts) == len(df)
+        assert items(part, 1) == items(before, 1)
+    test, val, w1, w2 = parts
+    assert items(test, 2) == [9] and items(test, 3) == [1]
+    assert 2 not in set(val.user_id) | set(w1.user_id) | set(w2.user_id)
+    assert items(split.train(df), 2) == list(range(9)) and items(split.train(df), 3) == [0]
+    assert items(split.before_window(df, 0), 2) == list(range(9))
+    assert items(split.train(df), 4) == [0] and 4 not in set(test.user_id)
+    assert split.test_times(np.array([2]))[0] == df[df.user_id == 2]["timestamp"].iloc[-1]
+    assert sum(len(p) for p in parts) + len(split.train(df)) == len(df)
     assert set(heavy_only.test(df).user_id) == {1}
 
 
 def test_a_split_of_only_light_users_names_what_it_needs() -> None:
     from exporters.split import compute_per_user_split
 
-    df = _ratings({1: 2, 2: 2})
-    with pytest.raises(UserError, match="more than 2 events"):
+    df = _ratings({1: 1, 2: 1})
+    with pytest.raises(UserError, match="more than 1 events"):
         compute_per_user_split(df, val_last=5, test_last=5, light_last=1)
     with pytest.raises(UserError, match="more than 10 events"):
-        compute_per_user_split(df, val_last=5, test_last=5, light_last=0)
+        compute_per_user_split(_ratings({1: 3}), val_last=5, test_last=5, light_last=0)
 
 
 def test_ranker_windows_of_a_time_split_step_back_by_the_validation_size() -> None:
