@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--light-last",
         dest="split_light_last",
         type=int,
-        help="per-user split: window size for users with too few events for --val-last + "
-        "--test-last (default 1; 0: they train only)",
+        help="per-user split: events tested of users with too few for --val-last + "
+        "--test-last (default 1; 0: they train only; the ranker never learns from them)",
     )
     p.add_argument(
         "--windows",

@@ -175,8 +175,8 @@ class Settings(BaseSettings):
     split_test_days: float | None = Field(default=None, ge=0)
     split_val_last: int = Field(default=5, ge=1)
     split_test_last: int = Field(default=5, ge=1)
-    # Light users (too few events for val_last + test_last): windows of this many events
-    # each when they have more than twice as many; 0: training only (exporters/split.py).
+    # Light users (too few events for val_last + test_last): their last this many events
+    # are test when they have more, nothing else; 0: training only (exporters/split.py).
     split_light_last: int = Field(default=1, ge=0)
     # Ranker windows (exporters/split.py): requests per user the ranker learns from;
     # None: 1 for a time split, 5 for a per-user split.
