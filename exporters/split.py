@@ -426,8 +426,8 @@ def compute_per_user_split(
         return pd.Series(pd.to_datetime(by_user, utc=True).to_numpy(), index=by_user.index)
 
     earlier = []
-    for k in range(1, windows):
-        offset = test_n + val_n * (k + 1)
+    for k in range(1, windows):  # heavy users only: light users have no ranker window
+        offset = test_last + val_last * (k + 1)
         earlier.append(starts(df[heavy & (sizes > offset) & (from_end == offset - 1)]))
     split = Split(
         train_end=_utc(val_start.max()),
@@ -440,7 +440,7 @@ def compute_per_user_split(
         earlier=tuple(earlier),
     )
     n = df["user_id"].nunique()
-    n_light = len(test_rows) - int(heavy[from_end == 0].sum())
+    n_light = int(light[from_end == 0].sum())
     log.info(
         "per-user split: the last %d events of %d of %d users are test, the %d before them "
         "validation (%d light users: their last %d test, nothing else); (%d / %d / %d "
