@@ -35,6 +35,7 @@ import pandas as pd
 
 from exporters import candidates, metrics
 from exporters.rank_layout import Layout
+from exporters.ranker_prior import GATE_BASELINES, SOURCE_BASELINES
 from exporters.ranker_train import (
     LABELS,
     CandidateRows,
@@ -56,14 +57,6 @@ from recstack.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 TOP_K = 10
-# Baselines served from the same candidates and filters: each source's own order.
-SOURCE_BASELINES: dict[str, str] = {
-    "retrieval": "c_ann_rank",
-    "item_to_item": "c_i2i_rank",
-    "popularity": "c_pop_rank",
-}
-# A release must beat these (DESIGN.md "Quality is judged against baselines").
-GATE_BASELINES: tuple[str, ...] = ("popularity", "item_to_item")
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,7 @@ def cli(args: argparse.Namespace) -> int:
             "split_test_last",
             "split_light_last",
             "split_windows",
+            "ranker_prior",
             "offline_engine",
         )
         if getattr(args, name, None) is not None

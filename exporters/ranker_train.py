@@ -7,6 +7,9 @@ start (the towers and the index were trained on data before the earliest window)
 Candidates: the merged sources as serving merges them, as of that time, the non-ANN ones
 built from the events before it. Labels: the user's best event on the item in the window
 (click 1, purchase 2, else 0).
+Model: boosted from a prior, the better gate baseline's order on the training requests
+(``exporters/ranker_prior.py``; ``RECSTACK_RANKER_PRIOR``), so trees that learn little
+leave that order, not noise.
 Features: Feast ``get_historical_features`` point-in-time at the request time for the
 ``ranking`` service's user and item features, the user tower's embedding, the index's
 item vectors, all put together by ``exporters.feature_assembly`` (the serving code).
@@ -33,7 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from exporters import candidates, feature_assembly, retrieval
+from exporters import candidates, feature_assembly, ranker_prior, retrieval
 from exporters.candidates import CANDIDATE_FEATURES
 from exporters.index_build import ITEM_IDS_FILE
 from exporters.rank_layout import ITEM_KEY, USER_KEY, Layout
@@ -467,6 +470,7 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     query = np.concatenate([w.cands.query + o for w, o in zip(windows, offsets, strict=False)])
     query_user = np.concatenate([w.cands.user_ids for w in windows])
     rows = np.concatenate([w.cands.rows for w in windows])
+    position = np.concatenate([w.cands.position for w in windows])
     y = np.concatenate([w.y for w in windows])
     n_queries = int(offsets[-1])
 
@@ -488,6 +492,23 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     train_q = useful[~holdout]
     in_train = np.isin(query, train_q)
     in_hold = np.isin(query, hold_q)
+    # The baseline order the trees correct (exporters/ranker_prior.py), chosen on the
+    # training requests: the holdout stays for early stopping.
+    prior = ranker_prior.choose(
+        settings.ranker_prior,
+        names,
+        rows[in_train],
+        y[in_train],
+        query[in_train],
+        position[in_train],
+        params.eval_at,
+    )
+    init = (
+        ranker_prior.prior_booster(names, prior.feature, params.num_threads)
+        if prior.feature
+        else None
+    )
+    n_init = 1 if init is not None else 0
     negatives = int((in_train & (y == 0)).sum())
     in_train = sample_negatives(y, in_train, params.max_train_rows, rng)
     negative_share = int((in_train & (y == 0)).sum()) / max(negatives, 1)
@@ -503,9 +524,11 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
         valid_sets=[dhold],
         valid_names=["holdout"],
         callbacks=[progress, lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
+        init_model=init,
     )
     progress.bar.close()
-    best = booster.best_iteration or params.num_trees
+    # Iterations count the prior's tree: best is the prior plus the residual trees kept.
+    best = booster.best_iteration or n_init + params.num_trees
     holdout_ndcg = float(booster.best_score["holdout"][f"ndcg@{params.eval_at}"])
     if params.refit_all_queries:
         # The holdout chose the number of trees; the released ranker learns from every
@@ -513,9 +536,11 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
         in_all = np.isin(query, useful)
         in_all = sample_negatives(y, in_all, params.max_train_rows, rng)
         dall = _dataset(rows[in_all], y[in_all], query[in_all], names)
-        rounds = max(1, round(best * (1 + params.holdout_fraction)))
-        booster = lgb.train(params.lightgbm(settings.seed), dall, num_boost_round=rounds)
-        best = rounds
+        rounds = max(1, round((best - n_init) * (1 + params.holdout_fraction)))
+        booster = lgb.train(
+            params.lightgbm(settings.seed), dall, num_boost_round=rounds, init_model=init
+        )
+        best = n_init + rounds
     train_seconds = time.perf_counter() - t0
 
     # Candidate recall: the share of the windows' positives the sources put in the lists.
@@ -530,7 +555,10 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
         )
     for warning in warnings:
         log.warning("ranker: %s", warning)
+    # The lambdarank trees' gain (the prior tree's is a regression fit of its own column).
     gain = booster.feature_importance("gain", iteration=best)
+    if init is not None:
+        gain = gain - init.feature_importance("gain")
     top = sorted(zip(names, gain.tolist(), strict=True), key=lambda t: -t[1])[:10]
     stats = {
         "request_time": str(split.train_end) if not split.per_user else "per user",
@@ -548,6 +576,7 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
         "positive_rows": int((y > 0).sum()),
         "candidate_recall": round(float((y > 0).sum()) / max(n_pos, 1), 4),
         "best_iteration": int(best),
+        "prior": prior.to_json(),
         "refit_all_queries": params.refit_all_queries,
         f"holdout_ndcg@{params.eval_at}": round(holdout_ndcg, 4),
         "train_seconds": round(train_seconds, 2),

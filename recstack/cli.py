@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranker windows: requests per user the ranker learns from (default: 1 for a "
         "time split, 5 per user)",
     )
+    p.add_argument(
+        "--ranker-prior",
+        dest="ranker_prior",
+        choices=["auto", "none", "popularity", "item_to_item"],
+        help="the baseline order the ranker's trees correct (default auto: the better of "
+        "most-popular and item-to-item on its training requests; none: boosted from zero)",
+    )
     p = _cmd(groups, "evaluate", "exporters.evaluate:cli", "offline report on the test split")
     p.add_argument("--out", help="directory for report.md / report.json")
 

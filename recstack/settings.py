@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     # Ranker windows (exporters/split.py): requests per user the ranker learns from;
     # None: 1 for a time split, 5 for a per-user split.
     split_windows: int | None = Field(default=None, ge=1)
+    # What the ranker is boosted from (exporters/ranker_prior.py): auto, the better of the
+    # gate's baselines on its training requests; popularity or item_to_item; none: zero.
+    ranker_prior: Literal["auto", "none", "popularity", "item_to_item"] = "auto"
     # Refit the released towers and index on every event (pipeline step refit); off:
     # release the selection run's towers (trained before the validation window).
     refit_towers: bool = True

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from exporters import feast_ops, ranker_train
+from exporters import feast_ops, ranker_prior, ranker_train
 from exporters.candidates import SourceModel
 from exporters.raw_tables import read_table
 from exporters.split import load_split, write_split
@@ -48,6 +48,17 @@ def test_ranker_trains_on_every_window(trained_settings: Settings, tmp_path: Pat
     assert stats["queries"] == 300
     assert stats["train_queries"] + stats["holdout_queries"] == stats["queries_with_positive"]
     assert 0.05 < stats["train_negatives_kept"] < 0.5
+    # Boosted from the better gate baseline on the training requests: the saved ranker's
+    # first tree is that baseline's order (exporters/ranker_prior.py).
+    prior = stats["prior"]
+    assert prior["setting"] == "auto"
+    assert prior["baseline"] in ranker_prior.GATE_BASELINES
+    assert prior["training_ndcg@10"][prior["baseline"]] == max(prior["training_ndcg@10"].values())
+    names = ranker_train.load_manifest(s)["feature_names"]
+    sample = np.load(s.work_dir / ranker_train.SAMPLE_FILE)
+    first = ranker_train.load_booster(s).predict(sample, num_iteration=1)
+    expected = ranker_prior.prior_value(sample[:, names.index(prior["feature"])])
+    np.testing.assert_allclose(first, expected, atol=1e-5)
     # Window 1's labels are the events of window 1, not of validation.
     loaded = load_split(s)
     w1 = loaded.window(inter, 1)
