@@ -104,16 +104,26 @@ def choose(
     query: np.ndarray,
     position: np.ndarray,
     k: int,
+    where: np.ndarray | None = None,
 ) -> PriorChoice:
     """The prior for ``setting`` (:data:`PRIOR_CHOICES`): ``auto`` takes the gate baseline
-    whose order scores the higher NDCG@k on these (training) rows; a layout without the
-    source features has no prior."""
+    whose order scores the higher NDCG@k on the rows ``where`` selects (the training
+    requests; default all); a layout without the source features has no prior."""
     if setting not in PRIOR_CHOICES:
         raise ValueError(f"ranker prior must be one of {PRIOR_CHOICES}, got {setting!r}")
     present = [b for b in GATE_BASELINES if SOURCE_BASELINES[b] in names]
+    sel = slice(None) if where is None else where
+    # One column at a time: selecting rows of the whole matrix would copy gigabytes.
     scores = {
         b: round(
-            order_ndcg(rows[:, list(names).index(SOURCE_BASELINES[b])], y, query, position, k), 5
+            order_ndcg(
+                rows[sel, list(names).index(SOURCE_BASELINES[b])],
+                y[sel],
+                query[sel],
+                position[sel],
+                k,
+            ),
+            5,
         )
         for b in present
     }

@@ -495,13 +495,7 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     # The baseline order the trees correct (exporters/ranker_prior.py), chosen on the
     # training requests: the holdout stays for early stopping.
     prior = ranker_prior.choose(
-        settings.ranker_prior,
-        names,
-        rows[in_train],
-        y[in_train],
-        query[in_train],
-        position[in_train],
-        params.eval_at,
+        settings.ranker_prior, names, rows, y, query, position, params.eval_at, where=in_train
     )
     init = (
         ranker_prior.prior_booster(names, prior.feature, params.num_threads)

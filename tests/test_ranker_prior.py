@@ -119,3 +119,18 @@ def test_boosted_ranker_saved_and_reloaded_starts_with_the_prior(tmp_path: Path)
     np.testing.assert_allclose(loaded.predict(rows, num_iteration=1), prior, atol=1e-6)
     trees = loaded.predict(rows, raw_score=True, start_iteration=1)
     np.testing.assert_allclose(loaded.predict(rows, raw_score=True), prior + trees, atol=1e-6)
+
+
+def test_where_picks_the_requests_that_judge() -> None:
+    """The training requests alone choose (the early-stopping holdout is left out)."""
+    a, b = _requests("popularity"), _requests("item_to_item")
+    rows, y, position = (np.concatenate([a[i], b[i]]) for i in (0, 1, 3))
+    query = np.concatenate([a[2], b[2] + 40])
+    for first, good in ((True, "popularity"), (False, "item_to_item")):
+        where = (query < 40) == first
+        got = ranker_prior.choose("auto", NAMES, rows, y, query, position, 10, where=where)
+        assert got.baseline == good
+        alone = ranker_prior.choose(
+            "auto", NAMES, rows[where], y[where], query[where], position[where], 10
+        )
+        assert got == alone
