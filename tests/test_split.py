@@ -248,7 +248,32 @@ def test_a_split_of_only_light_users_names_what_it_needs() -> None:
     with pytest.raises(UserError, match="more than 1 events"):
         compute_per_user_split(df, val_last=5, test_last=5, light_last=1)
     with pytest.raises(UserError, match="more than 10 events"):
-        compute_per_user_split(_ratings({1: 3}), val_last=5, test_last=5, light_last=0)
+        compute_per_user_split(_ratings({1: 2}), val_last=5, test_last=5, light_last=0)
+
+
+def test_without_a_user_for_the_windows_one_validation_and_one_test_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No user has more than val_last + test_last events (light users only, as in short
+    review histories): the split falls back to 1 + 1 and says so, instead of leaving the
+    ranker without a request."""
+    from exporters.split import compute_per_user_split
+
+    df = _ratings({1: 8, 2: 3, 3: 2, 4: 1})
+    with caplog.at_level(logging.WARNING, logger="exporters.split"):
+        split = compute_per_user_split(df, val_last=5, test_last=5, windows=3, light_last=1)
+    assert "val_last 1 and test_last 1 instead" in caplog.text
+    assert split.params == {"val_last": 1, "test_last": 1, "light_last": 1}
+    assert split.params == compute_per_user_split(df, 1, 1, 3, 1).params
+
+    def items(part: pd.DataFrame, u: int) -> list[int]:
+        return sorted(part[part.user_id == u]["item_id"] - 100)
+
+    test, val = split.test(df), split.val(df)
+    assert [items(test, u) for u in (1, 2, 3)] == [[7], [2], [1]]
+    assert [items(val, u) for u in (1, 2)] == [[6], [1]] and 3 not in set(val.user_id)
+    assert items(split.window(df, 1), 1) == [5] and items(split.window(df, 2), 1) == [4]
+    assert items(split.train(df), 4) == [0]
 
 
 def test_ranker_windows_of_a_time_split_step_back_by_the_validation_size() -> None:
