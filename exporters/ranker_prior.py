@@ -85,6 +85,7 @@ class PriorChoice:
     feature: str | None
     setting: str
     training_ndcg: dict[str, float]
+    k: int = 10
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,7 +93,7 @@ class PriorChoice:
             "feature": self.feature,
             "setting": self.setting,
             "depth": PRIOR_DEPTH,
-            "training_ndcg@10": self.training_ndcg,
+            f"training_ndcg@{self.k}": self.training_ndcg,
         }
 
 
@@ -136,7 +137,8 @@ def choose(
     else:  # asked for by name, it cannot be left out silently
         raise ValueError(f"ranker prior {setting!r}: the layout has no {SOURCE_BASELINES[setting]}")
     feature = SOURCE_BASELINES[baseline] if baseline else None
-    return PriorChoice(baseline, feature, setting, scores)
+    log.info("ranker prior: %s (%s; training NDCG@%d %s)", baseline, setting, k, scores)
+    return PriorChoice(baseline, feature, setting, scores, k)
 
 
 def prior_booster(names: Sequence[str], feature: str, num_threads: int) -> lgb.Booster:
