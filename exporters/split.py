@@ -396,7 +396,8 @@ def compute_per_user_split(
     their last ``light_last`` events only (module docstring: no validation or ranker
     window, which start where their test does); the rest keep all for training. When no
     user has more than ``val_last + test_last`` events, the split is made with one
-    validation and one test event instead (logged), so the ranker has requests."""
+    validation and one test event instead (logged), so the ranker has requests; with no
+    user above 2 events it is refused."""
     if val_last < 1 or test_last < 1:
         raise UserError(
             f"per-user split needs val_last and test_last >= 1, got {val_last}, {test_last}"
@@ -409,17 +410,22 @@ def compute_per_user_split(
     from_end = df.groupby("user_id").cumcount(ascending=False).to_numpy()
     sizes = df.groupby("user_id")["timestamp"].transform("size").to_numpy()
     heavy = sizes > val_last + test_last
-    if not heavy.any() and val_last + test_last > 2 and (sizes > 2).any():
+    if not heavy.any():
         # No user has the events these windows need: the ranker would have no request to
         # learn from. One validation and one test event is the most such data gives.
-        log.warning(
-            "per-user split: no user has more than %d events (val_last %d + test_last %d): "
-            "splitting with val_last 1 and test_last 1 instead",
-            val_last + test_last,
-            val_last,
-            test_last,
+        if val_last + test_last > 2 and (sizes > 2).any():
+            log.warning(
+                "per-user split: no user has more than %d events (val_last %d + test_last "
+                "%d): splitting with val_last 1 and test_last 1 instead",
+                val_last + test_last,
+                val_last,
+                test_last,
+            )
+            return compute_per_user_split(interactions, 1, 1, windows, light_last)
+        raise UserError(
+            f"cannot split per user: no user has more than {val_last + test_last} events "
+            "(a validation and a test window), so the ranker has no request to learn from"
         )
-        return compute_per_user_split(interactions, 1, 1, windows, light_last)
     light = ~heavy & (light_last > 0) & (sizes > light_last)
     # Per row, its user's window sizes (0 for users who are training only); a light
     # user's validation window is empty (it starts at the test start).
@@ -430,9 +436,6 @@ def compute_per_user_split(
     val_rows = df[eligible & (from_end == test_n + val_n - 1)]
     test_start = test_rows.set_index("user_id")["timestamp"]
     val_start = val_rows.set_index("user_id")["timestamp"].reindex(test_start.index)
-    if len(test_start) == 0:
-        least = light_last if light_last else val_last + test_last
-        raise UserError(f"cannot split per user: no user has more than {least} events")
 
     def starts(rows: pd.DataFrame) -> pd.Series:
         by_user = rows.set_index("user_id")["timestamp"]

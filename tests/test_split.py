@@ -245,8 +245,11 @@ def test_a_split_of_only_light_users_names_what_it_needs() -> None:
     from exporters.split import compute_per_user_split
 
     df = _ratings({1: 1, 2: 1})
-    with pytest.raises(UserError, match="more than 1 events"):
+    with pytest.raises(UserError, match="more than 10 events"):
         compute_per_user_split(df, val_last=5, test_last=5, light_last=1)
+    # Light users could be tested, but no one has a validation event to learn from.
+    with pytest.raises(UserError, match=r"more than 2 events .* no request to learn from"):
+        compute_per_user_split(_ratings({1: 2, 2: 2}), val_last=1, test_last=1, light_last=1)
     with pytest.raises(UserError, match="more than 10 events"):
         compute_per_user_split(_ratings({1: 2}), val_last=5, test_last=5, light_last=0)
 
