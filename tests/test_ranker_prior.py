@@ -9,7 +9,7 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from exporters import ranker_prior
+from exporters import metrics, ranker_prior
 from exporters.candidates import ABSENT_RANK
 
 NAMES = ["u_age", "c_ann_rank", "c_i2i_rank", "c_pop_rank", "x_tower_score"]
@@ -40,20 +40,17 @@ def test_prior_tree_scores_every_rank_by_its_column_alone() -> None:
 
 
 def _oracle_ndcg(key: np.ndarray, y: np.ndarray, query: np.ndarray, k: int) -> float:
-    out = []
+    """The project's NDCG (exporters/metrics.py, what the report and the gate use) of each
+    request's rows in ``key`` order, the rows' labels as the relevant items' gains."""
+    lists, relevant = [], []
     for q in np.unique(query):
         idx = np.flatnonzero(query == q)
-        gains = np.exp2(y[idx]) - 1
-        if gains.sum() == 0:
-            continue
-        disc = 1 / np.log2(np.arange(2, k + 2))
-        got = gains[np.argsort(key[idx], kind="stable")][:k]
-        best = np.sort(gains)[::-1][:k]
-        out.append((got * disc[: len(got)]).sum() / (best * disc[: len(best)]).sum())
-    return float(np.mean(out))
+        lists.append(idx[np.argsort(key[idx], kind="stable")][:k])
+        relevant.append({int(r): float(y[r]) for r in idx})
+    return metrics.ndcg_at_k(np.stack(lists), relevant, k)
 
 
-def test_order_ndcg_equals_a_per_request_loop() -> None:
+def test_order_ndcg_equals_the_projects_ndcg() -> None:
     rng = np.random.default_rng(1)
     query = np.sort(rng.integers(0, 40, 2000))
     position = np.concatenate([np.arange(c) for c in np.bincount(query)])
