@@ -98,13 +98,9 @@ def top_lists(cands: CandidateRows, scores: np.ndarray, n_users: int) -> np.ndar
     """Top-10 item ids of each request [n_users, 10] from per-row scores (-1 padded);
     ties keep retrieval order."""
     ranked = np.full((n_users, TOP_K), -1, dtype=np.int64)
-    # Sort rows by (query, -score); ties keep retrieval order (stable).
-    order = np.lexsort((cands.position, -scores, cands.query))
-    q_sorted = cands.query[order]
-    starts = np.searchsorted(q_sorted, np.arange(n_users))
-    rank_in_q = np.arange(len(order)) - starts[q_sorted]
+    order, rank_in_q = metrics.rank_within_query(cands.query, -scores, cands.position, n_users)
     keep = rank_in_q < TOP_K
-    ranked[q_sorted[keep], rank_in_q[keep]] = cands.row_items[order][keep]
+    ranked[cands.query[order][keep], rank_in_q[keep]] = cands.row_items[order][keep]
     return ranked
 
 

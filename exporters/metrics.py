@@ -50,6 +50,19 @@ def _check(recommended: np.ndarray, relevant: Sequence[Relevance] | None, k: int
     return rec[:, :k]
 
 
+def rank_within_query(
+    query: np.ndarray, key: np.ndarray, position: np.ndarray, n_queries: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate rows ordered request by request: ``order`` sorts the rows by (``query``,
+    ``key`` ascending, ``position``: ties keep retrieval order), and ``rank[j]`` is the
+    0-based place of row ``order[j]`` within its request. The offline report's top lists
+    and the ranker prior's NDCG both cut this at k."""
+    order = np.lexsort((position, key, query))
+    q = query[order]
+    starts = np.searchsorted(q, np.arange(n_queries))
+    return order, np.arange(len(order)) - starts[q]
+
+
 def evaluated_users(relevant: Sequence[Relevance]) -> int:
     """How many users have at least one relevant item (the denominator of the means)."""
     return sum(1 for r in relevant if _as_gains(r))

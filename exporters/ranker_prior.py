@@ -23,7 +23,9 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 
+from exporters import metrics
 from exporters.candidates import ABSENT_RANK
+from recstack.settings import RANKER_PRIORS
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,10 @@ SOURCE_BASELINES: dict[str, str] = {
 # A release must beat these (DESIGN.md "Quality is judged against baselines"); the prior
 # is one of them.
 GATE_BASELINES: tuple[str, ...] = ("popularity", "item_to_item")
-PRIOR_CHOICES: tuple[str, ...] = ("auto", "none", *GATE_BASELINES)
+# The setting's values are named once, in recstack/settings.py; they must be these.
+PRIOR_CHOICES: tuple[str, ...] = RANKER_PRIORS
+if set(PRIOR_CHOICES) != {"auto", "none", *GATE_BASELINES}:
+    raise ImportError(f"settings' ranker priors {PRIOR_CHOICES}: not auto, none, {GATE_BASELINES}")
 # Ranks below this get their own prior value; later ranks (and absent candidates) get 0.
 # A top-10 list after the seen filter and the category cap reaches a few dozen ranks deep.
 PRIOR_DEPTH = 250
@@ -58,25 +63,21 @@ def order_ndcg(
     ``key`` ascending (ties: merged position), gain 2^y - 1: ``metrics.ndcg_at_k`` with
     the rows' labels as the relevant items (tested equal), over row arrays instead of
     item lists and relevance dicts, vectorized for millions of training rows."""
-    order = np.lexsort((position, key, query))
-    ideal = np.lexsort((-y, query))
     gain = np.exp2(y) - 1.0
     n_q = int(query.max()) + 1 if len(query) else 0
 
-    def dcg(rows: np.ndarray) -> np.ndarray:
-        q = query[rows]
-        starts = np.searchsorted(q, np.arange(n_q))
-        rank = np.arange(len(rows)) - starts[q]
+    def dcg(sort_key: np.ndarray) -> np.ndarray:
+        rows, rank = metrics.rank_within_query(query, sort_key, position, n_q)
         top = rank < k
         return np.bincount(
-            q[top], weights=gain[rows][top] / np.log2(rank[top] + 2.0), minlength=n_q
+            query[rows][top], weights=gain[rows][top] / np.log2(rank[top] + 2.0), minlength=n_q
         )
 
-    best = dcg(ideal)
+    best = dcg(-y)  # the ideal order: best labels first
     useful = best > 0
     if not useful.any():
         return 0.0
-    return float(np.mean(dcg(order)[useful] / best[useful]))
+    return float(np.mean(dcg(key)[useful] / best[useful]))
 
 
 @dataclass(frozen=True)

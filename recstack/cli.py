@@ -51,6 +51,9 @@ def _force_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their options."""
+    # Choices are read from the settings, where each is named once (their Literal types).
+    from recstack.settings import RANKER_PRIORS, SPLIT_MODES
+
     parser = argparse.ArgumentParser(prog="recstack", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     groups = parser.add_subparsers(dest="group", required=True)
@@ -151,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split",
         dest="split_mode",
-        choices=["auto", "time", "per_user"],
+        choices=SPLIT_MODES,
         help="train/validation/test split (default auto: time, or per user when the "
         "time windows hold few users; docs/data.md)",
     )
@@ -176,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ranker-prior",
         dest="ranker_prior",
-        choices=["auto", "none", "popularity", "item_to_item"],
+        choices=RANKER_PRIORS,
         help="the baseline order the ranker's trees correct (default auto: the better of "
         "most-popular and item-to-item on its training requests; none: boosted from zero)",
     )

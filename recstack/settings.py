@@ -14,6 +14,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Offline engines (docs/offline.md): pandas on this host, or Spark (local mode or a cluster).
 Engine = Literal["pandas", "spark"]
 ENGINES: tuple[str, ...] = get_args(Engine)
+# Time or per-user split of the interactions (exporters/split.py, docs/data.md).
+SplitMode = Literal["auto", "time", "per_user"]
+SPLIT_MODES: tuple[str, ...] = get_args(SplitMode)
+# What the ranker is boosted from (exporters/ranker_prior.py): auto, none, or a gate baseline.
+RankerPrior = Literal["auto", "none", "popularity", "item_to_item"]
+RANKER_PRIORS: tuple[str, ...] = get_args(RankerPrior)
 
 
 class Settings(BaseSettings):
@@ -170,7 +176,7 @@ class Settings(BaseSettings):
     # The train/validation/test split (exporters/split.py): auto, time or per_user; the
     # time split's windows in days (None: 10% of the span each); the per-user split's
     # events held out per user.
-    split_mode: Literal["auto", "time", "per_user"] = "auto"
+    split_mode: SplitMode = "auto"
     split_val_days: float | None = Field(default=None, ge=0)
     split_test_days: float | None = Field(default=None, ge=0)
     split_val_last: int = Field(default=5, ge=1)
@@ -183,7 +189,7 @@ class Settings(BaseSettings):
     split_windows: int | None = Field(default=None, ge=1)
     # What the ranker is boosted from (exporters/ranker_prior.py): auto, the better of the
     # gate's baselines on its training requests; popularity or item_to_item; none: zero.
-    ranker_prior: Literal["auto", "none", "popularity", "item_to_item"] = "auto"
+    ranker_prior: RankerPrior = "auto"
     # Refit the released towers and index on every event (pipeline step refit); off:
     # release the selection run's towers (trained before the validation window).
     refit_towers: bool = True

@@ -81,3 +81,14 @@ def test_paired_bootstrap_interval() -> None:
     assert metrics.paired_bootstrap_ci(base, base) == (0.0, 0.0)
     with pytest.raises(ValueError, match="aligned"):
         metrics.paired_bootstrap_ci(base, base[:-1])
+
+
+def test_rank_within_query_orders_each_request_by_key_then_position() -> None:
+    # Rows of two requests, interleaved; request 1's rows 2 and 4 tie on the key, so the
+    # earlier retrieval position (row 4: position 0) goes first. Request 2 has no rows.
+    query = np.array([1, 0, 1, 0, 1])
+    key = np.array([0.5, 0.2, 0.1, 0.9, 0.1])
+    position = np.array([2, 0, 1, 1, 0])
+    order, rank = metrics.rank_within_query(query, key, position, n_queries=3)
+    assert order.tolist() == [1, 3, 4, 2, 0]
+    assert rank.tolist() == [0, 1, 0, 1, 2]
