@@ -4,10 +4,11 @@ The ranker is a LightGBM lambdarank model boosted from a *prior*, not from zero:
 regression tree that scores each candidate by the DCG discount of its rank in a baseline
 order (most-popular or item-to-item: the gate's baselines, ``c_pop_rank`` /
 ``c_i2i_rank`` among the ranker's columns), chosen as the better of the two on the
-ranker's training requests. The lambdarank trees then learn corrections to that order.
-Where they learn little — a few hundred requests, noisy early stopping, light users whose
-test requests differ from the heavy users' training ones — the ranker serves the
-baseline's order instead of a weakly fitted one (docs/quality.md, "The ranker's prior").
+ranker's training requests of the validation window (the test's kind of request). The
+lambdarank trees then learn corrections to that order. Where they learn little — a few
+hundred requests, noisy early stopping, light users whose test requests differ from the
+heavy users' training ones — the ranker serves the baseline's order instead of a weakly
+fitted one (docs/quality.md, "The ranker's prior").
 
 The prior is a tree of the model itself (``lgb.train(init_model=...)`` merges it), so the
 exported model, Treelite/FIL, the parity checks and serving need nothing new.
@@ -88,6 +89,7 @@ class PriorChoice:
     feature: str | None
     setting: str
     training_ndcg: dict[str, float]
+    requests: int  # requests with a positive row that judged
     k: int = 10
 
     def to_json(self) -> dict[str, Any]:
@@ -97,6 +99,7 @@ class PriorChoice:
             "setting": self.setting,
             "depth": PRIOR_DEPTH,
             f"training_ndcg@{self.k}": self.training_ndcg,
+            "requests": self.requests,
         }
 
 
@@ -111,8 +114,9 @@ def choose(
     where: np.ndarray | None = None,
 ) -> PriorChoice:
     """The prior for ``setting`` (:data:`PRIOR_CHOICES`): ``auto`` takes the gate baseline
-    whose order scores the higher NDCG@k on the rows ``where`` selects (the training
-    requests; default all); a layout without the source features has no prior."""
+    whose order scores the higher NDCG@k on the rows ``where`` selects (the caller's
+    choice: the validation window's training requests; default all rows); a layout
+    without the source features has no prior."""
     if setting not in PRIOR_CHOICES:
         raise ValueError(f"ranker prior must be one of {PRIOR_CHOICES}, got {setting!r}")
     present = [b for b in GATE_BASELINES if SOURCE_BASELINES[b] in names]
@@ -140,8 +144,11 @@ def choose(
     else:  # asked for by name, it cannot be left out silently
         raise ValueError(f"ranker prior {setting!r}: the layout has no {SOURCE_BASELINES[setting]}")
     feature = SOURCE_BASELINES[baseline] if baseline else None
-    log.info("ranker prior: %s (%s; training NDCG@%d %s)", baseline, setting, k, scores)
-    return PriorChoice(baseline, feature, setting, scores, k)
+    requests = len(np.unique(query[sel][y[sel] > 0]))
+    log.info(
+        "ranker prior: %s (%s; NDCG@%d %s on %d requests)", baseline, setting, k, scores, requests
+    )
+    return PriorChoice(baseline, feature, setting, scores, requests, k)
 
 
 def prior_booster(names: Sequence[str], feature: str, num_threads: int) -> lgb.Booster:

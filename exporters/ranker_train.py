@@ -7,9 +7,9 @@ start (the towers and the index were trained on data before the earliest window)
 Candidates: the merged sources as serving merges them, as of that time, the non-ANN ones
 built from the events before it. Labels: the user's best event on the item in the window
 (click 1, purchase 2, else 0).
-Model: boosted from a prior, the better gate baseline's order on the training requests
-(``exporters/ranker_prior.py``; ``RECSTACK_RANKER_PRIOR``), so trees that learn little
-leave that order, not noise.
+Model: boosted from a prior, the better gate baseline's order on the validation window's
+training requests (``exporters/ranker_prior.py``; ``RECSTACK_RANKER_PRIOR``), so trees
+that learn little leave that order, not noise.
 Features: Feast ``get_historical_features`` point-in-time at the request time for the
 ``ranking`` service's user and item features, the user tower's embedding, the index's
 item vectors, all put together by ``exporters.feature_assembly`` (the serving code).
@@ -493,9 +493,16 @@ def train(settings: Settings, params: RankerParams | None = None) -> None:
     in_train = np.isin(query, train_q)
     in_hold = np.isin(query, hold_q)
     # The baseline order the trees correct (exporters/ranker_prior.py), chosen on the
-    # training requests: the holdout stays for early stopping.
+    # validation window's training requests (the holdout stays for early stopping): they
+    # are the test's kind of request — every user with a last event, light users
+    # included, candidates from the latest models. Earlier windows hold only users with
+    # longer histories and older item-to-item models, and can favour another baseline
+    # (docs/quality.md, "The ranker's prior"). All windows when it has no positive.
+    choose_on = in_train & (query < offsets[1])
+    if not y[choose_on].any():
+        choose_on = in_train
     prior = ranker_prior.choose(
-        settings.ranker_prior, names, rows, y, query, position, params.eval_at, where=in_train
+        settings.ranker_prior, names, rows, y, query, position, params.eval_at, where=choose_on
     )
     init = (
         ranker_prior.prior_booster(names, prior.feature, params.num_threads)

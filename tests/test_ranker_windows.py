@@ -48,12 +48,14 @@ def test_ranker_trains_on_every_window(trained_settings: Settings, tmp_path: Pat
     assert stats["queries"] == 300
     assert stats["train_queries"] + stats["holdout_queries"] == stats["queries_with_positive"]
     assert 0.05 < stats["train_negatives_kept"] < 0.5
-    # Boosted from the better gate baseline on the training requests: the saved ranker's
-    # first tree is that baseline's order (exporters/ranker_prior.py).
+    # Boosted from the better gate baseline on the validation window's training requests
+    # (not window 1's): the saved ranker's first tree is that baseline's order
+    # (exporters/ranker_prior.py).
     prior = stats["prior"]
     assert prior["setting"] == "auto"
     assert prior["baseline"] in ranker_prior.GATE_BASELINES
     assert prior["training_ndcg@10"][prior["baseline"]] == max(prior["training_ndcg@10"].values())
+    assert 0 < prior["requests"] <= min(windows[0]["queries"], stats["train_queries"])
     names = ranker_train.load_manifest(s)["feature_names"]
     sample = np.load(s.work_dir / ranker_train.SAMPLE_FILE)
     first = ranker_train.load_booster(s).predict(sample, num_iteration=1)
