@@ -36,13 +36,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from exporters import candidates, feature_assembly, ranker_prior, retrieval
+from exporters import candidates, ease_lambda, feature_assembly, ranker_prior, retrieval
 from exporters.candidates import CANDIDATE_FEATURES
 from exporters.index_build import ITEM_IDS_FILE
 from exporters.rank_layout import ITEM_KEY, USER_KEY, Layout
 from exporters.raw_tables import read_meta, read_table
 from exporters.seen import seen_events, seen_lists
 from exporters.split import Split, load_split
+from recstack.atomic_files import write_json_atomic
 from recstack.errors import UserError
 from recstack.settings import Settings, get_settings
 
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "ranker.txt"
 MANIFEST_FILE = "ranker.json"
 SAMPLE_FILE = "ranker_sample.npy"
+EASE_LAMBDA_FILE = "ease_lambda.json"  # the candidates step's λ choice
 SERVICE = "ranking"
 LABELS: dict[str, int] = {"click": 1, "purchase": 2}
 
@@ -206,11 +208,33 @@ def build_candidate_models(settings: Settings) -> None:
     items = read_table(settings, "items", columns=["item_id", "category", "created_at"])
     # The users' attributes (static: set at sign-up) define the cold-start segments.
     users = read_table(settings, "users", columns=["user_id", *candidates.SEGMENT_ATTRIBUTES])
+    lam = _ease_lambda(settings, split, interactions, cuts[window_cut(0)], item_ids, events)
     for cut, events_known in cuts.items():
         model = candidates.build_model(
-            events_known, item_ids, events, before=None, cut=cut, items=items, users=users
+            events_known, item_ids, events, None, lam=lam, cut=cut, items=items, users=users
         )
         model.save(candidate_model_path(settings, cut))
+
+
+def _ease_lambda(
+    settings: Settings,
+    split: Split,
+    interactions: pd.DataFrame,
+    known: pd.DataFrame,
+    item_ids: np.ndarray,
+    events: Sequence[str],
+) -> float:
+    """EASE's λ for every cut: the setting, or chosen on the validation window
+    (exporters/ease_lambda.py); recorded in ``work/ease_lambda.json``."""
+    if settings.ease_lambda is not None:
+        choice = ease_lambda.LambdaChoice(settings.ease_lambda, "setting", {}, 0)
+    else:
+        labels = graded_labels(split.window(interactions, 0))
+        choice = ease_lambda.choose(
+            known, labels, item_ids, events, candidates.EASE_LAMBDA, seed=settings.seed
+        )
+    write_json_atomic(settings.work_dir / EASE_LAMBDA_FILE, choice.to_json())
+    return choice.lam
 
 
 def merged_candidates(

@@ -188,8 +188,12 @@ class Settings(BaseSettings):
     # None: 1 for a time split, 5 for a per-user split.
     split_windows: int | None = Field(default=None, ge=1)
     # What the ranker is boosted from (exporters/ranker_prior.py): auto, the better of the
-    # gate's baselines on its training requests; popularity or item_to_item; none: zero.
+    # gate's baselines on the validation window's training requests; popularity or
+    # item_to_item; none: zero.
     ranker_prior: RankerPrior = "auto"
+    # EASE's λ for the item-to-item source (exporters/ease_lambda.py); None: chosen on
+    # the validation window from a grid (catalogs up to 5,000 items; 250 beyond).
+    ease_lambda: float | None = Field(default=None, gt=0)
     # Refit the released towers and index on every event (pipeline step refit); off:
     # release the selection run's towers (trained before the validation window).
     refit_towers: bool = True

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def test_ranker_trains_on_every_window(trained_settings: Settings, tmp_path: Pat
         cut: SourceModel.load(ranker_train.candidate_model_path(s, cut)).info
         for cut in ("train", "train_w1", "eval")
     }
+    # EASE's λ, chosen on the validation window (the small preset's 800 items are below
+    # the limit), is every cut's.
+    lam = json.loads((s.work_dir / ranker_train.EASE_LAMBDA_FILE).read_text())
+    assert lam["how"] == "validation" and lam["users"] > 0
+    ndcg = lam["validation_ndcg@10"]
+    assert ndcg[f"{lam['lambda']:g}"] == max(ndcg.values())
+    assert {i["method"] for i in infos.values()} == {f"ease(lambda={lam['lambda']:g})"}
     # Each cut knows fewer events than the next: window 1's sources never saw window 1.
     inter = read_table(s, "interactions")
     assert infos["train_w1"]["interactions"] < infos["train"]["interactions"]
