@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="ranker_prior",
         choices=RANKER_PRIORS,
         help="the baseline order the ranker's trees correct (default auto: the better of "
-        "most-popular and item-to-item on its training requests; none: boosted from zero)",
+        "most-popular and item-to-item on the validation window's training requests; none: "
+        "boosted from zero)",
     )
     p = _cmd(groups, "evaluate", "exporters.evaluate:cli", "offline report on the test split")
     p.add_argument("--out", help="directory for report.md / report.json")
