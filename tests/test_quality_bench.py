@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from exporters import ease_lambda
 from loadtest.quality_bench import (
     baseline_lists,
+    ease_best_on_heldout,
     leave_last_out,
     markdown,
     ndcg_recall_at_k,
@@ -164,6 +166,40 @@ def test_baselines_exclude_rated_items() -> None:
     assert pop[1] == [11, 12] and pop[2] == [12, 13]
     ease = lists["EASE (λ=1)"]
     assert 10 not in ease[1] and not {10, 11} & set(ease[2])
+
+
+def test_ease_tuned_on_the_held_out_ratings_is_the_grids_best(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The test-tuned EASE row: the grid's λ whose lists score the best NDCG@k on the
+    held-out positives, named by it, its lists those of EASE at that λ."""
+    rng = np.random.default_rng(0)
+    rows = [(u, int(i), 5, 0) for u in range(1, 41) for i in rng.choice(30, 6, replace=False)]
+    train = _ratings(rows)
+    items = np.arange(30)
+    users = list(range(1, 41))
+    rated = {u: set(train.loc[train["user_id"] == u, "item_id"]) for u in users}
+    unrated = {u: [int(i) for i in items if i not in rated[u]] for u in users}
+    positives = {u: set(rng.choice(unrated[u], 2, replace=False).tolist()) for u in users}
+    grid = (0.1, 10.0, 1000.0)
+    monkeypatch.setattr(ease_lambda, "GRID", grid)
+    scores = {
+        lam: score_lists(
+            "",
+            baseline_lists(train, items, users, 5, lam)[f"EASE (λ={lam:g})"],
+            positives,
+            rated,
+            5,
+        ).ndcg
+        for lam in grid
+    }
+    best = max(grid, key=lambda lam: scores[lam])
+    assert len(set(scores.values())) > 1  # the grid's λ do differ here
+    ((name, lists),) = ease_best_on_heldout(train, items, users, 5, positives, rated, 5).items()
+    assert name == f"EASE (λ={best:g}, best on these held-out ratings)"
+    assert lists == baseline_lists(train, items, users, 5, best)[f"EASE (λ={best:g})"]
+    monkeypatch.setattr(ease_lambda, "TUNE_MAX_ITEMS", 10)  # too many items: skipped
+    assert ease_best_on_heldout(train, items, users, 5, positives, rated, 5) == {}
 
 
 def test_workspace_env_and_cli_wiring(tmp_path: Path) -> None:
