@@ -66,8 +66,8 @@ ABSENT_RANK = 10_000.0
 # item-to-item, popular, popular in the user's main category, newest items.
 SOURCES: tuple[str, ...] = ("retrieval", "item_to_item", "popular", "category_popular", "fresh")
 MODEL_FILE = "candidates.npz"
-# EASE's λ where it is not chosen on validation (exporters/ease_lambda.py: catalogs above
-# its TUNE_MAX_ITEMS) nor set (RECSTACK_EASE_LAMBDA).
+# EASE's λ of build_model's callers that pass none (the pipeline passes the setting,
+# RECSTACK_EASE_LAMBDA, or the λ chosen on validation: exporters/ease_lambda.py).
 EASE_LAMBDA = 250.0
 # Up to this many items the release keeps EASE's whole weight matrix (float32: 100 MB at
 # 5,000 items) and scores every item exactly (one [history, n] row sum per request);

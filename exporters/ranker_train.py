@@ -224,14 +224,14 @@ def _ease_lambda(
     item_ids: np.ndarray,
     events: Sequence[str],
 ) -> float:
-    """EASE's λ for every cut: the setting, or chosen on the validation window
-    (exporters/ease_lambda.py); recorded in ``work/ease_lambda.json``."""
-    if settings.ease_lambda is not None:
+    """EASE's λ for every cut: the setting, or with ``ease_lambda_tune`` chosen on the
+    validation window (exporters/ease_lambda.py); recorded in ``work/ease_lambda.json``."""
+    if not settings.ease_lambda_tune:
         choice = ease_lambda.LambdaChoice(settings.ease_lambda, "setting", {}, 0)
     else:
         labels = graded_labels(split.window(interactions, 0))
         choice = ease_lambda.choose(
-            known, labels, item_ids, events, candidates.EASE_LAMBDA, seed=settings.seed
+            known, labels, item_ids, events, settings.ease_lambda, seed=settings.seed
         )
     write_json_atomic(settings.work_dir / EASE_LAMBDA_FILE, choice.to_json())
     return choice.lam

@@ -191,9 +191,13 @@ class Settings(BaseSettings):
     # gate's baselines on the validation window's training requests; popularity or
     # item_to_item; none: zero.
     ranker_prior: RankerPrior = "auto"
-    # EASE's λ for the item-to-item source (exporters/ease_lambda.py); None: chosen on
-    # the validation window from a grid (catalogs up to 5,000 items; 250 beyond).
-    ease_lambda: float | None = Field(default=None, gt=0)
+    # EASE's λ for the item-to-item source; with ``ease_lambda_tune`` chosen instead on
+    # the validation window from a grid (exporters/ease_lambda.py; catalogs up to 5,000
+    # items). Off by default: a tuned source is also a stronger gate baseline, and on the
+    # small preset's implicit-feedback file the release then lost the gate
+    # (docs/quality.md, "EASE's λ").
+    ease_lambda: float = Field(default=250.0, gt=0)
+    ease_lambda_tune: bool = False
     # Refit the released towers and index on every event (pipeline step refit); off:
     # release the selection run's towers (trained before the validation window).
     refit_towers: bool = True

@@ -24,7 +24,12 @@ def test_ranker_trains_on_every_window(trained_settings: Settings, tmp_path: Pat
     data = tmp_path / "data"
     shutil.copytree(trained_settings.data_dir, data)
     s = trained_settings.model_copy(
-        update={"data_dir": data, "split_mode": "per_user", "split_windows": 2}
+        update={
+            "data_dir": data,
+            "split_mode": "per_user",
+            "split_windows": 2,
+            "ease_lambda_tune": True,
+        }
     )
     split = write_split(s)
     assert split.windows == 2
