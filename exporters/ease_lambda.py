@@ -5,11 +5,13 @@ The item-to-item source is EASE (Steck 2019) on catalogs up to
 MovieLens-100k-like file λ = 250 is about right, on a MovieLens-1M-sized one 2,500 scores
 ~12 % more NDCG@10 (docs/quality.md, "EASE's λ"). A fixed λ made the item-to-item
 source — the candidates, the ranker's features and prior, and the gate's baseline — weaker
-than a tuned closed-form model on denser data. So the ``candidates`` step fits EASE at
-each λ of :data:`GRID` on what the validation requests may know, scores the validation
-users' unseen items and keeps the λ with the best NDCG@10 (graded labels, the report's
-metric); every cut then uses it. Catalogs above :data:`TUNE_MAX_ITEMS` keep
-:data:`candidates.EASE_LAMBDA` (one fit there costs minutes, not seconds).
+than a tuned closed-form model on denser data. With ``ease_lambda_tune``
+(``RECSTACK_EASE_LAMBDA_TUNE``; off by default: the tuned source is also the gate's
+item-to-item baseline, docs/quality.md) the ``candidates`` step fits EASE at each λ of
+:data:`GRID` on what the validation requests may know, scores the validation users'
+unseen items and keeps the λ with the best NDCG@10 (graded labels, the report's metric);
+every cut then uses it. Catalogs above :data:`TUNE_MAX_ITEMS` keep the fixed λ
+(``RECSTACK_EASE_LAMBDA``; one fit there costs minutes, not seconds).
 """
 
 from __future__ import annotations
