@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from exporters import baselines, metrics
+from exporters.labels import relevance
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,7 @@ def choose(
     if len(users) > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
     X_u = X[np.searchsorted(row_users, users)]
-    mine = labels[labels["user_id"].isin(users)]
-    by_user = {
-        u: dict(zip(g["item_id"], g["label"], strict=True)) for u, g in mine.groupby("user_id")
-    }
-    relevant = [{int(i): float(v) for i, v in by_user[u].items()} for u in users]
+    relevant = relevance(labels, users)
     scores: dict[str, float] = {}
     for lam in grid:
         B = baselines.ease_weights(X, lam=lam)

@@ -34,14 +34,13 @@ import numpy as np
 import pandas as pd
 
 from exporters import candidates, metrics
+from exporters.labels import LABELS, graded_labels, relevance
 from exporters.rank_layout import Layout
 from exporters.ranker_prior import GATE_BASELINES, SOURCE_BASELINES
 from exporters.ranker_train import (
-    LABELS,
     CandidateRows,
     candidate_model_path,
     candidate_rows,
-    graded_labels,
     load_booster,
     load_manifest,
     merged_candidates,
@@ -122,11 +121,7 @@ def test_requests(
     if len(users) > max_users:
         rng = np.random.default_rng(settings.seed)
         users = np.sort(rng.choice(users, max_users, replace=False))
-    by_user = {
-        u: dict(zip(g["item_id"], g["label"], strict=True)) for u, g in labels.groupby("user_id")
-    }
-    relevant = [{int(i): float(g) for i, g in by_user[u].items()} for u in users]
-    return split.test_times(users), users, relevant, n_test_users
+    return split.test_times(users), users, relevance(labels, users), n_test_users
 
 
 def served_lists(

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from exporters import candidates, ease_lambda, feature_assembly, ranker_prior, retrieval
 from exporters.candidates import CANDIDATE_FEATURES
 from exporters.index_build import ITEM_IDS_FILE
+from exporters.labels import LABELS, graded_labels
 from exporters.rank_layout import ITEM_KEY, USER_KEY, Layout
 from exporters.raw_tables import read_meta, read_table
 from exporters.seen import seen_events, seen_lists
@@ -54,7 +55,6 @@ MANIFEST_FILE = "ranker.json"
 SAMPLE_FILE = "ranker_sample.npy"
 EASE_LAMBDA_FILE = "ease_lambda.json"  # the candidates step's λ choice
 SERVICE = "ranking"
-LABELS: dict[str, int] = {"click": 1, "purchase": 2}
 
 
 @dataclass(frozen=True)
@@ -379,14 +379,6 @@ def _created_seconds(settings: Settings) -> pd.Series:
 def _index_items_at(settings: Settings) -> pd.Timestamp:
     """When the index's item vectors were computed: serving ranks with those vectors."""
     return pd.Timestamp(retrieval.index_meta(settings)["item_embeddings_at"])
-
-
-def graded_labels(interactions: pd.DataFrame) -> pd.DataFrame:
-    """``user_id, item_id, label``: each pair's best event (click 1, purchase 2)."""
-    pos = interactions[interactions["event"].isin(list(LABELS))]
-    grade = pos["event"].map(LABELS).astype(np.int64)
-    out = pos[["user_id", "item_id"]].assign(label=grade.to_numpy())
-    return out.groupby(["user_id", "item_id"], as_index=False)["label"].max()
 
 
 def labels_for(cands: CandidateRows, labels: pd.DataFrame) -> np.ndarray:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from exporters import evaluate
-from exporters.ranker_train import graded_labels
+from exporters.labels import graded_labels, relevance
 from recstack.settings import Settings
 
 
@@ -54,6 +54,9 @@ def test_graded_labels_keep_the_best_event() -> None:
     )
     got = graded_labels(ev).sort_values(["user_id", "item_id"]).values.tolist()
     assert got == [[1, 10, 2], [2, 11, 1]]
+    # Each asked-for user's {item: grade}, in the order asked, as the metrics take them.
+    ev2 = pd.concat([ev, _events([(1, 12, "click", "2026-01-03")])])
+    assert relevance(graded_labels(ev2), [2, 1]) == [{11: 1.0}, {10: 2.0, 12: 1.0}]
 
 
 def _lists(pipeline: float, pop: float, i2i: float) -> dict[str, dict[str, float]]:
