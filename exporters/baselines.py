@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recstack.settings import EASE_LAMBDA
+
 log = logging.getLogger(__name__)
 
 # A dense float64 n×n Gram matrix and its inverse: 20k items → 2 × 3.2 GB and an O(n³)
@@ -102,7 +104,7 @@ def popularity_scores(X: sp.spmatrix | np.ndarray) -> np.ndarray:
 
 
 def ease_weights(
-    X: sp.spmatrix | np.ndarray, lam: float = 250.0, dtype: type = np.float64
+    X: sp.spmatrix | np.ndarray, lam: float = EASE_LAMBDA, dtype: type = np.float64
 ) -> np.ndarray:
     """EASE item-item weights B [n_items, n_items] (Steck 2019), diag(B) = 0.
 

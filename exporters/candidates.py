@@ -49,6 +49,7 @@ import pandas as pd
 from exporters import baselines
 from exporters.schema import CONTEXT_COLUMNS
 from exporters.seen import I2I_HISTORY
+from recstack.settings import EASE_LAMBDA
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,6 @@ ABSENT_RANK = 10_000.0
 # item-to-item, popular, popular in the user's main category, newest items.
 SOURCES: tuple[str, ...] = ("retrieval", "item_to_item", "popular", "category_popular", "fresh")
 MODEL_FILE = "candidates.npz"
-# EASE's λ of build_model's callers that pass none (the pipeline passes the setting,
-# RECSTACK_EASE_LAMBDA, or the λ chosen on validation: exporters/ease_lambda.py).
-EASE_LAMBDA = 250.0
 # Up to this many items the release keeps EASE's whole weight matrix (float32: 100 MB at
 # 5,000 items) and scores every item exactly (one [history, n] row sum per request);
 # beyond, the top-N neighbour lists.
@@ -301,7 +299,7 @@ def build_model(
     events: Sequence[str],
     before: pd.Timestamp | None,
     top_n: int | None = None,
-    lam: float = EASE_LAMBDA,
+    lam: float = EASE_LAMBDA,  # the pipeline passes the setting or the validation's choice
     cut: str = "",
     items: pd.DataFrame | None = None,
     users: pd.DataFrame | None = None,

@@ -52,7 +52,7 @@ def _force_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their options."""
     # Choices are read from the settings, where each is named once (their Literal types).
-    from recstack.settings import RANKER_PRIORS, SPLIT_MODES
+    from recstack.settings import EASE_LAMBDA, RANKER_PRIORS, SPLIT_MODES
 
     parser = argparse.ArgumentParser(prog="recstack", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="held-out positive rating (default: the importer's purchase cut, 4 on 1-5 stars)",
     )
-    p.add_argument("--ease-lambda", type=float, default=250.0)
+    p.add_argument("--ease-lambda", type=float, default=EASE_LAMBDA)
     p.add_argument(
         "--port-base",
         type=int,

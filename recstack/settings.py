@@ -20,6 +20,9 @@ SPLIT_MODES: tuple[str, ...] = get_args(SplitMode)
 # What the ranker is boosted from (exporters/ranker_prior.py): auto, none, or a gate baseline.
 RankerPrior = Literal["auto", "none", "popularity", "item_to_item"]
 RANKER_PRIORS: tuple[str, ...] = get_args(RankerPrior)
+# EASE's fixed λ (the item-to-item source, the gate's baseline, bench quality's EASE row):
+# about right on a MovieLens-100k-like file (docs/quality.md, "EASE's λ").
+EASE_LAMBDA = 250.0
 
 
 class Settings(BaseSettings):
@@ -196,7 +199,7 @@ class Settings(BaseSettings):
     # items). Off by default: a tuned source is also a stronger gate baseline, and on the
     # small preset's implicit-feedback file the release then lost the gate
     # (docs/quality.md, "EASE's λ").
-    ease_lambda: float = Field(default=250.0, gt=0)
+    ease_lambda: float = Field(default=EASE_LAMBDA, gt=0)
     ease_lambda_tune: bool = False
     # Refit the released towers and index on every event (pipeline step refit); off:
     # release the selection run's towers (trained before the validation window).
