@@ -61,7 +61,7 @@ from exporters.data_import import (
 from exporters.model_repo import copy_committed_repository
 from recstack.errors import UserError
 from recstack.ids import internal_id
-from recstack.settings import PROJECT_ROOT, Settings
+from recstack.settings import EASE_LAMBDA, PROJECT_ROOT, Settings
 
 RATING_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 _STEP_LINE = re.compile(r"^\[\d+/\d+\] ")  # the pipeline's progress lines: "[3/11] ..."
@@ -87,7 +87,7 @@ class QualityOptions:
     # Held-out positives: ratings at or above this; None = the importer's purchase cut of
     # the training ratings (4 on a 5-star scale, exporters/data_import.py: rating_cut).
     positive_min: float | None = None
-    ease_lambda: float = 250.0
+    ease_lambda: float = EASE_LAMBDA
     port_base: int = 31000
     time_limit_s: float = 3600.0
     timestamp_pass: bool = True
@@ -439,11 +439,21 @@ def ask(
 # --- baselines -----------------------------------------------------------------------------
 
 
+def ease_row(lam: float) -> str:
+    """The report's name of EASE at ``lam``."""
+    return f"EASE (λ={lam:g})"
+
+
 def baseline_lists(
-    train: pd.DataFrame, item_ids: np.ndarray, users: Sequence[int], k: int, lam: float
+    train: pd.DataFrame,
+    item_ids: np.ndarray,
+    users: Sequence[int],
+    k: int,
+    lams: Sequence[float],
 ) -> dict[str, dict[int, list[int]]]:
-    """Most-popular and EASE top-k for ``users`` from the training ratings (every rated
-    item counts as consumed), each excluding what the user already rated."""
+    """Most-popular and EASE top-k at each λ of ``lams`` (:func:`ease_row`) for ``users``
+    from the training ratings (every rated item counts as consumed), each excluding what
+    the user already rated. The interaction matrices are built once for all."""
     from exporters.baselines import (
         EASE_MAX_ITEMS,
         ease_weights,
@@ -454,24 +464,44 @@ def baseline_lists(
 
     X_all, _ = interaction_matrix(train, item_ids)
     X, _ = interaction_matrix(train, item_ids, user_ids=np.asarray(users, dtype=np.int64))
-    pop = popularity_scores(X_all)
-    scores = {"most popular": np.tile(pop, (len(users), 1))}
-    ease = f"EASE (λ={lam:g})"
-    if item_ids.size > EASE_MAX_ITEMS:
-        _say(f"  {item_ids.size:,} items: EASE is for catalogs <= {EASE_MAX_ITEMS:,}, skipped")
-    else:
-        scores[ease] = np.asarray(X @ ease_weights(X_all, lam=lam))
-    out: dict[str, dict[int, list[int]]] = {}
-    for name, S in scores.items():
+
+    def top_lists(S: np.ndarray) -> dict[int, list[int]]:
         top = top_k_unseen(S, X, k)
-        out[name] = {
+        return {
             int(u): [int(item_ids[i]) for i in row if i >= 0]
             for u, row in zip(users, top, strict=True)
         }
+
+    out = {"most popular": top_lists(np.tile(popularity_scores(X_all), (len(users), 1)))}
+    if item_ids.size > EASE_MAX_ITEMS:
+        _say(f"  {item_ids.size:,} items: EASE is for catalogs <= {EASE_MAX_ITEMS:,}, skipped")
+        return out
+    for lam in dict.fromkeys(lams):  # each λ once, in the given order
+        out[ease_row(lam)] = top_lists(np.asarray(X @ ease_weights(X_all, lam=lam)))
     return out
 
 
 def ease_best_on_heldout(
+    ease_lists: Mapping[float, dict[int, list[int]]],
+    positives: Mapping[int, set[int]],
+    rated: Mapping[int, set[int]],
+    k: int,
+) -> dict[str, dict[int, list[int]]]:
+    """Of EASE's lists at several λ (the pipeline's grid, exporters/ease_lambda.py), those
+    that score the best NDCG@k on these held-out ratings themselves: a baseline tuned on
+    the test, stronger than any λ chosen without it, so "beats EASE" does not hang on one
+    λ. Ties keep the first."""
+    best: tuple[float, float, dict[int, list[int]]] | None = None
+    for lam, lists in ease_lists.items():
+        ndcg = score_lists("", lists, positives, rated, k).ndcg
+        if best is None or ndcg > best[0]:
+            best = (ndcg, lam, lists)
+    if best is None:
+        return {}
+    return {f"EASE (λ={best[1]:g}, best on these held-out ratings)": best[2]}
+
+
+def heldout_baselines(
     train: pd.DataFrame,
     item_ids: np.ndarray,
     users: Sequence[int],
@@ -479,24 +509,21 @@ def ease_best_on_heldout(
     positives: Mapping[int, set[int]],
     rated: Mapping[int, set[int]],
     k: int,
+    lam: float,
 ) -> dict[str, dict[int, list[int]]]:
-    """EASE at the λ of the pipeline's grid (exporters/ease_lambda.py) that scores the best
-    NDCG@k on these held-out ratings themselves: a baseline tuned on the test, stronger
-    than any λ chosen without it, so "beats EASE" does not hang on one λ. Catalogs above
-    the grid's item limit are skipped (one fit per λ)."""
+    """The bench's baselines: most popular, EASE at the fixed ``lam``, and EASE at the
+    grid's λ best on the held-out ratings (:func:`ease_best_on_heldout`), swept only up to
+    the grid's item limit (one dense fit per λ)."""
     from exporters.ease_lambda import GRID, TUNE_MAX_ITEMS
 
-    if item_ids.size > TUNE_MAX_ITEMS:
+    sweep = item_ids.size <= TUNE_MAX_ITEMS
+    if not sweep:
         _say(f"  {item_ids.size:,} items: the λ sweep of EASE is for <= {TUNE_MAX_ITEMS:,}")
-        return {}
-    best: tuple[float, float, dict[int, list[int]]] | None = None
-    for lam in GRID:
-        lists = baseline_lists(train, item_ids, users, depth, lam)[f"EASE (λ={lam:g})"]
-        ndcg = score_lists("", lists, positives, rated, k).ndcg
-        if best is None or ndcg > best[0]:
-            best = (ndcg, lam, lists)
-    assert best is not None
-    return {f"EASE (λ={best[1]:g}, best on these held-out ratings)": best[2]}
+    lists = baseline_lists(train, item_ids, users, depth, [lam, *(GRID if sweep else ())])
+    out = {name: lists[name] for name in ("most popular", ease_row(lam)) if name in lists}
+    grid = {g: lists[ease_row(g)] for g in GRID if ease_row(g) in lists} if sweep else {}
+    out.update(ease_best_on_heldout(grid, positives, rated, k))
+    return out
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -628,9 +655,8 @@ def run(opts: QualityOptions) -> dict[str, Any]:
 
     item_ids = np.sort(read_table(settings, "items", ["item_id"])["item_id"].to_numpy())
     deep = max(opts.k, opts.coverage_k)
-    base_lists = baseline_lists(train, item_ids, eval_users, deep, opts.ease_lambda)
-    base_lists.update(
-        ease_best_on_heldout(train, item_ids, eval_users, deep, positives, rated, opts.k)
+    base_lists = heldout_baselines(
+        train, item_ids, eval_users, deep, positives, rated, opts.k, opts.ease_lambda
     )
     results: list[MethodResult] = []
     for name, served in passes.items():

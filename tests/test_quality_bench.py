@@ -13,7 +13,7 @@ import pytest
 from exporters import ease_lambda
 from loadtest.quality_bench import (
     baseline_lists,
-    ease_best_on_heldout,
+    heldout_baselines,
     leave_last_out,
     markdown,
     ndcg_recall_at_k,
@@ -161,7 +161,7 @@ def test_baselines_exclude_rated_items() -> None:
     train = _ratings(
         [(1, 10, 5, 0), (2, 10, 5, 0), (3, 10, 5, 0), (2, 11, 5, 0), (3, 11, 5, 0), (3, 12, 5, 0)]
     )
-    lists = baseline_lists(train, np.array([10, 11, 12, 13]), [1, 2], k=2, lam=1.0)
+    lists = baseline_lists(train, np.array([10, 11, 12, 13]), [1, 2], k=2, lams=[1.0])
     pop = lists["most popular"]
     assert pop[1] == [11, 12] and pop[2] == [12, 13]
     ease = lists["EASE (λ=1)"]
@@ -183,23 +183,28 @@ def test_ease_tuned_on_the_held_out_ratings_is_the_grids_best(
     positives = {u: set(rng.choice(unrated[u], 2, replace=False).tolist()) for u in users}
     grid = (0.1, 10.0, 1000.0)
     monkeypatch.setattr(ease_lambda, "GRID", grid)
+    ease = baseline_lists(train, items, users, 5, grid)
+    assert list(ease) == ["most popular", *(f"EASE (λ={lam:g})" for lam in grid)]
     scores = {
-        lam: score_lists(
-            "",
-            baseline_lists(train, items, users, 5, lam)[f"EASE (λ={lam:g})"],
-            positives,
-            rated,
-            5,
-        ).ndcg
-        for lam in grid
+        lam: score_lists("", ease[f"EASE (λ={lam:g})"], positives, rated, 5).ndcg for lam in grid
     }
     best = max(grid, key=lambda lam: scores[lam])
     assert len(set(scores.values())) > 1  # the grid's λ do differ here
-    ((name, lists),) = ease_best_on_heldout(train, items, users, 5, positives, rated, 5).items()
-    assert name == f"EASE (λ={best:g}, best on these held-out ratings)"
-    assert lists == baseline_lists(train, items, users, 5, best)[f"EASE (λ={best:g})"]
-    monkeypatch.setattr(ease_lambda, "TUNE_MAX_ITEMS", 10)  # too many items: skipped
-    assert ease_best_on_heldout(train, items, users, 5, positives, rated, 5) == {}
+    # One matrix build for all λ: the same lists as one λ at a time.
+    assert ease["EASE (λ=10)"] == baseline_lists(train, items, users, 5, [10.0])["EASE (λ=10)"]
+    got = heldout_baselines(train, items, users, 5, positives, rated, 5, lam=250.0)
+    assert list(got) == [
+        "most popular",
+        "EASE (λ=250)",
+        f"EASE (λ={best:g}, best on these held-out ratings)",
+    ]
+    assert got[f"EASE (λ={best:g}, best on these held-out ratings)"] == ease[f"EASE (λ={best:g})"]
+    assert got["most popular"] == ease["most popular"]
+    monkeypatch.setattr(ease_lambda, "TUNE_MAX_ITEMS", 10)  # too many items: not swept
+    assert list(heldout_baselines(train, items, users, 5, positives, rated, 5, 250.0)) == [
+        "most popular",
+        "EASE (λ=250)",
+    ]
 
 
 def test_workspace_env_and_cli_wiring(tmp_path: Path) -> None:
