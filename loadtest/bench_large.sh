@@ -26,6 +26,9 @@
 #        admin +101; reference gRPC +52, HTTP +82, metrics +102, admin +103),
 #        PYSPY (path to a py-spy binary: records a flame graph of the orchestrator under
 #        load in the first repeat),
+#        PERF (path to Linux perf, e.g. /usr/bin/perf: samples each service's CPU for 20 s
+#        of the first repeat's main load, after the warm-up, and reports it per shared
+#        object — the interpreter, numpy, FAISS, the kernel, gRPC's core — in bench.md),
 #        KEEP_UP=1 leaves Triton running afterwards.
 # See docs/benchmark.md for the numbers this produced and how to read them.
 set -euo pipefail
@@ -196,11 +199,19 @@ run_load() { # run_load DIR RATE DURATION SEED: the load on $SVC
         "$PYSPY" record --pid "$SVC_PID" --duration 40 --rate 100 --nonblocking \
             --format speedscope --output "$d/orchestrator.speedscope.json" >"$d/pyspy.log" 2>&1 &
     fi
+    if [ -n "${PERF:-}" ] && [ "$d" = "$OUT/rep1/$SVC/main" ]; then
+        # Past the scenario's warm-up (steady: 10 s), on-CPU samples of every thread.
+        (sleep 12 && "$PERF" record -F 999 -p "$SVC_PID" -o "$d/perf.data" -- sleep 20) \
+            >"$d/perf.log" 2>&1 &
+    fi
     log "$SVC: loadtest run $SCENARIO --rate $2 --duration $3 --seed $4 (gRPC 127.0.0.1:$SVC_PORT)"
     "$BIN/recstack" loadtest run "$SCENARIO" --rate "$2" --duration "$3" --seed "$4" \
         --address "127.0.0.1:$SVC_PORT" --out "$d/loadtest" \
         --no-progress 2>&1 | tee "$d/loadtest.log" || true
     wait || true
+    if [ -f "$d/perf.data" ]; then
+        "$PERF" report -i "$d/perf.data" --sort dso --stdio >"$d/perf_dso.txt" 2>>"$d/perf.log" || true
+    fi
     c1=$(awk '{print $14+$15}' "/proc/$SVC_PID/stat")
     t1=$(cpu_tree_ticks "$TRITON_PID")
     curl -s "$SVC_METRICS" >"$d/metrics_after.txt"
@@ -474,7 +485,20 @@ for svc in SERVICES:
             ],
         }
 
+# Where each service's CPU went by shared object (PERF=...: perf, first repeat, main load).
+by_dso = {}
+for svc in SERVICES:
+    path = out / "rep1" / svc / "main" / "perf_dso.txt"
+    if path.exists():
+        shares = {}
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0].endswith("%") and not line.startswith("#"):
+                shares[parts[1]] = float(parts[0].rstrip("%"))
+        by_dso[svc] = shares
+
 doc = {
+    "cpu_share_by_shared_object": by_dso,
     "knees": knees,
     "pipeline_step_seconds": steps,
     "pipeline_total_seconds": round(sum(steps.values()), 1),
@@ -566,6 +590,28 @@ if knees:
         )
         limited = " (generator-limited)" if k["generator_limited"] else ""
         lines.append(f"| {svc} | {k['max_sustainable_rate'] or '-'}{limited} | {missed} | {trail} |")
+if by_dso:
+    top = sorted({k for v in by_dso.values() for k in v},
+                 key=lambda k: -max(v.get(k, 0.0) for v in by_dso.values()))[:12]
+    main_cpu = summary.get("main", {}).get("cpu_ms_per_request", {})
+    lines += [
+        "",
+        "## Where the CPU goes, by shared object (perf, 20 s of the first repeat's main load)",
+        "",
+        "Share of each service's on-CPU samples; ms per request = the share × the median"
+        " CPU per request above.",
+        "",
+        "| shared object | recstack orchestrator % (ms) | reference % (ms) |",
+        "| --- | --- | --- |",
+    ]
+    for k in top:
+        cells = []
+        for svc in ("orchestrator", "reference"):
+            share = by_dso.get(svc, {}).get(k)
+            cpu = (main_cpu.get(svc) or {}).get("median")
+            cells.append("-" if share is None else f"{share:.1f}"
+                         + (f" ({share * cpu / 100:.2f})" if cpu else ""))
+        lines.append(f"| {k} | {cells[0]} | {cells[1]} |")
 (out / "bench.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PYEOF
