@@ -170,6 +170,12 @@ rss_note() { # rss_note SUFFIX: the serving process's and Triton's RSS now
     } >>"$OUT/rss.txt"
 }
 
+# Voluntary context switches of a process, all its threads together (/proc/PID/task/*):
+# each is a thread that blocked — on the GIL, a socket, a queue — and was woken again.
+vcsw_total() {
+    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches/ {s += $2} END {print s + 0}'
+}
+
 # CPU ticks (user + system) of a pid and its children (Triton's Python-backend stubs).
 cpu_tree_ticks() {
     local total=0 p
@@ -194,6 +200,7 @@ run_load() { # run_load DIR RATE DURATION SEED: the load on $SVC
     fi
     curl -s "$SVC_METRICS" >"$d/metrics_before.txt"
     c0=$(awk '{print $14+$15}' "/proc/$SVC_PID/stat")
+    v0=$(vcsw_total "$SVC_PID")
     t0=$(cpu_tree_ticks "$TRITON_PID")
     if [ -n "${PYSPY:-}" ] && [ "$d" = "$OUT/rep1/orchestrator/main" ]; then
         "$PYSPY" record --pid "$SVC_PID" --duration 40 --rate 100 --nonblocking \
@@ -213,9 +220,11 @@ run_load() { # run_load DIR RATE DURATION SEED: the load on $SVC
         "$PERF" report -i "$d/perf.data" --sort dso --stdio >"$d/perf_dso.txt" 2>>"$d/perf.log" || true
     fi
     c1=$(awk '{print $14+$15}' "/proc/$SVC_PID/stat")
+    v1=$(vcsw_total "$SVC_PID")
     t1=$(cpu_tree_ticks "$TRITON_PID")
     curl -s "$SVC_METRICS" >"$d/metrics_after.txt"
     echo "$((c1 - c0))" >"$d/service_cpu_ticks"
+    echo "$((v1 - v0))" >"$d/service_voluntary_switches"
     echo "$((t1 - t0))" >"$d/triton_cpu_ticks"
 }
 
@@ -361,12 +370,17 @@ def one_run(run: Path) -> dict:
     result = json.loads(found[0].read_text()) if found else {}
     lat = result.get("latency_ms", {})
     per = (lambda s: round(1000 * s / rpcs, 3)) if rpcs else (lambda s: None)
+    vcsw_file = run / "service_voluntary_switches"  # absent in runs made before it was kept
+    vcsw = int(vcsw_file.read_text()) if vcsw_file.exists() else None
     return {
         "rpcs": rpcs,
         "service_cpu_seconds": round(service_s, 2),
         "triton_cpu_seconds": round(triton_s, 2),
         "service_cpu_ms_per_request": per(service_s),
         "triton_cpu_ms_per_request": per(triton_s),
+        "service_voluntary_switches_per_request": (
+            round(vcsw / rpcs, 1) if rpcs and vcsw is not None else None
+        ),
         "p50_ms": lat.get("p50"),
         "p99_ms": lat.get("p99"),
         "achieved_rate": round(result.get("achieved_rate", 0.0), 1),
@@ -441,6 +455,10 @@ for phase, by_svc in runs.items():
             ),
         },
         "ratio_recstack_total_to_reference_cpu": spread(ratio),
+        "voluntary_switches_per_request": {
+            svc: spread([r["service_voluntary_switches_per_request"] for r in by_svc.get(svc, [])])
+            for svc in SERVICES
+        },
         "latency_ms": {
             svc: {q: spread([r[q] for r in by_svc.get(svc, [])]) for q in ("p50_ms", "p99_ms")}
             for svc in SERVICES
@@ -539,6 +557,11 @@ for phase, s in summary.items():
         f"{show(cpu['triton_tree_idle_during_reference'])} |",
         f"| **ratio recstack total / reference** | "
         f"{show(s['ratio_recstack_total_to_reference_cpu'], '×')} |",
+        "",
+        "Voluntary context switches per request (all the service's threads, /proc: a thread"
+        " that blocked and was woken again): recstack orchestrator"
+        f" {show(s['voluntary_switches_per_request']['orchestrator'])}, reference"
+        f" {show(s['voluntary_switches_per_request']['reference'])}.",
         "",
         "| service | p50 ms | p99 ms | errors | degraded |",
         "| --- | --- | --- | --- | --- |",
