@@ -173,7 +173,7 @@ rss_note() { # rss_note SUFFIX: the serving process's and Triton's RSS now
 # Voluntary context switches of a process, all its threads together (/proc/PID/task/*):
 # each is a thread that blocked — on the GIL, a socket, a queue — and was woken again.
 vcsw_total() {
-    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches/ {s += $2} END {print s + 0}'
+    awk '/^voluntary_ctxt_switches/ {s += $2} END {print s + 0}' /proc/"$1"/task/*/status 2>/dev/null
 }
 
 # CPU ticks (user + system) of a pid and its children (Triton's Python-backend stubs).
@@ -370,8 +370,7 @@ def one_run(run: Path) -> dict:
     result = json.loads(found[0].read_text()) if found else {}
     lat = result.get("latency_ms", {})
     per = (lambda s: round(1000 * s / rpcs, 3)) if rpcs else (lambda s: None)
-    vcsw_file = run / "service_voluntary_switches"  # absent in runs made before it was kept
-    vcsw = int(vcsw_file.read_text()) if vcsw_file.exists() else None
+    vcsw = int((run / "service_voluntary_switches").read_text())
     return {
         "rpcs": rpcs,
         "service_cpu_seconds": round(service_s, 2),
@@ -379,7 +378,7 @@ def one_run(run: Path) -> dict:
         "service_cpu_ms_per_request": per(service_s),
         "triton_cpu_ms_per_request": per(triton_s),
         "service_voluntary_switches_per_request": (
-            round(vcsw / rpcs, 1) if rpcs and vcsw is not None else None
+            round(vcsw / rpcs, 1) if rpcs else None
         ),
         "p50_ms": lat.get("p50"),
         "p99_ms": lat.get("p99"),
